@@ -1,0 +1,740 @@
+//! The configuration file: its format, its defaults, and every check made on it.
+//!
+//! Loading is two steps. [`parse`] turns TOML into raw serde structs (unknown keys
+//! and wrong types are refused there); [`check`] applies the defaults and proves
+//! the rest (commands exist and are executable, names are unique, addresses
+//! parse). Every error carries the file, line and column it is about, in the form
+//! `PATH:LINE:COL: service "NAME": KEY: what is wrong`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+/// Where the daemon looks for its configuration without `--config`.
+pub const DEFAULT_PATH: &str = "/etc/splice-relay.toml";
+
+/// The example configuration, built in: used when no file is given and
+/// [`DEFAULT_PATH`] does not exist, outside socket activation.
+pub const EXAMPLE: &str = include_str!("../config.example.toml");
+
+/// Every default, in one place. `config.example.toml` documents the same values
+/// and a test checks that the two agree.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const LOG_LEVEL: &str = "info";
+    pub const MAX_CONNECTIONS: usize = 1024;
+    pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const SERVICE_MAX_CONNECTIONS: usize = 64;
+    pub const KILL_GRACE: Duration = Duration::from_secs(5);
+    pub const PIPE_SIZE: usize = 1 << 20;
+    pub const WORKING_DIRECTORY: &str = "/";
+}
+
+/// The validated configuration the daemon runs on.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it came from, or `<built-in>`.
+    pub origin: String,
+    pub log_level: String,
+    pub max_connections: usize,
+    pub shutdown_timeout: Duration,
+    pub services: Vec<std::sync::Arc<Service>>,
+}
+
+/// One `[[service]]`: what to run for a connection and how.
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    pub listen: Vec<ListenAddr>,
+    /// The program to execute, resolved to an absolute path at check time.
+    pub program: PathBuf,
+    /// The command as written; `argv[0]` is passed to the program unchanged.
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_directory: PathBuf,
+    pub stdin: StdinMode,
+    pub transfer: Transfer,
+    pub max_connections: usize,
+    pub kill_grace: Duration,
+    pub pipe_size: usize,
+    /// `PATH:LINE:COL: service "NAME"`, for errors found after loading.
+    pub position: String,
+}
+
+/// What the command reads on its standard input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StdinMode {
+    /// `/dev/null`; whatever the client sends is read and discarded.
+    Null,
+    /// The client's bytes; the client's half-close closes the command's stdin.
+    Client,
+}
+
+/// How the command's output reaches the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transfer {
+    /// splice(2) from a pipe to the socket: no copy through user space.
+    Splice,
+    /// read(2)/write(2) through a buffer: for comparison, or where splice cannot work.
+    Copy,
+}
+
+/// An address to bind when the daemon is not socket-activated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// A configuration error, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// `PATH`, `PATH:LINE:COL`, or `PATH:LINE:COL: service "NAME"`.
+    pub position: String,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.position)?;
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------
+// Raw form: exactly what serde reads. Options stand for "not given".
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    log_level: Option<String>,
+    max_connections: Option<usize>,
+    shutdown_timeout: Option<Seconds>,
+    #[serde(default)]
+    service: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    #[serde(default)]
+    listen: OneOrMany,
+    command: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    working_directory: Option<PathBuf>,
+    stdin: Option<StdinMode>,
+    transfer: Option<Transfer>,
+    max_connections: Option<usize>,
+    kill_grace: Option<Seconds>,
+    pipe_size: Option<usize>,
+}
+
+/// A duration: a number of seconds, or a string such as `"250ms"`, `"5s"`, `"2m"`.
+struct Seconds(Duration);
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Seconds;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    r#"a duration: seconds as a number, or a string like "250ms", "5s", "2m""#,
+                )
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Seconds, E> {
+                u64::try_from(v)
+                    .map(|s| Seconds(Duration::from_secs(s)))
+                    .map_err(|_| E::custom("a duration must not be negative"))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Seconds, E> {
+                Duration::try_from_secs_f64(v).map(Seconds).map_err(|_| {
+                    E::custom("a duration must be a finite number of seconds, not negative")
+                })
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Seconds, E> {
+                parse_duration(v).map(Seconds).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses `"250ms"`, `"5s"`, `"1.5s"`, `"2m"`, `"1h"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "s" | "" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!(r#""{text}": unknown unit; use ms, s, m or h"#)),
+    };
+    number
+        .parse::<f64>()
+        .ok()
+        .and_then(|n| Duration::try_from_secs_f64(n * scale).ok())
+        .ok_or_else(|| format!(r#""{text}": expected a number and a unit, like "5s""#))
+}
+
+/// `listen = "addr"` or `listen = ["addr", …]`.
+#[derive(Default)]
+struct OneOrMany(Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address string or an array of them")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(OneOrMany(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Locating errors in the source.
+
+/// Maps byte offsets and `(service, key)` pairs to `PATH:LINE:COL` positions.
+struct Locator<'a> {
+    origin: &'a str,
+    text: &'a str,
+    root: Option<&'a DeTable<'a>>,
+}
+
+impl<'a> Locator<'a> {
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        (line, col)
+    }
+
+    fn at(&self, offset: usize) -> String {
+        let (line, col) = self.line_col(offset);
+        format!("{}:{line}:{col}", self.origin)
+    }
+
+    fn services(&self) -> &'a [Spanned<DeValue<'a>>] {
+        let services = self.root.and_then(|root| {
+            root.iter()
+                .find(|(k, _)| k.get_ref() == "service")
+                .map(|(_, v)| v.get_ref())
+        });
+        match services {
+            Some(DeValue::Array(a)) => a,
+            _ => &[],
+        }
+    }
+
+    fn service_table(&self, index: usize) -> Option<(&'a DeTable<'a>, Range<usize>)> {
+        match self.services().get(index) {
+            Some(v) => match v.get_ref() {
+                DeValue::Table(t) => Some((t, v.span())),
+                _ => None,
+            },
+            None => None,
+        }
+    }
+
+    /// `service "NAME"`, or `service #N` when it has no usable name.
+    fn service_label(&self, index: usize) -> String {
+        let name = self.service_table(index).and_then(|(t, _)| {
+            t.iter()
+                .find(|(k, _)| k.get_ref() == "name")
+                .and_then(|(_, v)| match v.get_ref() {
+                    DeValue::String(s) => Some(s.to_string()),
+                    _ => None,
+                })
+        });
+        match name {
+            Some(n) => format!("service {n:?}"),
+            None => format!("service #{}", index + 1),
+        }
+    }
+
+    /// The span of a key's value (or of the service table when the key is absent).
+    fn span_of(&self, service: Option<usize>, key: &str) -> Option<Range<usize>> {
+        let (table, fallback) = match service {
+            Some(i) => {
+                let (t, span) = self.service_table(i)?;
+                (t, Some(span))
+            }
+            None => (self.root?, None),
+        };
+        table
+            .iter()
+            .find(|(k, _)| k.get_ref() == key)
+            .map(|(_, v)| v.span())
+            .or(fallback)
+    }
+
+    /// Which service and key a byte offset belongs to.
+    fn find(&self, offset: usize) -> (Option<usize>, Option<String>) {
+        let contains = |r: &Range<usize>| r.start <= offset && offset < r.end.max(r.start + 1);
+        for (i, s) in self.services().iter().enumerate() {
+            if let DeValue::Table(t) = s.get_ref() {
+                for (k, v) in t.iter() {
+                    if contains(&k.span()) || contains(&v.span()) {
+                        return (Some(i), Some(k.get_ref().to_string()));
+                    }
+                }
+                if contains(&s.span()) {
+                    return (Some(i), None);
+                }
+            }
+        }
+        if let Some(root) = self.root {
+            for (k, v) in root.iter() {
+                if k.get_ref() != "service" && (contains(&k.span()) || contains(&v.span())) {
+                    return (None, Some(k.get_ref().to_string()));
+                }
+            }
+        }
+        // Spans of `[[service]]` bodies are not always recorded: fall back to
+        // the last service whose first key starts before the offset.
+        let mut last = None;
+        for (i, s) in self.services().iter().enumerate() {
+            let start = match s.get_ref() {
+                DeValue::Table(t) => t.iter().map(|(k, _)| k.span().start).min(),
+                _ => None,
+            };
+            if start.is_some_and(|st| st <= offset) {
+                last = Some(i);
+            }
+        }
+        (last, None)
+    }
+
+    fn position(&self, service: Option<usize>, offset: Option<usize>) -> String {
+        let mut p = match offset {
+            Some(o) => self.at(o),
+            None => self.origin.to_owned(),
+        };
+        if let Some(i) = service {
+            p.push_str(": ");
+            p.push_str(&self.service_label(i));
+        }
+        p
+    }
+
+    fn error(&self, service: Option<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+        let offset = self.span_of(service, key).map(|r| r.start);
+        ConfigError {
+            position: self.position(service, offset),
+            key: Some(key.to_owned()),
+            message: message.into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Loading.
+
+/// Reads and checks the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        position: origin.clone(),
+        key: None,
+        message: format!("cannot read: {e}"),
+    })?;
+    load_str(&origin, &text)
+}
+
+/// Parses and checks configuration text; `origin` names it in errors.
+pub fn load_str(origin: &str, text: &str) -> Result<Config, ConfigError> {
+    let root = DeTable::parse(text).map_err(|e| {
+        let loc = Locator {
+            origin,
+            text,
+            root: None,
+        };
+        ConfigError {
+            position: loc.position(None, e.span().map(|s| s.start)),
+            key: None,
+            message: e.message().trim().to_owned(),
+        }
+    })?;
+    let loc = Locator {
+        origin,
+        text,
+        root: Some(root.get_ref()),
+    };
+    let raw = parse(&root).map_err(|e| {
+        let offset = e.span().map(|s| s.start);
+        let (service, key) = offset.map_or((None, None), |o| loc.find(o));
+        ConfigError {
+            position: loc.position(service, offset),
+            key,
+            message: e.message().trim().to_owned(),
+        }
+    })?;
+    check(raw, &loc)
+}
+
+fn parse(root: &Spanned<DeTable<'_>>) -> Result<RawConfig, toml::de::Error> {
+    RawConfig::deserialize(toml::de::Deserializer::from(root.clone()))
+}
+
+fn check(raw: RawConfig, loc: &Locator<'_>) -> Result<Config, ConfigError> {
+    let log_level = raw
+        .log_level
+        .unwrap_or_else(|| defaults::LOG_LEVEL.to_owned());
+    if let Err(e) = log_level.parse::<tracing_subscriber::EnvFilter>() {
+        return Err(loc.error(None, "log_level", format!("{log_level:?}: {e}")));
+    }
+    let max_connections = raw.max_connections.unwrap_or(defaults::MAX_CONNECTIONS);
+    if max_connections == 0 {
+        return Err(loc.error(None, "max_connections", "must be at least 1"));
+    }
+    if raw.service.is_empty() {
+        return Err(ConfigError {
+            position: loc.origin.to_owned(),
+            key: None,
+            message: "no [[service]] is defined; at least one is needed".into(),
+        });
+    }
+    let mut names = HashSet::new();
+    let mut services = Vec::with_capacity(raw.service.len());
+    for (i, s) in raw.service.into_iter().enumerate() {
+        let service = check_service(i, s, loc)?;
+        if !names.insert(service.name.clone()) {
+            return Err(loc.error(
+                Some(i),
+                "name",
+                "duplicate name: another service above has the same one",
+            ));
+        }
+        services.push(std::sync::Arc::new(service));
+    }
+    Ok(Config {
+        origin: loc.origin.to_owned(),
+        log_level,
+        max_connections,
+        shutdown_timeout: raw
+            .shutdown_timeout
+            .map_or(defaults::SHUTDOWN_TIMEOUT, |s| s.0),
+        services,
+    })
+}
+
+fn check_service(i: usize, s: RawService, loc: &Locator<'_>) -> Result<Service, ConfigError> {
+    let err = |key: &str, msg: String| loc.error(Some(i), key, msg);
+
+    if s.name.is_empty() {
+        return Err(err("name", "must not be empty".into()));
+    }
+    if s.name.len() > 255 || s.name.contains(|c: char| c == ':' || c.is_control()) {
+        return Err(err(
+            "name",
+            "must be at most 255 characters with no ':' or control characters \
+             (it is matched against systemd's FileDescriptorName=)"
+                .into(),
+        ));
+    }
+
+    let listen = s
+        .listen
+        .0
+        .iter()
+        .map(|a| parse_listen(a).map_err(|m| err("listen", m)))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let Some(first) = s.command.first() else {
+        return Err(err("command", "must not be empty".into()));
+    };
+    if s.command.iter().any(|a| a.contains('\0')) {
+        return Err(err("command", "must not contain NUL bytes".into()));
+    }
+    let program = resolve_program(first).map_err(|m| err("command", m))?;
+
+    let mut env = Vec::with_capacity(s.env.len());
+    for (k, v) in s.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(err(
+                "env",
+                format!("{k:?}: a variable name must be non-empty without '=' or NUL, and its value without NUL"),
+            ));
+        }
+        env.push((k, v));
+    }
+
+    let working_directory = s
+        .working_directory
+        .unwrap_or_else(|| PathBuf::from(defaults::WORKING_DIRECTORY));
+    if !working_directory.is_absolute() {
+        return Err(err(
+            "working_directory",
+            format!("{}: must be an absolute path", working_directory.display()),
+        ));
+    }
+    match std::fs::metadata(&working_directory) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(err(
+                "working_directory",
+                format!("{}: not a directory", working_directory.display()),
+            ))
+        }
+        Err(e) => {
+            return Err(err(
+                "working_directory",
+                format!("{}: {}", working_directory.display(), io_reason(&e)),
+            ))
+        }
+    }
+
+    let max_connections = s
+        .max_connections
+        .unwrap_or(defaults::SERVICE_MAX_CONNECTIONS);
+    if max_connections == 0 {
+        return Err(err("max_connections", "must be at least 1".into()));
+    }
+    let pipe_size = s.pipe_size.unwrap_or(defaults::PIPE_SIZE);
+    if !(4096..=1 << 30).contains(&pipe_size) {
+        return Err(err(
+            "pipe_size",
+            format!("{pipe_size}: must be between 4096 and 1073741824 bytes"),
+        ));
+    }
+
+    let (line, col) = loc
+        .span_of(Some(i), "name")
+        .map_or((0, 0), |r| loc.line_col(r.start));
+    Ok(Service {
+        position: format!("{}:{line}:{col}: service {:?}", loc.origin, s.name),
+        name: s.name,
+        listen,
+        program,
+        argv: s.command,
+        env,
+        working_directory,
+        stdin: s.stdin.unwrap_or(StdinMode::Null),
+        transfer: s.transfer.unwrap_or(Transfer::Splice),
+        max_connections,
+        kill_grace: s.kill_grace.map_or(defaults::KILL_GRACE, |d| d.0),
+        pipe_size,
+    })
+}
+
+/// `IP:PORT`, `[IPv6]:PORT`, or an absolute path for a Unix socket.
+fn parse_listen(text: &str) -> Result<ListenAddr, String> {
+    if text.starts_with('/') {
+        return Ok(ListenAddr::Unix(PathBuf::from(text)));
+    }
+    text.parse::<SocketAddr>()
+        .map(ListenAddr::Tcp)
+        .map_err(|_| {
+            format!("{text:?}: expected IP:PORT, [IPv6]:PORT or an absolute Unix socket path")
+        })
+}
+
+/// Resolves a command's program the way execvp would, but once, at load time:
+/// a name without `/` is looked up in `PATH`; the result must be an executable file.
+fn resolve_program(program: &str) -> Result<PathBuf, String> {
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        if !path.is_absolute() {
+            return Err(format!(
+                "{program}: must be an absolute path or a name to look up in PATH"
+            ));
+        }
+        return check_executable(&path).map(|()| path);
+    }
+    let search = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    for dir in std::env::split_paths(&search) {
+        let candidate = dir.join(program);
+        if check_executable(&candidate).is_ok() {
+            return Ok(candidate);
+        }
+    }
+    Err(format!(
+        "{program}: not found in PATH ({})",
+        search.to_string_lossy()
+    ))
+}
+
+fn check_executable(path: &Path) -> Result<(), String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("{}: {}", path.display(), io_reason(&e)))?;
+    if !meta.is_file() {
+        return Err(format!("{}: not a regular file", path.display()));
+    }
+    // access(2) alone is not enough: for root it passes X_OK on any file on
+    // some systems; a file with no execute bit at all is never runnable.
+    use std::os::unix::fs::PermissionsExt;
+    if meta.permissions().mode() & 0o111 == 0
+        || nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_err()
+    {
+        return Err(format!("{}: not executable", path.display()));
+    }
+    Ok(())
+}
+
+/// An io::Error's text without the "(os error N)" suffix.
+fn io_reason(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => nix::errno::Errno::from_raw(code).desc().to_owned(),
+        None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        load_str("t.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn example_config_loads_with_the_documented_defaults() {
+        let c = load_str("config.example.toml", EXAMPLE).unwrap();
+        assert_eq!(c.log_level, defaults::LOG_LEVEL);
+        assert_eq!(c.max_connections, defaults::MAX_CONNECTIONS);
+        assert_eq!(c.shutdown_timeout, defaults::SHUTDOWN_TIMEOUT);
+        let s = &c.services[0];
+        assert_eq!(s.max_connections, defaults::SERVICE_MAX_CONNECTIONS);
+        assert_eq!(s.kill_grace, defaults::KILL_GRACE);
+        assert_eq!(s.pipe_size, defaults::PIPE_SIZE);
+        assert_eq!(s.stdin, StdinMode::Null);
+        assert_eq!(s.transfer, Transfer::Splice);
+        assert_eq!(
+            s.listen,
+            vec![ListenAddr::Tcp("127.0.0.1:9009".parse().unwrap())]
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn unknown_key_is_located_in_its_service() {
+        let e = err("[[service]]\nname = \"a\"\ncommand = [\"/bin/true\"]\ncomand = 1\n");
+        assert!(
+            e.starts_with("t.toml:4:1: service \"a\": comand: unknown field `comand`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_is_located_at_the_value() {
+        let e = err("[[service]]\nname = \"a\"\ncommand = \"/bin/true\"\n");
+        assert!(
+            e.starts_with("t.toml:3:11: service \"a\": command: invalid type"),
+            "{e}"
+        );
+        let e =
+            err("shutdown_timeout = \"soon\"\n[[service]]\nname = \"a\"\ncommand = [\"true\"]\n");
+        assert!(e.starts_with("t.toml:1:20: shutdown_timeout: "), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_has_a_position() {
+        let e = err("[[service]\n");
+        assert!(e.starts_with("t.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn missing_command_names_the_service() {
+        let e = err("[[service]]\nname = \"a\"\n");
+        assert!(e.contains("service \"a\": missing field `command`"), "{e}");
+    }
+
+    #[test]
+    fn bad_values() {
+        assert_eq!(
+            err("[[service]]\nname = \"a\"\ncommand = []\n"),
+            "t.toml:3:11: service \"a\": command: must not be empty"
+        );
+        assert_eq!(
+            err("[[service]]\nname = \"a\"\ncommand = [\"/nonexistent/x\"]\n"),
+            "t.toml:3:11: service \"a\": command: /nonexistent/x: No such file or directory"
+        );
+        let plain = std::env::temp_dir().join(format!("splice-relay-plain-{}", std::process::id()));
+        std::fs::write(&plain, "not a program").unwrap();
+        let text = format!(
+            "[[service]]\nname = \"a\"\ncommand = [\"{}\"]\n",
+            plain.display()
+        );
+        let e = err(&text);
+        std::fs::remove_file(&plain).unwrap();
+        assert_eq!(
+            e,
+            format!(
+                "t.toml:3:11: service \"a\": command: {}: not executable",
+                plain.display()
+            )
+        );
+        assert_eq!(
+            err("[[service]]\nname = \"a\"\ncommand = [\"true\"]\n[[service]]\nname = \"a\"\ncommand = [\"true\"]\n"),
+            "t.toml:5:8: service \"a\": name: duplicate name: another service above has the same one"
+        );
+        assert_eq!(
+            err("[[service]]\nname = \"a\"\ncommand = [\"true\"]\nlisten = \"nowhere\"\n"),
+            "t.toml:4:10: service \"a\": listen: \"nowhere\": expected IP:PORT, [IPv6]:PORT or an absolute Unix socket path"
+        );
+        assert_eq!(
+            err(""),
+            "t.toml: no [[service]] is defined; at least one is needed"
+        );
+    }
+
+    #[test]
+    fn bare_command_names_are_resolved_in_path() {
+        let c = load_str("t", "[[service]]\nname = \"a\"\ncommand = [\"true\"]\n").unwrap();
+        assert!(c.services[0].program.is_absolute());
+        assert_eq!(c.services[0].argv[0], "true");
+    }
+}

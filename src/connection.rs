@@ -1,0 +1,362 @@
+//! One connection, from accept to its log record: spawn the command, relay
+//! its output (and the client's input), end it, reap it, say what happened.
+//!
+//! How a connection ends (the `reason` of its record):
+//! - `output-ended`: the command's stdout reached end-of-file. What is left is
+//!   sent, the socket is shut down for writing and closed; the command gets
+//!   `kill_grace` to exit on its own, then its group gets SIGTERM, then SIGKILL.
+//! - `client-gone`: the client reset or closed the connection (EPIPE,
+//!   ECONNRESET). The command's group gets SIGTERM, then SIGKILL after `kill_grace`.
+//! - `shutdown`: the daemon is stopping and `shutdown_timeout` has passed; as
+//!   for `client-gone`.
+//! - `error`: an unexpected error on the connection; as for `client-gone`.
+//! - `spawn-failed`: the command could not be started; the client is closed.
+//!
+//! In every case, once the command has exited, whatever is left of its process
+//! group is killed, and the command is reaped.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::socket::{setsockopt, shutdown, sockopt, Shutdown as How};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::child::{self, Child};
+use crate::config::Service;
+use crate::limit::Slot;
+use crate::listen::Family;
+use crate::peer::Peer;
+use crate::relay::{self, Meter};
+use crate::server::Shared;
+use crate::shutdown::Phase;
+use crate::sys;
+
+/// Longest stderr line logged as one record; longer lines are split.
+const MAX_LINE: usize = 4096;
+
+/// An accepted connection, ready to be served.
+pub struct Handler {
+    pub id: u64,
+    pub service: Arc<Service>,
+    pub socket: OwnedFd,
+    pub family: Family,
+    pub peer: Peer,
+    pub shared: Arc<Shared>,
+    /// Places in the service's and the daemon's limits, freed when this ends.
+    pub slots: (Slot, Slot),
+}
+
+enum End {
+    OutputEnded,
+    ClientGone(Errno),
+    Shutdown,
+    Error(String),
+}
+
+impl End {
+    fn reason(&self) -> &'static str {
+        match self {
+            End::OutputEnded => "output-ended",
+            End::ClientGone(_) => "client-gone",
+            End::Shutdown => "shutdown",
+            End::Error(_) => "error",
+        }
+    }
+}
+
+/// Errors that mean the client went away, not that something is broken.
+fn client_gone(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::EPIPE
+            | Errno::ECONNRESET
+            | Errno::ETIMEDOUT
+            | Errno::EHOSTUNREACH
+            | Errno::ENETUNREACH
+    )
+}
+
+impl Handler {
+    pub async fn run(self) {
+        let started = Instant::now();
+        let Handler {
+            id,
+            service,
+            socket,
+            family,
+            peer,
+            shared,
+            slots: _slots,
+        } = self;
+        let name = service.name.as_str();
+        let peer_text = peer.to_string();
+        let sent = AtomicU64::new(0);
+        let received = AtomicU64::new(0);
+
+        let record = |pid: i32, exit: &str, end: &End, note: Option<&str>| {
+            let (bytes, bytes_received) = (
+                sent.load(Ordering::Relaxed),
+                received.load(Ordering::Relaxed),
+            );
+            let duration_ms = started.elapsed().as_millis() as u64;
+            let reason = end.reason();
+            let detail = match end {
+                End::ClientGone(e) => format!(" ({})", e.desc()),
+                End::Error(e) => format!(" ({e})"),
+                _ => note.map(|n| format!(" ({n})")).unwrap_or_default(),
+            };
+            macro_rules! ended {
+                ($level:ident) => {
+                    tracing::$level!(
+                        conn = id, service = name, peer = %peer_text, pid, bytes, bytes_received,
+                        duration_ms, exit, reason,
+                        "connection ended: {reason}{detail}, exit {exit}, {bytes} bytes sent in {duration_ms} ms"
+                    )
+                };
+            }
+            match end {
+                End::Error(_) => ended!(warn),
+                _ => ended!(info),
+            }
+        };
+
+        if family == Family::Tcp {
+            // Each splice is sent at once; a short line must not wait for Nagle.
+            let _ = setsockopt(&socket, sockopt::TcpNoDelay, &true);
+        }
+        let socket = match sys::register(socket, Interest::READABLE | Interest::WRITABLE) {
+            Ok(s) => s,
+            Err(e) => return record(0, "none", &End::Error(e.to_string()), None),
+        };
+        let spawned = match child::spawn(&service, &shared.base_env, &peer) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(conn = id, service = name, peer = %peer_text, error = %e, "{e}");
+                return record(0, "none", &End::Error(e.to_string()), None);
+            }
+        };
+        let child = spawned.child;
+        let pid = child.pid();
+        tracing::info!(conn = id, service = name, peer = %peer_text, pid, "command started");
+
+        let registered = (|| {
+            Ok::<_, std::io::Error>((
+                sys::register(spawned.stdout, Interest::READABLE)?,
+                sys::register(spawned.stderr, Interest::READABLE)?,
+                spawned
+                    .stdin
+                    .map(|fd| sys::register(fd, Interest::WRITABLE))
+                    .transpose()?,
+            ))
+        })();
+        let (stdout, stderr, stdin) = match registered {
+            Ok(r) => r,
+            Err(e) => {
+                let end = End::Error(e.to_string());
+                child.end(Duration::ZERO, service.kill_grace).await;
+                return record(pid, &reap(child), &end, None);
+            }
+        };
+        let mut stderr = StderrLog {
+            fd: stderr,
+            pending: Vec::new(),
+            conn: id,
+            service: name,
+            pid,
+        };
+
+        let end = {
+            let out = relay::pump(
+                &stdout,
+                &socket,
+                service.transfer,
+                service.pipe_size,
+                Meter {
+                    connection: &sent,
+                    daemon: &shared.stats.bytes_sent,
+                },
+            );
+            let input = feed_input(
+                &socket,
+                stdin,
+                &service,
+                &received,
+                &shared.stats.bytes_received,
+            );
+            let mut watch = shared.shutdown.clone();
+            let forced = watch.reached(Phase::Forced);
+            let stderr_run = stderr.run();
+            tokio::pin!(out, input, forced, stderr_run);
+            let (mut input_open, mut stderr_open) = (true, true);
+            loop {
+                tokio::select! {
+                    r = &mut out => break match r {
+                        Ok(()) => End::OutputEnded,
+                        Err(e) if client_gone(e) => End::ClientGone(e),
+                        Err(e) => End::Error(format!("relaying output: {}", e.desc())),
+                    },
+                    r = &mut input, if input_open => match r {
+                        Ok(()) => input_open = false,
+                        Err(e) if client_gone(e) => break End::ClientGone(e),
+                        Err(e) => break End::Error(format!("reading from the client: {}", e.desc())),
+                    },
+                    () = &mut stderr_run, if stderr_open => stderr_open = false,
+                    () = &mut forced => break End::Shutdown,
+                }
+            }
+        };
+
+        match end {
+            End::OutputEnded => {
+                close_gracefully(socket);
+                child.end(service.kill_grace, service.kill_grace).await;
+            }
+            _ => {
+                drop(socket);
+                child.end(Duration::ZERO, service.kill_grace).await;
+            }
+        }
+        stderr.flush_now();
+        record(pid, &reap(child), &end, None);
+    }
+}
+
+/// The client's bytes to the command's stdin (or, without one, to nowhere),
+/// until the client half-closes. Ok means the client finished sending.
+async fn feed_input(
+    socket: &AsyncFd<OwnedFd>,
+    stdin: Option<AsyncFd<OwnedFd>>,
+    service: &Service,
+    received: &AtomicU64,
+    daemon_received: &AtomicU64,
+) -> Result<(), Errno> {
+    if let Some(pipe) = stdin {
+        let meter = Meter {
+            connection: received,
+            daemon: daemon_received,
+        };
+        match relay::pump(socket, &pipe, service.transfer, service.pipe_size, meter).await {
+            // The client half-closed: dropping the pipe closes the command's stdin.
+            Ok(()) => return Ok(()),
+            // The command closed its stdin; what the client still sends is dropped.
+            Err(Errno::EPIPE) => drop(pipe),
+            Err(e) => return Err(e),
+        }
+    }
+    relay::discard(socket, received).await
+}
+
+/// Ends the socket after the output: shut down the sending side, so the client
+/// sees end-of-file once everything queued has arrived, and drop unread input,
+/// which would otherwise make close(2) send a reset that can destroy that output.
+fn close_gracefully(socket: AsyncFd<OwnedFd>) {
+    let _ = shutdown(
+        std::os::fd::AsRawFd::as_raw_fd(socket.get_ref()),
+        How::Write,
+    );
+    let mut buf = [0u8; 4096];
+    while matches!(nix::unistd::read(socket.get_ref(), &mut buf), Ok(n) if n > 0) {}
+}
+
+fn reap(child: Child) -> String {
+    match child.reap() {
+        Ok(exit) => exit.to_string(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot reap a command");
+            "unknown".into()
+        }
+    }
+}
+
+/// The command's stderr, logged line by line with the connection's fields.
+struct StderrLog<'a> {
+    fd: AsyncFd<OwnedFd>,
+    pending: Vec<u8>,
+    conn: u64,
+    service: &'a str,
+    pid: i32,
+}
+
+impl StderrLog<'_> {
+    /// Logs lines until the command (and everything sharing its stderr) closes it.
+    async fn run(&mut self) {
+        loop {
+            let Ok(mut ready) = self.fd.readable().await else {
+                return;
+            };
+            let outcome = read_lines(self.fd.get_ref(), &mut self.pending, &mut |l| {
+                emit(self.conn, self.service, self.pid, l)
+            });
+            match outcome {
+                Ok(true) => {}
+                Err(Errno::EAGAIN) => ready.clear_ready(),
+                Ok(false) | Err(_) => return self.emit_rest(),
+            }
+        }
+    }
+
+    /// Logs what is already written, without waiting for more.
+    fn flush_now(&mut self) {
+        let (conn, service, pid) = (self.conn, self.service, self.pid);
+        while let Ok(true) = read_lines(self.fd.get_ref(), &mut self.pending, &mut |l| {
+            emit(conn, service, pid, l)
+        }) {}
+        self.emit_rest();
+    }
+
+    fn emit_rest(&mut self) {
+        if !self.pending.is_empty() {
+            emit(
+                self.conn,
+                self.service,
+                self.pid,
+                &std::mem::take(&mut self.pending),
+            );
+        }
+    }
+}
+
+/// Reads once from `fd` and hands each complete line (or each `MAX_LINE`
+/// bytes of an overlong one) to `emit`; `Ok(false)` at end-of-file.
+fn read_lines(
+    fd: &OwnedFd,
+    pending: &mut Vec<u8>,
+    emit: &mut dyn FnMut(&[u8]),
+) -> Result<bool, Errno> {
+    let mut buf = [0u8; 4096];
+    let n = loop {
+        match nix::unistd::read(fd, &mut buf) {
+            Err(Errno::EINTR) => continue,
+            r => break r?,
+        }
+    };
+    if n == 0 {
+        return Ok(false);
+    }
+    pending.extend_from_slice(&buf[..n]);
+    while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+        let line: Vec<u8> = pending.drain(..=end).collect();
+        emit(&line[..line.len() - 1]);
+    }
+    while pending.len() >= MAX_LINE {
+        let line: Vec<u8> = pending.drain(..MAX_LINE).collect();
+        emit(&line);
+    }
+    Ok(true)
+}
+
+fn emit(conn: u64, service: &str, pid: i32, line: &[u8]) {
+    let text = String::from_utf8_lossy(line);
+    tracing::info!(
+        conn,
+        service,
+        pid,
+        stream = "stderr",
+        "{}",
+        text.trim_end_matches('\r')
+    );
+}

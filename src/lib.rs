@@ -1,0 +1,43 @@
+//! splice-relay: a socket-activated daemon that runs a command for each
+//! connection and moves the command's output to the client with splice(2).
+//!
+//! # Layout
+//!
+//! Start-up, in `main.rs`: inherited sockets → config → logging → listeners →
+//! READY=1 → serve.
+//!
+//! - [`config`]: the TOML file, its defaults, and every check on it.
+//! - [`listen`]: sockets adopted from systemd or bound from the config.
+//! - [`server`]: accept loops, limits, reload, status, watchdog, stop.
+//! - [`limit`]: the counted limits the accept loops wait on.
+//! - [`connection`]: one connection, from accept to its log record.
+//! - [`child`]: the command: spawn, process group, termination, reaping.
+//! - [`relay`]: the splice loop that moves the bytes.
+//! - [`peer`]: who is connected, for the log and the command's environment.
+//! - [`notify`]: sd_notify messages to systemd.
+//! - [`log`]: journal or stderr logging.
+//! - [`shutdown`]: the phases of stopping.
+//! - [`sys`]: the only `unsafe` code, a few system calls behind safe functions.
+
+pub mod child;
+pub mod config;
+pub mod connection;
+pub mod limit;
+pub mod listen;
+pub mod log;
+pub mod notify;
+pub mod peer;
+pub mod relay;
+pub mod server;
+pub mod shutdown;
+mod sys;
+
+/// Exit codes, as documented in the README and the man page.
+pub mod exit {
+    /// Stopped by SIGTERM or SIGINT, or `--check` found the config valid.
+    pub const OK: u8 = 0;
+    /// A listener or the runtime failed; systemd may restart the daemon.
+    pub const FAILURE: u8 = 1;
+    /// Configuration error (EX_CONFIG): fix the config or the socket units.
+    pub const CONFIG: u8 = 78;
+}

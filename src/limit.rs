@@ -1,0 +1,122 @@
+//! Connection limits: a [`Gate`] counts the connections of a service (or of the
+//! whole daemon) and makes the accept loop wait while it is full.
+//!
+//! A semaphore would do, but limits change on reload, and a gate whose maximum
+//! can shrink below the number already in use is simpler to get right by hand.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+/// A counted limit on concurrent connections.
+#[derive(Debug)]
+pub struct Gate {
+    state: Mutex<State>,
+    freed: Notify,
+}
+
+#[derive(Debug)]
+struct State {
+    active: usize,
+    max: usize,
+}
+
+/// One place in a [`Gate`], given back on drop.
+#[derive(Debug)]
+pub struct Slot(Arc<Gate>);
+
+impl Gate {
+    pub fn new(max: usize) -> Arc<Gate> {
+        Arc::new(Gate {
+            state: Mutex::new(State { active: 0, max }),
+            freed: Notify::new(),
+        })
+    }
+
+    /// Takes a place if one is free.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (s.active < s.max).then(|| {
+            s.active += 1;
+            Slot(Arc::clone(self))
+        })
+    }
+
+    /// Waits for a free place and takes it.
+    pub async fn acquire(self: &Arc<Self>) -> Slot {
+        loop {
+            // Register for the wake-up before looking, so a place freed
+            // between the look and the wait is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(slot) = self.try_acquire() {
+                return slot;
+            }
+            freed.await;
+        }
+    }
+
+    /// Waits until no place is taken.
+    pub async fn idle(&self) {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.active() == 0 {
+                return;
+            }
+            freed.await;
+        }
+    }
+
+    pub fn active(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).active
+    }
+
+    /// Changes the maximum; connections above a lowered one run to their end.
+    pub fn set_max(&self, max: usize) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).max = max;
+        self.freed.notify_waiters();
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .active -= 1;
+        self.0.freed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waits_until_a_place_frees() {
+        let gate = Gate::new(1);
+        let first = gate.try_acquire().unwrap();
+        assert!(gate.try_acquire().is_none());
+        let g = Arc::clone(&gate);
+        let waiter = tokio::spawn(async move { g.acquire().await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(first);
+        let _second = waiter.await.unwrap();
+        assert_eq!(gate.active(), 1);
+    }
+
+    #[tokio::test]
+    async fn lowered_maximum_applies_to_new_connections() {
+        let gate = Gate::new(2);
+        let a = gate.try_acquire().unwrap();
+        let _b = gate.try_acquire().unwrap();
+        gate.set_max(1);
+        drop(a);
+        assert!(gate.try_acquire().is_none(), "one still active, max is 1");
+    }
+}

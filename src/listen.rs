@@ -1,0 +1,295 @@
+//! Listening sockets: adopted from systemd (`LISTEN_FDS`) or bound from the config.
+//!
+//! Under socket activation every passed descriptor must be a listening stream
+//! socket (TCP over IPv4/IPv6, or Unix); each is routed to a `[[service]]` by its
+//! `FileDescriptorName=`. Without socket activation the `listen` addresses of
+//! the config are bound here.
+
+use std::fmt;
+use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+use nix::sys::socket::{
+    bind, getsockname, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily, Backlog,
+    SockFlag, SockType, SockaddrLike, SockaddrStorage, UnixAddr,
+};
+
+use std::sync::Arc;
+
+use crate::config::{Config, ListenAddr, Service};
+use crate::sys;
+
+/// The address family of a listening socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Tcp,
+    Unix,
+}
+
+/// A listening socket and the service it feeds.
+#[derive(Debug)]
+pub struct Listener {
+    pub fd: OwnedFd,
+    pub family: Family,
+    /// The name that routes it: systemd's FileDescriptorName= for a passed
+    /// socket, the service's name for one bound from the config.
+    pub name: String,
+    pub inherited: bool,
+    /// For logs: `fd 3 "web" 0.0.0.0:9009` or `127.0.0.1:9009`.
+    pub label: String,
+    /// A Unix socket file this process created and removes at exit.
+    pub owned_path: Option<PathBuf>,
+}
+
+/// A socket passed by the service manager, not yet routed to a service.
+#[derive(Debug)]
+pub struct Inherited {
+    pub fd: OwnedFd,
+    pub number: RawFd,
+    pub name: String,
+}
+
+/// A start-up error about sockets. `config` marks errors that a change of the
+/// configuration (or of the socket units) fixes, which exit with EX_CONFIG.
+#[derive(Debug)]
+pub struct SocketError {
+    pub message: String,
+    pub config: bool,
+}
+
+impl fmt::Display for SocketError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for SocketError {}
+
+fn config_error(message: String) -> SocketError {
+    SocketError {
+        message,
+        config: true,
+    }
+}
+
+/// Takes the sockets systemd passed, if any. Call first thing in `main`, before
+/// any other descriptor is opened, so that numbers 3.. are still the passed ones.
+///
+/// This reads `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES` through sd-notify
+/// rather than listenfd: listenfd ignores `LISTEN_FDNAMES` (which routes sockets
+/// to services here), accepts a missing `LISTEN_PID`, skips malformed values
+/// without a word, and removes the variables from the process environment, which
+/// this daemon reads once and never changes.
+pub fn inherited() -> Result<Vec<Inherited>, SocketError> {
+    let passed = sd_notify::listen_fds_with_names().map_err(|e| {
+        config_error(format!(
+            "socket activation: {e} (LISTEN_PID={:?}, LISTEN_FDS={:?}, LISTEN_FDNAMES={:?})",
+            std::env::var("LISTEN_PID").unwrap_or_default(),
+            std::env::var("LISTEN_FDS").unwrap_or_default(),
+            std::env::var("LISTEN_FDNAMES").unwrap_or_default(),
+        ))
+    })?;
+    let mut out = Vec::with_capacity(passed.len());
+    for (number, name) in passed {
+        let fd = sys::adopt_inherited_fd(number).map_err(|e| {
+            config_error(format!(
+                "socket activation: fd {number} ({name:?}) is not open: {e}"
+            ))
+        })?;
+        out.push(Inherited { fd, number, name });
+    }
+    if out.is_empty() && std::env::var_os("LISTEN_FDS").is_some() {
+        tracing::warn!(
+            "LISTEN_FDS is set but LISTEN_PID is not this process ({}); ignoring it",
+            std::process::id()
+        );
+    }
+    Ok(out)
+}
+
+/// Checks each passed socket and routes it to a service.
+pub fn adopt(inherited: Vec<Inherited>, config: &Config) -> Result<Vec<Listener>, SocketError> {
+    let mut out = Vec::with_capacity(inherited.len());
+    for Inherited { fd, number, name } in inherited {
+        let what = format!("fd {number} ({name:?})");
+        let (family, local) =
+            check_listening(&fd).map_err(|m| config_error(format!("{what}: {m}")))?;
+        set_nonblocking(&fd).map_err(|e| SocketError {
+            message: format!("{what}: {e}"),
+            config: false,
+        })?;
+        let label = format!("fd {number} {name:?} {local}");
+        let listener = Listener {
+            fd,
+            family,
+            name,
+            inherited: true,
+            label,
+            owned_path: None,
+        };
+        check_routes(
+            config,
+            [(listener.name.as_str(), true, listener.label.as_str())],
+        )
+        .map_err(config_error)?;
+        out.push(listener);
+    }
+    for s in &config.services {
+        if !out
+            .iter()
+            .any(|l| route(config, &l.name, l.inherited).is_some_and(|r| r.name == s.name))
+        {
+            tracing::warn!(service = %s.name, "no socket passed for this service; it serves nothing");
+        }
+    }
+    Ok(out)
+}
+
+/// The service a listener's connections go to under `config`.
+///
+/// With a single service, every passed socket goes to it whatever its name
+/// (systemd names a socket after its unit when FileDescriptorName= is unset);
+/// otherwise the names must match.
+pub fn route<'a>(config: &'a Config, name: &str, inherited: bool) -> Option<&'a Arc<Service>> {
+    if inherited && config.services.len() == 1 {
+        return config.services.first();
+    }
+    config.services.iter().find(|s| s.name == name)
+}
+
+/// Proves every listener has a service under `config`: at start, and before a
+/// reloaded config replaces the running one.
+pub fn check_routes<'a>(
+    config: &Config,
+    listeners: impl IntoIterator<Item = (&'a str, bool, &'a str)>,
+) -> Result<(), String> {
+    for (name, inherited, label) in listeners {
+        if route(config, name, inherited).is_some() {
+            continue;
+        }
+        let names: Vec<_> = config.services.iter().map(|s| s.name.as_str()).collect();
+        let fix = if inherited {
+            "set FileDescriptorName= in the .socket unit to a service's name"
+        } else {
+            "sockets bound from `listen` change only with a restart"
+        };
+        return Err(format!(
+            "{label}: no [[service]] in {} is named {name:?} (services: {}); {fix}",
+            config.origin,
+            names.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// Binds every `listen` address of the config (without socket activation).
+pub fn bind_all(config: &Config) -> Result<Vec<Listener>, SocketError> {
+    let mut out = Vec::new();
+    for s in &config.services {
+        if s.listen.is_empty() {
+            return Err(config_error(format!(
+                "{}: listen: no address given, and the daemon is not socket-activated \
+                 (no LISTEN_FDS); give `listen` or start it through its .socket unit",
+                s.position
+            )));
+        }
+        for addr in &s.listen {
+            let (fd, family, owned_path) = bind_one(addr).map_err(|e| SocketError {
+                message: format!("{}: listen: cannot listen on {addr}: {e}", s.position),
+                config: false,
+            })?;
+            let local = local_address(&fd).unwrap_or_else(|| addr.to_string());
+            out.push(Listener {
+                fd,
+                family,
+                name: s.name.clone(),
+                inherited: false,
+                label: local,
+                owned_path,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn bind_one(addr: &ListenAddr) -> nix::Result<(OwnedFd, Family, Option<PathBuf>)> {
+    let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+    match addr {
+        ListenAddr::Tcp(a) => {
+            let family = if a.is_ipv4() {
+                AddressFamily::Inet
+            } else {
+                AddressFamily::Inet6
+            };
+            let fd = socket(family, SockType::Stream, flags, None)?;
+            setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+            bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &SockaddrStorage::from(*a),
+            )?;
+            listen(&fd, Backlog::MAXCONN)?;
+            Ok((fd, Family::Tcp, None))
+        }
+        ListenAddr::Unix(path) => {
+            remove_stale_socket(path);
+            let fd = socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
+            bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &UnixAddr::new(path.as_path())?,
+            )?;
+            listen(&fd, Backlog::MAXCONN)?;
+            Ok((fd, Family::Unix, Some(path.clone())))
+        }
+    }
+}
+
+/// Removes a Unix socket file left by an earlier run, but only when nothing
+/// answers on it, so a second instance cannot steal a live one's path.
+fn remove_stale_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if is_socket
+        && std::os::unix::net::UnixStream::connect(path)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Proves `fd` is a listening stream socket; returns its family and address.
+fn check_listening(fd: &OwnedFd) -> Result<(Family, String), String> {
+    let kind = getsockopt(fd, sockopt::SockType).map_err(|e| format!("not a socket ({e})"))?;
+    if kind != SockType::Stream {
+        return Err(format!(
+            "a {kind:?} socket; expected a stream socket (ListenStream=)"
+        ));
+    }
+    if !getsockopt(fd, sockopt::AcceptConn).map_err(|e| e.to_string())? {
+        return Err("a stream socket that is not listening".into());
+    }
+    let addr: SockaddrStorage =
+        getsockname(std::os::fd::AsRawFd::as_raw_fd(fd)).map_err(|e| e.to_string())?;
+    let family = match addr.family() {
+        Some(AddressFamily::Inet | AddressFamily::Inet6) => Family::Tcp,
+        Some(AddressFamily::Unix) => Family::Unix,
+        other => {
+            return Err(format!(
+                "an {other:?} socket; expected TCP (IPv4/IPv6) or Unix"
+            ))
+        }
+    };
+    Ok((family, addr.to_string()))
+}
+
+fn local_address(fd: &OwnedFd) -> Option<String> {
+    getsockname::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(fd))
+        .ok()
+        .map(|a| a.to_string())
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd.as_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}

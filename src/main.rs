@@ -1,0 +1,134 @@
+//! The `splice-relay` command: arguments, start-up order, exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use splice_relay::config::{self, Config, ConfigError};
+use splice_relay::server::Server;
+use splice_relay::{exit, listen, log, notify};
+
+/// Runs a command for each connection on its sockets and splices the
+/// command's output to the client.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file [default: /etc/splice-relay.toml; without it, and
+    /// outside socket activation, the built-in example config]
+    #[arg(short, long, value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    /// Check the configuration and exit: 0 if valid, 78 if not
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+
+    // 1. Sockets from systemd, before any other descriptor is opened.
+    let inherited = if args.check {
+        Vec::new()
+    } else {
+        listen::inherited().unwrap_or_else(|e| fail_config(&e.message))
+    };
+
+    // 2. Configuration.
+    let (config, path) = match load(&args, !inherited.is_empty()) {
+        Ok(c) => c,
+        Err(e) => fail_config(&e.to_string()),
+    };
+    if args.check {
+        println!(
+            "{}: OK, {} service(s)",
+            config.origin,
+            config.services.len()
+        );
+        return ExitCode::from(exit::OK);
+    }
+
+    // 3. Logging.
+    let log_level = log::init(&config.log_level);
+    if path.is_none() {
+        tracing::warn!(
+            "{} not found; running on the built-in example configuration",
+            config::DEFAULT_PATH
+        );
+    }
+    raise_fd_limit();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("cannot start the event loop: {e}")),
+    };
+    let outcome = runtime.block_on(async {
+        // 4. Listeners (they register with the event loop, hence inside it).
+        let listeners = if inherited.is_empty() {
+            listen::bind_all(&config)
+        } else {
+            listen::adopt(inherited, &config)
+        };
+        let listeners = match listeners {
+            Ok(l) => l,
+            Err(e) if e.config => fail_config(&e.message),
+            Err(e) => return Err(e.message),
+        };
+        // 5. READY=1 and serve.
+        Server {
+            config,
+            config_path: path,
+            listeners,
+            log_level,
+        }
+        .run()
+        .await
+    });
+    match outcome {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => fail(&e),
+    }
+}
+
+/// The config file to use: `--config`, else the default path, else (outside
+/// socket activation only) the built-in example.
+fn load(args: &Args, activated: bool) -> Result<(Config, Option<PathBuf>), ConfigError> {
+    let path = match &args.config {
+        Some(p) => p.clone(),
+        None => {
+            let default = PathBuf::from(config::DEFAULT_PATH);
+            if !default.exists() && !activated && !args.check {
+                return config::load_str("<built-in>", config::EXAMPLE).map(|c| (c, None));
+            }
+            default
+        }
+    };
+    config::load(&path).map(|c| (c, Some(path)))
+}
+
+/// Reports a configuration error where the operator looks (stderr, which
+/// systemd puts in the journal, and the unit's status line) and exits 78.
+fn fail_config(message: &str) -> ! {
+    eprintln!("splice-relay: {message}");
+    notify::status(&format!("configuration error: {message}"));
+    std::process::exit(exit::CONFIG.into())
+}
+
+fn fail(message: &str) -> ExitCode {
+    tracing::error!("{message}");
+    notify::status(&format!("failed: {message}"));
+    ExitCode::from(exit::FAILURE)
+}
+
+/// Each connection holds four or five descriptors; raise the soft limit to the
+/// hard one, as systemd recommends for daemons that use epoll.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The splice loop: moves bytes from one descriptor to another as the event
+//! loop reports them ready. No thread per connection, no busy loop, and on the
+//! splice path nothing is copied through user space.
+//!
+//! One [`pump`] moves a direction until its source ends: the command's stdout
+//! pipe to the client's socket, and with `stdin = "client"` the socket to the
+//! command's stdin pipe. The two ends are registered with the event loop; the
+//! loop splices while both report ready and stops on `EAGAIN`.
+//!
+//! `EAGAIN` from splice does not say which side blocked. Clearing the readiness
+//! of the wrong side would wait forever for an edge that never comes, so on
+//! `EAGAIN` one zero-timeout poll(2) of both ends decides: the side that is not
+//! ready is the one to wait for. The kernel can change its mind between the
+//! splice and the poll (data arrives, space frees); then both look ready and
+//! the splice is simply tried again.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::{splice, SpliceFFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use tokio::io::unix::AsyncFd;
+
+use crate::config::Transfer;
+
+/// Size of the user-space buffer on the read/write path.
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// Counts bytes as they move: for this connection and for the whole daemon.
+pub struct Meter<'a> {
+    pub connection: &'a AtomicU64,
+    pub daemon: &'a AtomicU64,
+}
+
+impl Meter<'_> {
+    fn add(&self, n: usize) {
+        self.connection.fetch_add(n as u64, Ordering::Relaxed);
+        self.daemon.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Moves everything from `src` to `dst` until `src` reaches end-of-file.
+///
+/// `chunk` bounds one splice call (the pipe's size is a good value). An error
+/// is the errno of whichever side failed; the caller knows which end is the
+/// socket and decides what the errno means.
+pub async fn pump(
+    src: &AsyncFd<OwnedFd>,
+    dst: &AsyncFd<OwnedFd>,
+    transfer: Transfer,
+    chunk: usize,
+    meter: Meter<'_>,
+) -> Result<(), Errno> {
+    if transfer == Transfer::Splice {
+        match splice_loop(src, dst, chunk, &meter).await {
+            Err(Errno::EINVAL) => {
+                tracing::warn!(
+                    "splice(2) refused this pair of descriptors; copying through a buffer instead"
+                );
+            }
+            done => return done,
+        }
+    }
+    copy_loop(src, dst, &meter).await
+}
+
+async fn splice_loop(
+    src: &AsyncFd<OwnedFd>,
+    dst: &AsyncFd<OwnedFd>,
+    chunk: usize,
+    meter: &Meter<'_>,
+) -> Result<(), Errno> {
+    // SPLICE_F_MORE is not used: it corks TCP, holding back a short line until
+    // more comes, and the client must see output as soon as the command writes it.
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let mut unresolved = 0u32;
+    loop {
+        let mut readable = src.readable().await.map_err(io_errno)?;
+        let mut writable = dst.writable().await.map_err(io_errno)?;
+        match splice(src.get_ref(), None, dst.get_ref(), None, chunk, flags) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                meter.add(n);
+                unresolved = 0;
+            }
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => match blocked_side(src.get_ref(), dst.get_ref()) {
+                Side::Dst => writable.clear_ready(),
+                Side::Src => readable.clear_ready(),
+                Side::Neither => {
+                    // Readiness changed between the splice and the poll. Try
+                    // again, but never spin: after a few rounds, yield to the loop.
+                    unresolved += 1;
+                    if unresolved > 3 {
+                        drop((readable, writable));
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                }
+            },
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+enum Side {
+    Src,
+    Dst,
+    Neither,
+}
+
+/// Which end made splice return `EAGAIN`: one poll(2) of both, no waiting.
+fn blocked_side(src: &OwnedFd, dst: &OwnedFd) -> Side {
+    let mut fds = [
+        PollFd::new(src.as_fd(), PollFlags::POLLIN),
+        PollFd::new(dst.as_fd(), PollFlags::POLLOUT),
+    ];
+    if poll(&mut fds, PollTimeout::ZERO).is_err() {
+        return Side::Neither;
+    }
+    // Hang-ups and errors count as ready: the next splice reports them.
+    let any = |fd: &PollFd, flag: PollFlags| {
+        fd.revents()
+            .is_some_and(|r| r.intersects(flag | PollFlags::POLLHUP | PollFlags::POLLERR))
+    };
+    if !any(&fds[1], PollFlags::POLLOUT) {
+        Side::Dst
+    } else if !any(&fds[0], PollFlags::POLLIN) {
+        Side::Src
+    } else {
+        Side::Neither
+    }
+}
+
+/// read(2)/write(2) through a buffer, for `transfer = "copy"` and for pairs
+/// splice refuses. Readiness is unambiguous here: each call touches one side.
+async fn copy_loop(
+    src: &AsyncFd<OwnedFd>,
+    dst: &AsyncFd<OwnedFd>,
+    meter: &Meter<'_>,
+) -> Result<(), Errno> {
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        let mut readable = src.readable().await.map_err(io_errno)?;
+        let len = match nix::unistd::read(src.get_ref(), &mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(Errno::EAGAIN) => {
+                readable.clear_ready();
+                continue;
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        };
+        let mut done = 0;
+        while done < len {
+            let mut writable = dst.writable().await.map_err(io_errno)?;
+            match nix::unistd::write(dst.get_ref(), &buf[done..len]) {
+                Ok(n) => {
+                    done += n;
+                    meter.add(n);
+                }
+                Err(Errno::EAGAIN) => writable.clear_ready(),
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Reads and drops everything from `src` until end-of-file, counting it. Used on
+/// the client's socket when the command does not read it, so that a client's
+/// reset is seen at once and unread bytes cannot turn the final close into a
+/// reset that destroys output still in flight.
+pub async fn discard(src: &AsyncFd<OwnedFd>, counted: &AtomicU64) -> Result<(), Errno> {
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut readable = src.readable().await.map_err(io_errno)?;
+        match nix::unistd::read(src.get_ref(), &mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                counted.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(Errno::EAGAIN) => readable.clear_ready(),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn io_errno(e: std::io::Error) -> Errno {
+    e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)
+}

@@ -1,0 +1,457 @@
+//! The running daemon: one accept loop per listener, connection limits,
+//! reload on SIGHUP, live status and watchdog for systemd, and the stop.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinSet;
+
+use crate::config::{self, Config};
+use crate::connection::Handler;
+use crate::limit::{Gate, Slot};
+use crate::listen::{self, Listener};
+use crate::peer::Peer;
+use crate::shutdown::{Phase, Shutdown, Watch};
+use crate::{log, notify, sys};
+
+/// Pause after an accept error that more attempts cannot fix at once
+/// (out of descriptors or memory).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Figures for STATUS= and the logs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections being served now (the limits also count the place an
+    /// accept loop holds while it waits for a client).
+    pub active: AtomicU64,
+    pub served: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+}
+
+/// What every accept loop and connection shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: RwLock<Arc<Config>>,
+    gates: Mutex<HashMap<String, Arc<Gate>>>,
+    pub global: Arc<Gate>,
+    pub stats: Stats,
+    /// The daemon's environment as read at start, without the variables meant
+    /// for the daemon alone; the base of every command's environment.
+    pub base_env: Vec<(OsString, OsString)>,
+    pub shutdown: Watch,
+    next_id: AtomicU64,
+    /// The last failed reload, shown in STATUS= until a reload succeeds.
+    reload_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn gate(&self, service: &config::Service) -> Arc<Gate> {
+        let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            gates
+                .entry(service.name.clone())
+                .or_insert_with(|| Gate::new(service.max_connections)),
+        )
+    }
+
+    fn status(&self) -> String {
+        let mut s = format!(
+            "{} active, {} served, {} sent",
+            self.stats.active.load(Ordering::Relaxed),
+            self.stats.served.load(Ordering::Relaxed),
+            human_bytes(self.stats.bytes_sent.load(Ordering::Relaxed)),
+        );
+        if let Some(e) = &*self.reload_error.lock().unwrap_or_else(|e| e.into_inner()) {
+            s.push_str("; reload failed, previous config in use: ");
+            s.push_str(e);
+        }
+        s
+    }
+}
+
+/// The environment commands start from: the daemon's own, read once, minus
+/// what systemd meant for the daemon (`NOTIFY_SOCKET`, `LISTEN_*`,
+/// `WATCHDOG_*`) and `JOURNAL_STREAM`, which would not describe the command's
+/// stderr (a pipe to the daemon).
+pub fn base_env() -> Vec<(OsString, OsString)> {
+    std::env::vars_os()
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            !(k == "NOTIFY_SOCKET"
+                || k == "JOURNAL_STREAM"
+                || k.starts_with("LISTEN_")
+                || k.starts_with("WATCHDOG_"))
+        })
+        .collect()
+}
+
+/// The daemon, ready to serve.
+pub struct Server {
+    pub config: Config,
+    /// Where SIGHUP reloads from; None when running on the built-in config.
+    pub config_path: Option<PathBuf>,
+    pub listeners: Vec<Listener>,
+    pub log_level: log::Level,
+}
+
+impl Server {
+    /// Serves until SIGTERM or SIGINT (Ok) or until a listener fails (Err).
+    pub async fn run(self) -> Result<(), String> {
+        let Server {
+            config,
+            config_path,
+            listeners,
+            log_level,
+        } = self;
+        let (stop, watch) = Shutdown::new();
+        let shared = Arc::new(Shared {
+            global: Gate::new(config.max_connections),
+            config: RwLock::new(Arc::new(config)),
+            gates: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+            base_env: base_env(),
+            shutdown: watch,
+            next_id: AtomicU64::new(1),
+            reload_error: Mutex::new(None),
+        });
+        let mut signals =
+            Signals::new().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+
+        let owned_paths: Vec<PathBuf> = listeners
+            .iter()
+            .filter_map(|l| l.owned_path.clone())
+            .collect();
+        let routes: Vec<(String, bool, String)> = listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.inherited, l.label.clone()))
+            .collect();
+        let mut loops = JoinSet::new();
+        for l in listeners {
+            let service = listen::route(&shared.config(), &l.name, l.inherited)
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            tracing::info!(service, listener = %l.label, "listening");
+            let fd = sys::register(l.fd, Interest::READABLE)
+                .map_err(|e| format!("{}: cannot register with the event loop: {e}", l.label))?;
+            loops.spawn(accept_loop(
+                Arc::clone(&shared),
+                fd,
+                l.family,
+                l.name,
+                l.inherited,
+                l.label,
+            ));
+        }
+        let ticker = tokio::spawn(report(Arc::clone(&shared)));
+
+        notify::ready(&shared.status());
+        tracing::info!(config = %shared.config().origin, "ready");
+
+        let outcome = loop {
+            tokio::select! {
+                sig = signals.next() => match sig {
+                    Sig::Stop => break Ok(()),
+                    Sig::Reload => reload(&shared, config_path.as_deref(), &routes, &log_level),
+                },
+                Some(r) = loops.join_next() => match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Err(e),
+                    Err(e) => break Err(format!("an accept loop panicked: {e}")),
+                },
+            }
+        };
+
+        let timeout = shared.config().shutdown_timeout;
+        let active = shared.stats.active.load(Ordering::Relaxed);
+        notify::stopping(&format!("stopping: {active} connections finishing"));
+        tracing::info!(
+            active,
+            timeout_ms = timeout.as_millis() as u64,
+            "stopping: no new connections; running ones may finish"
+        );
+        stop.advance(Phase::Draining);
+        loops.shutdown().await;
+        if outcome.is_err()
+            || tokio::time::timeout(timeout, shared.global.idle())
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                active = shared.stats.active.load(Ordering::Relaxed),
+                "ending the connections still running"
+            );
+            stop.advance(Phase::Forced);
+            shared.global.idle().await;
+        }
+        ticker.abort();
+        for p in owned_paths {
+            let _ = std::fs::remove_file(p);
+        }
+        tracing::info!(
+            served = shared.stats.served.load(Ordering::Relaxed),
+            "stopped"
+        );
+        outcome
+    }
+}
+
+/// Accepts connections on one listener until the daemon stops.
+async fn accept_loop(
+    shared: Arc<Shared>,
+    fd: AsyncFd<std::os::fd::OwnedFd>,
+    family: listen::Family,
+    name: String,
+    inherited: bool,
+    label: String,
+) -> Result<(), String> {
+    let mut stop = shared.shutdown.clone();
+    let mut troubled = false;
+    loop {
+        let config = shared.config();
+        let Some(service) = listen::route(&config, &name, inherited).cloned() else {
+            return Err(format!("{label}: no service for this socket"));
+        };
+        drop(config);
+
+        let slots = tokio::select! {
+            s = take_places(&shared, &service, &label) => s,
+            () = stop.reached(Phase::Draining) => return Ok(()),
+        };
+        let accepted = tokio::select! {
+            r = accept(&fd) => r,
+            () = stop.reached(Phase::Draining) => return Ok(()),
+        };
+        match accepted {
+            Ok(socket) => {
+                troubled = false;
+                let peer = match Peer::of(&socket, family) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::debug!(listener = %label, error = %e, "client left before it was served");
+                        continue;
+                    }
+                };
+                let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(conn = id, service = %service.name, peer = %peer, "accepted");
+                let handler = Handler {
+                    id,
+                    service,
+                    socket,
+                    family,
+                    peer,
+                    shared: Arc::clone(&shared),
+                    slots,
+                };
+                let shared = Arc::clone(&shared);
+                shared.stats.active.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    handler.run().await;
+                    shared.stats.active.fetch_sub(1, Ordering::Relaxed);
+                    shared.stats.served.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+            // Out of descriptors or memory: more attempts now cannot succeed.
+            Err(
+                e @ (Errno::EMFILE
+                | Errno::ENFILE
+                | Errno::ENOBUFS
+                | Errno::ENOMEM
+                | Errno::ECONNABORTED),
+            ) => {
+                if !troubled {
+                    tracing::warn!(listener = %label, error = %e.desc(), "accept failed; pausing {} ms, retrying (logged once until it recovers)", ACCEPT_BACKOFF.as_millis());
+                    troubled = true;
+                }
+                drop(slots);
+                tokio::select! {
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    () = stop.reached(Phase::Draining) => return Ok(()),
+                }
+            }
+            // Errors of the one pending connection, which accept(2) reports
+            // (see its man page); the next one may be fine.
+            Err(
+                Errno::EINTR
+                | Errno::EPROTO
+                | Errno::EPERM
+                | Errno::ENETDOWN
+                | Errno::ENOPROTOOPT
+                | Errno::EHOSTDOWN
+                | Errno::ENONET
+                | Errno::EHOSTUNREACH
+                | Errno::EOPNOTSUPP
+                | Errno::ENETUNREACH,
+            ) => {}
+            Err(e) => return Err(format!("{label}: accept failed: {}", e.desc())),
+        }
+    }
+}
+
+/// Takes a place in the service's limit and in the daemon's, waiting while
+/// either is full. While it waits the listener is not accepted from, so new
+/// clients queue in the kernel's backlog. Logged once per episode.
+async fn take_places(shared: &Shared, service: &config::Service, label: &str) -> (Slot, Slot) {
+    let gate = shared.gate(service);
+    if let Some(mine) = gate.try_acquire() {
+        if let Some(all) = shared.global.try_acquire() {
+            return (mine, all);
+        }
+    }
+    let (which, max) = if gate.active() >= service.max_connections {
+        ("the service's max_connections", service.max_connections)
+    } else {
+        (
+            "the global max_connections",
+            shared.config().max_connections,
+        )
+    };
+    tracing::warn!(service = %service.name, listener = %label, max, "at {which} ({max}); not accepting until a connection ends");
+    let mine = gate.acquire().await;
+    let all = shared.global.acquire().await;
+    tracing::info!(service = %service.name, listener = %label, "below the limit again; accepting");
+    (mine, all)
+}
+
+async fn accept(fd: &AsyncFd<std::os::fd::OwnedFd>) -> Result<std::os::fd::OwnedFd, Errno> {
+    loop {
+        let mut ready = fd
+            .readable()
+            .await
+            .map_err(|e| e.raw_os_error().map_or(Errno::EIO, Errno::from_raw))?;
+        match sys::accept(fd.get_ref().as_fd()) {
+            Err(Errno::EAGAIN) => ready.clear_ready(),
+            other => return other,
+        }
+    }
+}
+
+/// SIGHUP: load the file again; if it is valid and every socket still has a
+/// service, new connections use it. Running connections keep the one they started with.
+fn reload(
+    shared: &Shared,
+    path: Option<&std::path::Path>,
+    routes: &[(String, bool, String)],
+    level: &log::Level,
+) {
+    notify::reloading();
+    let loaded = match path {
+        Some(p) => config::load(p).map_err(|e| e.to_string()),
+        None => Err(
+            "running on the built-in configuration; there is no file to reload (use --config)"
+                .into(),
+        ),
+    }
+    .and_then(|c| {
+        listen::check_routes(
+            &c,
+            routes.iter().map(|(n, i, l)| (n.as_str(), *i, l.as_str())),
+        )?;
+        Ok(c)
+    });
+    match loaded {
+        Ok(new) => {
+            shared.global.set_max(new.max_connections);
+            for s in &new.services {
+                shared.gate(s).set_max(s.max_connections);
+            }
+            level.set(&new.log_level);
+            tracing::info!(config = %new.origin, services = new.services.len(), "configuration reloaded; new connections use it");
+            *shared.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+            *shared
+                .reload_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; the previous configuration stays in use: {e}");
+            *shared
+                .reload_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(e);
+        }
+    }
+    notify::ready(&shared.status());
+}
+
+/// STATUS= once a second while the figures change, and WATCHDOG=1 at half
+/// the interval systemd asked for, both from the event loop itself: if the
+/// loop stalls, the watchdog stops and systemd restarts the daemon.
+async fn report(shared: Arc<Shared>) {
+    let mut status_tick = tokio::time::interval(Duration::from_secs(1));
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let watchdog = notify::watchdog_interval();
+    let mut watchdog_tick =
+        tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
+    let mut last = String::new();
+    loop {
+        tokio::select! {
+            _ = status_tick.tick() => {
+                let now = shared.status();
+                if now != last {
+                    notify::status(&now);
+                    last = now;
+                }
+            }
+            _ = watchdog_tick.tick(), if watchdog.is_some() => notify::watchdog(),
+        }
+    }
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for the next signal that matters.
+    async fn next(&mut self) -> Sig {
+        tokio::select! {
+            _ = self.term.recv() => Sig::Stop,
+            _ = self.int.recv() => Sig::Stop,
+            _ = self.hup.recv() => Sig::Reload,
+        }
+    }
+}
+
+enum Sig {
+    Stop,
+    Reload,
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

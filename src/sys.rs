@@ -1,0 +1,63 @@
+//! The few system calls that need `unsafe`, behind safe functions.
+//!
+//! Everything else goes through `nix` or `std`. Each block says why it is sound.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{accept4, SockFlag};
+
+/// Takes ownership of a descriptor the service manager passed to this process.
+///
+/// Fails with `EBADF` when `fd` is not open, so a wrong `LISTEN_FDS` cannot make
+/// two owners of one descriptor number that something else opened later.
+pub fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    nix::fcntl::fcntl(
+        // SAFETY: the borrow lives only for this F_GETFD call, which checks that
+        // the number refers to an open descriptor and changes nothing.
+        unsafe { BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )?;
+    // SAFETY: the socket-activation protocol hands descriptors LISTEN_FDS_START..
+    // to this process, which is their only owner; the caller takes each number
+    // once (listen.rs walks the range once), and the check above proved it open.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Accepts one connection, nonblocking and close-on-exec.
+pub fn accept(listener: BorrowedFd<'_>) -> nix::Result<OwnedFd> {
+    let fd = accept4(
+        std::os::fd::AsRawFd::as_raw_fd(&listener),
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+    )?;
+    // SAFETY: accept4 just returned this new descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens a pidfd for a child of this process (Linux 5.3+).
+///
+/// The pidfd turns readable when the child exits, which lets the event loop wait
+/// for one child without a SIGCHLD handler or a thread.
+pub fn pidfd_open(pid: nix::unistd::Pid) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and a flags word by value and touches no
+    // memory of ours; flags 0 asks for a close-on-exec pidfd.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a successful pidfd_open returns a new descriptor that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
+}
+
+/// Registers a descriptor with the event loop. Must run inside the runtime.
+pub fn register(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is open until dropped and always returns the same
+    // number; the AsyncFd owns it from here on, and nothing in this crate swaps
+    // it out (AsyncFd::get_mut is never used).
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
+        .map_err(io::Error::from)
+}
