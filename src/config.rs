@@ -71,8 +71,7 @@ pub struct Service {
 }
 
 /// What the command reads on its standard input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StdinMode {
     /// `/dev/null`; whatever the client sends is read and discarded.
     Null,
@@ -81,14 +80,43 @@ pub enum StdinMode {
 }
 
 /// How the command's output reaches the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transfer {
     /// splice(2) from a pipe to the socket: no copy through user space.
     Splice,
     /// read(2)/write(2) through a buffer: for comparison, or where splice cannot work.
     Copy,
 }
+
+/// Deserializes a keyword enum with messages that name the choices (serde's
+/// derive gives "wanted string or table" for a value of the wrong type).
+macro_rules! keywords {
+    ($ty:ident { $($word:literal => $variant:ident),+ }) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl Visitor<'_> for V {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str(concat!("one of", $(" \"", $word, "\""),+))
+                    }
+                    fn visit_str<E: de::Error>(self, v: &str) -> Result<$ty, E> {
+                        match v {
+                            $($word => Ok($ty::$variant),)+
+                            _ => Err(E::custom(format!(
+                                concat!("{:?}: expected one of", $(" \"", $word, "\""),+), v
+                            ))),
+                        }
+                    }
+                }
+                d.deserialize_str(V)
+            }
+        }
+    };
+}
+
+keywords!(StdinMode { "null" => Null, "client" => Client });
+keywords!(Transfer { "splice" => Splice, "copy" => Copy });
 
 /// An address to bind when the daemon is not socket-activated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,6 +223,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
+    let Ok(number) = number.parse::<f64>() else {
+        return Err(format!(
+            r#""{text}": expected a number and a unit, like "5s""#
+        ));
+    };
     let scale = match unit.trim() {
         "ms" => 0.001,
         "s" | "" => 1.0,
@@ -202,11 +235,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => 3600.0,
         _ => return Err(format!(r#""{text}": unknown unit; use ms, s, m or h"#)),
     };
-    number
-        .parse::<f64>()
-        .ok()
-        .and_then(|n| Duration::try_from_secs_f64(n * scale).ok())
-        .ok_or_else(|| format!(r#""{text}": expected a number and a unit, like "5s""#))
+    Duration::try_from_secs_f64(number * scale).map_err(|_| format!(r#""{text}": out of range"#))
 }
 
 /// `listen = "addr"` or `listen = ["addr", …]`.
@@ -657,6 +686,10 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("s").is_err());
+        assert_eq!(
+            parse_duration("5 parsecs").unwrap_err(),
+            r#""5 parsecs": unknown unit; use ms, s, m or h"#
+        );
     }
 
     #[test]

@@ -220,15 +220,17 @@ async fn accept_loop(
 ) -> Result<(), String> {
     let mut stop = shared.shutdown.clone();
     let mut troubled = false;
+    let mut at_limit = false;
     loop {
-        let config = shared.config();
-        let Some(service) = listen::route(&config, &name, inherited).cloned() else {
+        // Resolved again after accept: a reload while this loop waits in
+        // accept must apply to the connection that wakes it.
+        let route = || listen::route(&shared.config(), &name, inherited).cloned();
+        let Some(service) = route() else {
             return Err(format!("{label}: no service for this socket"));
         };
-        drop(config);
 
         let slots = tokio::select! {
-            s = take_places(&shared, &service, &label) => s,
+            s = take_places(&shared, &service, &label, &mut at_limit) => s,
             () = stop.reached(Phase::Draining) => return Ok(()),
         };
         let accepted = tokio::select! {
@@ -238,6 +240,7 @@ async fn accept_loop(
         match accepted {
             Ok(socket) => {
                 troubled = false;
+                let service = route().unwrap_or(service);
                 let peer = match Peer::of(&socket, family) {
                     Ok(p) => p,
                     Err(e) => {
@@ -303,26 +306,40 @@ async fn accept_loop(
 
 /// Takes a place in the service's limit and in the daemon's, waiting while
 /// either is full. While it waits the listener is not accepted from, so new
-/// clients queue in the kernel's backlog. Logged once per episode.
-async fn take_places(shared: &Shared, service: &config::Service, label: &str) -> (Slot, Slot) {
+/// clients queue in the kernel's backlog.
+///
+/// `at_limit` is the listener's episode: it is logged when it starts, and ends
+/// (logged too) only when a place is free without waiting, so a busy service
+/// that stays at its limit logs twice, not once per client.
+async fn take_places(
+    shared: &Shared,
+    service: &config::Service,
+    label: &str,
+    at_limit: &mut bool,
+) -> (Slot, Slot) {
     let gate = shared.gate(service);
     if let Some(mine) = gate.try_acquire() {
         if let Some(all) = shared.global.try_acquire() {
+            if std::mem::take(at_limit) {
+                tracing::info!(service = %service.name, listener = %label, "below the limit again; accepting");
+            }
             return (mine, all);
         }
     }
-    let (which, max) = if gate.active() >= service.max_connections {
-        ("the service's max_connections", service.max_connections)
-    } else {
-        (
-            "the global max_connections",
-            shared.config().max_connections,
-        )
-    };
-    tracing::warn!(service = %service.name, listener = %label, max, "at {which} ({max}); not accepting until a connection ends");
+    if !*at_limit {
+        *at_limit = true;
+        let (which, max) = if gate.active() >= service.max_connections {
+            ("the service's max_connections", service.max_connections)
+        } else {
+            (
+                "the global max_connections",
+                shared.config().max_connections,
+            )
+        };
+        tracing::warn!(service = %service.name, listener = %label, max, "at {which} ({max}); not accepting until a connection ends");
+    }
     let mine = gate.acquire().await;
     let all = shared.global.acquire().await;
-    tracing::info!(service = %service.name, listener = %label, "below the limit again; accepting");
     (mine, all)
 }
 
@@ -377,7 +394,7 @@ fn reload(
                 .unwrap_or_else(|e| e.into_inner()) = None;
         }
         Err(e) => {
-            tracing::error!(error = %e, "reload failed; the previous configuration stays in use: {e}");
+            tracing::error!("reload failed; the previous configuration stays in use: {e}");
             *shared
                 .reload_error
                 .lock()

@@ -1,0 +1,147 @@
+//! The daemon's life under systemd: READY, STATUS, WATCHDOG, reload on SIGHUP,
+//! drain on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+#[test]
+fn sigterm_lets_running_connections_finish_then_exits_0() {
+    let (passed, addr) = pass_tcp("drain");
+    let mut d = Daemon::start(
+        &one_service(r#"["sh", "-c", "echo start; sleep 0.5; echo end"]"#, ""),
+        vec![passed],
+    );
+    let conn = TcpStream::connect(addr).unwrap();
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "start\n");
+
+    d.signal(Signal::SIGTERM);
+    let stopping = d.wait_note("STOPPING=1");
+    assert!(
+        stopping.contains("STATUS=stopping: 1 connections finishing"),
+        "{stopping}"
+    );
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "end\n", "the running stream was cut");
+    assert_eq!(d.wait_exit().code(), Some(0));
+    let record = d.log_lines(&["connection ended"]);
+    assert!(record[0].contains("reason=\"output-ended\""), "{record:?}");
+}
+
+#[test]
+fn after_shutdown_timeout_running_commands_are_ended() {
+    let (passed, addr) = pass_tcp("stuck");
+    let config = format!(
+        "shutdown_timeout = \"300ms\"\n{}",
+        one_service(r#"["sh", "-c", "echo up; exec sleep 1000"]"#, "")
+    );
+    let mut d = Daemon::start(&config, vec![passed]);
+    let mut conn = TcpStream::connect(addr).unwrap();
+    let mut up = [0u8; 3];
+    conn.read_exact(&mut up).unwrap();
+    let command = d.children()[0];
+
+    let asked = Instant::now();
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit().code(), Some(0));
+    // shutdown_timeout 300 ms, then SIGTERM ends `sleep` at once.
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        asked.elapsed()
+    );
+    assert!(!alive(command));
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest);
+    let record = d.wait_log(&["connection ended"]);
+    assert!(
+        record.contains("reason=\"shutdown\"") && record.contains("exit=\"SIGTERM\""),
+        "{record}"
+    );
+}
+
+#[test]
+fn sighup_reloads_a_good_file_and_keeps_the_old_one_on_a_bad_file() {
+    let (passed, addr) = pass_tcp("reload");
+    let mut d = Daemon::start(
+        &one_service(r#"["sh", "-c", "echo A; sleep 0.5; echo A-done"]"#, ""),
+        vec![passed],
+    );
+
+    // A stream that is running across the reload goes on with its command.
+    let running = TcpStream::connect(addr).unwrap();
+    let mut running = BufReader::new(running);
+    let mut first = String::new();
+    running.read_line(&mut first).unwrap();
+    assert_eq!(first, "A\n");
+
+    std::fs::write(&d.config_path, one_service(r#"["echo", "B"]"#, "")).unwrap();
+    d.signal(Signal::SIGHUP);
+    let reloading = d.wait_note("RELOADING=1");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    d.wait_note("READY=1");
+    assert_eq!(fetch_text(addr), "B\n");
+    let mut rest = String::new();
+    running.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "A-done\n");
+
+    // A broken file: the daemon says where, and B goes on being served.
+    std::fs::write(&d.config_path, one_service(r#"["echo", "C"]"#, "stdin = 3")).unwrap();
+    d.signal(Signal::SIGHUP);
+    d.wait_note("RELOADING=1");
+    let ready = d.wait_note("READY=1");
+    assert!(
+        ready.contains("reload failed, previous config in use"),
+        "{ready}"
+    );
+    let line = d.wait_log(&["reload failed"]);
+    assert!(line.contains(&format!("{}:5:9: service \"test\": stdin: invalid type: integer `3`, expected one of \"null\" \"client\"", d.config_path.display())), "{line}");
+    assert_eq!(fetch_text(addr), "B\n");
+
+    // Fixed again: the failure leaves STATUS.
+    std::fs::write(&d.config_path, one_service(r#"["echo", "D"]"#, "")).unwrap();
+    d.signal(Signal::SIGHUP);
+    d.wait_note("RELOADING=1");
+    let ready = d.wait_note("READY=1");
+    assert!(!ready.contains("reload failed"), "{ready}");
+    assert_eq!(fetch_text(addr), "D\n");
+}
+
+#[test]
+fn status_reports_live_figures() {
+    let (passed, addr) = pass_tcp("status");
+    let mut d = Daemon::start(&one_service(r#"["echo", "1234567"]"#, ""), vec![passed]);
+    let ready = d.notes.last().unwrap().clone();
+    assert!(
+        ready.contains("STATUS=0 active, 0 served, 0 B sent"),
+        "{ready}"
+    );
+    assert_eq!(fetch_text(addr), "1234567\n");
+    d.wait_note("STATUS=0 active, 1 served, 8 B sent");
+}
+
+#[test]
+fn the_watchdog_is_fed_from_the_event_loop() {
+    let (passed, _addr) = pass_tcp("dog");
+    let opts = Options {
+        env: vec![("WATCHDOG_USEC".into(), "200000".into())],
+        ..Options::default()
+    };
+    let mut d = Daemon::spawn(&one_service(r#"["true"]"#, ""), vec![passed], opts);
+    d.wait_note("READY=1");
+    // At half of 200 ms: three pings take about 300 ms.
+    let started = Instant::now();
+    for _ in 0..3 {
+        d.wait_note("WATCHDOG=1");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

@@ -1,0 +1,377 @@
+//! What a client gets: every byte in order, promptly, with the right
+//! environment; and what the daemon keeps: no process, fd or zombie left over.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+
+/// sha256 of what `sh -c script` prints, computed without the daemon.
+fn expected_sha256(script: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{script} | sha256sum"))
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Streams everything from `conn` through sha256sum; returns (bytes, hash).
+fn received_sha256(mut conn: impl Read) -> (u64, String) {
+    let mut hasher = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let n = std::io::copy(&mut conn, hasher.stdin.as_mut().unwrap()).unwrap();
+    drop(hasher.stdin.take());
+    let out = hasher.wait_with_output().unwrap();
+    (
+        n,
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned(),
+    )
+}
+
+fn checksum_over(transfer: &str, script: &str, min_bytes: u64) {
+    let (passed, addr) = pass_tcp("bulk");
+    let config = one_service(
+        &format!(r#"["sh", "-c", "{script}"]"#),
+        &format!("transfer = \"{transfer}\""),
+    );
+    let d = Daemon::start(&config, vec![passed]);
+    let conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    let (bytes, got) = received_sha256(conn);
+    assert!(bytes >= min_bytes, "only {bytes} bytes");
+    assert_eq!(
+        got,
+        expected_sha256(script),
+        "{transfer}: {bytes} bytes arrived but differ"
+    );
+    let record = d.wait_log(&["connection ended", "reason=\"output-ended\""]);
+    assert!(record.contains(&format!("bytes={bytes} ")), "{record}");
+    assert!(record.contains("exit=\"0\""), "{record}");
+}
+
+#[test]
+fn a_gibibyte_arrives_intact_through_splice() {
+    // seq's output never repeats, so a lost, doubled or reordered block
+    // changes the checksum. 120 million lines are about 1.09 GB.
+    checksum_over("splice", "seq 1 120000000", 1 << 30);
+}
+
+#[test]
+fn bytes_arrive_intact_through_the_copy_path() {
+    checksum_over("copy", "seq 1 20000000", 150_000_000);
+}
+
+#[test]
+fn a_command_writing_100_mib_with_plain_writes_never_sees_eagain() {
+    // dd reports a short or failed write(2) on stderr; the stdout pipe's
+    // write end must stay blocking whatever the daemon does with its end.
+    let (passed, addr) = pass_tcp("dd");
+    let config = one_service(
+        r#"["dd", "if=/dev/zero", "bs=1M", "count=100", "status=none"]"#,
+        "",
+    );
+    let d = Daemon::start(&config, vec![passed]);
+    let mut conn = TcpStream::connect(addr).unwrap();
+    // Read slowly at first so the pipe fills and dd has to block.
+    let mut first = vec![0u8; 1024];
+    conn.read_exact(&mut first).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest).unwrap();
+    assert_eq!(first.len() + rest.len(), 100 << 20);
+    let record = d.wait_log(&["connection ended"]);
+    assert!(record.contains("exit=\"0\""), "{record}");
+    assert!(
+        d.log_lines(&["stream=\"stderr\""]).is_empty(),
+        "dd complained: {}",
+        d.log_text()
+    );
+}
+
+#[test]
+fn a_slow_producers_lines_arrive_promptly() {
+    // Each line carries the producer's clock when it was printed; the client
+    // compares with its own clock when the line arrives.
+    let (passed, addr) = pass_tcp("ticks");
+    let script = "for i in $(seq 1 30); do date +%s%N; sleep 0.05; done";
+    let d = Daemon::start(
+        &one_service(&format!(r#"["sh", "-c", "{script}"]"#), ""),
+        vec![passed],
+    );
+    let conn = TcpStream::connect(addr).unwrap();
+    let mut delays = Vec::new();
+    for line in BufReader::new(conn).lines() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let sent: u128 = line.unwrap().trim().parse().unwrap();
+        delays.push(Duration::from_nanos((now.saturating_sub(sent)) as u64));
+    }
+    assert_eq!(delays.len(), 30);
+    delays.sort();
+    let median = delays[delays.len() / 2];
+    // Corking or Nagle would hold each line for tens of milliseconds.
+    assert!(
+        median < Duration::from_millis(10),
+        "median line delay {median:?}; all: {delays:?}"
+    );
+    assert!(
+        delays[delays.len() - 1] < Duration::from_millis(200),
+        "worst line delay {delays:?}"
+    );
+    drop(d);
+}
+
+#[test]
+fn the_command_gets_peer_variables_and_a_scrubbed_environment() {
+    let (passed, addr) = pass_tcp("env");
+    let config = one_service(r#"["env"]"#, "env = { GREETING = \"hello world\" }");
+    let opts = Options {
+        env: vec![
+            ("WATCHDOG_USEC".into(), "600000000".into()),
+            ("WATCHDOG_PID".into(), "1".into()),
+            ("KEEP_ME".into(), "yes".into()),
+        ],
+        ..Options::default()
+    };
+    let mut d = Daemon::spawn(&config, vec![passed], opts);
+    d.wait_note("READY=1");
+    let conn = TcpStream::connect(addr).unwrap();
+    let local = conn.local_addr().unwrap();
+    let mut out = String::new();
+    BufReader::new(conn).read_to_string(&mut out).unwrap();
+    let vars: Vec<&str> = out.lines().collect();
+    for want in [
+        "PROTO=TCP".to_owned(),
+        "REMOTE_ADDR=127.0.0.1".to_owned(),
+        format!("REMOTE_PORT={}", local.port()),
+        "TCPREMOTEIP=127.0.0.1".to_owned(),
+        format!("TCPREMOTEPORT={}", local.port()),
+        "TCPLOCALIP=127.0.0.1".to_owned(),
+        format!("TCPLOCALPORT={}", addr.port()),
+        "GREETING=hello world".to_owned(),
+        "KEEP_ME=yes".to_owned(),
+    ] {
+        assert!(vars.contains(&want.as_str()), "missing {want} in:\n{out}");
+    }
+    for gone in [
+        "NOTIFY_SOCKET=",
+        "LISTEN_PID=",
+        "LISTEN_FDS=",
+        "LISTEN_FDNAMES=",
+        "WATCHDOG_USEC=",
+        "WATCHDOG_PID=",
+    ] {
+        assert!(
+            !vars.iter().any(|v| v.starts_with(gone)),
+            "{gone} leaked into:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn stdin_from_the_client_with_half_close() {
+    let (passed, addr) = pass_tcp("upper");
+    let d = Daemon::start(
+        &one_service(r#"["tr", "a-z", "A-Z"]"#, "stdin = \"client\""),
+        vec![passed],
+    );
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    let reader = {
+        let mut c = conn.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            c.read_to_end(&mut out).unwrap();
+            out
+        })
+    };
+    // 4 MiB, more than any buffer on the way, so both directions must flow.
+    let chunk = b"the quick brown fox jumps over the lazy dog\n";
+    let mut sent = 0;
+    while sent < 4 << 20 {
+        conn.write_all(chunk).unwrap();
+        sent += chunk.len();
+    }
+    conn.shutdown(Shutdown::Write).unwrap();
+    let out = reader.join().unwrap();
+    assert_eq!(out.len(), sent);
+    assert!(out
+        .chunks(chunk.len())
+        .all(|c| c == b"THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG\n"));
+    let record = d.wait_log(&["connection ended"]);
+    assert!(
+        record.contains(&format!("bytes_received={sent} ")),
+        "{record}"
+    );
+    assert!(record.contains("reason=\"output-ended\""), "{record}");
+}
+
+#[test]
+fn stderr_lines_are_logged_with_the_connection() {
+    let (passed, addr) = pass_tcp("noisy");
+    let d = Daemon::start(
+        &one_service(
+            r#"["sh", "-c", "echo out; echo oops >&2; echo again >&2"]"#,
+            "",
+        ),
+        vec![passed],
+    );
+    assert_eq!(fetch_text(addr), "out\n");
+    let line = d.wait_log(&["oops", "stream=\"stderr\""]);
+    assert!(
+        line.contains("conn=1") && line.contains("service=\"test\""),
+        "{line}"
+    );
+    d.wait_log(&["again", "stream=\"stderr\"", "conn=1"]);
+}
+
+#[test]
+fn a_client_that_leaves_ends_the_whole_process_group() {
+    let (passed, addr) = pass_tcp("group");
+    // A grandchild that ignores nothing, and a leader that ignores SIGTERM,
+    // so only the SIGKILL after kill_grace ends it.
+    let script = "trap '' TERM; sleep 1000 & echo $!; while :; do echo tick; sleep 0.01; done";
+    let d = Daemon::start(
+        &one_service(&format!(r#"["sh", "-c", "{script}"]"#), ""),
+        vec![passed],
+    );
+    let conn = TcpStream::connect(addr).unwrap();
+    let mut lines = BufReader::new(conn);
+    let mut first = String::new();
+    lines.read_line(&mut first).unwrap();
+    let grandchild: i32 = first.trim().parse().unwrap();
+    let leader = d.children()[0];
+    assert!(alive(grandchild) && alive(leader));
+    let left = Instant::now();
+    drop(lines);
+
+    let record = d.wait_log(&["connection ended", "reason=\"client-gone\""]);
+    // kill_grace is 300 ms; the leader ignored SIGTERM, so SIGKILL ended it.
+    assert!(record.contains("exit=\"SIGKILL\""), "{record}");
+    assert!(
+        left.elapsed() < Duration::from_millis(300 + 1000),
+        "took {:?}",
+        left.elapsed()
+    );
+    assert!(!alive(grandchild), "grandchild {grandchild} survived");
+    assert!(!alive(leader));
+    assert!(d.children().is_empty(), "zombies: {:?}", d.children());
+}
+
+#[test]
+fn a_thousand_connections_leave_no_fd_process_or_zombie() {
+    let (passed, addr) = pass_tcp("many");
+    let d = Daemon::start(&one_service(r#"["echo", "hello"]"#, ""), vec![passed]);
+    assert_eq!(fetch_text(addr), "hello\n");
+    d.wait_log(&["connection ended", "conn=1 "]);
+    let before = d.fd_count();
+    for i in 0..1000 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        if i % 2 == 0 {
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            assert_eq!(out, "hello\n");
+        } // odd ones leave at once, without reading
+    }
+    d.wait_log(&["connection ended", "conn=1001 "]);
+    // Records are written before a connection's last descriptor closes.
+    let deadline = Instant::now() + PATIENCE;
+    while d.fd_count() != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        d.fd_count(),
+        before,
+        "fds before {before}, after {}",
+        d.fd_count()
+    );
+    assert!(d.children().is_empty(), "left over: {:?}", d.children());
+}
+
+/// Runs `clients` concurrent clients against a command that logs its own start
+/// and end to a file; returns the most commands ever running at once.
+/// `global` goes at the top of the config, `service` into the service table.
+fn most_at_once(global: &str, service: &str, clients: usize) -> usize {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    let (passed, addr) = pass_tcp("limited");
+    let script = format!(
+        "echo + >> {0}; sleep 0.02; echo - >> {0}; echo ok",
+        ledger.display()
+    );
+    let config = format!(
+        "{global}\n{}",
+        one_service(&format!(r#"["sh", "-c", "{script}"]"#), service)
+    );
+    let d = Daemon::start(&config, vec![passed]);
+    let threads: Vec<_> = (0..clients)
+        .map(|_| std::thread::spawn(move || fetch_text(addr)))
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), "ok\n", "a client was not served");
+    }
+    d.wait_log(&["connection ended", &format!("conn={clients} ")]);
+    // The slot is taken before the command starts ('+') and freed after it
+    // exits ('-'), so the running count in the ledger bounds the truth.
+    let (mut now, mut most) = (0i64, 0i64);
+    for line in std::fs::read_to_string(&ledger).unwrap().lines() {
+        now += if line == "+" { 1 } else { -1 };
+        most = most.max(now);
+    }
+    assert_eq!(now, 0);
+    let pauses = d
+        .log_lines(&["not accepting until a connection ends"])
+        .len();
+    assert!(pauses >= 1, "the limit was never reached");
+    assert!(
+        pauses < clients / 2,
+        "logged {pauses} times: per client, not per episode"
+    );
+    most as usize
+}
+
+#[test]
+fn max_connections_per_service_holds_under_200_clients() {
+    let most = most_at_once("", "max_connections = 8", 200);
+    assert!(
+        most <= 8,
+        "{most} commands ran at once with max_connections = 8"
+    );
+    assert!(
+        most >= 2,
+        "the test did not run clients concurrently ({most})"
+    );
+}
+
+#[test]
+fn the_global_limit_holds_too() {
+    let most = most_at_once("max_connections = 5", "", 100);
+    assert!(
+        most <= 5,
+        "{most} commands ran at once with the global max_connections = 5"
+    );
+    assert!(
+        most >= 2,
+        "the test did not run clients concurrently ({most})"
+    );
+}
