@@ -1,7 +1,7 @@
 //! The configuration file: its format, its defaults, and every check made on it.
 //!
-//! Loading is two steps. [`parse`] turns TOML into raw serde structs (unknown keys
-//! and wrong types are refused there); [`check`] applies the defaults and proves
+//! Loading is two steps. `parse` turns TOML into raw serde structs (unknown keys
+//! and wrong types are refused there); `check` applies the defaults and proves
 //! the rest (commands exist and are executable, names are unique, addresses
 //! parse). Every error carries the file, line and column it is about, in the form
 //! `PATH:LINE:COL: service "NAME": KEY: what is wrong`.

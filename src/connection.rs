@@ -169,6 +169,7 @@ impl Handler {
             pid,
         };
 
+        let mut stderr_open = true;
         let end = {
             let out = relay::pump(
                 &stdout,
@@ -191,7 +192,7 @@ impl Handler {
             let forced = watch.reached(Phase::Forced);
             let stderr_run = stderr.run();
             tokio::pin!(out, input, forced, stderr_run);
-            let (mut input_open, mut stderr_open) = (true, true);
+            let mut input_open = true;
             loop {
                 tokio::select! {
                     r = &mut out => break match r {
@@ -210,17 +211,51 @@ impl Handler {
             }
         };
 
-        match end {
+        // After the output: shut down our sending side, so the client sees
+        // end-of-file once everything queued has arrived, and keep reading
+        // until the client closes too (for at most kill_grace). Closing with
+        // unread input would send a reset, which can destroy output still in
+        // flight. Meanwhile the command gets kill_grace to exit on its own.
+        // Any other end: close now and end the command's group.
+        let (wait, lingering) = match end {
             End::OutputEnded => {
-                close_gracefully(socket);
-                child.end(service.kill_grace, service.kill_grace).await;
+                let _ = shutdown(
+                    std::os::fd::AsRawFd::as_raw_fd(socket.get_ref()),
+                    How::Write,
+                );
+                (service.kill_grace, Some(socket))
             }
             _ => {
                 drop(socket);
-                child.end(Duration::ZERO, service.kill_grace).await;
+                (Duration::ZERO, None)
+            }
+        };
+        {
+            let finishing = async {
+                let linger = async {
+                    if let Some(s) = &lingering {
+                        let _ =
+                            tokio::time::timeout(service.kill_grace, relay::discard(s, &received))
+                                .await;
+                    }
+                };
+                tokio::join!(child.end(wait, service.kill_grace), linger);
+            };
+            tokio::pin!(finishing);
+            // The command's stderr is read until it exits: a command blocked on a
+            // full stderr pipe could not exit on its own.
+            loop {
+                tokio::select! {
+                    () = &mut finishing => break,
+                    () = stderr.run(), if stderr_open => stderr_open = false,
+                }
             }
         }
+        drop(lingering);
         stderr.flush_now();
+        // The record comes last: by then every descriptor of the connection
+        // is closed (stdin went with the input future) and the command reaped.
+        drop((stderr, stdout));
         record(pid, &reap(child), &end, None);
     }
 }
@@ -248,18 +283,6 @@ async fn feed_input(
         }
     }
     relay::discard(socket, received).await
-}
-
-/// Ends the socket after the output: shut down the sending side, so the client
-/// sees end-of-file once everything queued has arrived, and drop unread input,
-/// which would otherwise make close(2) send a reset that can destroy that output.
-fn close_gracefully(socket: AsyncFd<OwnedFd>) {
-    let _ = shutdown(
-        std::os::fd::AsRawFd::as_raw_fd(socket.get_ref()),
-        How::Write,
-    );
-    let mut buf = [0u8; 4096];
-    while matches!(nix::unistd::read(socket.get_ref(), &mut buf), Ok(n) if n > 0) {}
 }
 
 fn reap(child: Child) -> String {
@@ -300,11 +323,17 @@ impl StderrLog<'_> {
     }
 
     /// Logs what is already written, without waiting for more.
+    /// Bounded: a process outside the command's group may still be writing.
     fn flush_now(&mut self) {
         let (conn, service, pid) = (self.conn, self.service, self.pid);
-        while let Ok(true) = read_lines(self.fd.get_ref(), &mut self.pending, &mut |l| {
-            emit(conn, service, pid, l)
-        }) {}
+        for _ in 0..16 {
+            let more = read_lines(self.fd.get_ref(), &mut self.pending, &mut |l| {
+                emit(conn, service, pid, l)
+            });
+            if more != Ok(true) {
+                break;
+            }
+        }
         self.emit_rest();
     }
 

@@ -17,7 +17,7 @@
 //! - [`notify`]: sd_notify messages to systemd.
 //! - [`log`]: journal or stderr logging.
 //! - [`shutdown`]: the phases of stopping.
-//! - [`sys`]: the only `unsafe` code, a few system calls behind safe functions.
+//! - `sys`: the only `unsafe` code, a few system calls behind safe functions.
 
 pub mod child;
 pub mod config;

@@ -54,52 +54,83 @@ pub async fn pump(
 ) -> Result<(), Errno> {
     if transfer == Transfer::Splice {
         match splice_loop(src, dst, chunk, &meter).await {
-            Err(Errno::EINVAL) => {
-                tracing::warn!(
-                    "splice(2) refused this pair of descriptors; copying through a buffer instead"
-                );
+            Spliced::Done(r) => return r,
+            Spliced::Fallback(why) => {
+                tracing::warn!("{why}; copying through a buffer for the rest of this connection");
             }
-            done => return done,
         }
     }
     copy_loop(src, dst, &meter).await
 }
+
+enum Spliced {
+    Done(Result<(), Errno>),
+    /// splice cannot go on with this pair; read/write can.
+    Fallback(&'static str),
+}
+
+/// Rounds in a row in which splice says EAGAIN while poll says both ends are
+/// ready. A TCP urgent byte does that for good (splice stops at the mark,
+/// read(2) steps over it); a race clears after one round.
+const STUCK_ROUNDS: u32 = 4;
 
 async fn splice_loop(
     src: &AsyncFd<OwnedFd>,
     dst: &AsyncFd<OwnedFd>,
     chunk: usize,
     meter: &Meter<'_>,
-) -> Result<(), Errno> {
+) -> Spliced {
     // SPLICE_F_MORE is not used: it corks TCP, holding back a short line until
     // more comes, and the client must see output as soon as the command writes it.
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-    let mut unresolved = 0u32;
+    let mut stuck = 0u32;
     loop {
-        let mut readable = src.readable().await.map_err(io_errno)?;
-        let mut writable = dst.writable().await.map_err(io_errno)?;
+        let (mut readable, mut writable) = match (src.readable().await, dst.writable().await) {
+            (Ok(r), Ok(w)) => (r, w),
+            (Err(e), _) | (_, Err(e)) => return Spliced::Done(Err(io_errno(e))),
+        };
         match splice(src.get_ref(), None, dst.get_ref(), None, chunk, flags) {
-            Ok(0) => return Ok(()),
+            Ok(0) if really_ended(src.get_ref()) => return Spliced::Done(Ok(())),
+            Ok(0) => return Spliced::Fallback("splice(2) stopped at a TCP urgent mark"),
             Ok(n) => {
                 meter.add(n);
-                unresolved = 0;
+                stuck = 0;
             }
             Err(Errno::EINTR) => {}
             Err(Errno::EAGAIN) => match blocked_side(src.get_ref(), dst.get_ref()) {
                 Side::Dst => writable.clear_ready(),
                 Side::Src => readable.clear_ready(),
                 Side::Neither => {
-                    // Readiness changed between the splice and the poll. Try
-                    // again, but never spin: after a few rounds, yield to the loop.
-                    unresolved += 1;
-                    if unresolved > 3 {
-                        drop((readable, writable));
-                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    stuck += 1;
+                    if stuck >= STUCK_ROUNDS {
+                        return Spliced::Fallback(
+                            "splice(2) makes no progress on ready descriptors",
+                        );
                     }
                 }
             },
-            Err(e) => return Err(e),
+            Err(Errno::EINVAL) => {
+                return Spliced::Fallback("splice(2) refused this pair of descriptors")
+            }
+            Err(e) => return Spliced::Done(Err(e)),
         }
+    }
+}
+
+/// Whether a splice that moved nothing means end-of-file. From a pipe it
+/// does. From a TCP socket it also happens at an urgent mark once the client
+/// has half-closed, with data still to read: a peek tells the two apart.
+fn really_ended(src: &OwnedFd) -> bool {
+    use nix::sys::socket::{recv, MsgFlags};
+    let mut byte = [0u8; 1];
+    match recv(
+        std::os::fd::AsRawFd::as_raw_fd(src),
+        &mut byte,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(n) => n == 0,
+        Err(Errno::ENOTSOCK) => true,
+        Err(_) => false,
     }
 }
 

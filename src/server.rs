@@ -185,6 +185,11 @@ impl Server {
         );
         stop.advance(Phase::Draining);
         loops.shutdown().await;
+        // The listeners are closed: remove their socket files now, not after
+        // the drain, when a new instance may already have bound the same path.
+        for p in &owned_paths {
+            let _ = std::fs::remove_file(p);
+        }
         if outcome.is_err()
             || tokio::time::timeout(timeout, shared.global.idle())
                 .await
@@ -198,9 +203,6 @@ impl Server {
             shared.global.idle().await;
         }
         ticker.abort();
-        for p in owned_paths {
-            let _ = std::fs::remove_file(p);
-        }
         tracing::info!(
             served = shared.stats.served.load(Ordering::Relaxed),
             "stopped"
@@ -229,14 +231,22 @@ async fn accept_loop(
             return Err(format!("{label}: no service for this socket"));
         };
 
+        // First a client, then the places, then accept: an idle listener holds
+        // no place that a busy one sharing the limit could use.
+        let mut pending = tokio::select! {
+            r = fd.readable() => r.map_err(|e| format!("{label}: waiting for clients: {e}"))?,
+            () = stop.reached(Phase::Draining) => return Ok(()),
+        };
         let slots = tokio::select! {
             s = take_places(&shared, &service, &label, &mut at_limit) => s,
             () = stop.reached(Phase::Draining) => return Ok(()),
         };
-        let accepted = tokio::select! {
-            r = accept(&fd) => r,
-            () = stop.reached(Phase::Draining) => return Ok(()),
-        };
+        let accepted = sys::accept(fd.get_ref().as_fd());
+        if matches!(accepted, Err(Errno::EAGAIN)) {
+            pending.clear_ready();
+            continue;
+        }
+        drop(pending);
         match accepted {
             Ok(socket) => {
                 troubled = false;
@@ -268,13 +278,7 @@ async fn accept_loop(
                 });
             }
             // Out of descriptors or memory: more attempts now cannot succeed.
-            Err(
-                e @ (Errno::EMFILE
-                | Errno::ENFILE
-                | Errno::ENOBUFS
-                | Errno::ENOMEM
-                | Errno::ECONNABORTED),
-            ) => {
+            Err(e @ (Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)) => {
                 if !troubled {
                     tracing::warn!(listener = %label, error = %e.desc(), "accept failed; pausing {} ms, retrying (logged once until it recovers)", ACCEPT_BACKOFF.as_millis());
                     troubled = true;
@@ -286,9 +290,11 @@ async fn accept_loop(
                 }
             }
             // Errors of the one pending connection, which accept(2) reports
-            // (see its man page); the next one may be fine.
+            // (see its man page); the next one may be fine, so no pause: a
+            // client that resets in the backlog must not slow the others.
             Err(
-                Errno::EINTR
+                Errno::ECONNABORTED
+                | Errno::EINTR
                 | Errno::EPROTO
                 | Errno::EPERM
                 | Errno::ENETDOWN
@@ -341,19 +347,6 @@ async fn take_places(
     let mine = gate.acquire().await;
     let all = shared.global.acquire().await;
     (mine, all)
-}
-
-async fn accept(fd: &AsyncFd<std::os::fd::OwnedFd>) -> Result<std::os::fd::OwnedFd, Errno> {
-    loop {
-        let mut ready = fd
-            .readable()
-            .await
-            .map_err(|e| e.raw_os_error().map_or(Errno::EIO, Errno::from_raw))?;
-        match sys::accept(fd.get_ref().as_fd()) {
-            Err(Errno::EAGAIN) => ready.clear_ready(),
-            other => return other,
-        }
-    }
 }
 
 /// SIGHUP: load the file again; if it is valid and every socket still has a
