@@ -55,6 +55,7 @@ enum End {
     ClientGone(Errno),
     Shutdown,
     Error(String),
+    SpawnFailed(String),
 }
 
 impl End {
@@ -64,6 +65,7 @@ impl End {
             End::ClientGone(_) => "client-gone",
             End::Shutdown => "shutdown",
             End::Error(_) => "error",
+            End::SpawnFailed(_) => "spawn-failed",
         }
     }
 }
@@ -97,7 +99,7 @@ impl Handler {
         let sent = AtomicU64::new(0);
         let received = AtomicU64::new(0);
 
-        let record = |pid: i32, exit: &str, end: &End, note: Option<&str>| {
+        let record = |pid: i32, exit: &str, end: &End| {
             let (bytes, bytes_received) = (
                 sent.load(Ordering::Relaxed),
                 received.load(Ordering::Relaxed),
@@ -106,8 +108,8 @@ impl Handler {
             let reason = end.reason();
             let detail = match end {
                 End::ClientGone(e) => format!(" ({})", e.desc()),
-                End::Error(e) => format!(" ({e})"),
-                _ => note.map(|n| format!(" ({n})")).unwrap_or_default(),
+                End::Error(e) | End::SpawnFailed(e) => format!(" ({e})"),
+                End::OutputEnded | End::Shutdown => String::new(),
             };
             macro_rules! ended {
                 ($level:ident) => {
@@ -119,6 +121,7 @@ impl Handler {
                 };
             }
             match end {
+                End::SpawnFailed(_) => ended!(error),
                 End::Error(_) => ended!(warn),
                 _ => ended!(info),
             }
@@ -130,14 +133,11 @@ impl Handler {
         }
         let socket = match sys::register(socket, Interest::READABLE | Interest::WRITABLE) {
             Ok(s) => s,
-            Err(e) => return record(0, "none", &End::Error(e.to_string()), None),
+            Err(e) => return record(0, "none", &End::Error(e.to_string())),
         };
         let spawned = match child::spawn(&service, &shared.base_env, &peer) {
             Ok(s) => s,
-            Err(e) => {
-                tracing::error!(conn = id, service = name, peer = %peer_text, error = %e, "{e}");
-                return record(0, "none", &End::Error(e.to_string()), None);
-            }
+            Err(e) => return record(0, "none", &End::SpawnFailed(e.to_string())),
         };
         let child = spawned.child;
         let pid = child.pid();
@@ -158,7 +158,7 @@ impl Handler {
             Err(e) => {
                 let end = End::Error(e.to_string());
                 child.end(Duration::ZERO, service.kill_grace).await;
-                return record(pid, &reap(child), &end, None);
+                return record(pid, &reap(child), &end);
             }
         };
         let mut stderr = StderrLog {
@@ -256,7 +256,7 @@ impl Handler {
         // The record comes last: by then every descriptor of the connection
         // is closed (stdin went with the input future) and the command reaped.
         drop((stderr, stdout));
-        record(pid, &reap(child), &end, None);
+        record(pid, &reap(child), &end);
     }
 }
 

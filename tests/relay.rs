@@ -435,3 +435,27 @@ fn an_idle_listener_holds_no_place_a_busy_one_needs() {
         assert_eq!(fetch_text(addr_a), "hi\n");
     }
 }
+
+#[test]
+fn a_command_that_cannot_start_is_recorded_and_the_daemon_serves_on() {
+    // The working directory passes the config check, then disappears.
+    let dir = tempfile::tempdir().unwrap();
+    let wd = dir.path().join("wd");
+    std::fs::create_dir(&wd).unwrap();
+    let (passed, addr) = pass_tcp("gone");
+    let config = one_service(
+        r#"["echo", "fine"]"#,
+        &format!("working_directory = \"{}\"", wd.display()),
+    );
+    let d = Daemon::start(&config, vec![passed]);
+    std::fs::remove_dir(&wd).unwrap();
+    assert_eq!(fetch_text(addr), "", "the client is closed without output");
+    let record = d.wait_log(&["connection ended", "reason=\"spawn-failed\""]);
+    assert!(
+        record.contains("failed to spawn") && record.contains("No such file or directory"),
+        "{record}"
+    );
+    assert!(record.contains("ERROR"), "{record}");
+    std::fs::create_dir(&wd).unwrap();
+    assert_eq!(fetch_text(addr), "fine\n");
+}
