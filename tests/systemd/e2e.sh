@@ -1,0 +1,295 @@
+#!/usr/bin/env bash
+# End-to-end: the Debian package installed under a real systemd, driven the way
+# a person does (systemctl, journalctl, editing /etc/splice-relay.toml), with
+# real clients inside the container.
+#
+#   tests/systemd/e2e.sh target/debian/splice-relay_*.deb
+#
+# Needs root. Outside CI without root it skips, saying so; with CI=true a
+# machine that cannot boot the container is a failure.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=harness.sh
+source "$here/harness.sh"
+
+deb=${1:?usage: e2e.sh PACKAGE.deb}
+if ! sr_can_boot; then
+    if [ "${CI:-}" = true ]; then echo "e2e: cannot boot a container here (need root and cgroups)"; exit 1; fi
+    echo "e2e: skipped: needs root to boot a throwaway systemd"; exit 0
+fi
+
+share=$(mktemp -d /tmp/sr-share.XXXXXX)
+cp "$deb" "$share/splice-relay.deb"
+cp "$here/client.py" "$share/client.py"
+trap 'sr_teardown; rm -rf "$share"' EXIT
+sr_boot "sr-e2e-$$" "$share" || exit 1
+
+passed=0 failed=0
+failures=()
+fail() { echo "    FAIL: $*"; return 1; }
+run() {
+    local t=$1
+    echo "--- $t"
+    if "$t"; then
+        passed=$((passed + 1)); echo "ok   $t"
+    else
+        failed=$((failed + 1)); failures+=("$t"); echo "FAIL $t"
+        sr_in journalctl -u splice-relay --no-pager -n 25 -o short-monotonic | sed 's/^/    | /'
+    fi
+}
+
+client() { sr_in python3 /share/client.py "$@"; }
+config() { sr_in sh -c 'cat > /etc/splice-relay.toml'; }
+show() { sr_in systemctl show -p "$1" --value "$2"; }
+# Waits up to 10 s for a command's output to contain a string.
+eventually() {
+    local want=$1 i out; shift
+    for i in $(seq 1 100); do
+        out=$("$@" 2>&1); [[ $out == *"$want"* ]] && return 0
+        sleep 0.1
+    done
+    fail "never saw '$want' in: $out"
+}
+
+# --- 0. install ----------------------------------------------------------------
+t_install() {
+    # Container images (this machine's among them) carry a policy-rc.d that
+    # forbids maintainer scripts to start services; a real host has none.
+    sr_in rm -f /usr/sbin/policy-rc.d
+    sr_in dpkg -i /share/splice-relay.deb >/dev/null || return $(fail "dpkg -i failed")
+    [ "$(sr_in systemctl is-enabled splice-relay.socket)" = enabled ] || fail "socket not enabled" || return 1
+    [ "$(sr_in systemctl is-active splice-relay.socket)" = active ] || fail "socket not started" || return 1
+    [ "$(sr_in systemctl is-active splice-relay.service)" = inactive ] || fail "service started before any client" || return 1
+    sr_in dpkg-query -W -f='${Conffiles}\n' splice-relay | grep -q /etc/splice-relay.toml || fail "config is not a conffile" || return 1
+    sr_in splice-relay --version | grep -q '^splice-relay ' || fail "--version" || return 1
+    sr_in man -l /usr/share/man/man8/splice-relay.8.gz 2>&1 | grep -q 'SIGHUP' || fail "man page 8" || return 1
+    sr_in man -l /usr/share/man/man5/splice-relay.toml.5.gz 2>&1 | grep -q 'kill_grace' || fail "man page 5" || return 1
+}
+
+# --- 9. verify and security score ------------------------------------------------
+t_units_verify_and_score() {
+    local out score
+    out=$(sr_in systemd-analyze verify splice-relay.socket splice-relay.service 2>&1)
+    [ -z "$out" ] || fail "systemd-analyze verify: $out" || return 1
+    score=$(sr_in systemd-analyze security splice-relay.service | sed -n 's/.*Overall exposure level for splice-relay.service: \([0-9.]*\).*/\1/p')
+    echo "    exposure: $score"
+    awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 2.0) }' || fail "exposure $score > 2.0"
+}
+
+# --- 1. socket activation, byte for byte --------------------------------------------
+t_activation() {
+    local want got
+    want=$(sr_in uname -a)
+    got=$(sr_in socat -u TCP:127.0.0.1:9009 -)
+    [ "$got" = "$want" ] || fail "got '$got', want '$want'" || return 1
+    [ "$(sr_in systemctl is-active splice-relay.service)" = active ] || fail "service not active after a client" || return 1
+
+    config <<'EOF'
+[[service]]
+name = "seq"
+command = ["seq", "1", "3000000"]
+EOF
+    sr_in systemctl reload splice-relay || return $(fail "reload")
+    want=$(sr_in sh -c 'seq 1 3000000 | sha256sum' | cut -d' ' -f1)
+    got=$(client fetch 127.0.0.1:9009)
+    [ "${got#* }" = "$want" ] || fail "checksum: got '$got', want '$want'"
+}
+
+# --- 2. live STATUS -----------------------------------------------------------------
+t_status() {
+    config <<'EOF'
+[[service]]
+name = "stream"
+command = ["sh", "-c", "while :; do seq 1 1000; sleep 0.1; done"]
+EOF
+    sr_in systemctl reload splice-relay || return $(fail "reload")
+    client hold 127.0.0.1:9009 4 >/dev/null &
+    local holder=$!
+    eventually 'Status: "1 active' sr_in systemctl status --no-pager splice-relay || return 1
+    local text
+    text=$(show StatusText splice-relay)
+    [[ $text == "1 active, "*" served, "*" sent" ]] || fail "StatusText '$text'" || return 1
+    wait "$holder"
+}
+
+# --- 3. journal records ------------------------------------------------------------
+t_journal() {
+    config <<'EOF'
+[[service]]
+name = "noisy"
+command = ["sh", "-c", "echo to-stderr >&2; echo out"]
+EOF
+    sr_in systemctl reload splice-relay || return $(fail "reload")
+    [ "$(sr_in socat -u TCP:127.0.0.1:9009 -)" = out ] || fail "output" || return 1
+    eventually '"REASON":"output-ended"' sr_in journalctl -u splice-relay SERVICE=noisy -o json --no-pager || return 1
+    local rec
+    rec=$(sr_in journalctl -u splice-relay SERVICE=noisy REASON=output-ended -o json --no-pager | tail -n1)
+    local f
+    for f in PEER BYTES BYTES_RECEIVED DURATION_MS EXIT PID CONN; do
+        [[ $rec == *"\"$f\":"* ]] || fail "field $f missing in $rec" || return 1
+    done
+    [[ $rec == *'"BYTES":"4"'* && $rec == *'"EXIT":"0"'* && $rec == *'"PEER":"127.0.0.1:'* ]] || fail "values in $rec" || return 1
+    local conn
+    conn=$(sed -n 's/.*"CONN":"\([0-9]*\)".*/\1/p' <<<"$rec")
+    eventually 'to-stderr' sr_in journalctl -u splice-relay STREAM=stderr CONN="$conn" -o cat --no-pager
+}
+
+# --- 5. reload ---------------------------------------------------------------------
+t_reload() {
+    config <<'EOF'
+[[service]]
+name = "a"
+command = ["sh", "-c", "echo A1; sleep 2; echo A2"]
+EOF
+    sr_in systemctl reload splice-relay || return $(fail "reload")
+    local running; running=$(mktemp)
+    sr_in socat -u TCP:127.0.0.1:9009 - >"$running" &
+    local pid=$!
+    eventually A1 cat "$running" || return 1
+    config <<'EOF'
+[[service]]
+name = "b"
+command = ["echo", "B"]
+EOF
+    sr_in systemctl reload splice-relay || return $(fail "reload of a good file failed")
+    [ "$(sr_in socat -u TCP:127.0.0.1:9009 -)" = B ] || fail "new connections do not get the new command" || return 1
+    wait "$pid"
+    [ "$(cat "$running")" = "$(printf 'A1\nA2')" ] || fail "the running stream was cut: $(cat "$running")" || return 1
+
+    # A broken file: `systemctl reload` fails and says why; B goes on.
+    printf '[[service]]\nname = "b"\ncommand = ["echo", "C"]\nstdin = 3\n' | config
+    if sr_in systemctl reload splice-relay 2>/dev/null; then fail "reload of a broken file succeeded"; return 1; fi
+    eventually '/etc/splice-relay.toml:4:9: service "b": stdin:' sr_in journalctl -u splice-relay --no-pager || return 1
+    [ "$(sr_in socat -u TCP:127.0.0.1:9009 -)" = B ] || fail "the old config is not serving" || return 1
+    # The daemon itself refuses it on SIGHUP too, and STATUS says so.
+    sr_in systemctl kill -s HUP splice-relay.service
+    eventually 'reload failed, previous config in use' show StatusText splice-relay || return 1
+    [ "$(sr_in socat -u TCP:127.0.0.1:9009 -)" = B ] || fail "the old config is not serving after SIGHUP"
+}
+
+# --- 6. restart under load ------------------------------------------------------------
+t_restart() {
+    config <<'EOF'
+shutdown_timeout = "1s"
+
+[[service]]
+name = "r"
+command = ["echo", "R"]
+EOF
+    sr_in systemctl reload splice-relay || return $(fail "reload")
+    local storm; storm=$(mktemp)
+    client storm 127.0.0.1:9009 400 'R\n' >"$storm" 2>&1 &
+    local pid=$!
+    sleep 0.3
+    sr_in systemctl restart splice-relay || return $(fail "restart 1")
+    sr_in systemctl restart splice-relay || return $(fail "restart 2")
+    wait "$pid"
+    local result; result=$(tail -n1 "$storm")
+    echo "    storm (ok failed): $result"
+    [ "$result" = "400 0" ] || fail "clients refused during restart: $(cat "$storm")" || return 1
+
+    # A stream running at the stop ends within shutdown_timeout (+ kill_grace).
+    config <<'EOF'
+shutdown_timeout = "1s"
+[[service]]
+name = "forever"
+command = ["sh", "-c", "while :; do echo x; sleep 0.1; done"]
+EOF
+    sr_in systemctl reload splice-relay || return $(fail "reload")
+    local held; held=$(mktemp)
+    client hold 127.0.0.1:9009 20 >"$held" &
+    pid=$!
+    eventually 'Status: "1 active' sr_in systemctl status --no-pager splice-relay || return 1
+    local t0=$SECONDS
+    sr_in systemctl restart splice-relay || return $(fail "restart 3")
+    wait "$pid"
+    local took=$((SECONDS - t0))
+    echo "    stream ended after ${took}s: $(cat "$held")"
+    [[ $(cat "$held") == *" eof" ]] || fail "stream did not end: $(cat "$held")" || return 1
+    [ "$took" -le 8 ] || fail "the stream took ${took}s to end"
+}
+
+# --- 7. watchdog ---------------------------------------------------------------------
+t_watchdog() {
+    sr_in mkdir -p /etc/systemd/system/splice-relay.service.d
+    printf '[Service]\nWatchdogSec=1s\n' | sr_in sh -c 'cat > /etc/systemd/system/splice-relay.service.d/watchdog.conf'
+    sr_in systemctl daemon-reload
+    sr_in systemctl restart splice-relay || return $(fail "restart")
+    local pid; pid=$(show MainPID splice-relay)
+    # Several watchdog intervals must pass; there is nothing to wait on but time.
+    sleep 3.5
+    [ "$(show MainPID splice-relay)" = "$pid" ] || fail "the daemon was replaced (watchdog?)" || return 1
+    [ "$(show NRestarts splice-relay)" = 0 ] || fail "restarted $(show NRestarts splice-relay) times" || return 1
+    [ "$(show WatchdogUSec splice-relay)" = 1s ] || fail "WatchdogUSec=$(show WatchdogUSec splice-relay)" || return 1
+    sr_in rm /etc/systemd/system/splice-relay.service.d/watchdog.conf
+    sr_in systemctl daemon-reload
+}
+
+# --- 8. configuration error at start -----------------------------------------------
+t_config_error() {
+    printf '[[service]]\nname = "bad"\ncommand = []\n' | config
+    if sr_in systemctl restart splice-relay 2>/dev/null; then fail "start with a broken config succeeded"; return 1; fi
+    local msg='/etc/splice-relay.toml:3:11: service "bad": command: must not be empty'
+    eventually "$msg" sr_in systemctl status --no-pager -n 20 splice-relay || return 1
+    eventually "$msg" sr_in journalctl -u splice-relay --no-pager || return 1
+    [ "$(show ExecMainStatus splice-relay)" = 78 ] || fail "exit status $(show ExecMainStatus splice-relay)" || return 1
+    [ "$(show NRestarts splice-relay)" = 0 ] || fail "restarted on a config error" || return 1
+    [ "$(sr_in systemctl is-active splice-relay.socket)" = active ] || fail "socket not active" || return 1
+    sr_in ss -Hltn 'sport = :9009' | grep -q LISTEN || fail "port 9009 is not held" || return 1
+    # Fixed: the next client starts it again.
+    printf '[[service]]\nname = "good"\ncommand = ["echo", "fixed"]\n' | config
+    sr_in systemctl reset-failed splice-relay
+    [ "$(sr_in socat -u TCP:127.0.0.1:9009 -)" = fixed ] || fail "not served after the fix"
+}
+
+# --- 4. named sockets and a Unix socket ------------------------------------------------
+t_named_sockets() {
+    sr_in mkdir -p /etc/systemd/system/splice-relay.socket.d
+    printf '[Socket]\nFileDescriptorName=alpha\n' | sr_in sh -c 'cat > /etc/systemd/system/splice-relay.socket.d/name.conf'
+    sr_in sh -c 'cat > /etc/systemd/system/splice-relay-beta.socket' <<'EOF'
+[Socket]
+ListenStream=127.0.0.1:9010
+ListenStream=/run/splice-relay-beta.sock
+FileDescriptorName=beta
+Service=splice-relay.service
+
+[Install]
+WantedBy=sockets.target
+EOF
+    config <<'EOF'
+[[service]]
+name = "alpha"
+command = ["echo", "from alpha"]
+
+[[service]]
+name = "beta"
+command = ["sh", "-c", "echo from beta over $PROTO"]
+EOF
+    sr_in systemctl stop splice-relay.service
+    sr_in systemctl daemon-reload
+    sr_in systemctl restart splice-relay.socket
+    sr_in systemctl start splice-relay-beta.socket || return $(fail "beta socket")
+    [ "$(sr_in socat -u TCP:127.0.0.1:9009 -)" = "from alpha" ] || fail "alpha" || return 1
+    [ "$(sr_in socat -u TCP:127.0.0.1:9010 -)" = "from beta over TCP" ] || fail "beta over TCP" || return 1
+    [ "$(sr_in socat -u UNIX-CONNECT:/run/splice-relay-beta.sock -)" = "from beta over UNIX" ] || fail "beta over Unix"
+}
+
+# --- removal ---------------------------------------------------------------------------
+t_remove() {
+    sr_in systemctl stop splice-relay-beta.socket
+    sr_in dpkg -r splice-relay >/dev/null || return $(fail "dpkg -r")
+    sr_in pgrep -x splice-relay >/dev/null && { fail "splice-relay still running"; return 1; }
+    [ "$(sr_in systemctl is-active splice-relay.socket)" != active ] || fail "socket still active" || return 1
+    sr_in ss -Hltn 'sport = :9009' | grep -q LISTEN && { fail "port 9009 still open"; return 1; }
+    return 0
+}
+
+for t in t_install t_units_verify_and_score t_activation t_status t_journal t_reload t_restart \
+         t_watchdog t_config_error t_named_sockets t_remove; do
+    run "$t"
+    [ "$t" = t_install ] && [ "$failed" -gt 0 ] && break
+done
+
+[ ${#failures[@]} -eq 0 ] || echo "failed: ${failures[*]}"
+echo "e2e: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
