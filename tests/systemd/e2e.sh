@@ -274,6 +274,18 @@ EOF
     [ "$(sr_in socat -u UNIX-CONNECT:/run/splice-relay-beta.sock -)" = "from beta over UNIX" ] || fail "beta over Unix"
 }
 
+# --- upgrade: the daemon is restarted, the socket and its port stay ------------------
+t_upgrade() {
+    [ "$(sr_in socat -u TCP:127.0.0.1:9009 -)" = "from alpha" ] || fail "not serving before" || return 1
+    local before; before=$(show MainPID splice-relay)
+    sr_in dpkg -i /share/splice-relay.deb >/dev/null || return $(fail "dpkg -i over the installed package")
+    local after; after=$(show MainPID splice-relay)
+    [ "$after" != "$before" ] || fail "the daemon was not restarted (MainPID $before)" || return 1
+    [ "$(sr_in systemctl is-active splice-relay.socket)" = active ] || fail "socket not active" || return 1
+    # The administrator's config is a conffile: the upgrade kept it.
+    [ "$(sr_in socat -u TCP:127.0.0.1:9009 -)" = "from alpha" ] || fail "not serving after, or config replaced"
+}
+
 # --- removal ---------------------------------------------------------------------------
 t_remove() {
     sr_in systemctl stop splice-relay-beta.socket
@@ -285,7 +297,7 @@ t_remove() {
 }
 
 for t in t_install t_units_verify_and_score t_activation t_status t_journal t_reload t_restart \
-         t_watchdog t_config_error t_named_sockets t_remove; do
+         t_watchdog t_config_error t_named_sockets t_upgrade t_remove; do
     run "$t"
     [ "$t" = t_install ] && [ "$failed" -gt 0 ] && break
 done
