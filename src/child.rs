@@ -31,8 +31,8 @@ use crate::sys;
 /// A running command and the daemon's ends of its standard streams.
 pub struct Spawned {
     pub child: Child,
-    /// Read end of the command's stdout pipe, nonblocking.
-    pub stdout: OwnedFd,
+    /// Read end of the command's stdout pipe, nonblocking (None with a socket).
+    pub stdout: Option<OwnedFd>,
     /// Write end of the command's stdin pipe, nonblocking (`stdin = "client"`).
     pub stdin: Option<OwnedFd>,
     /// Read end of the command's stderr pipe, nonblocking.
@@ -59,26 +59,40 @@ impl fmt::Display for Exit {
 /// Spawns `service`'s command for a connection from `peer`.
 ///
 /// `base_env` is the daemon's environment as read at start, minus the
-/// variables meant for the daemon alone.
+/// variables meant for the daemon alone. With `socket` (`transfer =
+/// "direct"`) the socket, already blocking, is the command's stdin and
+/// stdout; otherwise both are pipes to the daemon.
 pub fn spawn(
     service: &Service,
     base_env: &[(OsString, OsString)],
     peer: &Peer,
+    socket: Option<&OwnedFd>,
 ) -> io::Result<Spawned> {
-    // Both ends close-on-exec: posix_spawn's dup2 onto 0/1/2 clears the flag on
-    // the copy the command gets, and no other connection's command inherits them.
-    // The command's ends stay blocking: a plain write(2) must never see EAGAIN.
-    let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC)?;
-    set_pipe_size(&out_w, service.pipe_size);
-    set_nonblocking(&out_r)?;
+    // Every end close-on-exec: posix_spawn's dup2 onto 0/1/2 clears the flag
+    // on the copy the command gets, and no other connection's command
+    // inherits them. The command's ends stay blocking: a plain write(2) must
+    // never see EAGAIN.
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC)?;
     set_nonblocking(&err_r)?;
-    let (stdin_cmd, stdin_ours) = match service.stdin {
-        StdinMode::Null => (Stdio::null(), None),
-        StdinMode::Client => {
-            let (r, w) = pipe2(OFlag::O_CLOEXEC)?;
-            set_nonblocking(&w)?;
-            (Stdio::from(r), Some(w))
+    let (stdin_cmd, stdout_cmd, stdin_ours, stdout_ours) = match socket {
+        Some(sock) => (
+            Stdio::from(sock.try_clone()?),
+            Stdio::from(sock.try_clone()?),
+            None,
+            None,
+        ),
+        None => {
+            let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC)?;
+            set_pipe_size(&out_w, service.pipe_size);
+            set_nonblocking(&out_r)?;
+            match service.stdin {
+                StdinMode::Null => (Stdio::null(), Stdio::from(out_w), None, Some(out_r)),
+                StdinMode::Client => {
+                    let (r, w) = pipe2(OFlag::O_CLOEXEC)?;
+                    set_nonblocking(&w)?;
+                    (Stdio::from(r), Stdio::from(out_w), Some(w), Some(out_r))
+                }
+            }
         }
     };
 
@@ -92,7 +106,7 @@ pub fn spawn(
         .current_dir(&service.working_directory)
         .process_group(0)
         .stdin(stdin_cmd)
-        .stdout(Stdio::from(out_w))
+        .stdout(stdout_cmd)
         .stderr(Stdio::from(err_w));
     let spawned = cmd.spawn();
     // The Command owns our copies of the command's pipe ends: drop it now, or
@@ -114,7 +128,7 @@ pub fn spawn(
     let child = Child::watch(pid)?;
     Ok(Spawned {
         child,
-        stdout: out_r,
+        stdout: stdout_ours,
         stdin: stdin_ours,
         stderr: err_r,
     })

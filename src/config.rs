@@ -86,6 +86,10 @@ pub enum Transfer {
     Splice,
     /// read(2)/write(2) through a buffer: for comparison, or where splice cannot work.
     Copy,
+    /// The client's socket is the command's stdin and stdout, as with inetd:
+    /// nothing sits between them. The daemon still supervises the connection
+    /// (limits, process group, record; bytes from TCP_INFO).
+    Direct,
 }
 
 /// Deserializes a keyword enum with messages that name the choices (serde's
@@ -116,7 +120,7 @@ macro_rules! keywords {
 }
 
 keywords!(StdinMode { "null" => Null, "client" => Client });
-keywords!(Transfer { "splice" => Splice, "copy" => Copy });
+keywords!(Transfer { "splice" => Splice, "copy" => Copy, "direct" => Direct });
 
 /// An address to bind when the daemon is not socket-activated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -564,6 +568,13 @@ fn check_service(i: usize, s: RawService, loc: &Locator<'_>) -> Result<Service, 
     if max_connections == 0 {
         return Err(err("max_connections", "must be at least 1".into()));
     }
+    let transfer = s.transfer.unwrap_or(Transfer::Splice);
+    if transfer == Transfer::Direct && s.stdin == Some(StdinMode::Null) {
+        return Err(err(
+            "stdin",
+            r#""null" does not apply with transfer = "direct": the client's socket is the command's stdin"#.into(),
+        ));
+    }
     let pipe_size = s.pipe_size.unwrap_or(defaults::PIPE_SIZE);
     if !(4096..=1 << 30).contains(&pipe_size) {
         return Err(err(
@@ -583,8 +594,11 @@ fn check_service(i: usize, s: RawService, loc: &Locator<'_>) -> Result<Service, 
         argv: s.command,
         env,
         working_directory,
-        stdin: s.stdin.unwrap_or(StdinMode::Null),
-        transfer: s.transfer.unwrap_or(Transfer::Splice),
+        stdin: match transfer {
+            Transfer::Direct => StdinMode::Client,
+            _ => s.stdin.unwrap_or(StdinMode::Null),
+        },
+        transfer,
         max_connections,
         kill_grace: s.kill_grace.map_or(defaults::KILL_GRACE, |d| d.0),
         pipe_size,

@@ -10,23 +10,25 @@
 //! - `shutdown`: the daemon is stopping and `shutdown_timeout` has passed; as
 //!   for `client-gone`.
 //! - `error`: an unexpected error on the connection; as for `client-gone`.
+//! - `command-exited` (`transfer = "direct"`): the command exited; its
+//!   leftovers are killed and the socket is shut down and closed.
 //! - `spawn-failed`: the command could not be started; the client is closed.
 //!
 //! In every case, once the command has exited, whatever is left of its process
 //! group is killed, and the command is reaped.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::socket::{setsockopt, shutdown, sockopt, Shutdown as How};
+use nix::sys::socket::{getsockopt, setsockopt, shutdown, sockopt, Shutdown as How};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::child::{self, Child};
-use crate::config::Service;
+use crate::config::{Service, Transfer};
 use crate::limit::Slot;
 use crate::listen::Family;
 use crate::peer::Peer;
@@ -52,6 +54,7 @@ pub struct Handler {
 
 enum End {
     OutputEnded,
+    CommandExited,
     ClientGone(Errno),
     Shutdown,
     Error(String),
@@ -62,6 +65,7 @@ impl End {
     fn reason(&self) -> &'static str {
         match self {
             End::OutputEnded => "output-ended",
+            End::CommandExited => "command-exited",
             End::ClientGone(_) => "client-gone",
             End::Shutdown => "shutdown",
             End::Error(_) => "error",
@@ -82,9 +86,57 @@ fn client_gone(e: Errno) -> bool {
     )
 }
 
+/// What a connection has moved, and its record.
+struct Tally<'a> {
+    id: u64,
+    service: &'a str,
+    peer: String,
+    started: Instant,
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl Tally<'_> {
+    /// The connection's one record, with the same fields every time.
+    fn record(&self, pid: i32, exit: &str, end: &End) {
+        let (id, service, peer) = (self.id, self.service, &self.peer);
+        let bytes = self.sent.load(Ordering::Relaxed);
+        let bytes_received = self.received.load(Ordering::Relaxed);
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        let reason = end.reason();
+        let detail = match end {
+            End::ClientGone(e) => format!(" ({})", e.desc()),
+            End::Error(e) | End::SpawnFailed(e) => format!(" ({e})"),
+            End::OutputEnded | End::CommandExited | End::Shutdown => String::new(),
+        };
+        macro_rules! ended {
+            ($level:ident) => {
+                tracing::$level!(
+                    conn = id, service, peer = %peer, pid, bytes, bytes_received, duration_ms, exit, reason,
+                    "connection ended: {reason}{detail}, exit {exit}, {bytes} bytes sent in {duration_ms} ms"
+                )
+            };
+        }
+        match end {
+            End::SpawnFailed(_) => ended!(error),
+            End::Error(_) => ended!(warn),
+            _ => ended!(info),
+        }
+    }
+
+    fn stderr(&self, pid: i32, fd: AsyncFd<OwnedFd>) -> StderrLog<'_> {
+        StderrLog {
+            fd,
+            pending: Vec::new(),
+            conn: self.id,
+            service: self.service,
+            pid,
+        }
+    }
+}
+
 impl Handler {
     pub async fn run(self) {
-        let started = Instant::now();
         let Handler {
             id,
             service,
@@ -94,170 +146,276 @@ impl Handler {
             shared,
             slots: _slots,
         } = self;
-        let name = service.name.as_str();
-        let peer_text = peer.to_string();
-        let sent = AtomicU64::new(0);
-        let received = AtomicU64::new(0);
-
-        let record = |pid: i32, exit: &str, end: &End| {
-            let (bytes, bytes_received) = (
-                sent.load(Ordering::Relaxed),
-                received.load(Ordering::Relaxed),
-            );
-            let duration_ms = started.elapsed().as_millis() as u64;
-            let reason = end.reason();
-            let detail = match end {
-                End::ClientGone(e) => format!(" ({})", e.desc()),
-                End::Error(e) | End::SpawnFailed(e) => format!(" ({e})"),
-                End::OutputEnded | End::Shutdown => String::new(),
-            };
-            macro_rules! ended {
-                ($level:ident) => {
-                    tracing::$level!(
-                        conn = id, service = name, peer = %peer_text, pid, bytes, bytes_received,
-                        duration_ms, exit, reason,
-                        "connection ended: {reason}{detail}, exit {exit}, {bytes} bytes sent in {duration_ms} ms"
-                    )
-                };
-            }
-            match end {
-                End::SpawnFailed(_) => ended!(error),
-                End::Error(_) => ended!(warn),
-                _ => ended!(info),
-            }
+        let tally = Tally {
+            id,
+            service: &service.name,
+            peer: peer.to_string(),
+            started: Instant::now(),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
         };
-
         if family == Family::Tcp {
             // Each splice is sent at once; a short line must not wait for Nagle.
             let _ = setsockopt(&socket, sockopt::TcpNoDelay, &true);
         }
-        let socket = match sys::register(socket, Interest::READABLE | Interest::WRITABLE) {
-            Ok(s) => s,
-            Err(e) => return record(0, "none", &End::Error(e.to_string())),
-        };
-        let spawned = match child::spawn(&service, &shared.base_env, &peer) {
-            Ok(s) => s,
-            Err(e) => return record(0, "none", &End::SpawnFailed(e.to_string())),
-        };
-        let child = spawned.child;
-        let pid = child.pid();
-        tracing::info!(conn = id, service = name, peer = %peer_text, pid, "command started");
+        if service.transfer == Transfer::Direct {
+            return direct(&tally, &service, &shared, socket, &peer).await;
+        }
+        relayed(&tally, &service, &shared, socket, &peer).await
+    }
+}
 
-        let registered = (|| {
-            Ok::<_, std::io::Error>((
-                sys::register(spawned.stdout, Interest::READABLE)?,
-                sys::register(spawned.stderr, Interest::READABLE)?,
-                spawned
-                    .stdin
-                    .map(|fd| sys::register(fd, Interest::WRITABLE))
-                    .transpose()?,
-            ))
-        })();
-        let (stdout, stderr, stdin) = match registered {
-            Ok(r) => r,
-            Err(e) => {
-                let end = End::Error(e.to_string());
-                child.end(Duration::ZERO, service.kill_grace).await;
-                return record(pid, &reap(child), &end);
-            }
-        };
-        let mut stderr = StderrLog {
-            fd: stderr,
-            pending: Vec::new(),
-            conn: id,
-            service: name,
-            pid,
-        };
+/// `transfer = "splice"` or `"copy"`: the command's stdout is a pipe that the
+/// daemon relays to the socket (and the socket to its stdin, if asked).
+async fn relayed(
+    tally: &Tally<'_>,
+    service: &Service,
+    shared: &Shared,
+    socket: OwnedFd,
+    peer: &Peer,
+) {
+    let socket = match sys::register(socket, Interest::READABLE | Interest::WRITABLE) {
+        Ok(s) => s,
+        Err(e) => return tally.record(0, "none", &End::Error(e.to_string())),
+    };
+    let spawned = match child::spawn(service, &shared.base_env, peer, None) {
+        Ok(s) => s,
+        Err(e) => return tally.record(0, "none", &End::SpawnFailed(e.to_string())),
+    };
+    let child = spawned.child;
+    let pid = child.pid();
+    tracing::info!(conn = tally.id, service = tally.service, peer = %tally.peer, pid, "command started");
 
-        let mut stderr_open = true;
-        let end = {
-            let out = relay::pump(
-                &stdout,
-                &socket,
-                service.transfer,
-                service.pipe_size,
-                Meter {
-                    connection: &sent,
-                    daemon: &shared.stats.bytes_sent,
+    let registered = (|| {
+        let stdout = spawned
+            .stdout
+            .ok_or_else(|| std::io::Error::other("no stdout pipe"))?;
+        Ok::<_, std::io::Error>((
+            sys::register(stdout, Interest::READABLE)?,
+            sys::register(spawned.stderr, Interest::READABLE)?,
+            spawned
+                .stdin
+                .map(|fd| sys::register(fd, Interest::WRITABLE))
+                .transpose()?,
+        ))
+    })();
+    let (stdout, stderr, stdin) = match registered {
+        Ok(r) => r,
+        Err(e) => {
+            child.end(Duration::ZERO, service.kill_grace).await;
+            return tally.record(pid, &reap(child), &End::Error(e.to_string()));
+        }
+    };
+    let mut stderr = tally.stderr(pid, stderr);
+
+    let mut stderr_open = true;
+    let end = {
+        let meter = Meter {
+            connection: &tally.sent,
+            daemon: &shared.stats.bytes_sent,
+        };
+        let out = relay::pump(&stdout, &socket, service.transfer, service.pipe_size, meter);
+        let input = feed_input(
+            &socket,
+            stdin,
+            service,
+            &tally.received,
+            &shared.stats.bytes_received,
+        );
+        let mut watch = shared.shutdown.clone();
+        let forced = watch.reached(Phase::Forced);
+        let stderr_run = stderr.run();
+        tokio::pin!(out, input, forced, stderr_run);
+        let mut input_open = true;
+        loop {
+            tokio::select! {
+                r = &mut out => break match r {
+                    Ok(()) => End::OutputEnded,
+                    Err(e) if client_gone(e) => End::ClientGone(e),
+                    Err(e) => End::Error(format!("relaying output: {}", e.desc())),
                 },
-            );
-            let input = feed_input(
-                &socket,
-                stdin,
-                &service,
-                &received,
-                &shared.stats.bytes_received,
-            );
-            let mut watch = shared.shutdown.clone();
-            let forced = watch.reached(Phase::Forced);
-            let stderr_run = stderr.run();
-            tokio::pin!(out, input, forced, stderr_run);
-            let mut input_open = true;
-            loop {
-                tokio::select! {
-                    r = &mut out => break match r {
-                        Ok(()) => End::OutputEnded,
-                        Err(e) if client_gone(e) => End::ClientGone(e),
-                        Err(e) => End::Error(format!("relaying output: {}", e.desc())),
-                    },
-                    r = &mut input, if input_open => match r {
-                        Ok(()) => input_open = false,
-                        Err(e) if client_gone(e) => break End::ClientGone(e),
-                        Err(e) => break End::Error(format!("reading from the client: {}", e.desc())),
-                    },
-                    () = &mut stderr_run, if stderr_open => stderr_open = false,
-                    () = &mut forced => break End::Shutdown,
-                }
-            }
-        };
-
-        // After the output: shut down our sending side, so the client sees
-        // end-of-file once everything queued has arrived, and keep reading
-        // until the client closes too (for at most kill_grace). Closing with
-        // unread input would send a reset, which can destroy output still in
-        // flight. Meanwhile the command gets kill_grace to exit on its own.
-        // Any other end: close now and end the command's group.
-        let (wait, lingering) = match end {
-            End::OutputEnded => {
-                let _ = shutdown(
-                    std::os::fd::AsRawFd::as_raw_fd(socket.get_ref()),
-                    How::Write,
-                );
-                (service.kill_grace, Some(socket))
-            }
-            _ => {
-                drop(socket);
-                (Duration::ZERO, None)
-            }
-        };
-        {
-            let finishing = async {
-                let linger = async {
-                    if let Some(s) = &lingering {
-                        let _ =
-                            tokio::time::timeout(service.kill_grace, relay::discard(s, &received))
-                                .await;
-                    }
-                };
-                tokio::join!(child.end(wait, service.kill_grace), linger);
-            };
-            tokio::pin!(finishing);
-            // The command's stderr is read until it exits: a command blocked on a
-            // full stderr pipe could not exit on its own.
-            loop {
-                tokio::select! {
-                    () = &mut finishing => break,
-                    () = stderr.run(), if stderr_open => stderr_open = false,
-                }
+                r = &mut input, if input_open => match r {
+                    Ok(()) => input_open = false,
+                    Err(e) if client_gone(e) => break End::ClientGone(e),
+                    Err(e) => break End::Error(format!("reading from the client: {}", e.desc())),
+                },
+                () = &mut stderr_run, if stderr_open => stderr_open = false,
+                () = &mut forced => break End::Shutdown,
             }
         }
-        drop(lingering);
-        stderr.flush_now();
-        // The record comes last: by then every descriptor of the connection
-        // is closed (stdin went with the input future) and the command reaped.
-        drop((stderr, stdout));
-        record(pid, &reap(child), &end);
+    };
+
+    // After the output: shut down our sending side, so the client sees
+    // end-of-file once everything queued has arrived, and linger. Meanwhile
+    // the command gets kill_grace to exit on its own. Any other end: close
+    // now and end the command's group.
+    let (wait, lingering) = match end {
+        End::OutputEnded => {
+            let _ = shutdown(socket.get_ref().as_raw_fd(), How::Write);
+            (service.kill_grace, Some(socket))
+        }
+        _ => {
+            drop(socket);
+            (Duration::ZERO, None)
+        }
+    };
+    let linger = async {
+        if let Some(s) = &lingering {
+            linger_on(s, service.kill_grace, &tally.received).await;
+        }
+    };
+    finish(
+        &child,
+        wait,
+        service.kill_grace,
+        linger,
+        &mut stderr,
+        stderr_open,
+    )
+    .await;
+    drop(lingering);
+    stderr.flush_now();
+    // The record comes last: by then every descriptor of the connection is
+    // closed (stdin went with the input future) and the command reaped.
+    drop((stderr, stdout));
+    tally.record(pid, &reap(child), &end);
+}
+
+/// `transfer = "direct"`: the socket itself is the command's stdin and
+/// stdout, as with inetd. The daemon keeps a copy only to see a reset (it
+/// never reads it while the command runs), ends the command's group as on
+/// any other path, and counts the bytes from TCP_INFO at the end.
+async fn direct(
+    tally: &Tally<'_>,
+    service: &Service,
+    shared: &Shared,
+    socket: OwnedFd,
+    peer: &Peer,
+) {
+    // Programs expect blocking stdin and stdout. The flag belongs to the open
+    // file description, shared with our copy, which is only polled.
+    if let Err(e) = set_blocking(&socket, true) {
+        return tally.record(0, "none", &End::Error(e.to_string()));
     }
+    let spawned = match child::spawn(service, &shared.base_env, peer, Some(&socket)) {
+        Ok(s) => s,
+        Err(e) => return tally.record(0, "none", &End::SpawnFailed(e.to_string())),
+    };
+    let child = spawned.child;
+    let pid = child.pid();
+    tracing::info!(conn = tally.id, service = tally.service, peer = %tally.peer, pid, "command started");
+    let registered = sys::register(spawned.stderr, Interest::READABLE)
+        .and_then(|err| Ok((err, sys::register(socket, Interest::ERROR)?)));
+    let (stderr, socket) = match registered {
+        Ok(r) => r,
+        Err(e) => {
+            child.end(Duration::ZERO, service.kill_grace).await;
+            return tally.record(pid, &reap(child), &End::Error(e.to_string()));
+        }
+    };
+    let mut stderr = tally.stderr(pid, stderr);
+
+    let mut stderr_open = true;
+    let end = {
+        let mut watch = shared.shutdown.clone();
+        let forced = watch.reached(Phase::Forced);
+        let exited = child.exited();
+        let reset = socket.ready(Interest::ERROR);
+        let stderr_run = stderr.run();
+        tokio::pin!(forced, exited, reset, stderr_run);
+        loop {
+            tokio::select! {
+                () = &mut exited => break End::CommandExited,
+                _ = &mut reset => break End::ClientGone(socket_error(socket.get_ref())),
+                () = &mut stderr_run, if stderr_open => stderr_open = false,
+                () = &mut forced => break End::Shutdown,
+            }
+        }
+    };
+    finish(
+        &child,
+        Duration::ZERO,
+        service.kill_grace,
+        async {},
+        &mut stderr,
+        stderr_open,
+    )
+    .await;
+    let exit = reap(child);
+    // The command and its group are gone; the socket is ours alone now.
+    let mut orderly = false;
+    if matches!(end, End::CommandExited) && set_blocking(socket.get_ref(), false).is_ok() {
+        let _ = shutdown(socket.get_ref().as_raw_fd(), How::Write);
+        orderly = linger_on(&socket, service.kill_grace, &AtomicU64::new(0)).await;
+    }
+    // Counted last, when the client has acknowledged all it got. After an
+    // orderly close both FINs count in the sequence numbers: take them out.
+    if let Some((acked, received)) = sys::tcp_bytes(socket.get_ref().as_fd()) {
+        let fin = u64::from(orderly);
+        let (sent, received) = (acked.saturating_sub(fin), received.saturating_sub(fin));
+        tally.sent.store(sent, Ordering::Relaxed);
+        tally.received.store(received, Ordering::Relaxed);
+        shared.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+        shared
+            .stats
+            .bytes_received
+            .fetch_add(received, Ordering::Relaxed);
+    }
+    drop(socket);
+    stderr.flush_now();
+    drop(stderr);
+    tally.record(pid, &exit, &end);
+}
+
+/// Waits for the command to end (`Child::end`) and for `also`, reading the
+/// command's stderr meanwhile: a command blocked on a full stderr pipe could
+/// not exit on its own.
+async fn finish(
+    child: &Child,
+    wait: Duration,
+    grace: Duration,
+    also: impl std::future::Future<Output = ()>,
+    stderr: &mut StderrLog<'_>,
+    mut stderr_open: bool,
+) {
+    let both = async { tokio::join!(child.end(wait, grace), also) };
+    tokio::pin!(both);
+    loop {
+        tokio::select! {
+            _ = &mut both => return,
+            () = stderr.run(), if stderr_open => stderr_open = false,
+        }
+    }
+}
+
+/// After shutting down our side, reads until the client closes too (for at
+/// most `limit`). Closing with unread input would send a reset, which can
+/// destroy output still in flight to the client. True when the client closed.
+async fn linger_on(socket: &AsyncFd<OwnedFd>, limit: Duration, counted: &AtomicU64) -> bool {
+    matches!(
+        tokio::time::timeout(limit, relay::discard(socket, counted)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// The pending error of a socket (SO_ERROR), for the record.
+fn socket_error(fd: &OwnedFd) -> Errno {
+    match getsockopt(fd, sockopt::SocketError) {
+        Ok(code) if code != 0 => Errno::from_raw(code),
+        _ => Errno::ECONNRESET,
+    }
+}
+
+fn set_blocking(fd: &OwnedFd, blocking: bool) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd.as_fd(), FcntlArg::F_GETFL)?);
+    let flags = if blocking {
+        flags - OFlag::O_NONBLOCK
+    } else {
+        flags | OFlag::O_NONBLOCK
+    };
+    fcntl(fd.as_fd(), FcntlArg::F_SETFL(flags))?;
+    Ok(())
 }
 
 /// The client's bytes to the command's stdin (or, without one, to nowhere),

@@ -61,3 +61,28 @@ pub fn register(
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
         .map_err(io::Error::from)
 }
+
+/// Bytes the peer acknowledged and bytes received on a TCP socket, from
+/// TCP_INFO; None for other sockets. Both follow sequence numbers, so each
+/// includes a FIN once one was acknowledged or received. The daemon's count for `transfer =
+/// "direct"`, where the bytes never pass through it.
+pub fn tcp_bytes(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    // SAFETY: tcp_info is plain old data; all-zero bytes are a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the pointer and length describe `info`, which outlives the call;
+    // the kernel writes at most `len` bytes and updates `len`.
+    let ret = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // Kernels older than 4.1/4.2 return a shorter struct without the counters.
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
+    (ret == 0 && len as usize >= needed)
+        .then_some((info.tcpi_bytes_acked, info.tcpi_bytes_received))
+}

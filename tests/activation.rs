@@ -77,8 +77,12 @@ fn each_kind_of_bad_config_gets_its_located_message_and_exit_78() {
             "splice-relay: C:4:9: service \"a\": stdin: \"socket\": expected one of \"null\" \"client\"\n".to_owned(),
         ),
         (
+            "[[service]]\nname = \"a\"\ncommand = [\"true\"]\ntransfer = \"direct\"\nstdin = \"null\"\n",
+            "splice-relay: C:5:9: service \"a\": stdin: \"null\" does not apply with transfer = \"direct\": the client's socket is the command's stdin\n".to_owned(),
+        ),
+        (
             "[[service]]\nname = \"a\"\ncommand = [\"true\"]\ntransfer = 1\n",
-            "splice-relay: C:4:12: service \"a\": transfer: invalid type: integer `1`, expected one of \"splice\" \"copy\"\n".to_owned(),
+            "splice-relay: C:4:12: service \"a\": transfer: invalid type: integer `1`, expected one of \"splice\" \"copy\" \"direct\"\n".to_owned(),
         ),
         (
             "[[service]]\nname = \"a\"\ncommand = [\"true\"]\nkill_grace = \"soon\"\n",

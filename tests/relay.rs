@@ -273,7 +273,7 @@ fn a_client_that_leaves_ends_the_whole_process_group() {
         "took {:?}",
         left.elapsed()
     );
-    assert!(!alive(grandchild), "grandchild {grandchild} survived");
+    assert!(gone_soon(grandchild), "grandchild {grandchild} survived");
     assert!(!alive(leader));
     assert!(d.children().is_empty(), "zombies: {:?}", d.children());
 }
@@ -458,4 +458,79 @@ fn a_command_that_cannot_start_is_recorded_and_the_daemon_serves_on() {
     assert!(record.contains("ERROR"), "{record}");
     std::fs::create_dir(&wd).unwrap();
     assert_eq!(fetch_text(addr), "fine\n");
+}
+
+#[test]
+fn direct_transfer_hands_the_socket_to_the_command() {
+    checksum_direct();
+    // stdin is the socket too: a half-close reaches the command as EOF.
+    let (passed, addr) = pass_tcp("direct-stdin");
+    let d = Daemon::start(
+        &one_service(r#"["tr", "a-z", "A-Z"]"#, "transfer = \"direct\""),
+        vec![passed],
+    );
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    conn.write_all(b"hello direct\n").unwrap();
+    conn.shutdown(Shutdown::Write).unwrap();
+    let mut out = String::new();
+    conn.read_to_string(&mut out).unwrap();
+    assert_eq!(out, "HELLO DIRECT\n");
+    let record = d.wait_log(&["connection ended", "reason=\"command-exited\""]);
+    assert!(
+        record.contains("bytes=13 ") && record.contains("bytes_received=13 "),
+        "{record}"
+    );
+}
+
+fn checksum_direct() {
+    let script = "seq 1 30000000";
+    let (passed, addr) = pass_tcp("direct");
+    let config = one_service(
+        &format!(r#"["sh", "-c", "{script}"]"#),
+        "transfer = \"direct\"",
+    );
+    let d = Daemon::start(&config, vec![passed]);
+    let conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    let (bytes, got) = received_sha256(conn);
+    assert_eq!(
+        got,
+        expected_sha256(script),
+        "direct: {bytes} bytes arrived but differ"
+    );
+    // The daemon never saw the bytes; TCP_INFO counted them.
+    let record = d.wait_log(&["connection ended", "reason=\"command-exited\""]);
+    assert!(record.contains(&format!("bytes={bytes} ")), "{record}");
+}
+
+#[test]
+fn direct_transfer_ends_the_group_when_the_client_resets() {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let (passed, addr) = pass_tcp("direct-reset");
+    let script = "trap '' TERM; sleep 1000 & echo $!; exec sleep 1000";
+    let config = one_service(
+        &format!(r#"["sh", "-c", "{script}"]"#),
+        "transfer = \"direct\"",
+    );
+    let d = Daemon::start(&config, vec![passed]);
+    let conn = TcpStream::connect(addr).unwrap();
+    let mut first = String::new();
+    BufReader::new(&conn).read_line(&mut first).unwrap();
+    let grandchild: i32 = first.trim().parse().unwrap();
+    // SO_LINGER 0: close sends a reset.
+    setsockopt(
+        &conn,
+        sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .unwrap();
+    drop(conn);
+    let record = d.wait_log(&["connection ended", "reason=\"client-gone\""]);
+    assert!(record.contains("exit=\"SIGKILL\""), "{record}");
+    assert!(gone_soon(grandchild), "grandchild {grandchild} survived");
+    assert!(d.children().is_empty());
 }

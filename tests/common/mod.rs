@@ -268,6 +268,19 @@ pub fn children_of(parent: i32) -> Vec<i32> {
     out
 }
 
+/// Waits (up to a second) for `pid` to be gone: a process killed by the
+/// daemon dies a moment after the signal, and only its parent could wait for it.
+pub fn gone_soon(pid: i32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
 /// True while `pid` exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
