@@ -1,0 +1,185 @@
+//! Benchmark clients. Each mode prints one JSON object on stdout.
+//!
+//!   bench-load bulk ADDR CLIENTS BYTES        CLIENTS at once, each reads BYTES to EOF
+//!   bench-load rate ADDR CONCURRENCY SECS     connect, read all, close, for SECS
+//!   bench-load slow ADDR CLIENTS SECS         CLIENTS at once on a ticking command;
+//!                                             line delays (now - printed time)
+//!   bench-load ttfb ADDR COUNT                COUNT connections in a row; time to first byte
+//!
+//! ADDR is HOST:PORT (127.0.0.1 only).
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let addr: SocketAddr = args.get(1).and_then(|a| a.parse().ok()).expect("ADDR");
+    assert!(addr.ip().is_loopback(), "benchmarks talk to loopback only");
+    let num = |i: usize| -> u64 {
+        args.get(i)
+            .and_then(|a| a.parse().ok())
+            .expect("see the usage in the source")
+    };
+    match args[0].as_str() {
+        "bulk" => bulk(addr, num(2) as usize, num(3)),
+        "rate" => rate(addr, num(2) as usize, num(3)),
+        "slow" => slow(addr, num(2) as usize, num(3)),
+        "ttfb" => ttfb(addr, num(2)),
+        other => panic!("unknown mode {other}"),
+    }
+}
+
+fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    Ok(s)
+}
+
+fn bulk(addr: SocketAddr, clients: usize, bytes: u64) {
+    let start = Arc::new(Barrier::new(clients + 1));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let start = Arc::clone(&start);
+            std::thread::spawn(move || {
+                start.wait();
+                let mut s = connect(addr).expect("connect");
+                let mut buf = vec![0u8; 1 << 20];
+                let mut got = 0u64;
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => got += n as u64,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => panic!("read: {e}"),
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+    start.wait();
+    let t0 = Instant::now();
+    let got: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let secs = t0.elapsed().as_secs_f64();
+    let ok = got.iter().all(|&g| g == bytes);
+    let total: u64 = got.iter().sum();
+    println!(
+        r#"{{"bytes":{total},"secs":{secs},"ok":{ok},"gbps":{}}}"#,
+        total as f64 / secs / 1e9
+    );
+}
+
+fn rate(addr: SocketAddr, concurrency: usize, secs: u64) {
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let threads: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (ok, failed) = (Arc::clone(&ok), Arc::clone(&failed));
+            std::thread::spawn(move || {
+                let mut buf = Vec::with_capacity(64);
+                while Instant::now() < deadline {
+                    buf.clear();
+                    let served = connect(addr).and_then(|mut s| s.read_to_end(&mut buf));
+                    match served {
+                        Ok(_) if buf == b"hello\n" => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!(
+        r#"{{"ok":{ok},"failed":{failed},"secs":{secs},"per_sec":{}}}"#,
+        ok as f64 / secs
+    );
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn slow(addr: SocketAddr, clients: usize, secs: u64) {
+    let delays = Arc::new(Mutex::new(Vec::new()));
+    let connected = Arc::new(Barrier::new(clients + 1));
+    let deadline = Instant::now() + Duration::from_secs(secs) + Duration::from_secs(30);
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (delays, connected) = (Arc::clone(&delays), Arc::clone(&connected));
+            std::thread::Builder::new()
+                .stack_size(64 << 10)
+                .spawn(move || {
+                    let s = connect(addr);
+                    connected.wait();
+                    let Ok(s) = s else { return false };
+                    let mut mine = Vec::new();
+                    for line in BufReader::new(s).lines() {
+                        let Ok(line) = line else { return false };
+                        let sent: u128 = line.trim().parse().unwrap_or(0);
+                        mine.push((now_ns().saturating_sub(sent)) as f64 / 1e6);
+                        if Instant::now() > deadline {
+                            break;
+                        }
+                    }
+                    delays.lock().unwrap().extend(mine);
+                    true
+                })
+                .unwrap()
+        })
+        .collect();
+    connected.wait();
+    // All clients are connected: the orchestrator may start measuring now.
+    eprintln!("connected");
+    let served = threads
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .filter(|&ok| ok)
+        .count();
+    let mut d = delays.lock().unwrap().clone();
+    d.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        r#"{{"clients":{clients},"served":{served},"lines":{},"p50_ms":{},"p99_ms":{},"max_ms":{}}}"#,
+        d.len(),
+        percentile(&d, 0.5),
+        percentile(&d, 0.99),
+        d.last().copied().unwrap_or(f64::NAN)
+    );
+}
+
+fn ttfb(addr: SocketAddr, count: u64) {
+    let mut t = Vec::new();
+    for _ in 0..count {
+        let t0 = Instant::now();
+        let mut s = connect(addr).expect("connect");
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).expect("first byte");
+        t.push(t0.elapsed().as_secs_f64() * 1e3);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    t.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        r#"{{"count":{count},"p50_ms":{},"p99_ms":{}}}"#,
+        percentile(&t, 0.5),
+        percentile(&t, 0.99)
+    );
+}
