@@ -95,6 +95,17 @@ async fn splice_loop(
             Ok(n) => {
                 meter.add(n);
                 stuck = 0;
+                // Less than asked: one end is probably drained or full. One
+                // poll says which, instead of a splice that would return
+                // EAGAIN and then the same poll. (Hang-up counts as ready, so
+                // end-of-file is still seen by the next splice.)
+                if n < chunk {
+                    match blocked_side(src.get_ref(), dst.get_ref()) {
+                        Side::Dst => writable.clear_ready(),
+                        Side::Src => readable.clear_ready(),
+                        Side::Neither => {}
+                    }
+                }
             }
             Err(Errno::EINTR) => {}
             Err(Errno::EAGAIN) => match blocked_side(src.get_ref(), dst.get_ref()) {
@@ -204,10 +215,9 @@ async fn copy_loop(
 /// reset is seen at once and unread bytes cannot turn the final close into a
 /// reset that destroys output still in flight.
 pub async fn discard(src: &AsyncFd<OwnedFd>, counted: &AtomicU64) -> Result<(), Errno> {
-    let mut buf = [0u8; 4096];
     loop {
         let mut readable = src.readable().await.map_err(io_errno)?;
-        match nix::unistd::read(src.get_ref(), &mut buf) {
+        match read_and_drop(src.get_ref()) {
             Ok(0) => return Ok(()),
             Ok(n) => {
                 counted.fetch_add(n as u64, Ordering::Relaxed);
@@ -217,6 +227,13 @@ pub async fn discard(src: &AsyncFd<OwnedFd>, counted: &AtomicU64) -> Result<(), 
             Err(e) => return Err(e),
         }
     }
+}
+
+/// One read into a buffer on the stack of a plain function, not of the
+/// future: every idle connection's future would otherwise carry it.
+fn read_and_drop(fd: &OwnedFd) -> Result<usize, Errno> {
+    let mut buf = [0u8; 4096];
+    nix::unistd::read(fd, &mut buf)
 }
 
 fn io_errno(e: std::io::Error) -> Errno {
