@@ -2,8 +2,9 @@
 //!
 //!   bench-load bulk ADDR CLIENTS BYTES        CLIENTS at once, each reads BYTES to EOF
 //!   bench-load rate ADDR CONCURRENCY SECS     connect, read all, close, for SECS
-//!   bench-load slow ADDR CLIENTS SECS         CLIENTS at once on a ticking command;
-//!                                             line delays (now - printed time)
+//!   bench-load slow ADDR CLIENTS SECS [WARMUP] CLIENTS at once on a ticking command;
+//!                                             line delays (now - printed time), not
+//!                                             counting the first WARMUP seconds
 //!   bench-load ttfb ADDR COUNT                COUNT connections in a row; time to first byte
 //!
 //! ADDR is HOST:PORT (127.0.0.1 only).
@@ -26,7 +27,12 @@ fn main() {
     match args[0].as_str() {
         "bulk" => bulk(addr, num(2) as usize, num(3)),
         "rate" => rate(addr, num(2) as usize, num(3)),
-        "slow" => slow(addr, num(2) as usize, num(3)),
+        "slow" => slow(
+            addr,
+            num(2) as usize,
+            num(3),
+            args.get(4).map_or(0, |_| num(4)),
+        ),
         "ttfb" => ttfb(addr, num(2)),
         other => panic!("unknown mode {other}"),
     }
@@ -118,7 +124,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn slow(addr: SocketAddr, clients: usize, secs: u64) {
+fn slow(addr: SocketAddr, clients: usize, secs: u64, warmup: u64) {
     let delays = Arc::new(Mutex::new(Vec::new()));
     let connected = Arc::new(Barrier::new(clients + 1));
     let deadline = Instant::now() + Duration::from_secs(secs) + Duration::from_secs(30);
@@ -131,11 +137,17 @@ fn slow(addr: SocketAddr, clients: usize, secs: u64) {
                     let s = connect(addr);
                     connected.wait();
                     let Ok(s) = s else { return false };
+                    // Lines in the warm-up are not counted: the server may
+                    // still be starting the other commands.
+                    let counted_from = now_ns() + u128::from(warmup) * 1_000_000_000;
                     let mut mine = Vec::new();
                     for line in BufReader::new(s).lines() {
                         let Ok(line) = line else { return false };
                         let sent: u128 = line.trim().parse().unwrap_or(0);
-                        mine.push((now_ns().saturating_sub(sent)) as f64 / 1e6);
+                        let now = now_ns();
+                        if now >= counted_from {
+                            mine.push((now.saturating_sub(sent)) as f64 / 1e6);
+                        }
                         if Instant::now() > deadline {
                             break;
                         }

@@ -1,43 +1,64 @@
 //! The command the benchmarks serve, the same for every contender.
 //!
 //!   bench-producer bulk BYTES            BYTES from a fixed 1 MiB buffer, plain write(2)
+//!   bench-producer vmsplice BYTES        the same with vmsplice(2) when stdout is a pipe
+//!                                        (write(2) otherwise)
 //!   bench-producer ticks MS COUNT        COUNT lines "<unix time in ns>", one every MS
 //!   bench-producer hello                 one line, at once
 //!
-//! With BENCH_CGROUP set, it first moves itself into that cgroup (v2), so the
-//! relay's own CPU time can be told apart from the producer's.
+//! With `--cgroup DIR` first, it moves itself into that cgroup (v2), so the
+//! relay's own CPU time can be told apart from the producer's. (An argument,
+//! not a variable: xinetd passes no environment.)
 
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 fn main() {
-    if let Some(cg) = std::env::var_os("BENCH_CGROUP") {
-        let procs = std::path::Path::new(&cg).join("cgroup.procs");
-        std::fs::write(procs, std::process::id().to_string()).expect("cannot enter BENCH_CGROUP");
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--cgroup") && args.len() > 1 {
+        let procs = std::path::Path::new(&args[1]).join("cgroup.procs");
+        std::fs::write(procs, std::process::id().to_string()).expect("cannot enter the cgroup");
+        args.drain(..2);
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| -> u64 {
         args.get(i)
             .and_then(|a| a.parse().ok())
             .expect("see the usage in the source")
     };
     match args.first().map(String::as_str) {
-        Some("bulk") => bulk(arg(1)),
+        Some("bulk") => bulk(arg(1), false),
+        Some("vmsplice") => bulk(arg(1), true),
         Some("ticks") => ticks(arg(1), arg(2)),
         Some("hello") => println!("hello"),
         _ => {
-            eprintln!("usage: bench-producer bulk BYTES | ticks MS COUNT | hello");
+            eprintln!("usage: bench-producer bulk BYTES | vmsplice BYTES | ticks MS COUNT | hello");
             std::process::exit(2);
         }
     }
 }
 
-fn bulk(mut left: u64) {
+fn bulk(mut left: u64, gift: bool) {
+    // The buffer never changes, so pages the pipe still references after
+    // vmsplice cannot be overwritten under it.
     let buf = vec![b'x'; 1 << 20];
     let out = std::io::stdout();
+    let mut gift = gift;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
-        match nix::unistd::write(&out, &buf[..n]) {
+        let moved = if gift {
+            let iov = [std::io::IoSlice::new(&buf[..n])];
+            match nix::fcntl::vmsplice(&out, &iov, nix::fcntl::SpliceFFlags::empty()) {
+                // Not a pipe (a socket, with direct transfer): plain writes.
+                Err(nix::errno::Errno::EBADF | nix::errno::Errno::EINVAL) => {
+                    gift = false;
+                    continue;
+                }
+                r => r,
+            }
+        } else {
+            nix::unistd::write(&out, &buf[..n])
+        };
+        match moved {
             Ok(w) => left -= w as u64,
             Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {
@@ -49,6 +70,15 @@ fn bulk(mut left: u64) {
 }
 
 fn ticks(every_ms: u64, count: u64) {
+    // Start at a random phase: many slow commands started together are not
+    // in step, and printing all at the same instant would measure the
+    // scheduler's burst, not the relay.
+    let phase = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+        ^ u64::from(std::process::id()).wrapping_mul(0x9e37_79b9);
+    std::thread::sleep(Duration::from_millis(phase % every_ms.max(1)));
     let mut out = std::io::stdout().lock();
     for i in 0..count {
         if i > 0 {

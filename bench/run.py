@@ -1,0 +1,467 @@
+#!/usr/bin/env python3
+"""splice-relay against the tools people would use instead, side by side.
+
+    sudo bench/run.py                 # the full suite (several minutes)
+    sudo bench/run.py --smoke         # seconds: checks it runs and the bytes are right
+    sudo bench/run.py --only bulk,rate --rounds 3
+
+Each scenario starts every contender (each on its own 127.0.0.1 port, in its
+own cgroup), then runs rounds interleaved (A B C A B C ...), and reports the
+median, min and max of each measure and the ratio of medians to the
+scenario's reference. Ratios from one run are the result: the machines are
+shared and noisy, single absolute numbers are not. Results go to
+bench/results/latest.md (and .json, and bulk.png when matplotlib is there).
+
+Root is needed for the cgroups that separate a relay's CPU time from its
+command's, and to install the contenders from Debian's packages.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+RELEASE = ROOT / "target" / "release"
+RELAY = RELEASE / "splice-relay"
+PRODUCER = RELEASE / "examples" / "bench-producer"
+LOAD = RELEASE / "examples" / "bench-load"
+CGROOT = Path("/sys/fs/cgroup/unified/splice-relay-bench")
+GIB = 1 << 30
+
+
+# --- contenders ----------------------------------------------------------------
+
+
+class Contender:
+    """A server that runs the producer for each connection on 127.0.0.1:port."""
+
+    def __init__(self, name, kind):
+        self.name, self.kind = name, kind
+        self.proc = None
+        self.cgroup = CGROOT / name.replace(" ", "_").replace("/", "_")
+
+    def argv(self, port, command, tmp):
+        raise NotImplementedError
+
+    def start(self, port, command, tmp):
+        self.port = port
+        self.cgroup.mkdir(parents=True, exist_ok=True)
+        procs = self.cgroup / "cgroup.procs"
+        argv, env = self.argv(port, command, tmp)
+
+        def enter_cgroup():
+            procs.write_text(str(os.getpid()))
+
+        self.proc = subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(tmp / f"{self.cgroup.name}.log", "w"), preexec_fn=enter_cgroup)
+        deadline = time.monotonic() + 10
+        while not listening(port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{self.name} did not start; see {tmp}/{self.cgroup.name}.log")
+            time.sleep(0.02)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        # Whatever is left in the cgroup (forked relays, commands).
+        kill = self.cgroup / "cgroup.kill"
+        if kill.exists():
+            kill.write_text("1")
+
+    def cpu_seconds(self):
+        for line in (self.cgroup / "cpu.stat").read_text().splitlines():
+            if line.startswith("usage_usec"):
+                return int(line.split()[1]) / 1e6
+        return 0.0
+
+    def rss_bytes(self):
+        total = 0
+        for pid in (self.cgroup / "cgroup.procs").read_text().split():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return total
+
+
+class SpliceRelay(Contender):
+    def __init__(self, transfer):
+        super().__init__("splice-relay" + ("" if transfer == "splice" else f" {transfer}"), "relay")
+        self.transfer = transfer
+
+    def argv(self, port, command, tmp):
+        cfg = tmp / f"{self.cgroup.name}.toml"
+        cfg.write_text(
+            'log_level = "warn"\nmax_connections = 4096\n\n[[service]]\nname = "bench"\n'
+            f'listen = "127.0.0.1:{port}"\ncommand = {json.dumps(command)}\n'
+            f'transfer = "{self.transfer}"\nmax_connections = 4096\n')
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "JOURNAL_"))}
+        return [str(RELAY), "--config", str(cfg)], env
+
+
+class Socat(Contender):
+    def __init__(self, buffer=None):
+        super().__init__("socat" + (f" -b{buffer}" if buffer else ""), "relay")
+        self.buffer = buffer
+
+    def argv(self, port, command, tmp):
+        b = ["-b", str(self.buffer)] if self.buffer else []
+        return ["socat", *b, f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr",
+                "EXEC:" + " ".join(command)], None
+
+
+class TcpServer(Contender):
+    def __init__(self):
+        super().__init__("tcpserver", "direct")
+
+    def argv(self, port, command, tmp):
+        # -c: at most 2000 at once (default 40); -b: backlog (default 20);
+        # -R -H: no ident or DNS lookups.
+        # -l 0: no lookup of the local host name (on a closed network it
+        # times out on every connection).
+        return ["tcpserver", "-q", "-R", "-H", "-l", "0", "-c", "2000", "-b", "1024",
+                "127.0.0.1", str(port), *command], None
+
+
+class Xinetd(Contender):
+    def __init__(self):
+        super().__init__("xinetd", "direct")
+
+    def argv(self, port, command, tmp):
+        conf = tmp / "xinetd.conf"
+        conf.write_text(f"""defaults
+{{
+    instances = UNLIMITED
+    per_source = UNLIMITED
+    cps = 1000000 1
+    log_type = FILE {tmp}/xinetd.log
+    log_on_success =
+    log_on_failure =
+}}
+service splice-relay-bench
+{{
+    type = UNLISTED
+    socket_type = stream
+    protocol = tcp
+    wait = no
+    user = root
+    bind = 127.0.0.1
+    port = {port}
+    server = {command[0]}
+    server_args = {" ".join(command[1:])}
+}}
+""")
+        return ["xinetd", "-dontfork", "-f", str(conf), "-pidfile", str(tmp / "xinetd.pid")], None
+
+
+class Direct(Contender):
+    """systemd-socket-activate --inetd: the socket is the command's stdout."""
+
+    def __init__(self):
+        super().__init__("direct", "direct")
+
+    def argv(self, port, command, tmp):
+        return ["systemd-socket-activate", "--inetd", "-a", "-l", f"127.0.0.1:{port}", *command], None
+
+
+def listening(port):
+    """Whether something listens on 127.0.0.1:port (read from /proc: no probe connection)."""
+    want = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == want and fields[3] == "0A":
+            return True
+    return False
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- measuring --------------------------------------------------------------------
+
+
+def load(*args, timeout=600):
+    out = subprocess.run([str(LOAD), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench-load {' '.join(map(str, args))}: {out.stderr.strip()}")
+    return json.loads(out.stdout)
+
+
+def producer(*args):
+    return [str(PRODUCER), "--cgroup", str(CGROOT / "commands"), *map(str, args)]
+
+
+def bulk_bytes(smoke, clients):
+    """Per client: a run of a few seconds on these machines."""
+    if smoke:
+        return 16 << 20
+    return 4 * GIB if clients == 1 else GIB
+
+
+def scenario_bulk(c, smoke, clients):
+    per = bulk_bytes(smoke, clients)
+    cpu0 = c.cpu_seconds()
+    r = load("bulk", f"127.0.0.1:{c.port}", clients, per)
+    cpu = c.cpu_seconds() - cpu0
+    if not r["ok"]:
+        raise RuntimeError(f"{c.name}: bulk delivered {r['bytes']} bytes, not {clients * per}")
+    return {"GB/s": r["gbps"], "relay CPU s/GiB": cpu / (r["bytes"] / GIB)}
+
+
+def scenario_rate(c, smoke, concurrency):
+    r = load("rate", f"127.0.0.1:{c.port}", concurrency, 1 if smoke else 5)
+    if smoke and r["ok"] == 0:
+        raise RuntimeError(f"{c.name}: no connection served")
+    return {"conn/s": r["per_sec"], "failed": r["failed"]}
+
+
+def scenario_slow(c, smoke, clients, window):
+    warmup = 0 if smoke else 2
+    p = subprocess.Popen([str(LOAD), "slow", f"127.0.0.1:{c.port}", str(clients), str(window), str(warmup)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stderr.readline().strip() == "connected", f"{c.name}: slow clients did not connect"
+    time.sleep(warmup)  # the server may still be starting commands; then measure a whole window
+    cpu0, t0 = c.cpu_seconds(), time.monotonic()
+    time.sleep(window / 2)
+    rss = c.rss_bytes()
+    time.sleep(window / 2)
+    cpu = (c.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+    out, err = p.communicate(timeout=120)
+    r = json.loads(out)
+    if r["served"] != clients:
+        raise RuntimeError(f"{c.name}: {r['served']}/{clients} slow clients served: {err}")
+    return {"RSS MiB": rss / (1 << 20), "CPU %": cpu * 100, "p50 ms": r["p50_ms"], "p99 ms": r["p99_ms"]}
+
+
+def scenario_latency(c, smoke):
+    t = load("ttfb", f"127.0.0.1:{c.port}", 5 if smoke else 200)
+    return {"TTFB p50 ms": t["p50_ms"], "TTFB p99 ms": t["p99_ms"]}
+
+
+def scenario_lines(c, smoke):
+    r = load("slow", f"127.0.0.1:{c.port}", 1, 1 if smoke else 3)
+    return {"line p50 ms": r["p50_ms"], "line p99 ms": r["p99_ms"]}
+
+
+# --- the suite -------------------------------------------------------------------------
+
+
+def contenders(names):
+    all_ = [Direct(), SpliceRelay("splice"), SpliceRelay("copy"), SpliceRelay("direct"),
+            Socat(), Socat(1 << 20), TcpServer(), Xinetd()]
+    return [c for c in all_ if names is None or c.name in names]
+
+
+def run_scenario(title, reference, command_args, measure, picks, rounds, tmp, smoke):
+    print(f"\n## {title}", flush=True)
+    started = []
+    try:
+        for c in picks:
+            c.start(free_port(), producer(*command_args), tmp)
+            started.append(c)
+        samples = {c.name: [] for c in picks}
+        errors = {}
+        for r in range(rounds):
+            for c in picks:
+                if c.name in errors:
+                    continue
+                try:
+                    m = measure(c)
+                except (RuntimeError, AssertionError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+                    # A contender that fails a scenario is reported as failing
+                    # it; the others go on.
+                    errors[c.name] = str(e).splitlines()[0][:160]
+                    print(f"  round {r + 1} {c.name:22} FAILED: {errors[c.name]}", flush=True)
+                    if smoke:
+                        raise
+                    continue
+                samples[c.name].append(m)
+                print(f"  round {r + 1} {c.name:22} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)
+    finally:
+        for c in started:
+            c.stop()
+    return {"title": title, "reference": reference, "samples": samples, "errors": errors}
+
+
+def summarize(result):
+    ref = result["reference"]
+    samples = {n: ms for n, ms in result["samples"].items() if ms}
+    if not samples:
+        return [], []
+    keys = list(next(iter(samples.values()))[0].keys())
+    rows = []
+    for name, ms in samples.items():
+        row = {"contender": name}
+        for k in keys:
+            vals = [m[k] for m in ms]
+            row[k] = (statistics.median(vals), min(vals), max(vals))
+        rows.append(row)
+    main = keys[0]
+    refmed = next((r[main][0] for r in rows if r["contender"] == ref), None)
+    for r in rows:
+        r["ratio"] = r[main][0] / refmed if refmed else float("nan")
+    return keys, rows
+
+
+def markdown(results, machine, rounds):
+    out = ["# splice-relay benchmark results", "",
+           f"{machine}; {rounds} round(s) per contender, interleaved. Each cell: median (min–max). "
+           "Ratio: this contender's median of the first measure over the reference's.", ""]
+    for res in results:
+        keys, rows = summarize(res)
+        out += [f"## {res['title']}", "", f"Reference: {res['reference']}.", ""]
+        if not rows:
+            out += ["Every contender failed: " + "; ".join(f"{n}: {w}" for n, w in res["errors"].items()), ""]
+            continue
+        out.append("| contender | " + " | ".join(keys) + f" | × {res['reference']} |")
+        out.append("|---" * (len(keys) + 2) + "|")
+        for r in rows:
+            cells = [f"{r[k][0]:.3g} ({r[k][1]:.3g}–{r[k][2]:.3g})" for k in keys]
+            out.append(f"| {r['contender']} | " + " | ".join(cells) + f" | {r['ratio']:.2f} |")
+        for name, why in res.get("errors", {}).items():
+            out.append(f"| {name} | failed: {why} |" + " |" * len(keys))
+        out.append("")
+    return "\n".join(out)
+
+
+def machine_line():
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} vCPUs ({cpu}), "
+            f"Linux {platform.release()}, loopback")
+
+
+def ensure_tools():
+    need = [p for p, exe in (("socat", "socat"), ("ucspi-tcp", "tcpserver"), ("xinetd", "xinetd"))
+            if not shutil.which(exe)]
+    if need:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *need], check=True)
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "splice-relay",
+                    "--example", "bench-producer", "--example", "bench-load"], cwd=ROOT, check=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, one round: it runs and the bytes are right")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--only", help="scenarios: bulk,bulk4,vmsplice,rate1,rate32,slow,latency,lines")
+    ap.add_argument("--contenders", help="comma-separated names (default: all)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (cgroups for CPU accounting; apt for the contenders)")
+    ensure_tools()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    rounds = 1 if args.smoke else args.rounds
+    only = set(args.only.split(",")) if args.only else None
+    names = set(args.contenders.split(",")) if args.contenders else None
+    smoke = args.smoke
+    slow_clients = 5 if smoke else 1000
+    window = 1 if smoke else 5
+    CGROOT.mkdir(parents=True, exist_ok=True)
+    (CGROOT / "commands").mkdir(exist_ok=True)
+
+    plan = [
+        ("bulk", "1. Bulk, one client", "direct", ("bulk", 0), lambda c: scenario_bulk(c, smoke, 1)),
+        ("bulk4", "1b. Bulk, four clients at once (aggregate)", "direct", ("bulk", 0),
+         lambda c: scenario_bulk(c, smoke, 4)),
+        ("vmsplice", "1c. Bulk, one client, a producer that vmsplices its output", "direct",
+         ("vmsplice", 0), lambda c: scenario_bulk(c, smoke, 1)),
+        ("rate1", "2. Connection rate, concurrency 1 (`hello`)", "tcpserver", ("hello",),
+         lambda c: scenario_rate(c, smoke, 1)),
+        ("rate32", "2b. Connection rate, concurrency 32 (`hello`)", "tcpserver", ("hello",),
+         lambda c: scenario_rate(c, smoke, 32)),
+        ("slow", f"3. {slow_clients} slow streams (a line a second); the server's RSS and CPU",
+         "direct", ("ticks", 1000, window + 5), lambda c: scenario_slow(c, smoke, slow_clients, window)),
+        ("latency", "4. Time to first byte (`hello`, 200 connections in a row)", "direct", ("hello",),
+         lambda c: scenario_latency(c, smoke)),
+        ("lines", "4b. Line delay, a line every 50 ms", "direct", ("ticks", 50, 80 if not smoke else 5),
+         lambda c: scenario_lines(c, smoke)),
+    ]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="splice-relay-bench.") as tmpdir:
+        tmp = Path(tmpdir)
+        for key, title, ref, cmd, measure in plan:
+            if only and key not in only:
+                continue
+            if smoke and key in ("bulk4", "rate32"):
+                continue  # the smoke checks that each scenario runs, once
+            if cmd[0] in ("bulk", "vmsplice"):
+                cmd = (cmd[0], bulk_bytes(smoke, 4 if key == "bulk4" else 1))
+            picks = contenders(names)
+            results.append(run_scenario(title, ref, cmd, measure, picks, rounds, tmp, smoke))
+            if not smoke:
+                write_results(results, rounds)
+    for d in sorted(CGROOT.iterdir(), reverse=True) if CGROOT.exists() else []:
+        if d.is_dir():
+            d.rmdir()
+    if CGROOT.exists():
+        CGROOT.rmdir()
+
+    if smoke:
+        print("\nbench: smoke run passed: every contender served every byte")
+        return
+    chart(results)
+    print("\n" + markdown(results, machine_line(), rounds))
+
+
+def write_results(results, rounds):
+    """Written after each scenario, so a long run that is stopped keeps what it measured."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.md").write_text(markdown(results, machine_line(), rounds) + "\n")
+    (RESULTS / "latest.json").write_text(json.dumps({"machine": machine_line(), "results": results}, indent=1))
+
+
+def chart(results):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no matplotlib: no chart; `pip install matplotlib` for bench/results/bulk.png)")
+        return
+    bulk = [r for r in results if r["title"].startswith("1")]
+    if not bulk:
+        return
+    fig, axes = plt.subplots(1, len(bulk), figsize=(6 * len(bulk), 4))
+    axes = axes if len(bulk) > 1 else [axes]
+    for ax, res in zip(axes, bulk):
+        keys, rows = summarize(res)
+        names = [r["contender"] for r in rows]
+        med = [r["GB/s"][0] for r in rows]
+        err = [[m - r["GB/s"][1] for m, r in zip(med, rows)], [r["GB/s"][2] - m for m, r in zip(med, rows)]]
+        ax.barh(names, med, xerr=err, color="#4a7ab5")
+        ax.set_xlabel("GB/s (median, min–max)")
+        ax.set_title(res["title"], fontsize=9)
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "bulk.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
