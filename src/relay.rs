@@ -181,14 +181,18 @@ async fn copy_loop(
     dst: &AsyncFd<OwnedFd>,
     meter: &Meter<'_>,
 ) -> Result<(), Errno> {
-    let mut buf = vec![0u8; COPY_BUFFER];
+    // The buffer exists only while data moves: an idle connection (a slow
+    // stream between two lines) holds none.
+    let mut slot: Option<Vec<u8>> = None;
     loop {
         let mut readable = src.readable().await.map_err(io_errno)?;
-        let len = match nix::unistd::read(src.get_ref(), &mut buf) {
+        let buf = slot.get_or_insert_with(|| vec![0u8; COPY_BUFFER]);
+        let len = match nix::unistd::read(src.get_ref(), buf) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(Errno::EAGAIN) => {
                 readable.clear_ready();
+                slot = None;
                 continue;
             }
             Err(Errno::EINTR) => continue,
