@@ -124,6 +124,17 @@ impl Tally<'_> {
         }
     }
 
+    fn started(&self, pid: i32) {
+        tracing::info!(conn = self.id, service = self.service, peer = %self.peer, pid, "command started");
+    }
+
+    /// Ends a command whose connection cannot be served after all (its
+    /// descriptors could not join the event loop), and records why.
+    async fn abandon(&self, child: Child, grace: Duration, error: std::io::Error) {
+        child.end(Duration::ZERO, grace).await;
+        self.record(child.pid(), &reap(child), &End::Error(error.to_string()));
+    }
+
     fn stderr(&self, pid: i32, fd: AsyncFd<OwnedFd>) -> StderrLog<'_> {
         StderrLog {
             fd,
@@ -184,7 +195,7 @@ async fn relayed(
     };
     let child = spawned.child;
     let pid = child.pid();
-    tracing::info!(conn = tally.id, service = tally.service, peer = %tally.peer, pid, "command started");
+    tally.started(pid);
 
     let registered = (|| {
         let stdout = spawned
@@ -201,10 +212,7 @@ async fn relayed(
     })();
     let (stdout, stderr, stdin) = match registered {
         Ok(r) => r,
-        Err(e) => {
-            child.end(Duration::ZERO, service.kill_grace).await;
-            return tally.record(pid, &reap(child), &End::Error(e.to_string()));
-        }
+        Err(e) => return tally.abandon(child, service.kill_grace, e).await,
     };
     let mut stderr = tally.stderr(pid, stderr);
 
@@ -303,15 +311,12 @@ async fn direct(
     };
     let child = spawned.child;
     let pid = child.pid();
-    tracing::info!(conn = tally.id, service = tally.service, peer = %tally.peer, pid, "command started");
+    tally.started(pid);
     let registered = sys::register(spawned.stderr, Interest::READABLE)
         .and_then(|err| Ok((err, sys::register(socket, Interest::ERROR)?)));
     let (stderr, socket) = match registered {
         Ok(r) => r,
-        Err(e) => {
-            child.end(Duration::ZERO, service.kill_grace).await;
-            return tally.record(pid, &reap(child), &End::Error(e.to_string()));
-        }
+        Err(e) => return tally.abandon(child, service.kill_grace, e).await,
     };
     let mut stderr = tally.stderr(pid, stderr);
 

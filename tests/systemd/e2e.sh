@@ -40,6 +40,8 @@ run() {
 
 client() { sr_in python3 /share/client.py "$@"; }
 config() { sr_in sh -c 'cat > /etc/splice-relay.toml'; }
+# Writes the config from stdin and applies it, as a person would.
+reconfigure() { config && sr_in systemctl reload splice-relay; }
 show() { sr_in systemctl show -p "$1" --value "$2"; }
 # Waits up to 10 s for a command's output to contain a string.
 eventually() {
@@ -84,12 +86,11 @@ t_activation() {
     [ "$got" = "$want" ] || fail "got '$got', want '$want'" || return 1
     [ "$(sr_in systemctl is-active splice-relay.service)" = active ] || fail "service not active after a client" || return 1
 
-    config <<'EOF'
+    reconfigure <<'EOF' || return $(fail "reload")
 [[service]]
 name = "seq"
 command = ["seq", "1", "3000000"]
 EOF
-    sr_in systemctl reload splice-relay || return $(fail "reload")
     want=$(sr_in sh -c 'seq 1 3000000 | sha256sum' | cut -d' ' -f1)
     got=$(client fetch 127.0.0.1:9009)
     [ "${got#* }" = "$want" ] || fail "checksum: got '$got', want '$want'"
@@ -97,12 +98,11 @@ EOF
 
 # --- 2. live STATUS -----------------------------------------------------------------
 t_status() {
-    config <<'EOF'
+    reconfigure <<'EOF' || return $(fail "reload")
 [[service]]
 name = "stream"
 command = ["sh", "-c", "while :; do seq 1 1000; sleep 0.1; done"]
 EOF
-    sr_in systemctl reload splice-relay || return $(fail "reload")
     client hold 127.0.0.1:9009 4 >/dev/null &
     local holder=$!
     eventually 'Status: "1 active' sr_in systemctl status --no-pager splice-relay || return 1
@@ -114,12 +114,11 @@ EOF
 
 # --- 3. journal records ------------------------------------------------------------
 t_journal() {
-    config <<'EOF'
+    reconfigure <<'EOF' || return $(fail "reload")
 [[service]]
 name = "noisy"
 command = ["sh", "-c", "echo to-stderr >&2; echo out"]
 EOF
-    sr_in systemctl reload splice-relay || return $(fail "reload")
     [ "$(sr_in socat -u TCP:127.0.0.1:9009 -)" = out ] || fail "output" || return 1
     eventually '"REASON":"output-ended"' sr_in journalctl -u splice-relay SERVICE=noisy -o json --no-pager || return 1
     local rec
@@ -136,17 +135,16 @@ EOF
 
 # --- 5. reload ---------------------------------------------------------------------
 t_reload() {
-    config <<'EOF'
+    reconfigure <<'EOF' || return $(fail "reload")
 [[service]]
 name = "a"
 command = ["sh", "-c", "echo A1; sleep 2; echo A2"]
 EOF
-    sr_in systemctl reload splice-relay || return $(fail "reload")
     local running; running=$(mktemp)
     sr_in socat -u TCP:127.0.0.1:9009 - >"$running" &
     local pid=$!
     eventually A1 cat "$running" || return 1
-    config <<'EOF'
+    reconfigure <<'EOF' || return $(fail "reload")
 [[service]]
 name = "b"
 command = ["echo", "B"]
@@ -176,7 +174,6 @@ shutdown_timeout = "1s"
 name = "r"
 command = ["echo", "R"]
 EOF
-    sr_in systemctl reload splice-relay || return $(fail "reload")
     local storm; storm=$(mktemp)
     client storm 127.0.0.1:9009 400 'R\n' >"$storm" 2>&1 &
     local pid=$!
@@ -189,13 +186,12 @@ EOF
     [ "$result" = "400 0" ] || fail "clients refused during restart: $(cat "$storm")" || return 1
 
     # A stream running at the stop ends within shutdown_timeout (+ kill_grace).
-    config <<'EOF'
+    reconfigure <<'EOF' || return $(fail "reload")
 shutdown_timeout = "1s"
 [[service]]
 name = "forever"
 command = ["sh", "-c", "while :; do echo x; sleep 0.1; done"]
 EOF
-    sr_in systemctl reload splice-relay || return $(fail "reload")
     local held; held=$(mktemp)
     client hold 127.0.0.1:9009 20 >"$held" &
     pid=$!
