@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A throwaway real systemd (PID 1, journald, dbus) for end-to-end tests.
 #
-# Source this file, then:
+# Source this file (callers may use `set -euo pipefail`), then:
 #   sr_boot NAME SHAREDIR   boot a container whose root is an overlay of this
 #                           machine's /; SHAREDIR appears inside as /share
 #   sr_in CMD...            run CMD inside, as root, with a clean environment
@@ -52,7 +52,7 @@ sr_boot() {
     local i
     SR_PID1=
     for i in $(seq 1 200); do
-        SR_PID1=$(pgrep -P "$SR_NSPAWN" -x systemd | head -n1)
+        SR_PID1=$(pgrep -P "$SR_NSPAWN" -x systemd | head -n1 || true)
         [ -n "$SR_PID1" ] && break
         kill -0 "$SR_NSPAWN" 2>/dev/null || break
         sleep 0.05
@@ -67,7 +67,7 @@ sr_boot() {
     # Until its bus is up, systemctl fails at once: ask again.
     local state=
     for i in $(seq 1 300); do
-        state=$(sr_in timeout 60 systemctl is-system-running --wait 2>/dev/null)
+        state=$(sr_in timeout 60 systemctl is-system-running --wait 2>/dev/null || true)
         case "$state" in
             running|degraded)
                 sr_log "booted $SR_NAME (PID 1 is $SR_PID1 on the host): $state"
