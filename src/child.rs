@@ -26,7 +26,7 @@ use tokio::io::Interest;
 
 use crate::config::{Service, StdinMode};
 use crate::peer::Peer;
-use crate::sys;
+use crate::{os, sys};
 
 /// A running command and the daemon's ends of its standard streams.
 pub struct Spawned {
@@ -73,7 +73,7 @@ pub fn spawn(
     // inherits them. The command's ends stay blocking: a plain write(2) must
     // never see EAGAIN.
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC)?;
-    set_nonblocking(&err_r)?;
+    os::set_nonblocking(&err_r, true)?;
     let (stdin_cmd, stdout_cmd, stdin_ours, stdout_ours) = match socket {
         Some(sock) => (
             Stdio::from(sock.try_clone()?),
@@ -84,12 +84,12 @@ pub fn spawn(
         None => {
             let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC)?;
             set_pipe_size(&out_w, service.pipe_size);
-            set_nonblocking(&out_r)?;
+            os::set_nonblocking(&out_r, true)?;
             match service.stdin {
                 StdinMode::Null => (Stdio::null(), Stdio::from(out_w), None, Some(out_r)),
                 StdinMode::Client => {
                     let (r, w) = pipe2(OFlag::O_CLOEXEC)?;
-                    set_nonblocking(&w)?;
+                    os::set_nonblocking(&w, true)?;
                     (Stdio::from(r), Stdio::from(out_w), Some(w), Some(out_r))
                 }
             }
@@ -118,7 +118,7 @@ pub fn spawn(
             format!(
                 "failed to spawn {}: {}",
                 service.program.display(),
-                reason(&e)
+                os::reason(&e)
             ),
         )
     })?;
@@ -217,12 +217,6 @@ impl Drop for Child {
     }
 }
 
-fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
-    let flags = OFlag::from_bits_truncate(fcntl(fd.as_fd(), FcntlArg::F_GETFL)?);
-    fcntl(fd.as_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
-    Ok(())
-}
-
 /// Grows the pipe to `size`; where the kernel refuses (pipe-max-size, or the
 /// per-user pipe quota), the pipe keeps its default size and still works.
 fn set_pipe_size(fd: &OwnedFd, size: usize) {
@@ -231,13 +225,5 @@ fn set_pipe_size(fd: &OwnedFd, size: usize) {
     };
     if let Err(e) = fcntl(fd.as_fd(), FcntlArg::F_SETPIPE_SZ(want)) {
         tracing::debug!(pipe_size = size, error = %e, "pipe size refused; using the default");
-    }
-}
-
-/// An io::Error's text without the "(os error N)" suffix.
-fn reason(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(code) => nix::errno::Errno::from_raw(code).desc().to_owned(),
-        None => e.to_string(),
     }
 }

@@ -557,7 +557,7 @@ fn check_service(i: usize, s: RawService, loc: &Locator<'_>) -> Result<Service, 
         Err(e) => {
             return Err(err(
                 "working_directory",
-                format!("{}: {}", working_directory.display(), io_reason(&e)),
+                format!("{}: {}", working_directory.display(), crate::os::reason(&e)),
             ))
         }
     }
@@ -643,8 +643,8 @@ fn resolve_program(program: &str) -> Result<PathBuf, String> {
 }
 
 fn check_executable(path: &Path) -> Result<(), String> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("{}: {}", path.display(), io_reason(&e)))?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("{}: {}", path.display(), crate::os::reason(&e)))?;
     if !meta.is_file() {
         return Err(format!("{}: not a regular file", path.display()));
     }
@@ -657,14 +657,6 @@ fn check_executable(path: &Path) -> Result<(), String> {
         return Err(format!("{}: not executable", path.display()));
     }
     Ok(())
-}
-
-/// An io::Error's text without the "(os error N)" suffix.
-fn io_reason(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(code) => nix::errno::Errno::from_raw(code).desc().to_owned(),
-        None => e.to_string(),
-    }
 }
 
 #[cfg(test)]

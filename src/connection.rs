@@ -35,7 +35,7 @@ use crate::peer::Peer;
 use crate::relay::{self, Meter};
 use crate::server::Shared;
 use crate::shutdown::Phase;
-use crate::sys;
+use crate::{os, sys};
 
 /// Longest stderr line logged as one record; longer lines are split.
 const MAX_LINE: usize = 4096;
@@ -305,7 +305,7 @@ async fn direct(
 ) {
     // Programs expect blocking stdin and stdout. The flag belongs to the open
     // file description, shared with our copy, which is only polled.
-    if let Err(e) = set_blocking(&socket, true) {
+    if let Err(e) = os::set_nonblocking(&socket, false) {
         return tally.record(0, "none", &End::Error(e.to_string()));
     }
     let spawned = match child::spawn(service, &shared.base_env, peer, Some(&socket)) {
@@ -352,7 +352,7 @@ async fn direct(
     let exit = reap(child);
     // The command and its group are gone; the socket is ours alone now.
     let mut orderly = false;
-    if matches!(end, End::CommandExited) && set_blocking(socket.get_ref(), false).is_ok() {
+    if matches!(end, End::CommandExited) && os::set_nonblocking(socket.get_ref(), true).is_ok() {
         let _ = shutdown(socket.get_ref().as_raw_fd(), How::Write);
         orderly = linger_on(&socket, service.kill_grace, &AtomicU64::new(0)).await;
     }
@@ -412,18 +412,6 @@ fn socket_error(fd: &OwnedFd) -> Errno {
         Ok(code) if code != 0 => Errno::from_raw(code),
         _ => Errno::ECONNRESET,
     }
-}
-
-fn set_blocking(fd: &OwnedFd, blocking: bool) -> nix::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = OFlag::from_bits_truncate(fcntl(fd.as_fd(), FcntlArg::F_GETFL)?);
-    let flags = if blocking {
-        flags - OFlag::O_NONBLOCK
-    } else {
-        flags | OFlag::O_NONBLOCK
-    };
-    fcntl(fd.as_fd(), FcntlArg::F_SETFL(flags))?;
-    Ok(())
 }
 
 /// The client's bytes to the command's stdin (or, without one, to nowhere),

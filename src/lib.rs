@@ -17,6 +17,7 @@
 //! - [`notify`]: sd_notify messages to systemd.
 //! - [`log`]: journal or stderr logging.
 //! - [`shutdown`]: the phases of stopping.
+//! - `os`: a descriptor's blocking mode and error text, shared by the modules.
 //! - `sys`: the only `unsafe` code, a few system calls behind safe functions.
 
 pub mod child;
@@ -26,6 +27,7 @@ pub mod limit;
 pub mod listen;
 pub mod log;
 pub mod notify;
+mod os;
 pub mod peer;
 pub mod relay;
 pub mod server;

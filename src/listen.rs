@@ -6,7 +6,7 @@
 //! the config are bound here.
 
 use std::fmt;
-use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::PathBuf;
 
 use nix::sys::socket::{
@@ -114,7 +114,7 @@ pub fn adopt(inherited: Vec<Inherited>, config: &Config) -> Result<Vec<Listener>
         let what = format!("fd {number} ({name:?})");
         let (family, local) =
             check_listening(&fd).map_err(|m| config_error(format!("{what}: {m}")))?;
-        set_nonblocking(&fd).map_err(|e| SocketError {
+        crate::os::set_nonblocking(&fd, true).map_err(|e| SocketError {
             message: format!("{what}: {e}"),
             config: false,
         })?;
@@ -285,11 +285,4 @@ fn local_address(fd: &OwnedFd) -> Option<String> {
     getsockname::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(fd))
         .ok()
         .map(|a| a.to_string())
-}
-
-fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = OFlag::from_bits_truncate(fcntl(fd.as_fd(), FcntlArg::F_GETFL)?);
-    fcntl(fd.as_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
-    Ok(())
 }
