@@ -13,6 +13,7 @@
 //! - [`connection`]: one connection, from accept to its log record.
 //! - [`child`]: the command: spawn, process group, termination, reaping.
 //! - [`relay`]: the splice loop that moves the bytes.
+//! - [`reload`]: how `systemctl reload` waits until a file is applied.
 //! - [`peer`]: who is connected, for the log and the command's environment.
 //! - [`notify`]: sd_notify messages to systemd.
 //! - [`log`]: journal or stderr logging.
@@ -30,6 +31,7 @@ pub mod notify;
 mod os;
 pub mod peer;
 pub mod relay;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 mod sys;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use splice_relay::config::{self, Config, ConfigError};
+use splice_relay::reload::Refused;
 use splice_relay::server::Server;
 use splice_relay::{exit, listen, log, notify};
 
@@ -19,12 +20,31 @@ struct Args {
     config: Option<PathBuf>,
 
     /// Check the configuration and exit: 0 if valid, 78 if not
-    #[arg(long)]
+    #[arg(long, conflicts_with = "reload")]
     check: bool,
+
+    /// Ask the daemon PID to reload its configuration and wait until it has:
+    /// 0 when new connections use the new file, 78 when the daemon refused it
+    /// (for ExecReload=; needs RuntimeDirectory=)
+    #[arg(long, value_name = "PID")]
+    reload: Option<i32>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(pid) = args.reload {
+        return match splice_relay::reload::request(pid) {
+            Ok(()) => ExitCode::from(exit::OK),
+            Err(Refused::Config(message)) => {
+                eprintln!("splice-relay: reload refused; the previous configuration stays in use: {message}");
+                ExitCode::from(exit::CONFIG)
+            }
+            Err(Refused::Failed(message)) => {
+                eprintln!("splice-relay: reload: {message}");
+                ExitCode::from(exit::FAILURE)
+            }
+        };
+    }
 
     // 1. Sockets from systemd, before any other descriptor is opened.
     let inherited = if args.check {

@@ -21,7 +21,7 @@ use crate::limit::{Gate, Slot};
 use crate::listen::{self, Listener};
 use crate::peer::Peer;
 use crate::shutdown::{Phase, Shutdown, Watch};
-use crate::{log, notify, sys};
+use crate::{log, notify, reload, sys};
 
 /// Pause after an accept error that more attempts cannot fix at once
 /// (out of descriptors or memory).
@@ -50,6 +50,8 @@ pub struct Shared {
     pub base_env: Vec<(OsString, OsString)>,
     pub shutdown: Watch,
     next_id: AtomicU64,
+    /// Where each reload's outcome is published for `--reload`.
+    reloads: reload::Outcomes,
     /// The last failed reload, shown in STATUS= until a reload succeeds.
     reload_error: Mutex<Option<String>>,
 }
@@ -127,6 +129,7 @@ impl Server {
             shutdown: watch,
             next_id: AtomicU64::new(1),
             reload_error: Mutex::new(None),
+            reloads: reload::Outcomes::from_env(),
         });
         let mut signals =
             Signals::new().map_err(|e| format!("cannot install signal handlers: {e}"))?;
@@ -165,7 +168,7 @@ impl Server {
             tokio::select! {
                 sig = signals.next() => match sig {
                     Sig::Stop => break Ok(()),
-                    Sig::Reload => reload(&shared, config_path.as_deref(), &routes, &log_level),
+                    Sig::Reload => reload_config(&shared, config_path.as_deref(), &routes, &log_level),
                 },
                 Some(r) = loops.join_next() => match r {
                     Ok(Ok(())) => {}
@@ -351,7 +354,7 @@ async fn take_places(
 
 /// SIGHUP: load the file again; if it is valid and every socket still has a
 /// service, new connections use it. Running connections keep the one they started with.
-fn reload(
+fn reload_config(
     shared: &Shared,
     path: Option<&std::path::Path>,
     routes: &[(String, bool, String)],
@@ -372,7 +375,7 @@ fn reload(
         )?;
         Ok(c)
     });
-    match loaded {
+    let outcome = match loaded {
         Ok(new) => {
             shared.global.set_max(new.max_connections);
             for s in &new.services {
@@ -385,15 +388,18 @@ fn reload(
                 .reload_error
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = None;
+            Ok(())
         }
         Err(e) => {
             tracing::error!("reload failed; the previous configuration stays in use: {e}");
             *shared
                 .reload_error
                 .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(e);
+                .unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
+            Err(e)
         }
-    }
+    };
+    shared.reloads.publish(&outcome);
     notify::ready(&shared.status());
 }
 

@@ -145,3 +145,62 @@ fn the_watchdog_is_fed_from_the_event_loop() {
     }
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[test]
+fn reload_request_returns_once_the_file_is_applied() {
+    // What ExecReload= runs: `splice-relay --reload $MAINPID`, with the
+    // unit's RUNTIME_DIRECTORY. The next connection must get the new command.
+    let (passed, addr) = pass_tcp("handshake");
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = runtime.path().display().to_string();
+    let opts = Options {
+        env: vec![("RUNTIME_DIRECTORY".into(), dir.clone())],
+        ..Options::default()
+    };
+    let mut d = Daemon::spawn(&one_service(r#"["echo", "one"]"#, ""), vec![passed], opts);
+    d.wait_note("READY=1");
+    let request = |pid: i32| {
+        std::process::Command::new(BIN)
+            .args(["--reload", &pid.to_string()])
+            .env("RUNTIME_DIRECTORY", &dir)
+            .output()
+            .unwrap()
+    };
+    for word in ["two", "three", "four"] {
+        std::fs::write(
+            &d.config_path,
+            one_service(&format!(r#"["echo", "{word}"]"#), ""),
+        )
+        .unwrap();
+        let out = request(d.pid());
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            fetch_text(addr),
+            format!("{word}\n"),
+            "served before the reload was applied"
+        );
+    }
+    std::fs::write(
+        &d.config_path,
+        one_service(r#"["echo", "five"]"#, "stdin = 3"),
+    )
+    .unwrap();
+    let out = request(d.pid());
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .starts_with("splice-relay: reload refused; the previous configuration stays in use: "),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(":5:9: service \"test\": stdin: invalid type"),
+        "{stderr}"
+    );
+    assert_eq!(fetch_text(addr), "four\n");
+}

@@ -144,7 +144,7 @@ EOF
     sr_in socat -u TCP:127.0.0.1:9009 - >"$running" &
     local pid=$!
     eventually A1 cat "$running" || return 1
-    reconfigure <<'EOF' || return $(fail "reload")
+    config <<'EOF'
 [[service]]
 name = "b"
 command = ["echo", "B"]
@@ -167,7 +167,7 @@ EOF
 
 # --- 6. restart under load ------------------------------------------------------------
 t_restart() {
-    config <<'EOF'
+    reconfigure <<'EOF' || return $(fail "reload")
 shutdown_timeout = "1s"
 
 [[service]]
