@@ -134,8 +134,10 @@ fn a_slow_producers_lines_arrive_promptly() {
         median < Duration::from_millis(10),
         "median line delay {median:?}; all: {delays:?}"
     );
+    // The worst line only guards against a stall: one scheduler hiccup on a
+    // loaded machine must not fail the test.
     assert!(
-        delays[delays.len() - 1] < Duration::from_millis(200),
+        delays[delays.len() - 1] < Duration::from_secs(1),
         "worst line delay {delays:?}"
     );
     drop(d);
