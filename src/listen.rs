@@ -74,13 +74,15 @@ fn config_error(message: String) -> SocketError {
 
 /// Takes the sockets systemd passed, if any. Call first thing in `main`, before
 /// any other descriptor is opened, so that numbers 3.. are still the passed ones.
+/// The second value is a warning for the log, which does not exist yet: set
+/// when `LISTEN_FDS` is set but meant for another process.
 ///
 /// This reads `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES` through sd-notify
 /// rather than listenfd: listenfd ignores `LISTEN_FDNAMES` (which routes sockets
 /// to services here), accepts a missing `LISTEN_PID`, skips malformed values
 /// without a word, and removes the variables from the process environment, which
 /// this daemon reads once and never changes.
-pub fn inherited() -> Result<Vec<Inherited>, SocketError> {
+pub fn inherited() -> Result<(Vec<Inherited>, Option<String>), SocketError> {
     let passed = sd_notify::listen_fds_with_names().map_err(|e| {
         config_error(format!(
             "socket activation: {e} (LISTEN_PID={:?}, LISTEN_FDS={:?}, LISTEN_FDNAMES={:?})",
@@ -98,13 +100,13 @@ pub fn inherited() -> Result<Vec<Inherited>, SocketError> {
         })?;
         out.push(Inherited { fd, number, name });
     }
-    if out.is_empty() && std::env::var_os("LISTEN_FDS").is_some() {
-        tracing::warn!(
+    let ignored = (out.is_empty() && std::env::var_os("LISTEN_FDS").is_some()).then(|| {
+        format!(
             "LISTEN_FDS is set but LISTEN_PID is not this process ({}); ignoring it",
             std::process::id()
-        );
-    }
-    Ok(out)
+        )
+    });
+    Ok((out, ignored))
 }
 
 /// Checks each passed socket and routes it to a service.

@@ -47,8 +47,8 @@ fn main() -> ExitCode {
     }
 
     // 1. Sockets from systemd, before any other descriptor is opened.
-    let inherited = if args.check {
-        Vec::new()
+    let (inherited, ignored) = if args.check {
+        (Vec::new(), None)
     } else {
         listen::inherited().unwrap_or_else(|e| fail_config(&e.message))
     };
@@ -69,6 +69,9 @@ fn main() -> ExitCode {
 
     // 3. Logging.
     let log_level = log::init(&config.log_level);
+    if let Some(warning) = ignored {
+        tracing::warn!("{warning}");
+    }
     if path.is_none() {
         tracing::warn!(
             "{} not found; running on the built-in example configuration",
@@ -77,6 +80,18 @@ fn main() -> ExitCode {
     }
     raise_fd_limit();
 
+    // 4. Listeners: adopted or bound (they join the event loop in Server::run).
+    let listeners = if inherited.is_empty() {
+        listen::bind_all(&config)
+    } else {
+        listen::adopt(inherited, &config)
+    };
+    let listeners = match listeners {
+        Ok(l) => l,
+        Err(e) if e.config => fail_config(&e.message),
+        Err(e) => return fail(&e.message),
+    };
+
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -84,28 +99,14 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(&format!("cannot start the event loop: {e}")),
     };
-    let outcome = runtime.block_on(async {
-        // 4. Listeners (they register with the event loop, hence inside it).
-        let listeners = if inherited.is_empty() {
-            listen::bind_all(&config)
-        } else {
-            listen::adopt(inherited, &config)
-        };
-        let listeners = match listeners {
-            Ok(l) => l,
-            Err(e) if e.config => fail_config(&e.message),
-            Err(e) => return Err(e.message),
-        };
-        // 5. READY=1 and serve.
-        Server {
-            config,
-            config_path: path,
-            listeners,
-            log_level,
-        }
-        .run()
-        .await
-    });
+    // 5. READY=1 and serve.
+    let server = Server {
+        config,
+        config_path: path,
+        listeners,
+        log_level,
+    };
+    let outcome = runtime.block_on(server.run());
     match outcome {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => fail(&e),
