@@ -10,17 +10,20 @@
 //! - [`listen`]: sockets adopted from systemd or bound from the config.
 //! - [`server`]: accept loops, limits, reload, status, watchdog, stop.
 //! - [`limit`]: the counted limits the accept loops wait on.
+//! - [`access`]: allow and deny ranges, per-source limits, connection rates.
 //! - [`connection`]: one connection, from accept to its log record.
 //! - [`child`]: the command: spawn, process group, termination, reaping.
 //! - [`relay`]: the splice loop that moves the bytes.
 //! - [`reload`]: how `systemctl reload` waits until a file is applied.
 //! - [`peer`]: who is connected, for the log and the command's environment.
+//! - [`proxy`]: the PROXY protocol header that names the client behind a proxy.
 //! - [`notify`]: sd_notify messages to systemd.
 //! - [`log`]: journal or stderr logging.
 //! - [`shutdown`]: the phases of stopping.
 //! - `os`: a descriptor's blocking mode and error text, shared by the modules.
 //! - `sys`: the only `unsafe` code, a few system calls behind safe functions.
 
+pub mod access;
 pub mod child;
 pub mod config;
 pub mod connection;
@@ -30,6 +33,7 @@ pub mod log;
 pub mod notify;
 mod os;
 pub mod peer;
+pub mod proxy;
 pub mod relay;
 pub mod reload;
 pub mod server;

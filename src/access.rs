@@ -1,0 +1,542 @@
+//! Who may connect to a service, and how often: allow and deny ranges, a cap
+//! on the connections of one source, and token-bucket rates for the service
+//! and for each source.
+//!
+//! [`Admission`] holds the state of one service behind a mutex that is held
+//! only for a few map operations. A source is one IPv4 address, or one IPv6
+//! network of `source_prefix_v6` bits, since one IPv6 client usually owns a
+//! whole /64. The state stays bounded under a flood from many addresses: a
+//! count leaves its map when it drops to zero, and buckets that have refilled
+//! to full (which a new bucket would equal) are pruned as the map grows.
+
+use std::collections::hash_map::{Entry, HashMap};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// An address or CIDR range: "10.0.0.0/8", "192.0.2.7", "2001:db8::/32", "::1".
+/// IPv4-mapped IPv6 clients (::ffff:a.b.c.d) match IPv4 ranges; IPv6 ranges
+/// match only clients that are not IPv4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = unmapped(ip);
+        ip.is_ipv4() == self.network.is_ipv4() && mask(ip, self.prefix) == self.network
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
+        let Ok(addr) = addr.parse::<IpAddr>() else {
+            return Err(format!(
+                "{s:?}: expected an IPv4 or IPv6 address, optionally with /PREFIX"
+            ));
+        };
+        let (max, family) = if addr.is_ipv4() {
+            (32, "IPv4")
+        } else {
+            (128, "IPv6")
+        };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(n) if n <= max && p.bytes().all(|b| b.is_ascii_digit()) => n,
+                _ => return Err(format!("{s:?}: prefix length must be 0-{max} for {family}")),
+            },
+        };
+        let network = mask(addr, prefix);
+        let cidr = Cidr { network, prefix };
+        if network != addr {
+            return Err(format!("{s:?}: host bits set; did you mean \"{cidr}\"?"));
+        }
+        Ok(cidr)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.network, self.prefix) {
+            (IpAddr::V4(ip), 32) => write!(f, "{ip}"),
+            (IpAddr::V6(ip), 128) => write!(f, "{ip}"),
+            (ip, prefix) => write!(f, "{ip}/{prefix}"),
+        }
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is; others unchanged.
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Keeps the first `prefix` bits of `ip` (all of them when `prefix` is larger).
+fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let keep = u32::MAX.checked_shl(32u32.saturating_sub(prefix.into()));
+            IpAddr::V4(Ipv4Addr::from(u32::from(v4) & keep.unwrap_or(0)))
+        }
+        IpAddr::V6(v6) => {
+            let keep = u128::MAX.checked_shl(128u32.saturating_sub(prefix.into()));
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & keep.unwrap_or(0)))
+        }
+    }
+}
+
+/// The key a client is counted under: IPv4 (and IPv4-mapped) addresses whole,
+/// IPv6 addresses masked to `v6_prefix` bits.
+pub fn source_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match unmapped(ip) {
+        v4 @ IpAddr::V4(_) => v4,
+        v6 => mask(v6, v6_prefix),
+    }
+}
+
+/// The rules of one service (built by config.rs from the file).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rules {
+    pub allow: Vec<Cidr>,
+    pub deny: Vec<Cidr>,
+    pub max_per_source: Option<usize>,
+    /// IPv6 clients are counted per network of this prefix (default 64); IPv4 per address.
+    pub source_prefix_v6: u8,
+    /// New connections per second for the service and per source (token
+    /// buckets, burst = max(1, rate)).
+    pub rate: Option<f64>,
+    pub rate_per_source: Option<f64>,
+}
+
+impl Default for Rules {
+    /// Everyone admitted, no limits, IPv6 sources per /64.
+    fn default() -> Rules {
+        Rules {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            max_per_source: None,
+            source_prefix_v6: 64,
+            rate: None,
+            rate_per_source: None,
+        }
+    }
+}
+
+/// Why a client was refused; `reason()` gives the record's word: "denied",
+/// "max-per-source", "rate", "rate-per-source".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Denied,
+    PerSource { max: usize },
+    Rate,
+    RatePerSource,
+}
+
+impl Refusal {
+    /// The one word for the connection's log record.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Denied => "denied",
+            Refusal::PerSource { .. } => "max-per-source",
+            Refusal::Rate => "rate",
+            Refusal::RatePerSource => "rate-per-source",
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Denied => f.write_str("not in allow or in deny"),
+            Refusal::PerSource { max } => write!(f, "at max_per_source ({max})"),
+            Refusal::Rate => f.write_str("over rate"),
+            Refusal::RatePerSource => f.write_str("over rate_per_source"),
+        }
+    }
+}
+
+/// Slack for float rounding: a bucket is taken as holding a token from 1 - EPSILON.
+const EPSILON: f64 = 1e-9;
+
+/// A token bucket: `tokens` as of `at`, refilling at the rate given on each use.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(rate: f64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: rate.max(1.0),
+            at: now,
+        }
+    }
+
+    fn level(&self, rate: f64, now: Instant) -> f64 {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * rate;
+        (self.tokens + refill).min(rate.max(1.0))
+    }
+
+    fn take(&mut self, rate: f64, now: Instant) {
+        self.tokens = (self.level(rate, now) - 1.0).max(0.0);
+        self.at = self.at.max(now);
+    }
+}
+
+/// The smallest size of the bucket map that triggers a prune of full buckets.
+const PRUNE_MIN: usize = 1024;
+
+#[derive(Debug, Default)]
+struct State {
+    counts: HashMap<IpAddr, usize>,
+    buckets: HashMap<IpAddr, Bucket>,
+    service: Option<Bucket>,
+    /// The bucket map's size after the last prune.
+    pruned_to: usize,
+}
+
+/// The admission state of one service, shared by its connections.
+#[derive(Debug)]
+pub struct Admission {
+    state: Mutex<State>,
+}
+
+/// A client's place in its source's count, given back on drop.
+#[derive(Debug)]
+pub struct SourceGuard {
+    admission: Arc<Admission>,
+    key: Option<IpAddr>,
+}
+
+impl Admission {
+    /// No connections counted, all buckets full.
+    pub fn new() -> Arc<Admission> {
+        let state = Mutex::default();
+        Arc::new(Admission { state })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Decides for a client at `ip` (None for Unix-socket clients: only `rate`
+    /// applies to them). On success the returned guard holds the client's
+    /// place in max_per_source until dropped. Checks run in order: deny/allow,
+    /// max_per_source, rate_per_source, rate; tokens are taken only from the
+    /// buckets of a client that is admitted.
+    pub fn admit(
+        self: &Arc<Self>,
+        ip: Option<IpAddr>,
+        rules: &Rules,
+        now: Instant,
+    ) -> Result<SourceGuard, Refusal> {
+        if let Some(ip) = ip {
+            let denied = rules.deny.iter().any(|c| c.contains(ip));
+            if denied || !(rules.allow.is_empty() || rules.allow.iter().any(|c| c.contains(ip))) {
+                return Err(Refusal::Denied);
+            }
+        }
+        let key = ip.map(|ip| source_key(ip, rules.source_prefix_v6));
+        let mut s = self.state();
+        let s = &mut *s;
+        if let (Some(key), Some(max)) = (key, rules.max_per_source) {
+            if s.counts.get(&key).copied().unwrap_or(0) >= max {
+                return Err(Refusal::PerSource { max });
+            }
+        }
+        let per_source = key.zip(rules.rate_per_source);
+        if let Some((key, rate)) = per_source {
+            let bucket = s.buckets.get(&key).copied();
+            if bucket.is_some_and(|b| b.level(rate, now) < 1.0 - EPSILON) {
+                return Err(Refusal::RatePerSource);
+            }
+        } else if rules.rate_per_source.is_none() {
+            s.buckets.clear(); // the rate was removed on reload
+        }
+        if let Some(rate) = rules.rate {
+            let bucket = s.service.get_or_insert_with(|| Bucket::full(rate, now));
+            if bucket.level(rate, now) < 1.0 - EPSILON {
+                return Err(Refusal::Rate);
+            }
+            bucket.take(rate, now);
+        } else {
+            s.service = None;
+        }
+        if let Some((key, rate)) = per_source {
+            let full = Bucket::full(rate, now);
+            s.buckets.entry(key).or_insert(full).take(rate, now);
+            // Amortised O(1): the map at least doubles between two prunes.
+            if s.buckets.len() >= PRUNE_MIN.max(2 * s.pruned_to) {
+                s.buckets
+                    .retain(|_, b| b.level(rate, now) < full.tokens - EPSILON);
+                s.pruned_to = s.buckets.len();
+            }
+        }
+        if let Some(key) = key {
+            *s.counts.entry(key).or_insert(0) += 1;
+        }
+        let admission = Arc::clone(self);
+        Ok(SourceGuard { admission, key })
+    }
+
+    /// Connections counted now for the source of `ip` (for tests and status).
+    pub fn count(&self, ip: IpAddr, rules: &Rules) -> usize {
+        let key = source_key(ip, rules.source_prefix_v6);
+        self.state().counts.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Number of per-source entries held (counts plus buckets), to prove
+    /// memory stays bounded.
+    pub fn tracked(&self) -> usize {
+        let s = self.state();
+        s.counts.len() + s.buckets.len()
+    }
+}
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        let Some(key) = self.key else { return };
+        if let Entry::Occupied(mut count) = self.admission.state().counts.entry(key) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    /// A client's address, or None for "unix".
+    fn ip(s: &str) -> Option<IpAddr> {
+        (s != "unix").then(|| s.parse().unwrap())
+    }
+
+    fn cidr(s: &str) -> Cidr {
+        s.parse().unwrap()
+    }
+
+    fn rules(set: impl FnOnce(&mut Rules)) -> Rules {
+        let mut rules = Rules::default();
+        set(&mut rules);
+        rules
+    }
+
+    /// A new service under `r`, and a function that decides for a client `ms`
+    /// milliseconds in, drops its guard, and says "ok" or the refusal's word.
+    fn service(
+        r: &Rules,
+    ) -> (
+        Arc<Admission>,
+        Instant,
+        impl Fn(u64, &str) -> &'static str + '_,
+    ) {
+        let (a, t0) = (Admission::new(), Instant::now());
+        let admission = Arc::clone(&a);
+        let try_at = move |ms, client: &str| {
+            let now = t0 + Duration::from_millis(ms);
+            admission
+                .admit(ip(client), r, now)
+                .map_or_else(|r| r.reason(), |_| "ok")
+        };
+        (a, t0, try_at)
+    }
+
+    /// Lines of `input | what it shows as, or its error`.
+    const PARSED: &str = r#"
+10.0.0.0/8 | 10.0.0.0/8
+192.0.2.7 | 192.0.2.7
+192.0.2.7/32 | 192.0.2.7
+0.0.0.0/0 | 0.0.0.0/0
+2001:db8::/32 | 2001:db8::/32
+::1 | ::1
+::1/128 | ::1
+::/0 | ::/0
+10.0.0.0/33 | "10.0.0.0/33": prefix length must be 0-32 for IPv4
+10.0.0.0/+8 | "10.0.0.0/+8": prefix length must be 0-32 for IPv4
+10.0.0.0/ | "10.0.0.0/": prefix length must be 0-32 for IPv4
+::/129 | "::/129": prefix length must be 0-128 for IPv6
+10.0.0.1/8 | "10.0.0.1/8": host bits set; did you mean "10.0.0.0/8"?
+2001:db8::1/32 | "2001:db8::1/32": host bits set; did you mean "2001:db8::/32"?
+0.0.0.1/0 | "0.0.0.1/0": host bits set; did you mean "0.0.0.0/0"?
+bogus | "bogus": expected an IPv4 or IPv6 address, optionally with /PREFIX
+10.0.0/8 | "10.0.0/8": expected an IPv4 or IPv6 address, optionally with /PREFIX
+ | "": expected an IPv4 or IPv6 address, optionally with /PREFIX"#;
+
+    /// Lines of `range client yes|no`.
+    const MATCHES: &str = "
+10.0.0.0/8 10.255.0.1 yes
+10.0.0.0/8 ::ffff:10.1.2.3 yes
+10.0.0.0/8 11.0.0.0 no
+192.0.2.7 192.0.2.7 yes
+192.0.2.7/32 192.0.2.8 no
+0.0.0.0/0 1.2.3.4 yes
+0.0.0.0/0 ::ffff:1.2.3.4 yes
+0.0.0.0/0 ::1 no
+2001:db8::/32 2001:db8:ffff::1 yes
+2001:db8::/32 2001:db9:: no
+::/0 ::1 yes
+::/0 1.2.3.4 no
+::/0 ::ffff:1.2.3.4 no
+::1/128 ::1 yes
+::1 ::2 no";
+
+    #[test]
+    fn ranges_parse_show_match_and_explain_errors() {
+        for (input, expected) in PARSED.lines().skip(1).filter_map(|l| l.split_once(" | ")) {
+            let got = input.parse::<Cidr>().map(|c| c.to_string());
+            assert_eq!(got.unwrap_or_else(|e| e), expected, "{input:?}");
+        }
+        for line in MATCHES.lines().skip(1) {
+            let words: Vec<_> = line.split(' ').collect();
+            let contains = cidr(words[0]).contains(ip(words[1]).unwrap());
+            assert_eq!(contains, words[2] == "yes", "{line}");
+        }
+    }
+
+    #[test]
+    fn deny_wins_and_a_nonempty_allow_must_match() {
+        let open = rules(|r| r.deny = vec![cidr("10.6.6.0/24")]);
+        let strict = rules(|r| (r.deny, r.allow) = (open.deny.clone(), vec![cidr("10.0.0.0/8")]));
+        let ((_, _, open), (_, _, strict)) = (service(&open), service(&strict));
+        let clients = [
+            "10.1.1.1",
+            "10.6.6.6",
+            "::ffff:10.6.6.1",
+            "192.0.2.1",
+            "::1",
+            "unix",
+        ];
+        let got = clients.map(|c| format!("{c} {} {}", open(0, c), strict(0, c)));
+        let expected = "10.1.1.1 ok ok, 10.6.6.6 denied denied, ::ffff:10.6.6.1 denied denied, \
+                        192.0.2.1 ok denied, ::1 ok denied, unix ok ok";
+        assert_eq!(got.join(", "), expected);
+        assert_eq!(Refusal::Denied.to_string(), "not in allow or in deny");
+    }
+
+    #[test]
+    fn sources_are_counted_until_their_guards_drop() {
+        let (a, now) = (Admission::new(), Instant::now());
+        let r = rules(|r| r.max_per_source = Some(2));
+        let admit = |client: &str| a.admit(ip(client), &r, now).map_err(|r| r.to_string());
+        let full = Err("at max_per_source (2)".to_owned());
+        let first = admit("2001:db8:1:1::1").unwrap();
+        let second = admit("2001:db8:1:1:ffff::2").unwrap(); // the same /64
+        assert_eq!(a.count("2001:db8:1:1::99".parse().unwrap(), &r), 2);
+        assert_eq!(admit("2001:db8:1:1::3").map(drop), full);
+        let other_64 = admit("2001:db8:1:2::1").unwrap();
+        let v4 = [admit("192.0.2.1"), admit("::ffff:192.0.2.1")].map(Result::unwrap);
+        assert_eq!(admit("192.0.2.1").map(drop), full);
+        assert!(admit("192.0.2.2").is_ok()); // IPv4 counts per address
+        drop(first);
+        assert_eq!(a.count("2001:db8:1:1::1".parse().unwrap(), &r), 1);
+        let again = admit("2001:db8:1:1::1").unwrap();
+        drop((again, second, other_64, v4));
+        assert_eq!(a.tracked(), 0);
+    }
+
+    #[test]
+    fn buckets_allow_a_burst_then_refill_at_the_rate() {
+        let r = rules(|r| r.rate_per_source = Some(2.0));
+        let (_, _, at) = service(&r);
+        let x = "192.0.2.1";
+        let no = "rate-per-source";
+        assert_eq!([at(0, x), at(0, x), at(0, x)], ["ok", "ok", no]);
+        assert_eq!(at(0, "192.0.2.2"), "ok"); // another source, its own bucket
+        assert_eq!([at(499, x), at(500, x), at(500, x)], [no, "ok", no]); // 1/rate s
+        let burst = [at(100_000, x), at(100_000, x), at(100_000, x)];
+        assert_eq!(burst, ["ok", "ok", no]); // full at max(1, rate)
+        assert_eq!(Refusal::RatePerSource.to_string(), "over rate_per_source");
+    }
+
+    #[test]
+    fn refused_clients_take_no_tokens() {
+        // The service refills in 1 s, a source in 2 s.
+        let r = rules(|r| (r.rate, r.rate_per_source) = (Some(1.0), Some(0.5)));
+        let r = Rules {
+            max_per_source: Some(1),
+            ..r
+        };
+        let (a, t0, at) = service(&r);
+        let (x, y, z) = ("192.0.2.1", "192.0.2.2", "192.0.2.3");
+        let held = a.admit(ip(x), &r, t0).unwrap();
+        assert_eq!(at(0, y), "rate");
+        assert_eq!(at(1000, y), "ok"); // y's bucket was left full
+        assert_eq!([at(2000, x), at(2000, z)], ["max-per-source", "ok"]);
+        drop(held);
+        assert_eq!([at(2000, x), at(3000, x)], ["rate", "ok"]);
+
+        let r = rules(|r| (r.rate, r.rate_per_source) = (Some(10.0), Some(1.0)));
+        let (_, _, at) = service(&r);
+        let x_again: Vec<_> = (0..20).map(|_| at(0, x)).collect();
+        assert_eq!(x_again[1..], ["rate-per-source"; 19]);
+        let others: Vec<_> = (1..=10).map(|n| at(0, &format!("10.0.0.{n}"))).collect();
+        assert_eq!(others, [&["ok"; 9][..], &["rate"]].concat()); // x took 1 of 10
+        assert_eq!(Refusal::Rate.to_string(), "over rate");
+    }
+
+    #[test]
+    fn unix_clients_meet_only_the_service_rate() {
+        let r = rules(|r| {
+            (r.allow, r.max_per_source) = (vec![cidr("10.0.0.0/8")], Some(1));
+            (r.rate_per_source, r.rate) = (Some(1.0), Some(2.0));
+        });
+        let (a, _, at) = service(&r);
+        assert_eq!(
+            [at(0, "unix"), at(0, "unix"), at(0, "unix")],
+            ["ok", "ok", "rate"]
+        );
+        assert_eq!(a.tracked(), 0);
+    }
+
+    #[test]
+    fn a_flood_of_sources_leaves_bounded_state() {
+        let r = rules(|r| (r.rate_per_source, r.max_per_source) = (Some(10.0), Some(4)));
+        let (a, _, at) = service(&r);
+        let mut most = 0;
+        for i in 0..100_000u64 {
+            // A new /64 each millisecond; a bucket refills in 100 ms.
+            let client = Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i) << 64 | 1);
+            assert_eq!(at(i, &client.to_string()), "ok");
+            most = most.max(a.tracked());
+        }
+        assert!(most <= PRUNE_MIN, "{most} entries");
+    }
+
+    proptest! {
+        #[test]
+        fn parsing_never_panics_and_shown_ranges_parse_back(
+            any in "\\PC{0,50}", likely in "[0-9a-f:.]{0,40}(/[0-9]{1,3})?") {
+            let _ = any.parse::<Cidr>();
+            if let Ok(c) = likely.parse::<Cidr>() {
+                prop_assert_eq!(c.to_string().parse::<Cidr>(), Ok(c));
+            }
+        }
+
+        #[test]
+        fn every_range_parses_back(bits: u128, v6: bool, prefix in 0u8..=128) {
+            let (addr, prefix) = match v6 {
+                true => (IpAddr::V6(bits.into()), prefix),
+                false => (IpAddr::V4((bits as u32).into()), prefix % 33),
+            };
+            let c = Cidr { network: mask(addr, prefix), prefix };
+            prop_assert_eq!(c.to_string().parse::<Cidr>(), Ok(c));
+        }
+    }
+}
