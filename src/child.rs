@@ -3,7 +3,8 @@
 //!
 //! Spawning goes through `std::process::Command`, which uses posix_spawn
 //! (vfork-class, no copy of the daemon's memory) as long as no `pre_exec`, uid,
-//! gid or groups are set; nothing here sets them. Reaping is ours alone: no
+//! gid or groups are set. Only a service with `user`, `group`, `rlimit_*` or
+//! `nice` sets one (see `runas`), and pays for a fork instead. Reaping is ours alone: no
 //! SIGCHLD handler, no `waitpid(-1)`. The pidfd turns readable when the command
 //! exits, and the zombie is kept until its leftover process group has been
 //! killed, so the group id cannot be reused by another connection's command
@@ -15,6 +16,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -108,6 +110,9 @@ pub fn spawn(
         .stdin(stdin_cmd)
         .stdout(stdout_cmd)
         .stderr(Stdio::from(err_w));
+    if !service.run_as.is_empty() {
+        sys::apply_before_exec(&mut cmd, &service.run_as);
+    }
     let spawned = cmd.spawn();
     // The Command owns our copies of the command's pipe ends: drop it now, or
     // the stdout pipe would never report end-of-file.
@@ -217,13 +222,46 @@ impl Drop for Child {
     }
 }
 
-/// Grows the pipe to `size`; where the kernel refuses (pipe-max-size, or the
-/// per-user pipe quota), the pipe keeps its default size and still works.
+/// Set while the kernel refuses the configured pipe size, so the fallback
+/// is logged once per episode rather than once per connection.
+static PIPE_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Grows the pipe to `size`. Where the kernel refuses (above
+/// /proc/sys/fs/pipe-max-size, or over the per-user pipe quota,
+/// fs.pipe-user-pages-soft), halves it down to 64 KiB; past that the pipe keeps
+/// the size the kernel gave it (a single page under the quota) and still works.
 fn set_pipe_size(fd: &OwnedFd, size: usize) {
-    let Ok(want) = i32::try_from(size) else {
-        return;
-    };
-    if let Err(e) = fcntl(fd.as_fd(), FcntlArg::F_SETPIPE_SZ(want)) {
-        tracing::debug!(pipe_size = size, error = %e, "pipe size refused; using the default");
+    let mut want = size;
+    let mut first_error = None;
+    loop {
+        let Ok(n) = i32::try_from(want) else {
+            return;
+        };
+        match fcntl(fd.as_fd(), FcntlArg::F_SETPIPE_SZ(n)) {
+            Ok(_) => break,
+            Err(e) => {
+                first_error.get_or_insert(e);
+                if want <= 64 * 1024 {
+                    want = 0;
+                    break;
+                }
+                want /= 2;
+            }
+        }
+    }
+    match first_error {
+        Some(e) if !PIPE_REFUSED.swap(true, Ordering::Relaxed) => {
+            let got = fcntl(fd.as_fd(), FcntlArg::F_GETPIPE_SZ).unwrap_or(0);
+            tracing::warn!(
+                pipe_size = size,
+                got,
+                error = %e.desc(),
+                "the kernel refuses pipes of pipe_size ({size} bytes; pipe-max-size or the per-user pipe quota); using smaller pipes ({got} bytes now) until it allows them again"
+            );
+        }
+        None if want == size && PIPE_REFUSED.swap(false, Ordering::Relaxed) => {
+            tracing::info!(pipe_size = size, "pipes of pipe_size are allowed again");
+        }
+        _ => {}
     }
 }

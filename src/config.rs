@@ -18,6 +18,9 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
+use crate::access::{Cidr, Rules};
+use crate::runas::{self, Limit, RunAs};
+
 /// Where the daemon looks for its configuration without `--config`.
 pub const DEFAULT_PATH: &str = "/etc/splice-relay.toml";
 
@@ -37,6 +40,9 @@ pub mod defaults {
     pub const KILL_GRACE: Duration = Duration::from_secs(5);
     pub const PIPE_SIZE: usize = 1 << 20;
     pub const WORKING_DIRECTORY: &str = "/";
+    pub const IPV6_SOURCE_PREFIX: u8 = 64;
+    /// Longest `banner` or `busy_message`.
+    pub const MAX_MESSAGE: usize = 64 * 1024;
 }
 
 /// The validated configuration the daemon runs on.
@@ -66,6 +72,23 @@ pub struct Service {
     pub max_connections: usize,
     pub kill_grace: Duration,
     pub pipe_size: usize,
+    /// Who may connect, and how many and how often (`allow`, `deny`,
+    /// `max_per_source`, `rate`, …).
+    pub access: Rules,
+    /// The client's address comes from a PROXY protocol header.
+    pub proxy_protocol: bool,
+    /// Longest life of a connection.
+    pub timeout: Option<Duration>,
+    /// Longest time without a byte moving either way.
+    pub idle_timeout: Option<Duration>,
+    /// Most bytes of output sent to one client.
+    pub max_bytes: Option<u64>,
+    /// Sent to the client before the command's output.
+    pub banner: Option<Vec<u8>>,
+    /// Sent to a client refused by `max_per_source` or a rate.
+    pub busy_message: Option<Vec<u8>>,
+    /// User, group, resource limits and nice value of the command.
+    pub run_as: RunAs,
     /// `PATH:LINE:COL: service "NAME"`, for errors found after loading.
     pub position: String,
 }
@@ -187,6 +210,25 @@ struct RawService {
     max_connections: Option<usize>,
     kill_grace: Option<Seconds>,
     pipe_size: Option<usize>,
+    allow: Option<Vec<String>>,
+    deny: Option<Vec<String>>,
+    max_per_source: Option<usize>,
+    ipv6_source_prefix: Option<u8>,
+    rate: Option<f64>,
+    rate_per_source: Option<f64>,
+    proxy_protocol: Option<bool>,
+    timeout: Option<Seconds>,
+    idle_timeout: Option<Seconds>,
+    max_bytes: Option<u64>,
+    banner: Option<String>,
+    busy_message: Option<String>,
+    user: Option<String>,
+    group: Option<String>,
+    rlimit_as: Option<u64>,
+    rlimit_nofile: Option<u64>,
+    rlimit_nproc: Option<u64>,
+    rlimit_cpu: Option<u64>,
+    nice: Option<i32>,
 }
 
 /// A duration: a number of seconds, or a string such as `"250ms"`, `"5s"`, `"2m"`.
@@ -444,10 +486,53 @@ pub fn load_str(origin: &str, text: &str) -> Result<Config, ConfigError> {
         ConfigError {
             position: loc.position(service, offset),
             key,
-            message: e.message().trim().to_owned(),
+            message: shorten_unknown_field(e.message().trim()),
         }
     })?;
     check(raw, &loc)
+}
+
+/// serde lists every key after an unknown one, which for a service is a
+/// screenful; say instead which key was probably meant.
+fn shorten_unknown_field(message: &str) -> String {
+    let Some((head, known)) = message.split_once(", expected one of ") else {
+        return message.to_owned();
+    };
+    let Some(unknown) = head
+        .strip_prefix("unknown field `")
+        .and_then(|r| r.strip_suffix('`'))
+    else {
+        return message.to_owned();
+    };
+    let best = known
+        .split(", ")
+        .map(|k| k.trim_matches('`'))
+        .map(|k| (edit_distance(unknown, k), k))
+        .min();
+    match best {
+        Some((d, k)) if d <= 2 || k.starts_with(unknown) || unknown.starts_with(k) => {
+            format!("{head}; did you mean `{k}`?")
+        }
+        _ => format!("{head}; the keys are listed in splice-relay.toml(5)"),
+    }
+}
+
+/// Levenshtein distance, for suggestions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1)
+                .min(row[j] + 1)
+                .min(diag + usize::from(ca != *cb));
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 fn parse(root: &Spanned<DeTable<'_>>) -> Result<RawConfig, toml::de::Error> {
@@ -518,6 +603,8 @@ fn check_service(i: usize, s: RawService, loc: &Locator<'_>) -> Result<Service, 
         .map(|a| parse_listen(a).map_err(|m| err("listen", m)))
         .collect::<Result<Vec<_>, _>>()?;
 
+    let access = check_access(&s, &err)?;
+
     let Some(first) = s.command.first() else {
         return Err(err("command", "must not be empty".into()));
     };
@@ -583,6 +670,44 @@ fn check_service(i: usize, s: RawService, loc: &Locator<'_>) -> Result<Service, 
         ));
     }
 
+    let positive = |key: &str, d: &Option<Seconds>| match d {
+        Some(Seconds(d)) if d.is_zero() => Err(err(key, "must be more than 0".into())),
+        Some(Seconds(d)) => Ok(Some(*d)),
+        None => Ok(None),
+    };
+    let timeout = positive("timeout", &s.timeout)?;
+    let idle_timeout = positive("idle_timeout", &s.idle_timeout)?;
+    if s.max_bytes == Some(0) {
+        return Err(err("max_bytes", "must be at least 1".into()));
+    }
+    if s.max_bytes.is_some() && transfer == Transfer::Direct {
+        return Err(err(
+            "max_bytes",
+            r#"does not apply with transfer = "direct": the output does not pass through the daemon"#.into(),
+        ));
+    }
+    let message = |key: &str, m: Option<String>| match m {
+        Some(m) if m.len() > defaults::MAX_MESSAGE => Err(err(
+            key,
+            format!(
+                "{} bytes: must be at most {}",
+                m.len(),
+                defaults::MAX_MESSAGE
+            ),
+        )),
+        Some(m) if m.is_empty() => Ok(None),
+        other => Ok(other.map(String::into_bytes)),
+    };
+    let banner = message("banner", s.banner)?;
+    let busy_message = message("busy_message", s.busy_message)?;
+    let rlimits: Vec<(Limit, u64)> = [s.rlimit_as, s.rlimit_nofile, s.rlimit_nproc, s.rlimit_cpu]
+        .into_iter()
+        .zip(Limit::ALL)
+        .filter_map(|(v, (limit, _))| v.map(|v| (limit, v)))
+        .collect();
+    let run_as = runas::resolve(s.user.as_deref(), s.group.as_deref(), &rlimits, s.nice)
+        .map_err(|e| err(e.key, e.message))?;
+
     let (line, col) = loc
         .span_of(Some(i), "name")
         .map_or((0, 0), |r| loc.line_col(r.start));
@@ -602,6 +727,53 @@ fn check_service(i: usize, s: RawService, loc: &Locator<'_>) -> Result<Service, 
         max_connections,
         kill_grace: s.kill_grace.map_or(defaults::KILL_GRACE, |d| d.0),
         pipe_size,
+        access,
+        proxy_protocol: s.proxy_protocol.unwrap_or(false),
+        timeout,
+        idle_timeout,
+        max_bytes: s.max_bytes,
+        banner,
+        busy_message,
+        run_as,
+    })
+}
+
+/// `allow`, `deny`, `max_per_source`, `ipv6_source_prefix`, `rate`, `rate_per_source`.
+fn check_access(
+    s: &RawService,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Rules, ConfigError> {
+    let ranges = |key: &str, list: &Option<Vec<String>>| -> Result<Vec<Cidr>, ConfigError> {
+        list.iter()
+            .flatten()
+            .map(|text| text.parse::<Cidr>().map_err(|m| err(key, m)))
+            .collect()
+    };
+    if s.max_per_source == Some(0) {
+        return Err(err("max_per_source", "must be at least 1".into()));
+    }
+    let prefix = s.ipv6_source_prefix.unwrap_or(defaults::IPV6_SOURCE_PREFIX);
+    if !(1..=128).contains(&prefix) {
+        return Err(err(
+            "ipv6_source_prefix",
+            format!("{prefix}: must be between 1 and 128"),
+        ));
+    }
+    for (key, rate) in [("rate", s.rate), ("rate_per_source", s.rate_per_source)] {
+        if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+            return Err(err(
+                key,
+                "must be a number of connections per second above 0".into(),
+            ));
+        }
+    }
+    Ok(Rules {
+        allow: ranges("allow", &s.allow)?,
+        deny: ranges("deny", &s.deny)?,
+        max_per_source: s.max_per_source,
+        source_prefix_v6: prefix,
+        rate: s.rate,
+        rate_per_source: s.rate_per_source,
     })
 }
 
@@ -683,6 +855,95 @@ mod tests {
             s.listen,
             vec![ListenAddr::Tcp("127.0.0.1:9009".parse().unwrap())]
         );
+        assert_eq!(s.access.source_prefix_v6, defaults::IPV6_SOURCE_PREFIX);
+        assert_eq!(s.access.max_per_source, None);
+        assert!(!s.proxy_protocol);
+        assert!(s.timeout.is_none() && s.idle_timeout.is_none() && s.max_bytes.is_none());
+        assert!(s.run_as.is_empty());
+    }
+
+    /// Every commented-out example in the file is valid when uncommented
+    /// (user and group only as root, who may switch).
+    #[test]
+    fn example_config_with_every_option_uncommented_loads() {
+        let root = nix::unistd::geteuid().is_root();
+        let text: String = EXAMPLE
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.split_once(" = ").is_some_and(|(k, _)| {
+                        k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    }) && (root || !(rest.starts_with("user") || rest.starts_with("group"))) =>
+                {
+                    rest.to_owned()
+                }
+                _ => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = load_str("config.example.toml", &text).unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.access.allow.len(), 2);
+        assert_eq!(s.access.max_per_source, Some(8));
+        assert_eq!(s.access.rate, Some(200.0));
+        assert_eq!(s.timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(s.idle_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(s.max_bytes, Some(1 << 30));
+        assert_eq!(s.busy_message.as_deref(), Some(&b"busy\n"[..]));
+        assert_eq!(s.run_as.nice, Some(10));
+        assert_eq!(s.run_as.rlimits.len(), 4);
+        if root {
+            assert!(s.run_as.credentials.is_some());
+        }
+    }
+
+    #[test]
+    fn control_values_are_checked() {
+        let svc = |extra: &str| {
+            err(&format!(
+                "[[service]]\nname = \"a\"\ncommand = [\"true\"]\n{extra}\n"
+            ))
+        };
+        assert_eq!(
+            svc("allow = [\"10.0.0.1/8\"]"),
+            r#"t.toml:4:9: service "a": allow: "10.0.0.1/8": host bits set; did you mean "10.0.0.0/8"?"#
+        );
+        assert_eq!(
+            svc("max_per_source = 0"),
+            r#"t.toml:4:18: service "a": max_per_source: must be at least 1"#
+        );
+        assert_eq!(
+            svc("rate = -1"),
+            r#"t.toml:4:8: service "a": rate: must be a number of connections per second above 0"#
+        );
+        assert_eq!(
+            svc("ipv6_source_prefix = 0"),
+            r#"t.toml:4:22: service "a": ipv6_source_prefix: 0: must be between 1 and 128"#
+        );
+        assert_eq!(
+            svc("idle_timeout = 0"),
+            r#"t.toml:4:16: service "a": idle_timeout: must be more than 0"#
+        );
+        assert_eq!(
+            svc("max_bytes = 5\ntransfer = \"direct\""),
+            r#"t.toml:4:13: service "a": max_bytes: does not apply with transfer = "direct": the output does not pass through the daemon"#
+        );
+        assert_eq!(
+            svc("nice = 42"),
+            r#"t.toml:4:8: service "a": nice: 42: must be between -20 and 19"#
+        );
+        assert_eq!(
+            svc("user = \"no-such-user-here\""),
+            r#"t.toml:4:8: service "a": user: "no-such-user-here": no such user"#
+        );
+        let long = "x".repeat(defaults::MAX_MESSAGE + 1);
+        assert_eq!(
+            svc(&format!("banner = \"{long}\"")),
+            format!(
+                r#"t.toml:4:10: service "a": banner: {} bytes: must be at most 65536"#,
+                long.len()
+            )
+        );
     }
 
     #[test]
@@ -703,6 +964,15 @@ mod tests {
         let e = err("[[service]]\nname = \"a\"\ncommand = [\"/bin/true\"]\ncomand = 1\n");
         assert!(
             e.starts_with("t.toml:4:1: service \"a\": comand: unknown field `comand`"),
+            "{e}"
+        );
+        assert_eq!(
+            e,
+            "t.toml:4:1: service \"a\": comand: unknown field `comand`; did you mean `command`?"
+        );
+        let e = err("[[service]]\nname = \"a\"\ncommand = [\"true\"]\nfrobnicate = 1\n");
+        assert!(
+            e.ends_with("unknown field `frobnicate`; the keys are listed in splice-relay.toml(5)"),
             "{e}"
         );
     }

@@ -13,6 +13,15 @@
 //! - `command-exited` (`transfer = "direct"`): the command exited; its
 //!   leftovers are killed and the socket is shut down and closed.
 //! - `spawn-failed`: the command could not be started; the client is closed.
+//! - `timeout`, `idle-timeout`: the connection lived longer than `timeout`, or
+//!   no byte moved for `idle_timeout`; as for `client-gone`.
+//! - `max-bytes`: `max_bytes` of output were sent. The socket is shut down for
+//!   writing (the client sees end-of-file) and the command's group gets
+//!   SIGTERM at once, then SIGKILL after `kill_grace`.
+//!
+//! Before any of this, admission (`admit`) may refuse the client: it is then
+//! closed without a command, counted in the daemon's `refused` figure, and
+//! logged in episodes rather than with a record of its own.
 //!
 //! In every case, once the command has exited, whatever is left of its process
 //! group is killed, and the command is reaped.
@@ -32,7 +41,7 @@ use crate::config::{Service, Transfer};
 use crate::limit::Slot;
 use crate::listen::Family;
 use crate::peer::Peer;
-use crate::relay::{self, Meter};
+use crate::relay::{self, Activity, Meter, Pumped};
 use crate::server::Shared;
 use crate::shutdown::Phase;
 use crate::{os, sys};
@@ -57,6 +66,9 @@ enum End {
     CommandExited,
     ClientGone(Errno),
     Shutdown,
+    Timeout,
+    IdleTimeout,
+    MaxBytes,
     Error(String),
     SpawnFailed(String),
 }
@@ -68,6 +80,9 @@ impl End {
             End::CommandExited => "command-exited",
             End::ClientGone(_) => "client-gone",
             End::Shutdown => "shutdown",
+            End::Timeout => "timeout",
+            End::IdleTimeout => "idle-timeout",
+            End::MaxBytes => "max-bytes",
             End::Error(_) => "error",
             End::SpawnFailed(_) => "spawn-failed",
         }
@@ -94,6 +109,7 @@ struct Tally<'a> {
     started: Instant,
     sent: AtomicU64,
     received: AtomicU64,
+    activity: Activity,
 }
 
 impl Tally<'_> {
@@ -107,7 +123,7 @@ impl Tally<'_> {
         let detail = match end {
             End::ClientGone(e) => format!(" ({})", e.desc()),
             End::Error(e) | End::SpawnFailed(e) => format!(" ({e})"),
-            End::OutputEnded | End::CommandExited | End::Shutdown => String::new(),
+            _ => String::new(),
         };
         macro_rules! ended {
             ($level:ident) => {
@@ -149,8 +165,17 @@ impl Tally<'_> {
     }
 }
 
+/// What became of a connection, for the daemon's figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A command was run (or tried: a spawn failure counts here too).
+    Served,
+    /// Admission refused the client; no command ran.
+    Refused,
+}
+
 impl Handler {
-    pub async fn run(self) {
+    pub async fn run(self) -> Outcome {
         let Handler {
             id,
             service,
@@ -160,23 +185,129 @@ impl Handler {
             shared,
             slots: _slots,
         } = self;
-        let tally = Tally {
-            id,
-            service: &service.name,
-            peer: peer.to_string(),
-            started: Instant::now(),
-            sent: AtomicU64::new(0),
-            received: AtomicU64::new(0),
-        };
+        let started = Instant::now();
         if family == Family::Tcp {
             // Each splice is sent at once; a short line must not wait for Nagle.
             let _ = setsockopt(&socket, sockopt::TcpNoDelay, &true);
         }
-        if service.transfer == Transfer::Direct {
-            return direct(&tally, &service, &shared, socket, &peer).await;
+        let socket = match sys::register(socket, Interest::READABLE | Interest::WRITABLE) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(conn = id, service = %service.name, peer = %peer, error = %e, "cannot register a connection with the event loop");
+                return Outcome::Served;
+            }
+        };
+        // Held until the connection ends: the client's place in max_per_source.
+        let (peer, _source) = match shared.admissions.admit(&service, &socket, peer).await {
+            Ok(admitted) => admitted,
+            Err((peer, _)) => {
+                tracing::debug!(conn = id, service = %service.name, peer = %peer, "refused; no command run");
+                return Outcome::Refused;
+            }
+        };
+        let tally = Tally {
+            id,
+            service: &service.name,
+            peer: peer.to_string(),
+            started,
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            activity: Activity::new(started),
+        };
+        if let Some(banner) = &service.banner {
+            let sent = match deadline(&service, started) {
+                Some(at) => tokio::time::timeout_at(at.into(), send_all(&socket, banner))
+                    .await
+                    .unwrap_or(Err(Errno::ETIMEDOUT)),
+                None => send_all(&socket, banner).await,
+            };
+            match sent {
+                Ok(()) => {
+                    let n = banner.len() as u64;
+                    tally.sent.fetch_add(n, Ordering::Relaxed);
+                    shared.stats.bytes_sent.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(Errno::ETIMEDOUT) if service.timeout.is_some() => {
+                    tally.record(0, "none", &End::Timeout);
+                    return Outcome::Served;
+                }
+                Err(e) => {
+                    tally.record(0, "none", &End::ClientGone(e));
+                    return Outcome::Served;
+                }
+            }
         }
-        relayed(&tally, &service, &shared, socket, &peer).await
+        if service.transfer == Transfer::Direct {
+            direct(&tally, &service, &shared, socket.into_inner(), &peer).await;
+        } else {
+            relayed(&tally, &service, &shared, socket, &peer).await;
+        }
+        Outcome::Served
     }
+}
+
+/// When the connection's `timeout` runs out, if it has one.
+fn deadline(service: &Service, started: Instant) -> Option<Instant> {
+    service.timeout.map(|t| started + t)
+}
+
+/// Resolves when the connection's `timeout` has run out; never without one.
+async fn expired(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves once no byte has moved for `limit` (never without one).
+async fn idle(limit: Option<Duration>, activity: &Activity) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    loop {
+        let due = activity.last() + limit;
+        if Instant::now() >= due {
+            return;
+        }
+        tokio::time::sleep_until(due.into()).await;
+    }
+}
+
+/// The same for `transfer = "direct"`, where the bytes never pass through
+/// the daemon: TCP_INFO says when data last went either way. Unix sockets
+/// keep no such record, so there `idle_timeout` does not apply.
+async fn idle_direct(limit: Option<Duration>, socket: &OwnedFd, started: Instant) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    loop {
+        let Some(quiet) = sys::tcp_quiet(socket.as_fd()) else {
+            return std::future::pending().await;
+        };
+        let quiet = quiet.min(started.elapsed());
+        if quiet >= limit {
+            return;
+        }
+        tokio::time::sleep(limit - quiet).await;
+    }
+}
+
+/// Writes all of `bytes` to the socket.
+async fn send_all(socket: &AsyncFd<OwnedFd>, bytes: &[u8]) -> Result<(), Errno> {
+    let mut done = 0;
+    while done < bytes.len() {
+        let mut ready = socket
+            .writable()
+            .await
+            .map_err(|e| e.raw_os_error().map_or(Errno::EIO, Errno::from_raw))?;
+        match nix::unistd::write(socket.get_ref(), &bytes[done..]) {
+            Ok(n) => done += n,
+            Err(Errno::EAGAIN) => ready.clear_ready(),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// `transfer = "splice"` or `"copy"`: the command's stdout is a pipe that the
@@ -185,13 +316,9 @@ async fn relayed(
     tally: &Tally<'_>,
     service: &Service,
     shared: &Shared,
-    socket: OwnedFd,
+    socket: AsyncFd<OwnedFd>,
     peer: &Peer,
 ) {
-    let socket = match sys::register(socket, Interest::READABLE | Interest::WRITABLE) {
-        Ok(s) => s,
-        Err(e) => return tally.record(0, "none", &End::Error(e.to_string())),
-    };
     let spawned = match child::spawn(service, &shared.base_env, peer, None) {
         Ok(s) => s,
         Err(e) => return tally.record(0, "none", &End::SpawnFailed(e.to_string())),
@@ -224,24 +351,25 @@ async fn relayed(
         let meter = Meter {
             connection: &tally.sent,
             daemon: &shared.stats.bytes_sent,
+            activity: &tally.activity,
+            max: service
+                .max_bytes
+                .map(|m| m.saturating_sub(tally.sent.load(Ordering::Relaxed))),
         };
         let out = relay::pump(&stdout, &socket, service.transfer, service.pipe_size, meter);
-        let input = feed_input(
-            &socket,
-            stdin,
-            service,
-            &tally.received,
-            &shared.stats.bytes_received,
-        );
+        let input = feed_input(&socket, stdin, service, tally, &shared.stats.bytes_received);
         let mut watch = shared.shutdown.clone();
         let forced = watch.reached(Phase::Forced);
         let stderr_run = stderr.run();
-        tokio::pin!(out, input, forced, stderr_run);
+        let expired = expired(deadline(service, tally.started));
+        let idle = idle(service.idle_timeout, &tally.activity);
+        tokio::pin!(out, input, forced, stderr_run, expired, idle);
         let mut input_open = true;
         loop {
             tokio::select! {
                 r = &mut out => break match r {
-                    Ok(()) => End::OutputEnded,
+                    Ok(Pumped::EndOfFile) => End::OutputEnded,
+                    Ok(Pumped::Limit) => End::MaxBytes,
                     Err(e) if client_gone(e) => End::ClientGone(e),
                     Err(e) => End::Error(format!("relaying output: {}", e.desc())),
                 },
@@ -252,6 +380,8 @@ async fn relayed(
                 },
                 () = &mut stderr_run, if stderr_open => stderr_open = false,
                 () = &mut forced => break End::Shutdown,
+                () = &mut expired => break End::Timeout,
+                () = &mut idle => break End::IdleTimeout,
             }
         }
     };
@@ -261,9 +391,14 @@ async fn relayed(
     // the command gets kill_grace to exit on its own. Any other end: close
     // now and end the command's group.
     let (wait, lingering) = match end {
-        End::OutputEnded => {
+        End::OutputEnded | End::MaxBytes => {
             let _ = shutdown(socket.get_ref().as_raw_fd(), How::Write);
-            (service.kill_grace, Some(socket))
+            let wait = if matches!(end, End::MaxBytes) {
+                Duration::ZERO
+            } else {
+                service.kill_grace
+            };
+            (wait, Some(socket))
         }
         _ => {
             drop(socket);
@@ -330,13 +465,17 @@ async fn direct(
         let exited = child.exited();
         let reset = socket.ready(Interest::ERROR);
         let stderr_run = stderr.run();
-        tokio::pin!(forced, exited, reset, stderr_run);
+        let expired = expired(deadline(service, tally.started));
+        let idle = idle_direct(service.idle_timeout, socket.get_ref(), tally.started);
+        tokio::pin!(forced, exited, reset, stderr_run, expired, idle);
         loop {
             tokio::select! {
                 () = &mut exited => break End::CommandExited,
                 _ = &mut reset => break End::ClientGone(socket_error(socket.get_ref())),
                 () = &mut stderr_run, if stderr_open => stderr_open = false,
                 () = &mut forced => break End::Shutdown,
+                () = &mut expired => break End::Timeout,
+                () = &mut idle => break End::IdleTimeout,
             }
         }
     };
@@ -420,23 +559,25 @@ async fn feed_input(
     socket: &AsyncFd<OwnedFd>,
     stdin: Option<AsyncFd<OwnedFd>>,
     service: &Service,
-    received: &AtomicU64,
+    tally: &Tally<'_>,
     daemon_received: &AtomicU64,
 ) -> Result<(), Errno> {
     if let Some(pipe) = stdin {
         let meter = Meter {
-            connection: received,
+            connection: &tally.received,
             daemon: daemon_received,
+            activity: &tally.activity,
+            max: None,
         };
         match relay::pump(socket, &pipe, service.transfer, service.pipe_size, meter).await {
             // The client half-closed: dropping the pipe closes the command's stdin.
-            Ok(()) => return Ok(()),
+            Ok(_) => return Ok(()),
             // The command closed its stdin; what the client still sends is dropped.
             Err(Errno::EPIPE) => drop(pipe),
             Err(e) => return Err(e),
         }
     }
-    relay::discard(socket, received).await
+    relay::discard(socket, &tally.received).await
 }
 
 fn reap(child: Child) -> String {

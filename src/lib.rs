@@ -10,13 +10,16 @@
 //! - [`listen`]: sockets adopted from systemd or bound from the config.
 //! - [`server`]: accept loops, limits, reload, status, watchdog, stop.
 //! - [`limit`]: the counted limits the accept loops wait on.
-//! - [`access`]: allow and deny ranges, per-source limits, connection rates.
+//! - [`admit`]: whether a client gets a command: PROXY header, access rules,
+//!   per-source limits, rates, and refusal episodes in the log.
+//! - [`access`]: the rules themselves: address ranges, per-source counts, token buckets.
+//! - [`proxy`]: the PROXY protocol v1/v2 header.
 //! - [`connection`]: one connection, from accept to its log record.
 //! - [`child`]: the command: spawn, process group, termination, reaping.
+//! - [`runas`]: the command's user, group, resource limits and nice value.
 //! - [`relay`]: the splice loop that moves the bytes.
 //! - [`reload`]: how `systemctl reload` waits until a file is applied.
 //! - [`peer`]: who is connected, for the log and the command's environment.
-//! - [`proxy`]: the PROXY protocol header that names the client behind a proxy.
 //! - [`notify`]: sd_notify messages to systemd.
 //! - [`log`]: journal or stderr logging.
 //! - [`shutdown`]: the phases of stopping.
@@ -24,6 +27,7 @@
 //! - `sys`: the only `unsafe` code, a few system calls behind safe functions.
 
 pub mod access;
+pub mod admit;
 pub mod child;
 pub mod config;
 pub mod connection;
@@ -36,6 +40,7 @@ pub mod peer;
 pub mod proxy;
 pub mod relay;
 pub mod reload;
+pub mod runas;
 pub mod server;
 pub mod shutdown;
 mod sys;

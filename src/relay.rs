@@ -16,6 +16,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{splice, SpliceFFlags};
@@ -27,20 +28,60 @@ use crate::config::Transfer;
 /// Size of the user-space buffer on the read/write path.
 const COPY_BUFFER: usize = 64 * 1024;
 
+/// When bytes last moved on a connection, in either direction, for `idle_timeout`.
+#[derive(Debug)]
+pub struct Activity {
+    since: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    pub fn new(since: Instant) -> Activity {
+        Activity {
+            since,
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.since.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// When the last byte moved (the start, if none has).
+    pub fn last(&self) -> Instant {
+        self.since + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
 /// Counts bytes as they move: for this connection and for the whole daemon.
 pub struct Meter<'a> {
     pub connection: &'a AtomicU64,
     pub daemon: &'a AtomicU64,
+    pub activity: &'a Activity,
+    /// Stop after this many bytes (`max_bytes`).
+    pub max: Option<u64>,
 }
 
 impl Meter<'_> {
     fn add(&self, n: usize) {
         self.connection.fetch_add(n as u64, Ordering::Relaxed);
         self.daemon.fetch_add(n as u64, Ordering::Relaxed);
+        self.activity.touch();
     }
 }
 
-/// Moves everything from `src` to `dst` until `src` reaches end-of-file.
+/// How a [`pump`] ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pumped {
+    /// The source reached end-of-file and everything read was written.
+    EndOfFile,
+    /// The meter's `max` bytes were written; the rest stays in the source.
+    Limit,
+}
+
+/// Moves everything from `src` to `dst` until `src` reaches end-of-file (or
+/// the meter's `max` is reached).
 ///
 /// `chunk` bounds one splice call (the pipe's size is a good value). An error
 /// is the errno of whichever side failed; the caller knows which end is the
@@ -51,20 +92,21 @@ pub async fn pump(
     transfer: Transfer,
     chunk: usize,
     meter: Meter<'_>,
-) -> Result<(), Errno> {
+) -> Result<Pumped, Errno> {
+    let mut left = meter.max.unwrap_or(u64::MAX);
     if transfer == Transfer::Splice {
-        match splice_loop(src, dst, chunk, &meter).await {
+        match splice_loop(src, dst, chunk, &meter, &mut left).await {
             Spliced::Done(r) => return r,
             Spliced::Fallback(why) => {
                 tracing::warn!("{why}; copying through a buffer for the rest of this connection");
             }
         }
     }
-    copy_loop(src, dst, &meter).await
+    copy_loop(src, dst, &meter, &mut left).await
 }
 
 enum Spliced {
-    Done(Result<(), Errno>),
+    Done(Result<Pumped, Errno>),
     /// splice cannot go on with this pair; read/write can.
     Fallback(&'static str),
 }
@@ -79,6 +121,7 @@ async fn splice_loop(
     dst: &AsyncFd<OwnedFd>,
     chunk: usize,
     meter: &Meter<'_>,
+    left: &mut u64,
 ) -> Spliced {
     // SPLICE_F_MORE is not used: it corks TCP, holding back a short line until
     // more comes, and the client must see output as soon as the command writes it.
@@ -89,17 +132,22 @@ async fn splice_loop(
             (Ok(r), Ok(w)) => (r, w),
             (Err(e), _) | (_, Err(e)) => return Spliced::Done(Err(io_errno(e))),
         };
-        match splice(src.get_ref(), None, dst.get_ref(), None, chunk, flags) {
-            Ok(0) if really_ended(src.get_ref()) => return Spliced::Done(Ok(())),
+        if *left == 0 {
+            return Spliced::Done(Ok(Pumped::Limit));
+        }
+        let ask = chunk.min(usize::try_from(*left).unwrap_or(usize::MAX));
+        match splice(src.get_ref(), None, dst.get_ref(), None, ask, flags) {
+            Ok(0) if really_ended(src.get_ref()) => return Spliced::Done(Ok(Pumped::EndOfFile)),
             Ok(0) => return Spliced::Fallback("splice(2) stopped at a TCP urgent mark"),
             Ok(n) => {
                 meter.add(n);
+                *left -= n as u64;
                 stuck = 0;
                 // Less than asked: one end is probably drained or full. One
                 // poll says which, instead of a splice that would return
                 // EAGAIN and then the same poll. (Hang-up counts as ready, so
                 // end-of-file is still seen by the next splice.)
-                if n < chunk {
+                if n < ask {
                     match blocked_side(src.get_ref(), dst.get_ref()) {
                         Side::Dst => writable.clear_ready(),
                         Side::Src => readable.clear_ready(),
@@ -180,15 +228,20 @@ async fn copy_loop(
     src: &AsyncFd<OwnedFd>,
     dst: &AsyncFd<OwnedFd>,
     meter: &Meter<'_>,
-) -> Result<(), Errno> {
+    left: &mut u64,
+) -> Result<Pumped, Errno> {
     // The buffer exists only while data moves: an idle connection (a slow
     // stream between two lines) holds none.
     let mut slot: Option<Vec<u8>> = None;
     loop {
+        if *left == 0 {
+            return Ok(Pumped::Limit);
+        }
         let mut readable = src.readable().await.map_err(io_errno)?;
         let buf = slot.get_or_insert_with(|| vec![0u8; COPY_BUFFER]);
-        let len = match nix::unistd::read(src.get_ref(), buf) {
-            Ok(0) => return Ok(()),
+        let want = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+        let len = match nix::unistd::read(src.get_ref(), &mut buf[..want]) {
+            Ok(0) => return Ok(Pumped::EndOfFile),
             Ok(n) => n,
             Err(Errno::EAGAIN) => {
                 readable.clear_ready();
@@ -204,6 +257,7 @@ async fn copy_loop(
             match nix::unistd::write(dst.get_ref(), &buf[done..len]) {
                 Ok(n) => {
                     done += n;
+                    *left -= n as u64;
                     meter.add(n);
                 }
                 Err(Errno::EAGAIN) => writable.clear_ready(),

@@ -15,8 +15,9 @@ use tokio::io::Interest;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 
+use crate::admit::Admissions;
 use crate::config::{self, Config};
-use crate::connection::Handler;
+use crate::connection::{Handler, Outcome};
 use crate::limit::{Gate, Slot};
 use crate::listen::{self, Listener};
 use crate::peer::Peer;
@@ -34,6 +35,8 @@ pub struct Stats {
     /// accept loop holds while it waits for a client).
     pub active: AtomicU64,
     pub served: AtomicU64,
+    /// Clients refused by admission (no command ran).
+    pub refused: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
 }
@@ -49,6 +52,8 @@ pub struct Shared {
     /// for the daemon alone; the base of every command's environment.
     pub base_env: Vec<(OsString, OsString)>,
     pub shutdown: Watch,
+    /// Per-service admission state and refusal episodes.
+    pub admissions: Admissions,
     next_id: AtomicU64,
     /// Where each reload's outcome is published for `--reload`.
     reloads: reload::Outcomes,
@@ -77,6 +82,10 @@ impl Shared {
             self.stats.served.load(Ordering::Relaxed),
             human_bytes(self.stats.bytes_sent.load(Ordering::Relaxed)),
         );
+        let refused = self.stats.refused.load(Ordering::Relaxed);
+        if refused > 0 {
+            s.push_str(&format!(", {refused} refused"));
+        }
         if let Some(e) = &*self.reload_error.lock().unwrap_or_else(|e| e.into_inner()) {
             s.push_str("; reload failed, previous config in use: ");
             s.push_str(e);
@@ -127,6 +136,7 @@ impl Server {
             stats: Stats::default(),
             base_env: base_env(),
             shutdown: watch,
+            admissions: Admissions::default(),
             next_id: AtomicU64::new(1),
             reload_error: Mutex::new(None),
             reloads: reload::Outcomes::from_env(),
@@ -275,9 +285,13 @@ async fn accept_loop(
                 let shared = Arc::clone(&shared);
                 shared.stats.active.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
-                    handler.run().await;
+                    let outcome = handler.run().await;
                     shared.stats.active.fetch_sub(1, Ordering::Relaxed);
-                    shared.stats.served.fetch_add(1, Ordering::Relaxed);
+                    let counter = match outcome {
+                        Outcome::Served => &shared.stats.served,
+                        Outcome::Refused => &shared.stats.refused,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
                 });
             }
             // Out of descriptors or memory: more attempts now cannot succeed.
@@ -416,6 +430,7 @@ async fn report(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = status_tick.tick() => {
+                shared.admissions.sweep();
                 let now = shared.status();
                 if now != last {
                     notify::status(&now);

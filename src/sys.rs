@@ -62,11 +62,9 @@ pub fn register(
         .map_err(io::Error::from)
 }
 
-/// Bytes the peer acknowledged and bytes received on a TCP socket, from
-/// TCP_INFO; None for other sockets. Both follow sequence numbers, so each
-/// includes a FIN once one was acknowledged or received. The daemon's count for `transfer =
-/// "direct"`, where the bytes never pass through it.
-pub fn tcp_bytes(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+/// The kernel's TCP_INFO for a socket; None for other sockets and for
+/// kernels older than 4.1/4.2, whose shorter struct lacks the byte counters.
+fn tcp_info(fd: BorrowedFd<'_>) -> Option<libc::tcp_info> {
     // SAFETY: tcp_info is plain old data; all-zero bytes are a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -81,8 +79,89 @@ pub fn tcp_bytes(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
             &mut len,
         )
     };
-    // Kernels older than 4.1/4.2 return a shorter struct without the counters.
     let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
-    (ret == 0 && len as usize >= needed)
-        .then_some((info.tcpi_bytes_acked, info.tcpi_bytes_received))
+    (ret == 0 && len as usize >= needed).then_some(info)
+}
+
+/// Bytes the peer acknowledged and bytes received on a TCP socket, from
+/// TCP_INFO; None for other sockets. Both follow sequence numbers, so each
+/// includes a FIN once one was acknowledged or received. The daemon's count for `transfer =
+/// "direct"`, where the bytes never pass through it.
+pub fn tcp_bytes(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    tcp_info(fd).map(|i| (i.tcpi_bytes_acked, i.tcpi_bytes_received))
+}
+
+/// How long since data last went either way on a TCP socket; None for other sockets.
+pub fn tcp_quiet(fd: BorrowedFd<'_>) -> Option<std::time::Duration> {
+    tcp_info(fd).map(|i| {
+        std::time::Duration::from_millis(i.tcpi_last_data_sent.min(i.tcpi_last_data_recv).into())
+    })
+}
+
+/// What runs in the child between fork and exec: resource limits, nice, and
+/// the switch to another user and group, in that order (the first two may
+/// need privileges the switch gives up). Prepared in full before the fork, so
+/// the child only makes system calls: no allocation, no locks.
+pub fn apply_before_exec(cmd: &mut std::process::Command, run_as: &crate::runas::RunAs) {
+    use crate::runas::Limit;
+    use std::os::unix::process::CommandExt;
+
+    let rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)> = run_as
+        .rlimits
+        .iter()
+        .map(|&(limit, value)| {
+            let resource = match limit {
+                Limit::As => libc::RLIMIT_AS,
+                Limit::Nofile => libc::RLIMIT_NOFILE,
+                Limit::Nproc => libc::RLIMIT_NPROC,
+                Limit::Cpu => libc::RLIMIT_CPU,
+            };
+            let rlim = libc::rlimit {
+                rlim_cur: value,
+                rlim_max: value,
+            };
+            (resource, rlim)
+        })
+        .collect();
+    let nice = run_as.nice;
+    let ids = run_as.credentials.as_ref().map(|c| {
+        let groups: Vec<libc::gid_t> = c.groups.iter().map(|g| g.as_raw()).collect();
+        (c.uid.as_raw(), c.gid.as_raw(), groups)
+    });
+    let setup = move || -> io::Result<()> {
+        let check = |ret: libc::c_int| {
+            if ret == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        for (resource, rlim) in &rlimits {
+            // SAFETY: setrlimit reads the rlimit struct we pass by pointer,
+            // which lives in this closure; it is async-signal-safe.
+            check(unsafe { libc::setrlimit(*resource, rlim) })?;
+        }
+        if let Some(n) = nice {
+            // SAFETY: setpriority takes plain integers; async-signal-safe.
+            check(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) })?;
+        }
+        if let Some((uid, gid, groups)) = &ids {
+            // SAFETY: the pointer and length describe `groups`, which lives
+            // in this closure; setgroups, setgid and setuid take plain values
+            // otherwise. All three are async-signal-safe system calls.
+            check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
+            // SAFETY: as above.
+            check(unsafe { libc::setgid(*gid) })?;
+            // SAFETY: as above.
+            check(unsafe { libc::setuid(*uid) })?;
+        }
+        Ok(())
+    };
+    // SAFETY: the closure runs in the forked child before exec. It allocates
+    // nothing, takes no lock and makes only async-signal-safe system calls
+    // (setrlimit, setpriority, setgroups, setgid, setuid) on data prepared
+    // before the fork, which is what pre_exec requires in a threaded process.
+    unsafe {
+        cmd.pre_exec(setup);
+    }
 }

@@ -238,6 +238,40 @@ t_config_error() {
     [ "$(sr_in socat -u TCP:127.0.0.1:9009 -)" = fixed ] || fail "not served after the fix"
 }
 
+# --- admission and user switching under the real unit --------------------------------
+t_controls() {
+    # The shipped unit has no capabilities: a user switch is refused with its
+    # position, and the running config stays.
+    printf '[[service]]\nname = "who"\ncommand = ["id", "-un"]\nuser = "nobody"\n' | config
+    if sr_in systemctl reload splice-relay 2>/dev/null; then fail "reload with user= and no capability succeeded"; return 1; fi
+    eventually 'user: running commands as user "nobody" (uid 65534) needs CAP_SETUID and CAP_SETGID' \
+        sr_in journalctl -u splice-relay --no-pager || return 1
+    [ "$(sr_in socat -u TCP:127.0.0.1:9009 -)" = fixed ] || fail "the previous config is not serving" || return 1
+    # The README's drop-in grants them.
+    sr_in mkdir -p /etc/systemd/system/splice-relay.service.d
+    sr_in sh -c 'cat > /etc/systemd/system/splice-relay.service.d/user.conf' <<'EOF'
+[Service]
+DynamicUser=no
+PrivateUsers=no
+CapabilityBoundingSet=CAP_SETUID CAP_SETGID
+AmbientCapabilities=CAP_SETUID CAP_SETGID
+SystemCallFilter=
+SystemCallFilter=@system-service
+EOF
+    sr_in systemctl daemon-reload
+    sr_in systemctl restart splice-relay || return $(fail "restart with the drop-in")
+    [ "$(sr_in socat -u TCP:127.0.0.1:9009 -)" = nobody ] || fail "the command did not run as nobody" || return 1
+    # A denied client gets nothing and no command; the journal says why.
+    printf '[[service]]\nname = "who"\ncommand = ["id", "-un"]\nuser = "nobody"\ndeny = ["127.0.0.0/8"]\n' | reconfigure ||
+        return $(fail "reload with deny")
+    [ -z "$(sr_in socat -u TCP:127.0.0.1:9009 -)" ] || fail "a denied client got output" || return 1
+    eventually "refused 127.0.0.1" sr_in journalctl -u splice-relay --no-pager REASON=denied || return 1
+    sr_in rm -r /etc/systemd/system/splice-relay.service.d
+    sr_in systemctl daemon-reload
+    printf '[[service]]\nname = "good"\ncommand = ["echo", "fixed"]\n' | config
+    sr_in systemctl restart splice-relay
+}
+
 # --- 4. named sockets and a Unix socket ------------------------------------------------
 t_named_sockets() {
     sr_in mkdir -p /etc/systemd/system/splice-relay.socket.d
@@ -293,7 +327,7 @@ t_remove() {
 }
 
 for t in t_install t_units_verify_and_score t_activation t_status t_journal t_reload t_restart \
-         t_watchdog t_config_error t_named_sockets t_upgrade t_remove; do
+         t_watchdog t_config_error t_controls t_named_sockets t_upgrade t_remove; do
     run "$t"
     [ "$t" = t_install ] && [ "$failed" -gt 0 ] && break
 done

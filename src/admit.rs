@@ -1,0 +1,187 @@
+//! Admission: whether an accepted client gets a command at all. It runs first
+//! in the connection's task: the PROXY header (when the service expects one)
+//! gives the client's real address, then the service's `allow`/`deny`,
+//! `max_per_source`, `rate_per_source` and `rate` decide. A refused client is
+//! closed before any command runs; a client refused at a limit or a rate first
+//! gets the service's `busy_message`, if it has one.
+//!
+//! Refusals are logged in episodes, not one line per client (a flood would
+//! otherwise flood the journal): the first refusal of a kind for a service is
+//! logged with its peer, later ones are counted, and when none has come for
+//! [`QUIET`] the episode's end is logged with the count.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{shutdown, Shutdown as How};
+use tokio::io::unix::AsyncFd;
+
+use crate::access::{Admission, Refusal, SourceGuard};
+use crate::config::Service;
+use crate::peer::Peer;
+use crate::proxy::{self, Header};
+
+/// How long a client may take to send its PROXY header.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A refusal episode ends after this long without a refusal of its kind.
+pub const QUIET: Duration = Duration::from_secs(5);
+
+/// The admission state of every service (kept across reloads, by name) and
+/// the refusal episodes.
+#[derive(Default)]
+pub struct Admissions {
+    services: Mutex<HashMap<String, Arc<Admission>>>,
+    episodes: Mutex<HashMap<(String, &'static str), Episode>>,
+}
+
+impl std::fmt::Debug for Admissions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admissions").finish_non_exhaustive()
+    }
+}
+
+struct Episode {
+    started: Instant,
+    last: Instant,
+    refused: u64,
+}
+
+/// Why a client got no command.
+pub enum Refused {
+    /// A rule of the service (`allow`/`deny`, a limit, a rate).
+    Rule(Refusal),
+    /// `proxy_protocol = true` and the header was malformed, missing or late.
+    ProxyHeader(String),
+}
+
+impl Refused {
+    fn reason(&self) -> &'static str {
+        match self {
+            Refused::Rule(r) => r.reason(),
+            Refused::ProxyHeader(_) => "proxy-header",
+        }
+    }
+}
+
+impl Admissions {
+    fn of(&self, service: &Service) -> Arc<Admission> {
+        let mut map = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            map.entry(service.name.clone())
+                .or_insert_with(Admission::new),
+        )
+    }
+
+    /// Decides for one client. On success, returns the peer to use (from
+    /// the PROXY header, if any) and the client's place in `max_per_source`.
+    pub async fn admit(
+        &self,
+        service: &Service,
+        socket: &AsyncFd<OwnedFd>,
+        peer: Peer,
+    ) -> Result<(Peer, SourceGuard), (Peer, Refused)> {
+        let peer = if service.proxy_protocol {
+            match proxy::read_header(socket, PROXY_HEADER_TIMEOUT).await {
+                Ok(Header::Proxied {
+                    source,
+                    destination,
+                }) => Peer::Tcp {
+                    remote: source,
+                    local: destination,
+                },
+                Ok(Header::Local) => peer,
+                Err(e) => {
+                    let refused = Refused::ProxyHeader(e.to_string());
+                    self.note(service, &peer, &refused);
+                    return Err((peer, refused));
+                }
+            }
+        } else {
+            peer
+        };
+        let ip: Option<IpAddr> = match &peer {
+            Peer::Tcp { remote, .. } => Some(remote.ip()),
+            Peer::Unix { .. } => None,
+        };
+        match self.of(service).admit(ip, &service.access, Instant::now()) {
+            Ok(guard) => Ok((peer, guard)),
+            Err(refusal) => {
+                if refusal != Refusal::Denied {
+                    if let Some(message) = &service.busy_message {
+                        tell_and_close(socket, message);
+                    }
+                }
+                let refused = Refused::Rule(refusal);
+                self.note(service, &peer, &refused);
+                Err((peer, refused))
+            }
+        }
+    }
+
+    /// Counts a refusal; logs it if it starts an episode.
+    fn note(&self, service: &Service, peer: &Peer, refused: &Refused) {
+        let now = Instant::now();
+        let reason = refused.reason();
+        let detail = match refused {
+            Refused::Rule(r) => r.to_string(),
+            Refused::ProxyHeader(e) => e.clone(),
+        };
+        let mut episodes = self.episodes.lock().unwrap_or_else(|e| e.into_inner());
+        let episode = episodes
+            .entry((service.name.clone(), reason))
+            .or_insert(Episode {
+                started: now,
+                last: now,
+                refused: 0,
+            });
+        episode.refused += 1;
+        episode.last = now;
+        if episode.refused == 1 {
+            tracing::warn!(
+                service = %service.name, peer = %peer, reason,
+                "refused {peer}: {detail}; further refusals of this kind are counted, and logged when they stop"
+            );
+        } else {
+            tracing::debug!(service = %service.name, peer = %peer, reason, "refused {peer}: {detail}");
+        }
+    }
+
+    /// Ends the episodes that have been quiet for [`QUIET`], logging each
+    /// with its count. Called once a second.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut episodes = self.episodes.lock().unwrap_or_else(|e| e.into_inner());
+        episodes.retain(|(service, reason), e| {
+            if now.duration_since(e.last) < QUIET {
+                return true;
+            }
+            let seconds = e.last.duration_since(e.started).as_secs_f64();
+            tracing::info!(
+                service = %service, reason = *reason, refused = e.refused,
+                "refusals ended: {} client(s) refused ({reason}) over {seconds:.1} s",
+                e.refused
+            );
+            false
+        });
+    }
+}
+
+/// Best effort, without waiting: the message if the socket takes it now,
+/// then our side shut down. Whatever the client sent is read and dropped, so
+/// that closing does not answer with a reset that could destroy the message.
+fn tell_and_close(socket: &AsyncFd<OwnedFd>, message: &[u8]) {
+    let fd = socket.get_ref();
+    let _ = nix::unistd::write(fd, message);
+    let _ = shutdown(fd.as_raw_fd(), How::Write);
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        match nix::unistd::read(fd, &mut buf) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! What a command runs as: another user and group, resource limits and a nice
+//! value. Resolved and checked when the config is loaded (a name that does not
+//! exist, or a change the daemon has no privilege for, is a config error with
+//! its position); applied in the child between fork and exec by `sys`.
+//!
+//! A service that sets none of these is spawned with posix_spawn. One that
+//! sets any of them needs code to run in the child before exec, which std's
+//! `Command` does with fork instead (the daemon is small, so this costs little;
+//! the benchmark's `rate` scenarios measure it).
+
+use std::ffi::CString;
+use std::fmt;
+
+use nix::unistd::{getegid, geteuid, getgroups, Gid, Group, Uid, User};
+
+/// The resources a service may limit (`rlimit_as`, … in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// Address space, bytes.
+    As,
+    /// Open descriptors.
+    Nofile,
+    /// Processes of the user the command runs as (all of them, not only its own).
+    Nproc,
+    /// CPU time, seconds.
+    Cpu,
+}
+
+impl Limit {
+    pub const ALL: [(Limit, &'static str); 4] = [
+        (Limit::As, "rlimit_as"),
+        (Limit::Nofile, "rlimit_nofile"),
+        (Limit::Nproc, "rlimit_nproc"),
+        (Limit::Cpu, "rlimit_cpu"),
+    ];
+
+    pub fn resource(self) -> nix::sys::resource::Resource {
+        use nix::sys::resource::Resource;
+        match self {
+            Limit::As => Resource::RLIMIT_AS,
+            Limit::Nofile => Resource::RLIMIT_NOFILE,
+            Limit::Nproc => Resource::RLIMIT_NPROC,
+            Limit::Cpu => Resource::RLIMIT_CPU,
+        }
+    }
+}
+
+/// The identity to switch to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: Uid,
+    pub gid: Gid,
+    /// Supplementary groups: the user's (from the group database), or just
+    /// `gid` when only `group` is set.
+    pub groups: Vec<Gid>,
+    /// `user "name" (uid N)` for messages.
+    pub label: String,
+}
+
+/// Everything applied in the child before exec; empty for most services.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunAs {
+    pub credentials: Option<Credentials>,
+    /// Each sets the soft and the hard limit.
+    pub rlimits: Vec<(Limit, u64)>,
+    pub nice: Option<i32>,
+}
+
+impl RunAs {
+    pub fn is_empty(&self) -> bool {
+        self.credentials.is_none() && self.rlimits.is_empty() && self.nice.is_none()
+    }
+}
+
+/// A problem with one key, for config.rs to locate.
+#[derive(Debug)]
+pub struct KeyError {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+fn key_error(key: &'static str, message: impl Into<String>) -> KeyError {
+    KeyError {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Capabilities checked here, by bit number in /proc/self/status's CapEff.
+const CAP_SETGID: u32 = 6;
+const CAP_SETUID: u32 = 7;
+const CAP_SYS_NICE: u32 = 23;
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// True when this process has `cap` in its effective set.
+fn has_capability(cap: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|bits| bits & (1 << cap) != 0)
+}
+
+/// Resolves and checks `user`, `group`, the `rlimit_*` values and `nice`.
+pub fn resolve(
+    user: Option<&str>,
+    group: Option<&str>,
+    rlimits: &[(Limit, u64)],
+    nice: Option<i32>,
+) -> Result<RunAs, KeyError> {
+    let credentials = credentials(user, group)?;
+    for &(limit, value) in rlimits {
+        let key = Limit::ALL
+            .iter()
+            .find(|(l, _)| *l == limit)
+            .map_or("rlimit", |(_, k)| k);
+        if limit == Limit::Cpu && value == 0 {
+            return Err(key_error(key, "must be at least 1 second"));
+        }
+        let (_, hard) = nix::sys::resource::getrlimit(limit.resource()).map_err(|e| {
+            key_error(
+                key,
+                format!("cannot read the daemon's own limit: {}", e.desc()),
+            )
+        })?;
+        if value > hard && !has_capability(CAP_SYS_RESOURCE) {
+            return Err(key_error(
+                key,
+                format!(
+                    "{value} is above the daemon's own hard limit ({hard}); raising it needs CAP_SYS_RESOURCE, which the daemon does not have"
+                ),
+            ));
+        }
+    }
+    if let Some(n) = nice {
+        if !(-20..=19).contains(&n) {
+            return Err(key_error(
+                "nice",
+                format!("{n}: must be between -20 and 19"),
+            ));
+        }
+        let own = current_nice();
+        if n < own && !has_capability(CAP_SYS_NICE) {
+            return Err(key_error(
+                "nice",
+                format!(
+                    "{n} is below the daemon's own nice value ({own}); that needs CAP_SYS_NICE, which the daemon does not have"
+                ),
+            ));
+        }
+    }
+    Ok(RunAs {
+        credentials,
+        rlimits: rlimits.to_vec(),
+        nice,
+    })
+}
+
+fn current_nice() -> i32 {
+    // The 19th field of /proc/self/stat; reading it avoids getpriority's
+    // ambiguous -1 return.
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            rest.split(' ').nth(16)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// `user` and `group`: a name or a number. None when they name the identity
+/// the daemon already has (nothing to change, no privilege needed).
+fn credentials(user: Option<&str>, group: Option<&str>) -> Result<Option<Credentials>, KeyError> {
+    if user.is_none() && group.is_none() {
+        return Ok(None);
+    }
+    let user = user
+        .map(|u| {
+            let found = match u.parse::<u32>() {
+                Ok(n) => User::from_uid(Uid::from_raw(n)),
+                Err(_) => User::from_name(u),
+            };
+            match found {
+                Ok(Some(entry)) => Ok((Some(entry.clone()), entry.uid, entry.gid)),
+                // A bare number with no passwd entry is usable with `group`.
+                Ok(None) if u.parse::<u32>().is_ok() => {
+                    let uid = Uid::from_raw(u.parse().unwrap_or(0));
+                    Ok((None, uid, getegid()))
+                }
+                Ok(None) => Err(key_error("user", format!("{u:?}: no such user"))),
+                Err(e) => Err(key_error(
+                    "user",
+                    format!("{u:?}: cannot look it up: {}", e.desc()),
+                )),
+            }
+        })
+        .transpose()?;
+    let gid = group
+        .map(|g| {
+            let found = match g.parse::<u32>() {
+                Ok(n) => return Ok(Gid::from_raw(n)),
+                Err(_) => Group::from_name(g),
+            };
+            match found {
+                Ok(Some(entry)) => Ok(entry.gid),
+                Ok(None) => Err(key_error("group", format!("{g:?}: no such group"))),
+                Err(e) => Err(key_error(
+                    "group",
+                    format!("{g:?}: cannot look it up: {}", e.desc()),
+                )),
+            }
+        })
+        .transpose()?;
+
+    let (uid, gid, groups, label) = match (user, gid) {
+        (Some((entry, uid, primary)), gid) => {
+            let gid = gid.unwrap_or(primary);
+            let groups = match &entry {
+                Some(e) => CString::new(e.name.as_str())
+                    .ok()
+                    .and_then(|name| nix::unistd::getgrouplist(&name, gid).ok())
+                    .unwrap_or_else(|| vec![gid]),
+                None => vec![gid],
+            };
+            let label = match &entry {
+                Some(e) => format!("user {:?} (uid {uid})", e.name),
+                None => format!("uid {uid}"),
+            };
+            (uid, gid, groups, label)
+        }
+        (None, Some(gid)) => (geteuid(), gid, vec![gid], format!("group {gid}")),
+        (None, None) => return Ok(None),
+    };
+
+    let mut current = getgroups().unwrap_or_default();
+    current.sort_unstable_by_key(|g| g.as_raw());
+    let mut wanted = groups.clone();
+    wanted.sort_unstable_by_key(|g| g.as_raw());
+    wanted.dedup();
+    if uid == geteuid() && gid == getegid() && (current == wanted || wanted == [gid]) {
+        return Ok(None);
+    }
+    let need_uid = uid != geteuid();
+    if (need_uid && !has_capability(CAP_SETUID)) || !has_capability(CAP_SETGID) {
+        let key = if need_uid { "user" } else { "group" };
+        let caps = if need_uid {
+            "CAP_SETUID and CAP_SETGID"
+        } else {
+            "CAP_SETGID"
+        };
+        return Err(key_error(
+            key,
+            format!(
+                "running commands as {label} needs {caps}, which the daemon (uid {}) does not have; see \"user\" in splice-relay.toml(5)",
+                geteuid()
+            ),
+        ));
+    }
+    Ok(Some(Credentials {
+        uid,
+        gid,
+        groups,
+        label,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_identity_needs_no_change() {
+        let me = geteuid().to_string();
+        assert_eq!(credentials(Some(&me), None).unwrap(), None);
+        assert!(resolve(None, None, &[], None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn unknown_names_are_errors() {
+        let e = credentials(Some("no-such-user-here"), None).unwrap_err();
+        assert_eq!(e.to_string(), r#"user: "no-such-user-here": no such user"#);
+        let e = credentials(None, Some("no-such-group-here")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"group: "no-such-group-here": no such group"#
+        );
+    }
+
+    #[test]
+    fn nice_range() {
+        let e = resolve(None, None, &[], Some(20)).unwrap_err();
+        assert_eq!(e.to_string(), "nice: 20: must be between -20 and 19");
+        assert_eq!(resolve(None, None, &[], Some(19)).unwrap().nice, Some(19));
+    }
+}

@@ -1,0 +1,468 @@
+//! The per-service controls against the real binary: timeouts, max_bytes,
+//! banner, access rules, per-source limits, rates, the PROXY protocol, and
+//! what the command runs as. Slow readers and slowloris writers are here too:
+//! they must end at their timeouts without slowing anyone else.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s
+}
+
+/// Reads until end-of-file; a reset after some bytes counts as the end too.
+fn read_all(mut s: TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
+fn read_line(s: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while s.read(&mut byte).unwrap() == 1 {
+        line.push(byte[0]);
+        if byte[0] == b'\n' {
+            break;
+        }
+    }
+    String::from_utf8(line).unwrap()
+}
+
+fn field(record: &str, name: &str) -> u64 {
+    let start = record.find(&format!(" {name}=")).unwrap() + name.len() + 2;
+    record[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn timeout_ends_a_connection_and_its_command() {
+    let (sock, addr) = pass_tcp("test");
+    let d = Daemon::start(
+        &one_service(
+            r#"["sh", "-c", "echo start; exec sleep 60"]"#,
+            r#"timeout = "500ms""#,
+        ),
+        vec![sock],
+    );
+    let started = Instant::now();
+    let out = read_all(connect(addr));
+    assert_eq!(out, b"start\n");
+    let record = d.wait_log(&["connection ended", "reason=\"timeout\""]);
+    let took = field(&record, "duration_ms");
+    assert!((500..5000).contains(&took), "{record}");
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    let pid = field(&record, "pid") as i32;
+    assert!(gone_soon(pid), "the command outlived its timeout");
+}
+
+#[test]
+fn idle_timeout_spares_a_busy_connection_and_ends_a_silent_one() {
+    let (busy, busy_addr) = pass_tcp("busy");
+    let (quiet, quiet_addr) = pass_tcp("quiet");
+    let config = r#"
+[[service]]
+name = "busy"
+command = ["sh", "-c", "while :; do echo tick; sleep 0.1; done"]
+idle_timeout = "600ms"
+kill_grace = "300ms"
+
+[[service]]
+name = "quiet"
+command = ["sh", "-c", "echo a; sleep 0.2; echo b; exec sleep 60"]
+idle_timeout = "600ms"
+kill_grace = "300ms"
+"#;
+    let d = Daemon::start(config, vec![busy, quiet]);
+
+    let mut b = connect(busy_addr);
+    let q = connect(quiet_addr);
+    // The quiet one ends 600 ms after its last line.
+    assert_eq!(read_all(q), b"a\nb\n");
+    let record = d.wait_log(&["service=\"quiet\"", "reason=\"idle-timeout\""]);
+    let took = field(&record, "duration_ms");
+    assert!((800..5000).contains(&took), "{record}");
+    // The busy one outlived it, several idle periods long, and still runs.
+    let until = Instant::now() + Duration::from_millis(1500);
+    let mut ticks = 0;
+    while Instant::now() < until {
+        assert_eq!(read_line(&mut b), "tick\n");
+        ticks += 1;
+    }
+    assert!(ticks >= 5, "{ticks}");
+    assert!(d
+        .log_lines(&["service=\"busy\"", "connection ended"])
+        .is_empty());
+}
+
+#[test]
+fn max_bytes_sends_exactly_that_many_then_ends_the_command() {
+    for transfer in ["splice", "copy"] {
+        let (sock, addr) = pass_tcp("test");
+        let d = Daemon::start(
+            &one_service(
+                r#"["cat", "/dev/zero"]"#,
+                &format!("max_bytes = 100000\ntransfer = \"{transfer}\""),
+            ),
+            vec![sock],
+        );
+        let out = read_all(connect(addr));
+        assert_eq!(out.len(), 100_000, "{transfer}");
+        let record = d.wait_log(&["connection ended", "reason=\"max-bytes\""]);
+        assert_eq!(field(&record, "bytes"), 100_000, "{record}");
+        assert!(gone_soon(field(&record, "pid") as i32));
+        assert!(record.contains("exit=\"SIGTERM\""), "{record}");
+    }
+}
+
+#[test]
+fn banner_comes_before_the_output_on_every_path() {
+    for transfer in ["splice", "direct"] {
+        let (sock, addr) = pass_tcp("test");
+        let d = Daemon::start(
+            &one_service(
+                r#"["echo", "x"]"#,
+                &format!("banner = \"hello\\r\\n\"\ntransfer = \"{transfer}\""),
+            ),
+            vec![sock],
+        );
+        assert_eq!(fetch(addr), b"hello\r\nx\n", "{transfer}");
+        let record = d.wait_log(&["connection ended"]);
+        assert_eq!(field(&record, "bytes"), 9, "{record}");
+    }
+}
+
+#[test]
+fn max_per_source_refuses_with_the_busy_message_and_frees_on_close() {
+    let (sock, addr) = pass_tcp("test");
+    let mut d = Daemon::start(
+        &one_service(
+            // It writes now and then, so a client that leaves is noticed.
+            r#"["sh", "-c", "echo up; while sleep 0.2; do echo .; done"]"#,
+            "max_per_source = 2\nbusy_message = \"busy\\n\"",
+        ),
+        vec![sock],
+    );
+    let mut first = connect(addr);
+    let mut second = connect(addr);
+    assert_eq!(read_line(&mut first), "up\n");
+    assert_eq!(read_line(&mut second), "up\n");
+    // The third and fourth get the message and no command.
+    assert_eq!(read_all(connect(addr)), b"busy\n");
+    assert_eq!(read_all(connect(addr)), b"busy\n");
+    let warn = d.wait_log(&["refused 127.0.0.1:", "at max_per_source (2)"]);
+    assert!(warn.contains("reason=\"max-per-source\""), "{warn}");
+    assert_eq!(
+        d.log_lines(&["refused 127.0.0.1:", "WARN"]).len(),
+        1,
+        "one warning per episode"
+    );
+    assert_eq!(d.children().len(), 2, "no command for refused clients");
+    d.wait_note("2 refused");
+
+    drop(first);
+    d.wait_log(&["connection ended", "reason=\"client-gone\""]);
+    let mut again = connect(addr);
+    assert_eq!(read_line(&mut again), "up\n");
+    // The episode's end is logged with its count once refusals stop.
+    let end = d.wait_log(&["refusals ended", "reason=\"max-per-source\""]);
+    assert!(end.contains("refused=2"), "{end}");
+}
+
+#[test]
+fn rate_refuses_clients_beyond_the_bucket() {
+    let (sock, addr) = pass_tcp("test");
+    let d = Daemon::start(
+        &one_service(
+            r#"["echo", "x"]"#,
+            "rate = 2\nbusy_message = \"slow down\\n\"",
+        ),
+        vec![sock],
+    );
+    let (mut served, mut refused) = (0, 0);
+    let started = Instant::now();
+    for _ in 0..10 {
+        match fetch(addr).as_slice() {
+            b"x\n" => served += 1,
+            b"slow down\n" => refused += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // A bucket of 2 refills at 2 per second.
+    let allowed = 2 + (started.elapsed().as_secs_f64() * 2.0).floor() as usize;
+    assert!(
+        served >= 2 && served <= allowed,
+        "served {served}, allowed {allowed}"
+    );
+    assert_eq!(served + refused, 10);
+    d.wait_log(&["refused 127.0.0.1:", "reason=\"rate\""]);
+}
+
+#[test]
+fn allow_and_deny_close_refused_clients_without_a_command() {
+    let cases = [
+        (r#"allow = ["10.0.0.0/8"]"#, false),
+        (r#"deny = ["127.0.0.1"]"#, false),
+        (
+            r#"allow = ["127.0.0.0/8"]
+deny = ["127.0.0.2"]"#,
+            true,
+        ),
+        (r#"allow = ["::1", "127.0.0.1/32"]"#, true),
+    ];
+    for (rules, admitted) in cases {
+        let (sock, addr) = pass_tcp("test");
+        let d = Daemon::start(
+            &one_service(
+                r#"["echo", "x"]"#,
+                &format!("{rules}\nbusy_message = \"no\""),
+            ),
+            vec![sock],
+        );
+        let out = fetch(addr);
+        if admitted {
+            assert_eq!(out, b"x\n", "{rules}");
+            d.wait_log(&["connection ended"]);
+        } else {
+            // Denied clients are told nothing, not even the busy message.
+            assert_eq!(out, b"", "{rules}");
+            d.wait_log(&["refused 127.0.0.1:", "reason=\"denied\""]);
+            assert!(d.log_lines(&["connection ended"]).is_empty(), "{rules}");
+        }
+    }
+}
+
+fn proxy_v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.push(0x21); // version 2, PROXY
+    match (src, dst) {
+        (SocketAddr::V6(s), SocketAddr::V6(d)) => {
+            h.push(0x21); // TCP over IPv6
+            h.extend_from_slice(&(36u16 + 7).to_be_bytes());
+            h.extend_from_slice(&s.ip().octets());
+            h.extend_from_slice(&d.ip().octets());
+            h.extend_from_slice(&s.port().to_be_bytes());
+            h.extend_from_slice(&d.port().to_be_bytes());
+        }
+        _ => unreachable!(),
+    }
+    // One TLV (PP2_TYPE_AUTHORITY "host"), which is skipped.
+    h.extend_from_slice(&[0x02, 0x00, 0x04]);
+    h.extend_from_slice(b"host");
+    h
+}
+
+#[test]
+fn proxy_protocol_gives_the_client_address_to_the_command_and_the_rules() {
+    let (sock, addr) = pass_tcp("test");
+    let d = Daemon::start(
+        &one_service(
+            r#"["sh", "-c", "echo $REMOTE_ADDR $REMOTE_PORT $TCPLOCALIP; cat"]"#,
+            "proxy_protocol = true\nstdin = \"client\"\ndeny = [\"192.0.2.66\"]",
+        ),
+        vec![sock],
+    );
+    // v1, with the payload in the same write: it reaches the command intact.
+    let mut c = connect(addr);
+    c.write_all(b"PROXY TCP4 192.0.2.7 198.51.100.1 5555 443\r\npayload")
+        .unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(c), b"192.0.2.7 5555 198.51.100.1\npayload");
+    d.wait_log(&["connection ended", "peer=192.0.2.7:5555"]);
+
+    // v2 over IPv6, the header split across writes.
+    let mut c = connect(addr);
+    let header = proxy_v2(
+        "[2001:db8::7]:6000".parse().unwrap(),
+        "[2001:db8::1]:443".parse().unwrap(),
+    );
+    c.write_all(&header[..10]).unwrap();
+    c.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    c.write_all(&header[10..]).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(c), b"2001:db8::7 6000 2001:db8::1\n");
+
+    // The rules see the proxied address.
+    let mut c = connect(addr);
+    c.write_all(b"PROXY TCP4 192.0.2.66 198.51.100.1 5555 443\r\n")
+        .unwrap();
+    assert_eq!(read_all(c), b"");
+    d.wait_log(&["refused 192.0.2.66:5555", "reason=\"denied\""]);
+
+    // A malformed header closes the connection; nothing runs.
+    let mut c = connect(addr);
+    c.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    assert_eq!(read_all(c), b"");
+    let line = d.wait_log(&["reason=\"proxy-header\""]);
+    assert!(line.contains("not a PROXY protocol header"), "{line}");
+    assert_eq!(d.log_lines(&["connection ended"]).len(), 2);
+}
+
+#[test]
+fn command_runs_as_another_user_with_limits_and_nice() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let (sock, addr) = pass_tcp("test");
+    let _d = Daemon::start(
+        &one_service(
+            r#"["sh", "-c", "id -u; id -g; ulimit -n; ulimit -t; cut -d' ' -f19 /proc/self/stat"]"#,
+            "user = \"nobody\"\nrlimit_nofile = 77\nrlimit_cpu = 30\nnice = 7",
+        ),
+        vec![sock],
+    );
+    let out = fetch_text(addr);
+    assert_eq!(out, format!("{}\n{}\n77\n30\n7\n", nobody.uid, nobody.gid));
+}
+
+#[test]
+fn check_refuses_a_user_switch_the_daemon_cannot_make() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to drop to an unprivileged user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[[service]]\nname = \"a\"\ncommand = [\"true\"]\nuser = \"root\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(BIN)
+        .arg("--check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:4:8: service \"a\": user: running commands as user \"root\" (uid 0) needs CAP_SETUID and CAP_SETGID, which the daemon (uid 65534) does not have",
+            path.display()
+        )),
+        "{err}"
+    );
+}
+
+/// 200 slow clients (100 reading a byte a second, 100 sending a byte a
+/// second to `cat`) beside one fast client: the fast one gets its stream at a
+/// fair share of its speed alone, and every slow one ends at its `timeout`.
+#[test]
+fn slow_readers_and_slowloris_writers_end_at_their_timeouts_without_slowing_others() {
+    const SLOW: usize = 200;
+    const FAST_BYTES: u64 = 200 << 20;
+    let (fast, fast_addr) = pass_tcp("fast");
+    let (reader, reader_addr) = pass_tcp("reader");
+    let (writer, writer_addr) = pass_tcp("writer");
+    let config = format!(
+        r#"
+[[service]]
+name = "fast"
+command = ["head", "-c", "{FAST_BYTES}", "/dev/zero"]
+
+[[service]]
+name = "reader"
+command = ["yes"]
+timeout = "3s"
+kill_grace = "300ms"
+max_connections = 1000
+
+[[service]]
+name = "writer"
+command = ["cat"]
+stdin = "client"
+timeout = "3s"
+kill_grace = "300ms"
+max_connections = 1000
+"#
+    );
+    let d = Daemon::start(&config, vec![fast, reader, writer]);
+    let measure = || {
+        let started = Instant::now();
+        let n = read_all(connect(fast_addr)).len() as u64;
+        assert_eq!(n, FAST_BYTES);
+        FAST_BYTES as f64 / started.elapsed().as_secs_f64()
+    };
+    let alone = measure();
+
+    let mut slow = Vec::new();
+    for i in 0..SLOW {
+        let (addr, reads) = if i % 2 == 0 {
+            (reader_addr, true)
+        } else {
+            (writer_addr, false)
+        };
+        slow.push(std::thread::spawn(move || {
+            let mut s = connect(addr);
+            s.set_nodelay(true).unwrap();
+            // A byte a second for 4.5 s, or until the daemon ends it.
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_millis(4500) {
+                let r = if reads {
+                    let mut b = [0u8; 1];
+                    s.read(&mut b).map(|n| n > 0)
+                } else {
+                    s.write(b"x").map(|n| n > 0)
+                };
+                if !matches!(r, Ok(true)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }));
+    }
+    let beside = measure();
+    for t in slow {
+        t.join().unwrap();
+    }
+    eprintln!(
+        "fast client alone {:.2} GB/s, beside {SLOW} slow clients {:.2} GB/s ({:.2}x)",
+        alone / 1e9,
+        beside / 1e9,
+        beside / alone,
+    );
+    assert!(beside > alone * 0.25, "alone {alone}, beside {beside}");
+    let deadline = Instant::now() + PATIENCE;
+    while d.log_lines(&["reason=\"timeout\""]).len() < SLOW {
+        assert!(Instant::now() < deadline, "{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Each ended at its timeout (3 s), not later.
+    for record in d.log_lines(&["reason=\"timeout\""]) {
+        let took = field(&record, "duration_ms");
+        assert!((3000..6000).contains(&took), "{record}");
+    }
+    assert!(d.children().iter().all(|p| gone_soon(*p)));
+}
