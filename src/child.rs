@@ -1,34 +1,35 @@
 //! The command of one connection: spawned in its own process group, watched
 //! through a pidfd, ended group-wide, and always reaped.
 //!
-//! Spawning goes through `std::process::Command`, which uses posix_spawn
-//! (vfork-class, no copy of the daemon's memory) as long as no `pre_exec`, uid,
-//! gid or groups are set. Only a service with `user`, `group`, `rlimit_*` or
-//! `nice` sets one (see `runas`), and pays for a fork instead. Reaping is ours alone: no
+//! Spawning is `sys::spawn`: posix_spawn's technique (clone with CLONE_VM and
+//! CLONE_VFORK, no copy of the daemon's memory) with only the work this
+//! daemon needs in the child, the user switch, limits and nice of `runas`
+//! included, and the pidfd from clone itself. Reaping is ours alone: no
 //! SIGCHLD handler, no `waitpid(-1)`. The pidfd turns readable when the command
 //! exits, and the zombie is kept until its leftover process group has been
 //! killed, so the group id cannot be reused by another connection's command
 //! before we signal it.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
 use nix::sys::signal::{killpg, Signal};
+use nix::sys::stat::Mode;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{pipe2, Pid};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::config::{Service, StdinMode};
+use crate::os;
 use crate::peer::Peer;
-use crate::{os, sys};
+use crate::sys::{self, Stage};
 
 /// A running command and the daemon's ends of its standard streams.
 pub struct Spawned {
@@ -70,73 +71,89 @@ pub fn spawn(
     peer: &Peer,
     socket: Option<&OwnedFd>,
 ) -> io::Result<Spawned> {
-    // Every end close-on-exec: posix_spawn's dup2 onto 0/1/2 clears the flag
+    // Every end close-on-exec: the child's dup2 onto 0/1/2 clears the flag
     // on the copy the command gets, and no other connection's command
     // inherits them. The command's ends stay blocking: a plain write(2) must
     // never see EAGAIN.
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC)?;
     os::set_nonblocking(&err_r, true)?;
-    let (stdin_cmd, stdout_cmd, stdin_ours, stdout_ours) = match socket {
-        Some(sock) => (
-            Stdio::from(sock.try_clone()?),
-            Stdio::from(sock.try_clone()?),
-            None,
-            None,
-        ),
-        None => {
-            let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC)?;
-            set_pipe_size(&out_w, service.pipe_size);
-            os::set_nonblocking(&out_r, true)?;
-            match service.stdin {
-                StdinMode::Null => (Stdio::null(), Stdio::from(out_w), None, Some(out_r)),
-                StdinMode::Client => {
-                    let (r, w) = pipe2(OFlag::O_CLOEXEC)?;
-                    os::set_nonblocking(&w, true)?;
-                    (Stdio::from(r), Stdio::from(out_w), Some(w), Some(out_r))
+    // The command's stdin and stdout, and the daemon's ends of them.
+    let (stdin_cmd, stdout_cmd, stdin_ours, stdout_ours): (OwnedFd, Option<OwnedFd>, _, _) =
+        match socket {
+            Some(sock) => (sock.try_clone()?, None, None, None),
+            None => {
+                let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC)?;
+                set_pipe_size(&out_w, service.pipe_size);
+                os::set_nonblocking(&out_r, true)?;
+                match service.stdin {
+                    StdinMode::Null => {
+                        let null = open(
+                            "/dev/null",
+                            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                            Mode::empty(),
+                        )?;
+                        (null, Some(out_w), None, Some(out_r))
+                    }
+                    StdinMode::Client => {
+                        let (r, w) = pipe2(OFlag::O_CLOEXEC)?;
+                        os::set_nonblocking(&w, true)?;
+                        (r, Some(out_w), Some(w), Some(out_r))
+                    }
                 }
             }
-        }
-    };
+        };
+    let stdout_fd = stdout_cmd
+        .as_ref()
+        .map_or(stdin_cmd.as_fd(), |fd| fd.as_fd());
 
-    let mut cmd = Command::new(&service.program);
-    cmd.arg0(&service.argv[0])
-        .args(&service.argv[1..])
-        .env_clear()
-        .envs(base_env.iter().map(|(k, v)| (k, v)))
-        .envs(service.env.iter().map(|(k, v)| (k, v)))
-        .envs(peer.env())
-        .current_dir(&service.working_directory)
-        .process_group(0)
-        .stdin(stdin_cmd)
-        .stdout(stdout_cmd)
-        .stderr(Stdio::from(err_w));
-    if !service.run_as.is_empty() {
-        sys::apply_before_exec(&mut cmd, &service.run_as);
-    }
-    let spawned = cmd.spawn();
-    // The Command owns our copies of the command's pipe ends: drop it now, or
-    // the stdout pipe would never report end-of-file.
-    drop(cmd);
-    let std_child = spawned.map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!(
-                "failed to spawn {}: {}",
-                service.program.display(),
-                os::reason(&e)
+    let exec = sys::Exec::new(
+        &service.program,
+        &service.argv,
+        &environment(base_env, &service.env, peer),
+        &service.working_directory,
+        &service.run_as,
+    )?;
+    let started = sys::spawn(&exec, [stdin_cmd.as_fd(), stdout_fd, err_w.as_fd()]);
+    // Our copies of the command's ends close now, or the stdout pipe would
+    // never report end-of-file.
+    drop((stdin_cmd, stdout_cmd, err_w));
+    let (pid, pidfd) = started.map_err(|(stage, e)| {
+        let what = match stage {
+            Stage::Exec => format!("failed to spawn {}", service.program.display()),
+            Stage::Stdio => "cannot set up the command's standard streams".into(),
+            Stage::WorkingDirectory => format!(
+                "cannot change to working_directory {}",
+                service.working_directory.display()
             ),
-        )
+            Stage::Limits => "cannot set the command's rlimit_* values".into(),
+            Stage::Nice => "cannot set the command's nice value".into(),
+            Stage::Credentials => match &service.run_as.credentials {
+                Some(c) => format!("cannot run the command as {}", c.label),
+                None => "cannot switch the command's user".into(),
+            },
+        };
+        io::Error::new(e.kind(), format!("{what}: {}", os::reason(&e)))
     })?;
-    let pid = Pid::from_raw(std_child.id() as i32);
-    // std's Child neither waits nor kills on drop; the pid is ours to reap.
-    drop(std_child);
-    let child = Child::watch(pid)?;
+    let child = Child::watch(pid, pidfd)?;
     Ok(Spawned {
         child,
         stdout: stdout_ours,
         stdin: stdin_ours,
         stderr: err_r,
     })
+}
+
+/// The command's environment: the daemon's, then the service's `env`, then
+/// the peer's variables; a later one replaces an earlier one of the same name.
+fn environment(
+    base: &[(OsString, OsString)],
+    service: &[(String, String)],
+    peer: &Peer,
+) -> Vec<(OsString, OsString)> {
+    let mut env: BTreeMap<OsString, OsString> = base.iter().cloned().collect();
+    env.extend(service.iter().map(|(k, v)| (k.into(), v.into())));
+    env.extend(peer.env().into_iter().map(|(k, v)| (k.into(), v.into())));
+    env.into_iter().collect()
 }
 
 /// A spawned command, leader of its own process group.
@@ -147,15 +164,14 @@ pub struct Child {
 }
 
 impl Child {
-    fn watch(pid: Pid) -> io::Result<Child> {
-        let pidfd = match sys::pidfd_open(pid).and_then(|fd| sys::register(fd, Interest::READABLE))
-        {
+    fn watch(pid: Pid, pidfd: OwnedFd) -> io::Result<Child> {
+        let pidfd = match sys::register(pidfd, Interest::READABLE) {
             Ok(fd) => fd,
             Err(e) => {
-                // Without a pidfd we cannot wait for it: end it now.
+                // Without the pidfd in the event loop we cannot wait for it: end it now.
                 let _ = killpg(pid, Signal::SIGKILL);
                 let _ = waitpid(pid, None);
-                return Err(io::Error::new(e.kind(), format!("pidfd_open({pid}): {e}")));
+                return Err(io::Error::new(e.kind(), format!("watching pid {pid}: {e}")));
             }
         };
         Ok(Child {

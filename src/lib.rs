@@ -24,7 +24,7 @@
 //! - [`log`]: journal or stderr logging.
 //! - [`shutdown`]: the phases of stopping.
 //! - `os`: a descriptor's blocking mode and error text, shared by the modules.
-//! - `sys`: the only `unsafe` code, a few system calls behind safe functions.
+//! - `sys`: the only `unsafe` code: the spawn, and a few system calls behind safe functions.
 
 pub mod access;
 pub mod admit;
@@ -44,6 +44,9 @@ pub mod runas;
 pub mod server;
 pub mod shutdown;
 mod sys;
+
+pub use os::ensure_standard_fds;
+pub use sys::cloexec_from_3;
 
 /// Exit codes, as documented in the README and the man page.
 pub mod exit {

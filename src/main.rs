@@ -31,6 +31,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // 0. Descriptors 0-2 open, so nothing the daemon opens takes their numbers.
+    splice_relay::ensure_standard_fds();
     let args = Args::parse();
     if let Some(pid) = args.reload {
         return match splice_relay::reload::request(pid) {
@@ -52,6 +54,8 @@ fn main() -> ExitCode {
     } else {
         listen::inherited().unwrap_or_else(|e| fail_config(&e.message))
     };
+    // Whatever else the daemon inherited is not for its commands.
+    splice_relay::cloexec_from_3();
 
     // 2. Configuration.
     let (config, path) = match load(&args, !inherited.is_empty()) {

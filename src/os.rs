@@ -1,5 +1,5 @@
 //! Small helpers around the operating system that several modules share:
-//! a descriptor's blocking mode, and error text.
+//! the standard descriptors, a descriptor's blocking mode, and error text.
 
 use std::os::fd::AsFd;
 
@@ -24,5 +24,26 @@ pub fn reason(e: &std::io::Error) -> String {
     match e.raw_os_error() {
         Some(code) => nix::errno::Errno::from_raw(code).desc().to_owned(),
         None => e.to_string(),
+    }
+}
+
+/// Makes sure descriptors 0, 1 and 2 are open (on /dev/null if not), so
+/// that no descriptor the daemon opens later gets one of those numbers: the
+/// child's dup2 onto 0–2 relies on it. Call first thing in `main`.
+pub fn ensure_standard_fds() {
+    loop {
+        match nix::fcntl::open(
+            "/dev/null",
+            nix::fcntl::OFlag::O_RDWR,
+            nix::sys::stat::Mode::empty(),
+        ) {
+            Ok(fd) if std::os::fd::AsRawFd::as_raw_fd(&fd) > 2 => return,
+            // One of 0-2 was closed and now holds /dev/null: keep it open
+            // for good, as that standard descriptor.
+            Ok(fd) => {
+                let _ = std::os::fd::IntoRawFd::into_raw_fd(fd);
+            }
+            Err(_) => return,
+        }
     }
 }

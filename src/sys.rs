@@ -25,6 +25,44 @@ pub fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Marks every descriptor from 3 up close-on-exec: those the daemon was
+/// started with (by systemd, or leaked by whatever started it) are not for
+/// the commands, which get 0, 1 and 2 only. Call once, right after the
+/// inherited sockets are adopted and before anything else is opened.
+pub fn cloexec_from_3() {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC takes integers and only
+    // sets a flag on descriptors; it closes nothing (Linux 5.11+).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if ret == 0 {
+        return;
+    }
+    // Older kernels: one by one.
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: the borrow lasts for one F_SETFD on a number that was open
+        // a moment ago; if it was the directory listing's own (now closed)
+        // descriptor, the call fails with EBADF and changes nothing.
+        let _ = nix::fcntl::fcntl(
+            unsafe { BorrowedFd::borrow_raw(fd) },
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+    }
+}
+
 /// Accepts one connection, nonblocking and close-on-exec.
 pub fn accept(listener: BorrowedFd<'_>) -> nix::Result<OwnedFd> {
     let fd = accept4(
@@ -33,21 +71,6 @@ pub fn accept(listener: BorrowedFd<'_>) -> nix::Result<OwnedFd> {
     )?;
     // SAFETY: accept4 just returned this new descriptor; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Opens a pidfd for a child of this process (Linux 5.3+).
-///
-/// The pidfd turns readable when the child exits, which lets the event loop wait
-/// for one child without a SIGCHLD handler or a thread.
-pub fn pidfd_open(pid: nix::unistd::Pid) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and a flags word by value and touches no
-    // memory of ours; flags 0 asks for a close-on-exec pidfd.
-    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a successful pidfd_open returns a new descriptor that we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
 }
 
 /// Registers a descriptor with the event loop. Must run inside the runtime.
@@ -98,70 +121,295 @@ pub fn tcp_quiet(fd: BorrowedFd<'_>) -> Option<std::time::Duration> {
     })
 }
 
-/// What runs in the child between fork and exec: resource limits, nice, and
-/// the switch to another user and group, in that order (the first two may
-/// need privileges the switch gives up). Prepared in full before the fork, so
-/// the child only makes system calls: no allocation, no locks.
-pub fn apply_before_exec(cmd: &mut std::process::Command, run_as: &crate::runas::RunAs) {
-    use crate::runas::Limit;
-    use std::os::unix::process::CommandExt;
+/// A command ready to start: every string, pointer array and value the child
+/// needs, prepared in the parent, so that the child between clone and exec only
+/// makes system calls (no allocation, no lock, no Rust runtime).
+pub struct Exec {
+    program: std::ffi::CString,
+    // The pointer arrays point into these; they live as long as the Exec.
+    _args: Vec<std::ffi::CString>,
+    _env: Vec<std::ffi::CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    cwd: std::ffi::CString,
+    rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    nice: Option<libc::c_int>,
+    ids: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+}
 
-    let rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)> = run_as
-        .rlimits
-        .iter()
-        .map(|&(limit, value)| {
-            let resource = match limit {
-                Limit::As => libc::RLIMIT_AS,
-                Limit::Nofile => libc::RLIMIT_NOFILE,
-                Limit::Nproc => libc::RLIMIT_NPROC,
-                Limit::Cpu => libc::RLIMIT_CPU,
-            };
-            let rlim = libc::rlimit {
-                rlim_cur: value,
-                rlim_max: value,
-            };
-            (resource, rlim)
-        })
-        .collect();
-    let nice = run_as.nice;
-    let ids = run_as.credentials.as_ref().map(|c| {
-        let groups: Vec<libc::gid_t> = c.groups.iter().map(|g| g.as_raw()).collect();
-        (c.uid.as_raw(), c.gid.as_raw(), groups)
-    });
-    let setup = move || -> io::Result<()> {
-        let check = |ret: libc::c_int| {
-            if ret == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
+/// The step of the child at which a spawn failed, for the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Stdio,
+    WorkingDirectory,
+    Limits,
+    Nice,
+    Credentials,
+    Exec,
+}
+
+impl Exec {
+    /// `args` includes argv[0]; `env` is final (later duplicates are not removed here).
+    pub fn new(
+        program: &std::path::Path,
+        args: &[String],
+        env: &[(std::ffi::OsString, std::ffi::OsString)],
+        cwd: &std::path::Path,
+        run_as: &crate::runas::RunAs,
+    ) -> io::Result<Exec> {
+        use crate::runas::Limit;
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let c = |b: &[u8]| {
+            CString::new(b)
+                .map_err(|_| io::Error::other("a NUL byte in the command or its environment"))
         };
-        for (resource, rlim) in &rlimits {
-            // SAFETY: setrlimit reads the rlimit struct we pass by pointer,
-            // which lives in this closure; it is async-signal-safe.
-            check(unsafe { libc::setrlimit(*resource, rlim) })?;
-        }
-        if let Some(n) = nice {
-            // SAFETY: setpriority takes plain integers; async-signal-safe.
-            check(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) })?;
-        }
-        if let Some((uid, gid, groups)) = &ids {
-            // SAFETY: the pointer and length describe `groups`, which lives
-            // in this closure; setgroups, setgid and setuid take plain values
-            // otherwise. All three are async-signal-safe system calls.
-            check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
-            // SAFETY: as above.
-            check(unsafe { libc::setgid(*gid) })?;
-            // SAFETY: as above.
-            check(unsafe { libc::setuid(*uid) })?;
-        }
-        Ok(())
+        let args: Vec<CString> = args
+            .iter()
+            .map(|a| c(a.as_bytes()))
+            .collect::<io::Result<_>>()?;
+        let env: Vec<CString> = env
+            .iter()
+            .map(|(k, v)| {
+                let mut kv = Vec::with_capacity(k.len() + v.len() + 1);
+                kv.extend_from_slice(k.as_bytes());
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                c(&kv)
+            })
+            .collect::<io::Result<_>>()?;
+        let nul_terminated = |v: &[CString]| {
+            v.iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect::<Vec<_>>()
+        };
+        Ok(Exec {
+            program: c(program.as_os_str().as_bytes())?,
+            argv: nul_terminated(&args),
+            envp: nul_terminated(&env),
+            _args: args,
+            _env: env,
+            cwd: c(cwd.as_os_str().as_bytes())?,
+            rlimits: run_as
+                .rlimits
+                .iter()
+                .map(|&(limit, value)| {
+                    let resource = match limit {
+                        Limit::As => libc::RLIMIT_AS,
+                        Limit::Nofile => libc::RLIMIT_NOFILE,
+                        Limit::Nproc => libc::RLIMIT_NPROC,
+                        Limit::Cpu => libc::RLIMIT_CPU,
+                    };
+                    (
+                        resource,
+                        libc::rlimit {
+                            rlim_cur: value,
+                            rlim_max: value,
+                        },
+                    )
+                })
+                .collect(),
+            nice: run_as.nice,
+            ids: run_as.credentials.as_ref().map(|c| {
+                (
+                    c.uid.as_raw(),
+                    c.gid.as_raw(),
+                    c.groups.iter().map(|g| g.as_raw()).collect(),
+                )
+            }),
+        })
+    }
+}
+
+/// What the child reads, and where it reports a failure before exec.
+#[repr(C)]
+struct ChildArgs<'a> {
+    exec: &'a Exec,
+    stdio: [RawFd; 3],
+    /// Written by the child only, read by the parent once the child has
+    /// exited or exec'd (CLONE_VFORK suspends the parent until then).
+    failed_errno: libc::c_int,
+    failed_stage: libc::c_int,
+}
+
+/// Signals whose dispositions the daemon changes: tokio's handlers (TERM,
+/// INT, HUP), std's stack-overflow handlers (SEGV, BUS), and PIPE, which std
+/// ignores. The child sets them back to the default before it unblocks
+/// signals; execve would reset the handlers but not the ignored PIPE. No other
+/// code in the daemon installs a handler.
+const RESET_SIGNALS: [libc::c_int; 6] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGPIPE,
+];
+
+/// Stack for the child between clone and exec: a few calls deep only.
+const CHILD_STACK: usize = 64 * 1024;
+
+/// Starts `exec` with `stdio` as its descriptors 0, 1 and 2, in a new process
+/// group, and returns its pid and a pidfd.
+///
+/// This is what posix_spawn does (clone with CLONE_VM and CLONE_VFORK: no copy
+/// of the daemon's memory, the calling thread waits until the exec), minus
+/// what the daemon does not need: glibc's child resets all 64 signal
+/// dispositions; this one resets the six the daemon changed. It also does the
+/// user switch, limits and nice that std would need a full fork for, and gets
+/// the pidfd from clone itself. Descriptors 0–2 of the daemon are always open
+/// (see `main`), so no source in `stdio` is below 3 and the dup2 calls cannot
+/// overwrite one another.
+pub fn spawn(
+    exec: &Exec,
+    stdio: [BorrowedFd<'_>; 3],
+) -> Result<(nix::unistd::Pid, OwnedFd), (Stage, io::Error)> {
+    use std::os::fd::AsRawFd;
+    let mut args = ChildArgs {
+        exec,
+        stdio: stdio.map(|fd| fd.as_raw_fd()),
+        failed_errno: 0,
+        failed_stage: -1,
     };
-    // SAFETY: the closure runs in the forked child before exec. It allocates
-    // nothing, takes no lock and makes only async-signal-safe system calls
-    // (setrlimit, setpriority, setgroups, setgid, setuid) on data prepared
-    // before the fork, which is what pre_exec requires in a threaded process.
+    let mut stack = vec![0u8; CHILD_STACK];
+    // The stack grows down on every architecture Linux runs this on but
+    // parisc; 16-byte alignment is what the ABIs ask for.
+    let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
+    let mut pidfd: libc::c_int = -1;
+
+    // SAFETY: sigset_t is plain data; sigfillset fills it completely.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, for the mask we restore.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `all` is a valid sigset_t owned by this frame.
+    unsafe { libc::sigfillset(&mut all) };
+    // Block every signal in this thread, so that no handler of the daemon
+    // can run in the child, which shares the daemon's memory until exec. The
+    // child inherits the mask and clears it only after resetting handlers.
+    // SAFETY: both pointers are to valid sigset_t values in this frame.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) };
+    // SAFETY: CLONE_VM|CLONE_VFORK: the child runs on `stack`, which nothing
+    // else uses, and this thread is suspended until the child has exec'd or
+    // exited, so `args`, `exec` and `stack` outlive every access the child
+    // makes. The child (`child_main`) only makes system calls on data
+    // prepared before the clone and never returns into Rust code of the
+    // parent. CLONE_PIDFD stores the pidfd in `pidfd` (the parent_tid argument).
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+            (&mut args as *mut ChildArgs<'_>).cast(),
+            &mut pidfd as *mut libc::c_int,
+        )
+    };
+    let clone_error = io::Error::last_os_error();
+    // SAFETY: `old` is the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
+    if pid < 0 {
+        return Err((Stage::Exec, clone_error));
+    }
+    // SAFETY: clone with CLONE_PIDFD succeeded, so `pidfd` is a new
+    // close-on-exec descriptor that only we hold.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let pid = nix::unistd::Pid::from_raw(pid);
+    // SAFETY: the child has exec'd or exited (CLONE_VFORK), so it no longer
+    // writes to `args`; a volatile read keeps the compiler from assuming the
+    // fields still hold what this thread stored before the clone.
+    let (errno, stage) = unsafe {
+        (
+            std::ptr::read_volatile(&args.failed_errno),
+            std::ptr::read_volatile(&args.failed_stage),
+        )
+    };
+    if stage < 0 {
+        return Ok((pid, pidfd));
+    }
+    // The child exited with 127 before exec; reap it here.
+    let _ = nix::sys::wait::waitpid(pid, None);
+    let stage = match stage {
+        0 => Stage::Stdio,
+        1 => Stage::WorkingDirectory,
+        2 => Stage::Limits,
+        3 => Stage::Nice,
+        4 => Stage::Credentials,
+        _ => Stage::Exec,
+    };
+    Err((stage, io::Error::from_raw_os_error(errno)))
+}
+
+/// The child, between clone and exec. Runs on its own small stack in the
+/// daemon's memory with every signal blocked: raw system calls only.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the ChildArgs the parent passed to clone; it is
+    // valid and not touched by the parent until this child execs or exits.
+    let args = unsafe { &mut *arg.cast::<ChildArgs<'_>>() };
+    let exec = args.exec;
+    let stdio = args.stdio;
+    let fail = |args: &mut ChildArgs<'_>, stage: libc::c_int| -> libc::c_int {
+        // SAFETY: reading errno of this thread; writing the report fields
+        // of `args` (see above); _exit ends only this child.
+        unsafe {
+            let errno = *libc::__errno_location();
+            std::ptr::write_volatile(&mut args.failed_errno, errno);
+            std::ptr::write_volatile(&mut args.failed_stage, stage);
+            libc::_exit(127)
+        }
+    };
+    // SAFETY (for each call below): plain system calls on integers and on
+    // pointers into `exec` and into this frame, all valid until exec. The
+    // user switch uses raw syscalls, not glibc's wrappers, because those
+    // would signal every thread of the daemon (the setxid broadcast) from
+    // here, where they are not this process's threads.
     unsafe {
-        cmd.pre_exec(setup);
+        libc::setpgid(0, 0);
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        for sig in RESET_SIGNALS {
+            libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        }
+        for (target, fd) in stdio.into_iter().enumerate() {
+            let target = target as libc::c_int;
+            let ok = if fd == target {
+                libc::fcntl(fd, libc::F_SETFD, 0) == 0
+            } else {
+                libc::dup2(fd, target) == target
+            };
+            if !ok {
+                return fail(args, 0);
+            }
+        }
+        if libc::chdir(exec.cwd.as_ptr()) != 0 {
+            return fail(args, 1);
+        }
+        for (resource, rlim) in &exec.rlimits {
+            if libc::setrlimit(*resource, rlim) != 0 {
+                return fail(args, 2);
+            }
+        }
+        if let Some(n) = exec.nice {
+            if libc::setpriority(libc::PRIO_PROCESS, 0, n) != 0 {
+                return fail(args, 3);
+            }
+        }
+        if let Some((uid, gid, groups)) = &exec.ids {
+            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0
+                || libc::syscall(libc::SYS_setgid, *gid) != 0
+                || libc::syscall(libc::SYS_setuid, *uid) != 0
+            {
+                return fail(args, 4);
+            }
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        libc::execve(
+            exec.program.as_ptr(),
+            exec.argv.as_ptr(),
+            exec.envp.as_ptr(),
+        );
+        fail(args, 5)
     }
 }

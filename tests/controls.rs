@@ -300,6 +300,7 @@ fn proxy_protocol_gives_the_client_address_to_the_command_and_the_rules() {
     c.write_all(&header[10..]).unwrap();
     c.shutdown(Shutdown::Write).unwrap();
     assert_eq!(read_all(c), b"2001:db8::7 6000 2001:db8::1\n");
+    d.wait_log(&["connection ended", "peer=[2001:db8::7]:6000"]);
 
     // The rules see the proxied address.
     let mut c = connect(addr);

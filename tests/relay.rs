@@ -454,7 +454,10 @@ fn a_command_that_cannot_start_is_recorded_and_the_daemon_serves_on() {
     assert_eq!(fetch_text(addr), "", "the client is closed without output");
     let record = d.wait_log(&["connection ended", "reason=\"spawn-failed\""]);
     assert!(
-        record.contains("failed to spawn") && record.contains("No such file or directory"),
+        record.contains(&format!(
+            "cannot change to working_directory {}: No such file or directory",
+            wd.display()
+        )),
         "{record}"
     );
     assert!(record.contains("ERROR"), "{record}");
@@ -535,4 +538,52 @@ fn direct_transfer_ends_the_group_when_the_client_resets() {
     assert!(record.contains("exit=\"SIGKILL\""), "{record}");
     assert!(gone_soon(grandchild), "grandchild {grandchild} survived");
     assert!(d.children().is_empty());
+}
+
+/// The command starts as a freshly exec'd program should: no signal blocked,
+/// none ignored (the daemon ignores SIGPIPE and blocks all signals while it
+/// spawns), in its own process group, with only descriptors 0, 1 and 2.
+#[test]
+fn the_command_starts_with_default_signals_its_own_group_and_three_descriptors() {
+    let (passed, addr) = pass_tcp("test");
+    let d = Daemon::start(
+        &one_service(
+            r#"["sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status; ps -o pgid= -p $$; ls /proc/self/fd | wc -l"]"#,
+            "",
+        ),
+        vec![passed],
+    );
+    let out = fetch_text(addr);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "SigBlk:\t0000000000000000", "{out}");
+    // Ignored: only what the daemon itself inherited ignored (a test
+    // runner's environment may have some); not the SIGPIPE it ignores.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    let daemon_ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:\t"))
+        .map(|hex| u64::from_str_radix(hex, 16).unwrap())
+        .unwrap();
+    let sigpipe = 1u64 << (13 - 1);
+    assert_ne!(daemon_ignored & sigpipe, 0, "the daemon ignores SIGPIPE");
+    assert_eq!(
+        lines[1],
+        format!("SigIgn:\t{:016x}", daemon_ignored & !sigpipe),
+        "{out}"
+    );
+    let record = d.wait_log(&["connection ended"]);
+    let pid = record
+        .split(" pid=")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    assert_eq!(
+        lines[2].trim(),
+        pid,
+        "the command leads its own group: {out}"
+    );
+    // ls's own descriptors: 0, 1, 2 and the directory it lists.
+    assert_eq!(lines[3].trim(), "4", "{out}");
 }
