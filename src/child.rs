@@ -15,7 +15,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
@@ -29,6 +29,7 @@ use tokio::io::Interest;
 use crate::config::{Service, StdinMode};
 use crate::os;
 use crate::peer::Peer;
+use crate::runas::Limit;
 use crate::sys::{self, Stage};
 
 /// A running command and the daemon's ends of its standard streams.
@@ -75,14 +76,14 @@ pub fn spawn(
     // on the copy the command gets, and no other connection's command
     // inherits them. The command's ends stay blocking: a plain write(2) must
     // never see EAGAIN.
-    let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC)?;
+    let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(pipe_error)?;
     os::set_nonblocking(&err_r, true)?;
     // The command's stdin and stdout, and the daemon's ends of them.
     let (stdin_cmd, stdout_cmd, stdin_ours, stdout_ours): (OwnedFd, Option<OwnedFd>, _, _) =
         match socket {
             Some(sock) => (sock.try_clone()?, None, None, None),
             None => {
-                let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC)?;
+                let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(pipe_error)?;
                 set_pipe_size(&out_w, service.pipe_size);
                 os::set_nonblocking(&out_r, true)?;
                 match service.stdin {
@@ -95,7 +96,7 @@ pub fn spawn(
                         (null, Some(out_w), None, Some(out_r))
                     }
                     StdinMode::Client => {
-                        let (r, w) = pipe2(OFlag::O_CLOEXEC)?;
+                        let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(pipe_error)?;
                         os::set_nonblocking(&w, true)?;
                         (r, Some(out_w), Some(w), Some(out_r))
                     }
@@ -132,7 +133,19 @@ pub fn spawn(
                 None => "cannot switch the command's user".into(),
             },
         };
-        io::Error::new(e.kind(), format!("{what}: {}", os::reason(&e)))
+        let hint = match (stage, e.raw_os_error()) {
+            (Stage::Credentials | Stage::Exec, Some(libc::EAGAIN))
+                if service
+                    .run_as
+                    .rlimits
+                    .iter()
+                    .any(|(l, _)| *l == Limit::Nproc) =>
+            {
+                " (the user is at rlimit_nproc)"
+            }
+            _ => "",
+        };
+        io::Error::new(e.kind(), format!("{what}: {}{hint}", os::reason(&e)))
     })?;
     let child = Child::watch(pid, pidfd)?;
     Ok(Spawned {
@@ -141,6 +154,13 @@ pub fn spawn(
         stdin: stdin_ours,
         stderr: err_r,
     })
+}
+
+fn pipe_error(e: nix::errno::Errno) -> io::Error {
+    io::Error::new(
+        io::Error::from(e).kind(),
+        format!("cannot create the command's pipes: {}", e.desc()),
+    )
 }
 
 /// The command's environment: the daemon's, then the service's `env`, then
@@ -238,14 +258,15 @@ impl Drop for Child {
     }
 }
 
-/// Set while the kernel refuses the configured pipe size, so the fallback
-/// is logged once per episode rather than once per connection.
-static PIPE_REFUSED: AtomicBool = AtomicBool::new(false);
+/// When the kernel last refused the configured pipe size was logged
+/// (seconds on the monotonic clock, 0 for never): at most once a minute, so
+/// that a daemon that hovers at the pipe quota does not fill the journal.
+static PIPE_REFUSAL_LOGGED: AtomicU64 = AtomicU64::new(0);
 
 /// Grows the pipe to `size`. Where the kernel refuses (above
 /// /proc/sys/fs/pipe-max-size, or over the per-user pipe quota,
 /// fs.pipe-user-pages-soft), halves it down to 64 KiB; past that the pipe keeps
-/// the size the kernel gave it (a single page under the quota) and still works.
+/// the size the kernel gave it (two pages over the quota) and still works.
 fn set_pipe_size(fd: &OwnedFd, size: usize) {
     let mut want = size;
     let mut first_error = None;
@@ -258,26 +279,29 @@ fn set_pipe_size(fd: &OwnedFd, size: usize) {
             Err(e) => {
                 first_error.get_or_insert(e);
                 if want <= 64 * 1024 {
-                    want = 0;
                     break;
                 }
                 want /= 2;
             }
         }
     }
-    match first_error {
-        Some(e) if !PIPE_REFUSED.swap(true, Ordering::Relaxed) => {
-            let got = fcntl(fd.as_fd(), FcntlArg::F_GETPIPE_SZ).unwrap_or(0);
-            tracing::warn!(
-                pipe_size = size,
-                got,
-                error = %e.desc(),
-                "the kernel refuses pipes of pipe_size ({size} bytes; pipe-max-size or the per-user pipe quota); using smaller pipes ({got} bytes now) until it allows them again"
-            );
-        }
-        None if want == size && PIPE_REFUSED.swap(false, Ordering::Relaxed) => {
-            tracing::info!(pipe_size = size, "pipes of pipe_size are allowed again");
-        }
-        _ => {}
+    let Some(e) = first_error else {
+        return;
+    };
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_or(0, |t| t.tv_sec() as u64);
+    let last = PIPE_REFUSAL_LOGGED.load(Ordering::Relaxed);
+    if (last == 0 || now >= last + 60)
+        && PIPE_REFUSAL_LOGGED
+            .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let got = fcntl(fd.as_fd(), FcntlArg::F_GETPIPE_SZ).unwrap_or(0);
+        tracing::warn!(
+            pipe_size = size,
+            got,
+            error = %e.desc(),
+            "the kernel refuses pipes of pipe_size ({size} bytes; pipe-max-size or the per-user pipe quota); using smaller pipes ({got} bytes for this one); logged at most once a minute"
+        );
     }
 }

@@ -24,7 +24,12 @@
 //! logged in episodes rather than with a record of its own.
 //!
 //! In every case, once the command has exited, whatever is left of its process
-//! group is killed, and the command is reaped.
+//! group is killed, and the command is reaped. That includes a background
+//! process that still holds the command's stdout: when the command (the
+//! group's leader) exits while its output is still being relayed, the rest of
+//! its group gets SIGTERM at once and SIGKILL after `kill_grace`, as systemd
+//! does to a unit's leftovers; whatever they wrote before still reaches the
+//! client.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::sys::signal::Signal;
 use nix::sys::socket::{getsockopt, setsockopt, shutdown, sockopt, Shutdown as How};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -292,6 +298,16 @@ async fn idle_direct(limit: Option<Duration>, socket: &OwnedFd, started: Instant
     }
 }
 
+/// Once the command (its group's leader) has exited, ends what is left of
+/// the group: SIGTERM now, SIGKILL after `grace`. Never resolves.
+async fn end_leftovers(child: &Child, grace: Duration) {
+    child.exited().await;
+    child.signal_group(Signal::SIGTERM);
+    tokio::time::sleep(grace).await;
+    child.signal_group(Signal::SIGKILL);
+    std::future::pending().await
+}
+
 /// Writes all of `bytes` to the socket.
 async fn send_all(socket: &AsyncFd<OwnedFd>, bytes: &[u8]) -> Result<(), Errno> {
     let mut done = 0;
@@ -363,7 +379,8 @@ async fn relayed(
         let stderr_run = stderr.run();
         let expired = expired(deadline(service, tally.started));
         let idle = idle(service.idle_timeout, &tally.activity);
-        tokio::pin!(out, input, forced, stderr_run, expired, idle);
+        let leftovers = end_leftovers(&child, service.kill_grace);
+        tokio::pin!(out, input, forced, stderr_run, expired, idle, leftovers);
         let mut input_open = true;
         loop {
             tokio::select! {
@@ -382,6 +399,7 @@ async fn relayed(
                 () = &mut forced => break End::Shutdown,
                 () = &mut expired => break End::Timeout,
                 () = &mut idle => break End::IdleTimeout,
+                () = &mut leftovers => {}
             }
         }
     };

@@ -83,11 +83,40 @@ fn config_error(message: String) -> SocketError {
 /// without a word, and removes the variables from the process environment, which
 /// this daemon reads once and never changes.
 pub fn inherited() -> Result<(Vec<Inherited>, Option<String>), SocketError> {
+    // LISTEN_PID first: variables meant for another process (inherited from
+    // a parent that was socket-activated) are ignored whatever else they say,
+    // LISTEN_FDNAMES included.
+    let Some(fds) = std::env::var_os("LISTEN_FDS") else {
+        return Ok((Vec::new(), None));
+    };
+    let me = std::process::id();
+    match std::env::var("LISTEN_PID").ok().map(|p| (p.trim().parse::<u32>(), p)) {
+        Some((Ok(pid), _)) if pid == me => {}
+        Some((Ok(pid), _)) => {
+            return Ok((
+                Vec::new(),
+                Some(format!(
+                    "LISTEN_FDS is set but LISTEN_PID is not this process ({pid}, not {me}); ignoring them"
+                )),
+            ))
+        }
+        None => {
+            return Ok((
+                Vec::new(),
+                Some("LISTEN_FDS is set but LISTEN_PID is not this process (it is unset); ignoring them".into()),
+            ))
+        }
+        Some((Err(_), text)) => {
+            return Err(config_error(format!(
+                "socket activation: invalid LISTEN_PID={text:?}: not a process id"
+            )))
+        }
+    }
     let passed = sd_notify::listen_fds_with_names().map_err(|e| {
         config_error(format!(
             "socket activation: {e} (LISTEN_PID={:?}, LISTEN_FDS={:?}, LISTEN_FDNAMES={:?})",
             std::env::var("LISTEN_PID").unwrap_or_default(),
-            std::env::var("LISTEN_FDS").unwrap_or_default(),
+            fds,
             std::env::var("LISTEN_FDNAMES").unwrap_or_default(),
         ))
     })?;
@@ -95,18 +124,17 @@ pub fn inherited() -> Result<(Vec<Inherited>, Option<String>), SocketError> {
     for (number, name) in passed {
         let fd = sys::adopt_inherited_fd(number).map_err(|e| {
             config_error(format!(
-                "socket activation: fd {number} ({name:?}) is not open: {e}"
+                "socket activation: LISTEN_FDS={fds:?} but fd {number} ({name:?}) is not open: {}",
+                crate::os::reason(&e)
             ))
         })?;
         out.push(Inherited { fd, number, name });
     }
-    let ignored = (out.is_empty() && std::env::var_os("LISTEN_FDS").is_some()).then(|| {
-        format!(
-            "LISTEN_FDS is set but LISTEN_PID is not this process ({}); ignoring it",
-            std::process::id()
-        )
+    let none = out.is_empty().then(|| {
+        "LISTEN_FDS=0: socket activation passed no sockets; binding the configured addresses"
+            .to_owned()
     });
-    Ok((out, ignored))
+    Ok((out, none))
 }
 
 /// Checks each passed socket and routes it to a service.

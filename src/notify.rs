@@ -1,37 +1,129 @@
 //! Talking to the service manager: READY, STATUS, WATCHDOG, RELOADING,
 //! STOPPING. Without `NOTIFY_SOCKET` every call is a no-op, so the daemon runs
 //! the same way outside systemd.
+//!
+//! Notifications are sent from the event loop, so a send must never block:
+//! when the manager lags and its socket's queue is full
+//! (`net.unix.max_dgram_qlen` datagrams), a blocking send would stop a worker
+//! thread and with it every connection on that thread. So the socket is
+//! nonblocking. A STATUS or WATCHDOG that finds the queue full is dropped (the
+//! next one supersedes it); READY, RELOADING and STOPPING, which the manager
+//! must see, are handed to a short-lived thread that waits for room. Either
+//! way the episode is logged once.
 
-use sd_notify::NotifyState;
+use std::io;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
-fn send(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!(error = %e, "cannot notify the service manager");
+/// The socket and address, set up on first use; None without NOTIFY_SOCKET.
+static SOCKET: OnceLock<Option<(UnixDatagram, SocketAddr)>> = OnceLock::new();
+/// Set while notifications find the manager's queue full.
+static LAGGING: AtomicBool = AtomicBool::new(false);
+
+fn socket() -> Option<&'static (UnixDatagram, SocketAddr)> {
+    SOCKET
+        .get_or_init(|| {
+            let path = std::env::var_os("NOTIFY_SOCKET")?;
+            let address = match address(&path) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "NOTIFY_SOCKET={path:?} is not usable; not notifying");
+                    return None;
+                }
+            };
+            let socket = UnixDatagram::unbound().and_then(|s| {
+                s.set_nonblocking(true)?;
+                Ok(s)
+            });
+            match socket {
+                Ok(s) => Some((s, address)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot create a socket to notify the service manager");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// A path, or `@name` for an abstract socket.
+fn address(path: &std::ffi::OsStr) -> io::Result<SocketAddr> {
+    use std::os::unix::ffi::OsStrExt;
+    match path.as_bytes() {
+        [b'@', name @ ..] => {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(name)
+        }
+        [b'/', ..] => SocketAddr::from_pathname(path),
+        _ => Err(io::Error::other("neither an absolute path nor @abstract")),
     }
 }
 
+/// Sends one notification; `must_arrive` for the states the manager waits for.
+fn send(message: String, must_arrive: bool) {
+    let Some((socket, address)) = socket() else {
+        return;
+    };
+    match socket.send_to_addr(message.as_bytes(), address) {
+        Ok(_) => {
+            if LAGGING.swap(false, Ordering::Relaxed) {
+                tracing::info!("the service manager reads notifications again");
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            if !LAGGING.swap(true, Ordering::Relaxed) {
+                tracing::warn!("the service manager's notification queue is full; dropping STATUS and WATCHDOG until it reads again");
+            }
+            if must_arrive {
+                let address = address.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("notify".into())
+                    .spawn(move || {
+                        let sent = UnixDatagram::unbound()
+                            .and_then(|s| s.send_to_addr(message.as_bytes(), &address));
+                        if let Err(e) = sent {
+                            tracing::warn!(error = %e, "cannot notify the service manager");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a thread to notify the service manager");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot notify the service manager"),
+    }
+}
+
+/// Escapes a STATUS= text to one line.
+fn status_line(status: &str) -> String {
+    status.replace('\n', " ")
+}
+
 pub fn ready(status: &str) {
-    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    send(format!("READY=1\nSTATUS={}", status_line(status)), true);
 }
 
 pub fn status(status: &str) {
-    send(&[NotifyState::Status(status)]);
+    send(format!("STATUS={}", status_line(status)), false);
 }
 
 pub fn watchdog() {
-    send(&[NotifyState::Watchdog]);
+    send("WATCHDOG=1".into(), false);
 }
 
 /// `RELOADING=1` with the `MONOTONIC_USEC=` systemd expects beside it.
 pub fn reloading() {
-    match NotifyState::monotonic_usec_now() {
-        Ok(now) => send(&[NotifyState::Reloading, now]),
-        Err(_) => send(&[NotifyState::Reloading]),
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000);
+    match now {
+        Ok(usec) => send(format!("RELOADING=1\nMONOTONIC_USEC={usec}"), true),
+        Err(_) => send("RELOADING=1".into(), true),
     }
 }
 
 pub fn stopping(status: &str) {
-    send(&[NotifyState::Stopping, NotifyState::Status(status)]);
+    send(format!("STOPPING=1\nSTATUS={}", status_line(status)), true);
 }
 
 /// The watchdog interval systemd asked for (`WATCHDOG_USEC`, when
