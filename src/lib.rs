@@ -45,8 +45,13 @@ pub mod server;
 pub mod shutdown;
 mod sys;
 
-pub use os::ensure_standard_fds;
-pub use sys::cloexec_from_3;
+pub use sys::{cloexec_from_3, commands_get_nofile};
+
+/// The first thing `main` does: descriptors 0-2 open, SIGCHLD at its default.
+pub fn prepare_process() -> std::io::Result<()> {
+    os::ensure_standard_fds()?;
+    sys::default_sigchld()
+}
 
 /// Exit codes, as documented in the README and the man page.
 pub mod exit {

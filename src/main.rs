@@ -31,8 +31,12 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    // 0. Descriptors 0-2 open, so nothing the daemon opens takes their numbers.
-    splice_relay::ensure_standard_fds();
+    // 0. Descriptors 0-2 open, so nothing the daemon opens takes their
+    // numbers; default SIGCHLD, so commands stay zombies until reaped.
+    if let Err(e) = splice_relay::prepare_process() {
+        eprintln!("splice-relay: {e}");
+        return ExitCode::from(exit::FAILURE);
+    }
     let args = Args::parse();
     if let Some(pid) = args.reload {
         return match splice_relay::reload::request(pid) {
@@ -148,12 +152,14 @@ fn fail(message: &str) -> ExitCode {
 }
 
 /// Each connection holds four or five descriptors; raise the soft limit to the
-/// hard one, as systemd recommends for daemons that use epoll.
+/// hard one, as systemd recommends for daemons that use epoll. Commands get
+/// the original soft limit back (see `sys::spawn`): programs that use
+/// select(2) or close every descriptor up to the limit expect a small one.
 fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+            splice_relay::commands_get_nofile(soft);
         }
     }
 }

@@ -29,21 +29,20 @@ pub fn reason(e: &std::io::Error) -> String {
 
 /// Makes sure descriptors 0, 1 and 2 are open (on /dev/null if not), so
 /// that no descriptor the daemon opens later gets one of those numbers: the
-/// child's dup2 onto 0–2 relies on it. Call first thing in `main`.
-pub fn ensure_standard_fds() {
+/// child's dup2 onto 0–2 relies on it.
+pub fn ensure_standard_fds() -> std::io::Result<()> {
     loop {
-        match nix::fcntl::open(
+        let fd = nix::fcntl::open(
             "/dev/null",
             nix::fcntl::OFlag::O_RDWR,
             nix::sys::stat::Mode::empty(),
-        ) {
-            Ok(fd) if std::os::fd::AsRawFd::as_raw_fd(&fd) > 2 => return,
-            // One of 0-2 was closed and now holds /dev/null: keep it open
-            // for good, as that standard descriptor.
-            Ok(fd) => {
-                let _ = std::os::fd::IntoRawFd::into_raw_fd(fd);
-            }
-            Err(_) => return,
+        )
+        .map_err(|e| std::io::Error::other(format!("cannot open /dev/null: {}", e.desc())))?;
+        if std::os::fd::AsRawFd::as_raw_fd(&fd) > 2 {
+            return Ok(());
         }
+        // One of 0-2 was closed and now holds /dev/null: keep it open for
+        // good, as that standard descriptor.
+        let _ = std::os::fd::IntoRawFd::into_raw_fd(fd);
     }
 }

@@ -1,12 +1,7 @@
 //! What a command runs as: another user and group, resource limits and a nice
 //! value. Resolved and checked when the config is loaded (a name that does not
 //! exist, or a change the daemon has no privilege for, is a config error with
-//! its position); applied in the child between fork and exec by `sys`.
-//!
-//! A service that sets none of these is spawned with posix_spawn. One that
-//! sets any of them needs code to run in the child before exec, which std's
-//! `Command` does with fork instead (the daemon is small, so this costs little;
-//! the benchmark's `rate` scenarios measure it).
+//! its position); applied in the child between clone and exec by `sys`.
 
 use std::ffi::CString;
 use std::fmt;
@@ -191,8 +186,15 @@ fn credentials(user: Option<&str>, group: Option<&str>) -> Result<Option<Credent
             };
             match found {
                 Ok(Some(entry)) => Ok((Some(entry.clone()), entry.uid, entry.gid)),
-                // A bare number with no passwd entry is usable with `group`.
+                // A bare number with no passwd entry has no primary group:
+                // `group` must say it, or the command would keep the daemon's.
                 Ok(None) if u.parse::<u32>().is_ok() => {
+                    if group.is_none() {
+                        return Err(key_error(
+                            "user",
+                            format!("{u:?}: no user has this number, so it has no primary group; set `group` too"),
+                        ));
+                    }
                     let uid = Uid::from_raw(u.parse().unwrap_or(0));
                     Ok((None, uid, getegid()))
                 }
@@ -241,12 +243,17 @@ fn credentials(user: Option<&str>, group: Option<&str>) -> Result<Option<Credent
         (None, None) => return Ok(None),
     };
 
+    // Supplementary groups compared as sets, each with its primary group
+    // (the kernel's list may or may not repeat it).
     let mut current = getgroups().unwrap_or_default();
+    current.push(getegid());
     current.sort_unstable_by_key(|g| g.as_raw());
+    current.dedup();
     let mut wanted = groups.clone();
+    wanted.push(gid);
     wanted.sort_unstable_by_key(|g| g.as_raw());
     wanted.dedup();
-    if uid == geteuid() && gid == getegid() && (current == wanted || wanted == [gid]) {
+    if uid == geteuid() && gid == getegid() && current == wanted {
         return Ok(None);
     }
     let need_uid = uid != geteuid();
@@ -292,6 +299,15 @@ mod tests {
         assert_eq!(
             e.to_string(),
             r#"group: "no-such-group-here": no such group"#
+        );
+    }
+
+    #[test]
+    fn a_number_without_a_user_needs_a_group() {
+        let e = credentials(Some("54321"), None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"user: "54321": no user has this number, so it has no primary group; set `group` too"#
         );
     }
 

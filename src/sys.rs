@@ -135,6 +135,40 @@ pub struct Exec {
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     nice: Option<libc::c_int>,
     ids: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+    /// The uid changes: drop every capability after the switch (from one
+    /// non-root uid to another the kernel keeps them, ambient ones included).
+    drop_capabilities: bool,
+}
+
+/// The soft and hard RLIMIT_NOFILE the daemon started with, restored in every
+/// command that does not set `rlimit_nofile` (0: the daemon did not raise it).
+static COMMAND_NOFILE: [std::sync::atomic::AtomicU64; 2] = [
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+];
+
+/// Records the soft RLIMIT_NOFILE the daemon had before it raised its own:
+/// commands get it back. Call once, at start.
+pub fn commands_get_nofile(soft: u64) {
+    use std::sync::atomic::Ordering;
+    let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(libc::RLIM_INFINITY, |(_, h)| h);
+    COMMAND_NOFILE[0].store(soft, Ordering::Relaxed);
+    COMMAND_NOFILE[1].store(hard, Ordering::Relaxed);
+}
+
+/// Sets SIGCHLD to its default action. Started with it ignored (a parent's
+/// choice, inherited across exec), the kernel would reap the commands by
+/// itself, and the zombie that keeps a command's process-group id from being
+/// reused would never exist.
+pub fn default_sigchld() -> io::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    // SAFETY: installing SIG_DFL runs no code of ours in a signal context;
+    // nothing in the daemon relies on another SIGCHLD disposition.
+    unsafe { sigaction(Signal::SIGCHLD, &default) }
+        .map(|_| ())
+        .map_err(io::Error::from)
 }
 
 /// The step of the child at which a spawn failed, for the message.
@@ -184,6 +218,35 @@ impl Exec {
                 .chain(std::iter::once(std::ptr::null()))
                 .collect::<Vec<_>>()
         };
+        let mut rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)> = run_as
+            .rlimits
+            .iter()
+            .map(|&(limit, value)| {
+                let resource = match limit {
+                    Limit::As => libc::RLIMIT_AS,
+                    Limit::Nofile => libc::RLIMIT_NOFILE,
+                    Limit::Nproc => libc::RLIMIT_NPROC,
+                    Limit::Cpu => libc::RLIMIT_CPU,
+                };
+                (
+                    resource,
+                    libc::rlimit {
+                        rlim_cur: value,
+                        rlim_max: value,
+                    },
+                )
+            })
+            .collect();
+        let nofile = COMMAND_NOFILE
+            .each_ref()
+            .map(|a| a.load(std::sync::atomic::Ordering::Relaxed));
+        if nofile[0] != 0 && !run_as.rlimits.iter().any(|(l, _)| *l == Limit::Nofile) {
+            let rlim = libc::rlimit {
+                rlim_cur: nofile[0],
+                rlim_max: nofile[1],
+            };
+            rlimits.push((libc::RLIMIT_NOFILE, rlim));
+        }
         Ok(Exec {
             program: c(program.as_os_str().as_bytes())?,
             argv: nul_terminated(&args),
@@ -191,25 +254,7 @@ impl Exec {
             _args: args,
             _env: env,
             cwd: c(cwd.as_os_str().as_bytes())?,
-            rlimits: run_as
-                .rlimits
-                .iter()
-                .map(|&(limit, value)| {
-                    let resource = match limit {
-                        Limit::As => libc::RLIMIT_AS,
-                        Limit::Nofile => libc::RLIMIT_NOFILE,
-                        Limit::Nproc => libc::RLIMIT_NPROC,
-                        Limit::Cpu => libc::RLIMIT_CPU,
-                    };
-                    (
-                        resource,
-                        libc::rlimit {
-                            rlim_cur: value,
-                            rlim_max: value,
-                        },
-                    )
-                })
-                .collect(),
+            rlimits,
             nice: run_as.nice,
             ids: run_as.credentials.as_ref().map(|c| {
                 (
@@ -218,6 +263,10 @@ impl Exec {
                     c.groups.iter().map(|g| g.as_raw()).collect(),
                 )
             }),
+            drop_capabilities: run_as
+                .credentials
+                .as_ref()
+                .is_some_and(|c| c.uid != nix::unistd::geteuid()),
         })
     }
 }
@@ -246,6 +295,36 @@ const RESET_SIGNALS: [libc::c_int; 6] = [
     libc::SIGBUS,
     libc::SIGPIPE,
 ];
+
+/// The 32-bit uid and gid calls; on i686 and 32-bit Arm the plain numbers
+/// are the old 16-bit ones.
+#[cfg(any(target_arch = "x86", target_arch = "arm"))]
+const SYS_SETUID: libc::c_long = libc::SYS_setuid32;
+#[cfg(any(target_arch = "x86", target_arch = "arm"))]
+const SYS_SETGID: libc::c_long = libc::SYS_setgid32;
+#[cfg(any(target_arch = "x86", target_arch = "arm"))]
+const SYS_SETGROUPS: libc::c_long = libc::SYS_setgroups32;
+#[cfg(not(any(target_arch = "x86", target_arch = "arm")))]
+const SYS_SETUID: libc::c_long = libc::SYS_setuid;
+#[cfg(not(any(target_arch = "x86", target_arch = "arm")))]
+const SYS_SETGID: libc::c_long = libc::SYS_setgid;
+#[cfg(not(any(target_arch = "x86", target_arch = "arm")))]
+const SYS_SETGROUPS: libc::c_long = libc::SYS_setgroups;
+
+/// capset(2)'s header and data, version 3 (two 32-bit words per set).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// Stack for the child between clone and exec: a few calls deep only.
 const CHILD_STACK: usize = 64 * 1024;
@@ -287,6 +366,9 @@ pub fn spawn(
     // Block every signal in this thread, so that no handler of the daemon
     // can run in the child, which shares the daemon's memory until exec. The
     // child inherits the mask and clears it only after resetting handlers.
+    // (glibc keeps its two internal signals, SIGCANCEL and SIGSETXID,
+    // unblocked; the daemon uses neither pthread_cancel nor glibc's setuid
+    // family, so neither is ever sent.)
     // SAFETY: both pointers are to valid sigset_t values in this frame.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) };
     // SAFETY: CLONE_VM|CLONE_VFORK: the child runs on `stack`, which nothing
@@ -311,10 +393,20 @@ pub fn spawn(
     if pid < 0 {
         return Err((Stage::Exec, clone_error));
     }
-    // SAFETY: clone with CLONE_PIDFD succeeded, so `pidfd` is a new
-    // close-on-exec descriptor that only we hold.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let pid = nix::unistd::Pid::from_raw(pid);
+    if pidfd < 0 {
+        // A kernel before 5.2 ignores CLONE_PIDFD: the command runs, but
+        // could not be watched. End it rather than leave it unsupervised.
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err((
+            Stage::Exec,
+            io::Error::other("this kernel has no CLONE_PIDFD (Linux 5.2 or later is needed)"),
+        ));
+    }
+    // SAFETY: clone with CLONE_PIDFD succeeded and stored a non-negative
+    // number, so `pidfd` is a new close-on-exec descriptor that only we hold.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     // SAFETY: the child has exec'd or exited (CLONE_VFORK), so it no longer
     // writes to `args`; a volatile read keeps the compiler from assuming the
     // fields still hold what this thread stored before the clone.
@@ -381,9 +473,6 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 return fail(args, 0);
             }
         }
-        if libc::chdir(exec.cwd.as_ptr()) != 0 {
-            return fail(args, 1);
-        }
         for (resource, rlim) in &exec.rlimits {
             if libc::setrlimit(*resource, rlim) != 0 {
                 return fail(args, 2);
@@ -395,12 +484,35 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             }
         }
         if let Some((uid, gid, groups)) = &exec.ids {
-            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0
-                || libc::syscall(libc::SYS_setgid, *gid) != 0
-                || libc::syscall(libc::SYS_setuid, *uid) != 0
+            if libc::syscall(SYS_SETGROUPS, groups.len(), groups.as_ptr()) != 0
+                || libc::syscall(SYS_SETGID, *gid) != 0
+                || libc::syscall(SYS_SETUID, *uid) != 0
             {
                 return fail(args, 4);
             }
+            if exec.drop_capabilities {
+                let header = CapHeader {
+                    version: LINUX_CAPABILITY_VERSION_3,
+                    pid: 0,
+                };
+                let none = [CapData::default(); 2];
+                if libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                    || libc::syscall(libc::SYS_capset, &header, none.as_ptr()) != 0
+                {
+                    return fail(args, 4);
+                }
+            }
+        }
+        // After the switch, so that the command cannot start in a directory
+        // its user could not enter.
+        if libc::chdir(exec.cwd.as_ptr()) != 0 {
+            return fail(args, 1);
         }
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);

@@ -328,13 +328,19 @@ fn command_runs_as_another_user_with_limits_and_nice() {
     let (sock, addr) = pass_tcp("test");
     let _d = Daemon::start(
         &one_service(
-            r#"["sh", "-c", "id -u; id -g; ulimit -n; ulimit -t; cut -d' ' -f19 /proc/self/stat"]"#,
-            "user = \"nobody\"\nrlimit_nofile = 77\nrlimit_cpu = 30\nnice = 7",
+            r#"["sh", "-c", "id -u; id -g; ulimit -n; ulimit -t; cut -d' ' -f19 /proc/self/stat; grep -E '^Cap(Prm|Eff|Amb)' /proc/self/status; pwd"]"#,
+            "user = \"nobody\"\nrlimit_nofile = 77\nrlimit_cpu = 30\nnice = 7\nworking_directory = \"/tmp\"",
         ),
         vec![sock],
     );
     let out = fetch_text(addr);
-    assert_eq!(out, format!("{}\n{}\n77\n30\n7\n", nobody.uid, nobody.gid));
+    assert_eq!(
+        out,
+        format!(
+            "{}\n{}\n77\n30\n7\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\nCapAmb:\t0000000000000000\n/tmp\n",
+            nobody.uid, nobody.gid
+        )
+    );
 }
 
 #[test]

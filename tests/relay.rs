@@ -546,12 +546,25 @@ fn direct_transfer_ends_the_group_when_the_client_resets() {
 #[test]
 fn the_command_starts_with_default_signals_its_own_group_and_three_descriptors() {
     let (passed, addr) = pass_tcp("test");
-    let d = Daemon::start(
+    // Started with a soft descriptor limit below the hard one, which the
+    // daemon raises for itself.
+    let opts = Options {
+        env: vec![("SR_NOFILE_SOFT".into(), "1000".into())],
+        ..Options::default()
+    };
+    let mut d = Daemon::spawn(
         &one_service(
-            r#"["sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status; ps -o pgid= -p $$; ls /proc/self/fd | wc -l"]"#,
+            r#"["sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status; ps -o pgid= -p $$; ls /proc/self/fd | wc -l; ulimit -Sn"]"#,
             "",
         ),
         vec![passed],
+        opts,
+    );
+    d.wait_note("READY=1");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    assert!(
+        !limits.contains("Max open files            1000 "),
+        "{limits}"
     );
     let out = fetch_text(addr);
     let lines: Vec<&str> = out.lines().collect();
@@ -564,6 +577,22 @@ fn the_command_starts_with_default_signals_its_own_group_and_three_descriptors()
         .find_map(|l| l.strip_prefix("SigIgn:\t"))
         .map(|hex| u64::from_str_radix(hex, 16).unwrap())
         .unwrap();
+    // The daemon catches only the signals the spawn resets in the child
+    // (sys.rs, RESET_SIGNALS): HUP, INT, BUS, SEGV, TERM. A handler added
+    // elsewhere could run in the child before exec; this catches it.
+    let caught = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:\t"))
+        .map(|hex| u64::from_str_radix(hex, 16).unwrap())
+        .unwrap();
+    // Signal 33 is glibc's own SIGSETXID handler, sent only by glibc's setuid
+    // family, which the daemon never calls (the spawn uses raw syscalls).
+    let reset: u64 = [1, 2, 7, 11, 15, 33].iter().map(|n| 1u64 << (n - 1)).sum();
+    assert_eq!(
+        caught & !reset,
+        0,
+        "SigCgt {caught:016x}: a handler the spawn does not reset"
+    );
     let sigpipe = 1u64 << (13 - 1);
     assert_ne!(daemon_ignored & sigpipe, 0, "the daemon ignores SIGPIPE");
     assert_eq!(
@@ -586,4 +615,6 @@ fn the_command_starts_with_default_signals_its_own_group_and_three_descriptors()
     );
     // ls's own descriptors: 0, 1, 2 and the directory it lists.
     assert_eq!(lines[3].trim(), "4", "{out}");
+    // The command gets back the soft limit the daemon was started with.
+    assert_eq!(lines[4], "1000", "{out}");
 }
