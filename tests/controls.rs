@@ -384,8 +384,9 @@ fn check_refuses_a_user_switch_the_daemon_cannot_make() {
 }
 
 /// 200 slow clients (100 reading a byte a second, 100 sending a byte a
-/// second to `cat`) beside one fast client: the fast one gets its stream at a
-/// fair share of its speed alone, and every slow one ends at its `timeout`.
+/// second to `cat`) beside one fast client: once they have settled, the fast
+/// one gets at least half its speed alone, and every slow one ends at its
+/// `timeout`.
 #[test]
 fn slow_readers_and_slowloris_writers_end_at_their_timeouts_without_slowing_others() {
     const SLOW: usize = 200;
@@ -402,7 +403,7 @@ command = ["head", "-c", "{FAST_BYTES}", "/dev/zero"]
 [[service]]
 name = "reader"
 command = ["yes"]
-timeout = "3s"
+timeout = "5s"
 kill_grace = "300ms"
 max_connections = 1000
 
@@ -410,7 +411,7 @@ max_connections = 1000
 name = "writer"
 command = ["cat"]
 stdin = "client"
-timeout = "3s"
+timeout = "5s"
 kill_grace = "300ms"
 max_connections = 1000
 "#
@@ -434,9 +435,9 @@ max_connections = 1000
         slow.push(std::thread::spawn(move || {
             let mut s = connect(addr);
             s.set_nodelay(true).unwrap();
-            // A byte a second for 4.5 s, or until the daemon ends it.
+            // A byte a second for 6.5 s, or until the daemon ends it.
             let started = Instant::now();
-            while started.elapsed() < Duration::from_millis(4500) {
+            while started.elapsed() < Duration::from_millis(6500) {
                 let r = if reads {
                     let mut b = [0u8; 1];
                     s.read(&mut b).map(|n| n > 0)
@@ -450,6 +451,26 @@ max_connections = 1000
             }
         }));
     }
+    // Measured once the slow clients have settled: all their commands run
+    // and the daemon is quiet again (filling 200 connections' socket and
+    // pipe buffers at the start is a burst, not their steady cost).
+    let deadline = Instant::now() + PATIENCE;
+    while d.children().len() < SLOW {
+        assert!(
+            Instant::now() < deadline,
+            "the slow clients never all started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    loop {
+        let before = cpu_ticks(d.pid());
+        std::thread::sleep(Duration::from_millis(200));
+        // Under 10% of a core over the window.
+        if (cpu_ticks(d.pid()) - before) * 50 < clock_ticks_per_second() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the daemon never settled");
+    }
     let beside = measure();
     for t in slow {
         t.join().unwrap();
@@ -460,16 +481,16 @@ max_connections = 1000
         beside / 1e9,
         beside / alone,
     );
-    assert!(beside > alone * 0.25, "alone {alone}, beside {beside}");
+    assert!(beside > alone * 0.5, "alone {alone}, beside {beside}");
     let deadline = Instant::now() + PATIENCE;
     while d.log_lines(&["reason=\"timeout\""]).len() < SLOW {
         assert!(Instant::now() < deadline, "{}", d.log_text());
         std::thread::sleep(Duration::from_millis(50));
     }
-    // Each ended at its timeout (3 s), not later.
+    // Each ended at its timeout (5 s), not later.
     for record in d.log_lines(&["reason=\"timeout\""]) {
         let took = field(&record, "duration_ms");
-        assert!((3000..6000).contains(&took), "{record}");
+        assert!((5000..8000).contains(&took), "{record}");
     }
     assert!(d.children().iter().all(|p| gone_soon(*p)));
 }
