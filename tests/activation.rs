@@ -243,30 +243,3 @@ fn without_socket_activation_a_service_needs_an_address() {
         "service \"test\": listen: no address given, and the daemon is not socket-activated",
     ]);
 }
-
-#[test]
-fn listen_fds_meant_for_another_process_are_ignored_with_a_warning() {
-    let config = one_service(r#"["echo", "bound"]"#, "listen = \"127.0.0.1:0\"");
-    let opts = Options {
-        env: vec![
-            ("LISTEN_FDS".into(), "1".into()),
-            ("LISTEN_PID".into(), "1".into()),
-        ],
-        ..Options::default()
-    };
-    let mut d = Daemon::spawn(&config, vec![], opts);
-    d.wait_note("READY=1");
-    d.wait_log(&[
-        "WARN",
-        "LISTEN_FDS is set but LISTEN_PID is not this process",
-    ]);
-    let line = d.wait_log(&["listening", "listener=127.0.0.1:"]);
-    let addr = line
-        .rsplit("listener=")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert_eq!(fetch_text(addr), "bound\n");
-}

@@ -1695,17 +1695,20 @@ fn malformed_socket_activation_variables_are_refused_or_fall_back() {
 }
 
 /// `LISTEN_FDS` meant for another process comes, from systemd, with
-/// `LISTEN_FDNAMES` too (systemd sets both): the daemon must ignore the three
-/// with its warning and bind its `listen` addresses, as it does when
-/// `LISTEN_FDNAMES` is absent (tests/activation.rs,
-/// `listen_fds_meant_for_another_process_are_ignored_with_a_warning`).
+/// `LISTEN_FDNAMES` too (systemd sets both), or without it: the daemon
+/// ignores them with a warning and binds its `listen` addresses.
 #[test]
 fn listen_variables_for_another_process_are_ignored_with_their_names() {
-    for pid in [RawPid::Value("1".into()), RawPid::Unset] {
+    let cases = [
+        (RawPid::Value("1".into()), Some("web")),
+        (RawPid::Unset, Some("web")),
+        (RawPid::Value("1".into()), None),
+    ];
+    for (pid, names) in cases {
         let config = one_service(r#"["echo", "bound"]"#, "listen = \"127.0.0.1:0\"");
         let raw = RawListen {
             fds: Some("1".into()),
-            names: Some("web".into()),
+            names: names.map(String::from),
             pid,
         };
         let mut d = Daemon::spawn(
