@@ -328,8 +328,8 @@ fn command_runs_as_another_user_with_limits_and_nice() {
     let (sock, addr) = pass_tcp("test");
     let _d = Daemon::start(
         &one_service(
-            r#"["sh", "-c", "id -u; id -g; ulimit -n; ulimit -t; cut -d' ' -f19 /proc/self/stat; grep -E '^Cap(Prm|Eff|Amb)' /proc/self/status; pwd"]"#,
-            "user = \"nobody\"\nrlimit_nofile = 77\nrlimit_cpu = 30\nnice = 7\nworking_directory = \"/tmp\"",
+            r#"["sh", "-c", "id -u; id -g; ulimit -n; ulimit -t; ulimit -v; awk '/Max processes/ {print $3}' /proc/self/limits; cut -d' ' -f19 /proc/self/stat; grep -E '^Cap(Prm|Eff|Amb)' /proc/self/status; pwd"]"#,
+            "user = \"nobody\"\nrlimit_nofile = 77\nrlimit_cpu = 30\nrlimit_as = 1073741824\nrlimit_nproc = 500\nnice = 7\nworking_directory = \"/tmp\"",
         ),
         vec![sock],
     );
@@ -337,7 +337,7 @@ fn command_runs_as_another_user_with_limits_and_nice() {
     assert_eq!(
         out,
         format!(
-            "{}\n{}\n77\n30\n7\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\nCapAmb:\t0000000000000000\n/tmp\n",
+            "{}\n{}\n77\n30\n1048576\n500\n7\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\nCapAmb:\t0000000000000000\n/tmp\n",
             nobody.uid, nobody.gid
         )
     );
