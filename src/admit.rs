@@ -24,7 +24,7 @@ use crate::config::Service;
 use crate::peer::Peer;
 use crate::proxy::{self, Header};
 
-/// How long a client may take to send its PROXY header.
+/// How long a client may take to send its PROXY header (or `timeout`, if shorter).
 pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A refusal episode ends after this long without a refusal of its kind.
@@ -56,6 +56,8 @@ pub enum Refused {
     Rule(Refusal),
     /// `proxy_protocol = true` and the header was malformed, missing or late.
     ProxyHeader(String),
+    /// `proxy_from` is set and the connection does not come from one of them.
+    ProxyUntrusted,
 }
 
 impl Refused {
@@ -63,6 +65,7 @@ impl Refused {
         match self {
             Refused::Rule(r) => r.reason(),
             Refused::ProxyHeader(_) => "proxy-header",
+            Refused::ProxyUntrusted => "proxy-untrusted",
         }
     }
 }
@@ -85,7 +88,20 @@ impl Admissions {
         peer: Peer,
     ) -> Result<(Peer, SourceGuard), (Peer, Refused)> {
         let peer = if service.proxy_protocol {
-            match proxy::read_header(socket, PROXY_HEADER_TIMEOUT).await {
+            if let Peer::Tcp { remote, .. } = &peer {
+                let ip = remote.ip();
+                if !service.proxy_from.is_empty()
+                    && !service.proxy_from.iter().any(|c| c.contains(ip))
+                {
+                    let refused = Refused::ProxyUntrusted;
+                    self.note(service, &peer, &refused);
+                    return Err((peer, refused));
+                }
+            }
+            let limit = service
+                .timeout
+                .map_or(PROXY_HEADER_TIMEOUT, |t| t.min(PROXY_HEADER_TIMEOUT));
+            match proxy::read_header(socket, limit).await {
                 Ok(Header::Proxied {
                     source,
                     destination,
@@ -129,6 +145,9 @@ impl Admissions {
         let detail = match refused {
             Refused::Rule(r) => r.to_string(),
             Refused::ProxyHeader(e) => e.clone(),
+            Refused::ProxyUntrusted => {
+                "not in proxy_from, so it may not send a PROXY header".into()
+            }
         };
         let mut episodes = self.episodes.lock().unwrap_or_else(|e| e.into_inner());
         let episode = episodes
@@ -150,13 +169,22 @@ impl Admissions {
         }
     }
 
+    /// Ends every episode, quiet or not: at stop.
+    pub fn finish(&self) {
+        self.sweep_after(Duration::ZERO);
+    }
+
     /// Ends the episodes that have been quiet for [`QUIET`], logging each
     /// with its count. Called once a second.
     pub fn sweep(&self) {
+        self.sweep_after(QUIET);
+    }
+
+    fn sweep_after(&self, quiet: Duration) {
         let now = Instant::now();
         let mut episodes = self.episodes.lock().unwrap_or_else(|e| e.into_inner());
         episodes.retain(|(service, reason), e| {
-            if now.duration_since(e.last) < QUIET {
+            if now.duration_since(e.last) < quiet {
                 return true;
             }
             let seconds = e.last.duration_since(e.started).as_secs_f64();

@@ -77,6 +77,8 @@ pub struct Service {
     pub access: Rules,
     /// The client's address comes from a PROXY protocol header.
     pub proxy_protocol: bool,
+    /// Peers allowed to send that header (empty: any).
+    pub proxy_from: Vec<Cidr>,
     /// Longest life of a connection.
     pub timeout: Option<Duration>,
     /// Longest time without a byte moving either way.
@@ -217,6 +219,7 @@ struct RawService {
     rate: Option<f64>,
     rate_per_source: Option<f64>,
     proxy_protocol: Option<bool>,
+    proxy_from: Option<Vec<String>>,
     timeout: Option<Seconds>,
     idle_timeout: Option<Seconds>,
     max_bytes: Option<u64>,
@@ -699,7 +702,28 @@ fn check_service(i: usize, s: RawService, loc: &Locator<'_>) -> Result<Service, 
         other => Ok(other.map(String::into_bytes)),
     };
     let banner = message("banner", s.banner)?;
+    if let (Some(b), Some(max)) = (&banner, s.max_bytes) {
+        if b.len() as u64 >= max {
+            return Err(err(
+                "banner",
+                format!("{} bytes: must be shorter than max_bytes ({max})", b.len()),
+            ));
+        }
+    }
     let busy_message = message("busy_message", s.busy_message)?;
+    let proxy_protocol = s.proxy_protocol.unwrap_or(false);
+    let proxy_from = s
+        .proxy_from
+        .iter()
+        .flatten()
+        .map(|text| text.parse::<Cidr>().map_err(|m| err("proxy_from", m)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if s.proxy_from.is_some() && !proxy_protocol {
+        return Err(err(
+            "proxy_from",
+            "applies only with proxy_protocol = true".into(),
+        ));
+    }
     let rlimits: Vec<(Limit, u64)> = [s.rlimit_as, s.rlimit_nofile, s.rlimit_nproc, s.rlimit_cpu]
         .into_iter()
         .zip(Limit::ALL)
@@ -728,7 +752,8 @@ fn check_service(i: usize, s: RawService, loc: &Locator<'_>) -> Result<Service, 
         kill_grace: s.kill_grace.map_or(defaults::KILL_GRACE, |d| d.0),
         pipe_size,
         access,
-        proxy_protocol: s.proxy_protocol.unwrap_or(false),
+        proxy_protocol,
+        proxy_from,
         timeout,
         idle_timeout,
         max_bytes: s.max_bytes,
@@ -880,7 +905,9 @@ mod tests {
                 _ => l.to_owned(),
             })
             .collect::<Vec<_>>()
-            .join("\n");
+            .join("\n")
+            // proxy_from applies only with the header on.
+            .replace("proxy_protocol = false", "proxy_protocol = true");
         let c = load_str("config.example.toml", &text).unwrap();
         let s = &c.services[0];
         assert_eq!(s.access.allow.len(), 2);
@@ -892,6 +919,7 @@ mod tests {
         assert_eq!(s.busy_message.as_deref(), Some(&b"busy\n"[..]));
         assert_eq!(s.run_as.nice, Some(10));
         assert_eq!(s.run_as.rlimits.len(), 4);
+        assert_eq!(s.proxy_from.len(), 2);
         if root {
             assert!(s.run_as.credentials.is_some());
         }
@@ -935,6 +963,14 @@ mod tests {
         assert_eq!(
             svc("user = \"no-such-user-here\""),
             r#"t.toml:4:8: service "a": user: "no-such-user-here": no such user"#
+        );
+        assert_eq!(
+            svc("max_bytes = 4\nbanner = \"hello\""),
+            r#"t.toml:5:10: service "a": banner: 5 bytes: must be shorter than max_bytes (4)"#
+        );
+        assert_eq!(
+            svc("proxy_from = [\"10.0.0.0/8\"]"),
+            r#"t.toml:4:14: service "a": proxy_from: applies only with proxy_protocol = true"#
         );
         let long = "x".repeat(defaults::MAX_MESSAGE + 1);
         assert_eq!(

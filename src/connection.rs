@@ -221,27 +221,22 @@ impl Handler {
             activity: Activity::new(started),
         };
         if let Some(banner) = &service.banner {
-            let sent = match deadline(&service, started) {
-                Some(at) => tokio::time::timeout_at(at.into(), send_all(&socket, banner))
-                    .await
-                    .unwrap_or(Err(Errno::ETIMEDOUT)),
-                None => send_all(&socket, banner).await,
+            // Bounded like the rest of the connection: by `timeout`,
+            // `idle_timeout` (a client that reads nothing) and the stop.
+            let mut watch = shared.shutdown.clone();
+            let sent = tokio::select! {
+                r = send_all(&socket, banner, &tally.activity) => r.map_err(End::ClientGone),
+                () = expired(deadline(&service, started)) => Err(End::Timeout),
+                () = idle(service.idle_timeout, &tally.activity) => Err(End::IdleTimeout),
+                () = watch.reached(Phase::Forced) => Err(End::Shutdown),
             };
-            match sent {
-                Ok(()) => {
-                    let n = banner.len() as u64;
-                    tally.sent.fetch_add(n, Ordering::Relaxed);
-                    shared.stats.bytes_sent.fetch_add(n, Ordering::Relaxed);
-                }
-                Err(Errno::ETIMEDOUT) if service.timeout.is_some() => {
-                    tally.record(0, "none", &End::Timeout);
-                    return Outcome::Served;
-                }
-                Err(e) => {
-                    tally.record(0, "none", &End::ClientGone(e));
-                    return Outcome::Served;
-                }
+            if let Err(end) = sent {
+                tally.record(0, "none", &end);
+                return Outcome::Served;
             }
+            let n = banner.len() as u64;
+            tally.sent.fetch_add(n, Ordering::Relaxed);
+            shared.stats.bytes_sent.fetch_add(n, Ordering::Relaxed);
         }
         if service.transfer == Transfer::Direct {
             direct(&tally, &service, &shared, socket.into_inner(), &peer).await;
@@ -309,7 +304,11 @@ async fn end_leftovers(child: &Child, grace: Duration) {
 }
 
 /// Writes all of `bytes` to the socket.
-async fn send_all(socket: &AsyncFd<OwnedFd>, bytes: &[u8]) -> Result<(), Errno> {
+async fn send_all(
+    socket: &AsyncFd<OwnedFd>,
+    bytes: &[u8],
+    activity: &Activity,
+) -> Result<(), Errno> {
     let mut done = 0;
     while done < bytes.len() {
         let mut ready = socket
@@ -317,7 +316,10 @@ async fn send_all(socket: &AsyncFd<OwnedFd>, bytes: &[u8]) -> Result<(), Errno> 
             .await
             .map_err(|e| e.raw_os_error().map_or(Errno::EIO, Errno::from_raw))?;
         match nix::unistd::write(socket.get_ref(), &bytes[done..]) {
-            Ok(n) => done += n,
+            Ok(n) => {
+                done += n;
+                activity.touch();
+            }
             Err(Errno::EAGAIN) => ready.clear_ready(),
             Err(Errno::EINTR) => {}
             Err(e) => return Err(e),
@@ -518,9 +520,13 @@ async fn direct(
     if let Some((acked, received)) = sys::tcp_bytes(socket.get_ref().as_fd()) {
         let fin = u64::from(orderly);
         let (sent, received) = (acked.saturating_sub(fin), received.saturating_sub(fin));
-        tally.sent.store(sent, Ordering::Relaxed);
+        // The banner, if any, is in TCP_INFO's count and already in the daemon's.
+        let banner = tally.sent.swap(sent, Ordering::Relaxed);
         tally.received.store(received, Ordering::Relaxed);
-        shared.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+        shared
+            .stats
+            .bytes_sent
+            .fetch_add(sent.saturating_sub(banner), Ordering::Relaxed);
         shared
             .stats
             .bytes_received

@@ -8,12 +8,13 @@
 //! thread and with it every connection on that thread. So the socket is
 //! nonblocking. A STATUS or WATCHDOG that finds the queue full is dropped (the
 //! next one supersedes it); READY, RELOADING and STOPPING, which the manager
-//! must see, are handed to a short-lived thread that waits for room. Either
+//! must see, are queued, in order, for one thread that waits for room. Either
 //! way the episode is logged once.
 
 use std::io;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::OnceLock;
 
 /// The socket and address, set up on first use; None without NOTIFY_SOCKET.
@@ -65,6 +66,10 @@ fn send(message: String, must_arrive: bool) {
     let Some((socket, address)) = socket() else {
         return;
     };
+    // Behind one already waiting: keep their order (READY after RELOADING).
+    if must_arrive && PENDING.load(Ordering::Acquire) > 0 {
+        return enqueue(message, address);
+    }
     match socket.send_to_addr(message.as_bytes(), address) {
         Ok(_) => {
             if LAGGING.swap(false, Ordering::Relaxed) {
@@ -76,22 +81,51 @@ fn send(message: String, must_arrive: bool) {
                 tracing::warn!("the service manager's notification queue is full; dropping STATUS and WATCHDOG until it reads again");
             }
             if must_arrive {
-                let address = address.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("notify".into())
-                    .spawn(move || {
-                        let sent = UnixDatagram::unbound()
-                            .and_then(|s| s.send_to_addr(message.as_bytes(), &address));
-                        if let Err(e) = sent {
-                            tracing::warn!(error = %e, "cannot notify the service manager");
-                        }
-                    });
-                if let Err(e) = spawned {
-                    tracing::warn!(error = %e, "cannot start a thread to notify the service manager");
-                }
+                enqueue(message, address);
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot notify the service manager"),
+    }
+}
+
+/// Notifications that must arrive, waiting for room in the manager's queue.
+static PENDING: AtomicUsize = AtomicUsize::new(0);
+static QUEUE: OnceLock<Option<Sender<String>>> = OnceLock::new();
+
+/// Hands a notification to the one thread that sends them in order, with a
+/// blocking socket, as room frees in the manager's queue.
+fn enqueue(message: String, address: &SocketAddr) {
+    let queue = QUEUE.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let address = address.clone();
+        let started = std::thread::Builder::new()
+            .name("notify".into())
+            .spawn(move || {
+                let socket = UnixDatagram::unbound();
+                for message in rx {
+                    let sent = match &socket {
+                        Ok(s) => s.send_to_addr(message.as_bytes(), &address).map(|_| ()),
+                        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                    };
+                    if let Err(e) = sent {
+                        tracing::warn!(error = %e, "cannot notify the service manager");
+                    }
+                    PENDING.fetch_sub(1, Ordering::Release);
+                }
+            });
+        match started {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a thread to notify the service manager");
+                None
+            }
+        }
+    });
+    if let Some(tx) = queue {
+        PENDING.fetch_add(1, Ordering::AcqRel);
+        if tx.send(message).is_err() {
+            PENDING.fetch_sub(1, Ordering::Release);
+        }
     }
 }
 

@@ -43,7 +43,7 @@ impl Activity {
         }
     }
 
-    fn touch(&self) {
+    pub fn touch(&self) {
         let ms = self.since.elapsed().as_millis() as u64;
         self.last_ms.fetch_max(ms, Ordering::Relaxed);
     }
@@ -128,13 +128,14 @@ async fn splice_loop(
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut stuck = 0u32;
     loop {
+        // Before waiting: once the limit is reached, the rest may never come.
+        if *left == 0 {
+            return Spliced::Done(Ok(Pumped::Limit));
+        }
         let (mut readable, mut writable) = match (src.readable().await, dst.writable().await) {
             (Ok(r), Ok(w)) => (r, w),
             (Err(e), _) | (_, Err(e)) => return Spliced::Done(Err(io_errno(e))),
         };
-        if *left == 0 {
-            return Spliced::Done(Ok(Pumped::Limit));
-        }
         let ask = chunk.min(usize::try_from(*left).unwrap_or(usize::MAX));
         match splice(src.get_ref(), None, dst.get_ref(), None, ask, flags) {
             Ok(0) if really_ended(src.get_ref()) => return Spliced::Done(Ok(Pumped::EndOfFile)),

@@ -216,6 +216,7 @@ impl Server {
             shared.global.idle().await;
         }
         ticker.abort();
+        shared.admissions.finish();
         tracing::info!(
             served = shared.stats.served.load(Ordering::Relaxed),
             "stopped"

@@ -514,6 +514,15 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         if libc::chdir(exec.cwd.as_ptr()) != 0 {
             return fail(args, 1);
         }
+        // No command inherits the daemon's ambient capabilities (a unit may
+        // grant some for `user`); EINVAL on kernels before 4.3, which have none.
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
