@@ -213,14 +213,7 @@ fn without_socket_activation_it_binds_the_configured_addresses() {
     );
     let mut d = Daemon::spawn(&config, vec![], Options::default());
     d.wait_note("READY=1");
-    let line = d.wait_log(&["listening", "listener=127.0.0.1:"]);
-    let addr = line
-        .rsplit("listener=")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let addr = d.bound_tcp_addr();
     assert_eq!(fetch_text(addr), "bound\n");
     let mut out = String::new();
     UnixStream::connect(&path)

@@ -1663,13 +1663,7 @@ fn malformed_socket_activation_variables_are_refused_or_fall_back() {
             Expect::Serves => {
                 d.wait_note("READY=1");
                 let addr = if bind {
-                    let line = d.wait_log(&["listening", "listener=127.0.0.1:"]);
-                    line.rsplit("listener=")
-                        .next()
-                        .unwrap()
-                        .trim()
-                        .parse()
-                        .unwrap()
+                    d.bound_tcp_addr()
                 } else {
                     addr.unwrap()
                 };
@@ -1724,14 +1718,7 @@ fn listen_variables_for_another_process_are_ignored_with_their_names() {
             "WARN",
             "LISTEN_FDS is set but LISTEN_PID is not this process",
         ]);
-        let line = d.wait_log(&["listening", "listener=127.0.0.1:"]);
-        let addr = line
-            .rsplit("listener=")
-            .next()
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let addr = d.bound_tcp_addr();
         assert_eq!(fetch_text(addr), "bound\n");
     }
 }

@@ -314,6 +314,18 @@ impl Daemon {
             .collect()
     }
 
+    /// The TCP address the daemon bound itself (`listen = "127.0.0.1:0"`),
+    /// from its "listening" line.
+    pub fn bound_tcp_addr(&self) -> SocketAddr {
+        let line = self.wait_log(&["listening", "listener=127.0.0.1:"]);
+        line.rsplit("listener=")
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     pub fn log_text(&self) -> String {
         self.log.0.lock().unwrap().join("\n")
     }
