@@ -554,7 +554,7 @@ fn the_command_starts_with_default_signals_its_own_group_and_three_descriptors()
     };
     let mut d = Daemon::spawn(
         &one_service(
-            r#"["sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status; ps -o pgid= -p $$; ls /proc/self/fd | wc -l; ulimit -Sn"]"#,
+            r#"["sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status; cut -d' ' -f5 /proc/$$/stat; ls /proc/self/fd | wc -l; ulimit -Sn"]"#,
             "",
         ),
         vec![passed],
