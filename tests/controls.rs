@@ -447,7 +447,9 @@ max_connections = 1000
         assert_eq!(n, FAST_BYTES);
         FAST_BYTES as f64 / started.elapsed().as_secs_f64()
     };
-    let alone = measure();
+    // The best of three each way: one sample on a shared machine is noise.
+    let best = || (0..3).map(|_| measure()).fold(0.0, f64::max);
+    let alone = best();
 
     let mut slow = Vec::new();
     for i in 0..SLOW {
@@ -495,7 +497,7 @@ max_connections = 1000
         }
         assert!(Instant::now() < deadline, "the daemon never settled");
     }
-    let beside = measure();
+    let beside = best();
     assert!(
         d.log_lines(&["reason=\"timeout\""]).is_empty(),
         "the slow clients must still be there while the fast one is measured"
