@@ -21,6 +21,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::access::{Admission, Refusal, SourceGuard};
 use crate::config::Service;
+use crate::episode::Counted;
 use crate::peer::Peer;
 use crate::proxy::{self, Header};
 
@@ -35,19 +36,13 @@ pub const QUIET: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct Admissions {
     services: Mutex<HashMap<String, Arc<Admission>>>,
-    episodes: Mutex<HashMap<(String, &'static str), Episode>>,
+    episodes: Mutex<HashMap<(String, &'static str), Counted>>,
 }
 
 impl std::fmt::Debug for Admissions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admissions").finish_non_exhaustive()
     }
-}
-
-struct Episode {
-    started: Instant,
-    last: Instant,
-    refused: u64,
 }
 
 /// Why a client got no command.
@@ -152,14 +147,8 @@ impl Admissions {
         let mut episodes = self.episodes.lock().unwrap_or_else(|e| e.into_inner());
         let episode = episodes
             .entry((service.name.clone(), reason))
-            .or_insert(Episode {
-                started: now,
-                last: now,
-                refused: 0,
-            });
-        episode.refused += 1;
-        episode.last = now;
-        if episode.refused == 1 {
+            .or_insert(Counted::new(now));
+        if episode.add(now) {
             tracing::warn!(
                 service = %service.name, peer = %peer, reason,
                 "refused {peer}: {detail}; further refusals of this kind are counted, and logged when they stop"
@@ -184,14 +173,14 @@ impl Admissions {
         let now = Instant::now();
         let mut episodes = self.episodes.lock().unwrap_or_else(|e| e.into_inner());
         episodes.retain(|(service, reason), e| {
-            if now.duration_since(e.last) < quiet {
+            if !e.is_over(now, quiet) {
                 return true;
             }
-            let seconds = e.last.duration_since(e.started).as_secs_f64();
+            let seconds = e.span().as_secs_f64();
             tracing::info!(
-                service = %service, reason = *reason, refused = e.refused,
+                service = %service, reason = *reason, refused = e.count(),
                 "refusals ended: {} client(s) refused ({reason}) over {seconds:.1} s",
-                e.refused
+                e.count()
             );
             false
         });

@@ -4,52 +4,64 @@
 //! # Layout
 //!
 //! Start-up, in `main.rs`: inherited sockets → config → logging → listeners →
-//! READY=1 → serve.
+//! READY=1 → serve. Then each connection is a pipeline (`connection`):
+//! admit → spawn → supervise the transfer → end → one record.
 //!
-//! - [`config`]: the TOML file, its defaults, and every check on it.
+//! The daemon:
+//! - [`config`]: the TOML file: its schema, defaults, checks and error positions.
 //! - [`listen`]: sockets adopted from systemd or bound from the config.
 //! - [`server`]: accept loops, limits, reload, status, watchdog, stop.
 //! - [`limit`]: the counted limits the accept loops wait on.
+//! - [`notify`]: sd_notify messages to systemd.
+//! - [`reload`]: how `systemctl reload` waits until a file is applied.
+//! - [`shutdown`]: the phases of stopping.
+//! - [`log`]: journal or stderr logging.
+//!
+//! One connection:
+//! - [`connection`]: the pipeline, from accept to its record.
 //! - [`admit`]: whether a client gets a command: PROXY header, access rules,
 //!   per-source limits, rates, and refusal episodes in the log.
 //! - [`access`]: the rules themselves: address ranges, per-source counts, token buckets.
 //! - [`proxy`]: the PROXY protocol v1/v2 header.
-//! - [`connection`]: one connection, from accept to its log record.
-//! - [`child`]: the command: spawn, process group, termination, reaping.
-//! - [`runas`]: the command's user, group, resource limits and nice value.
-//! - [`relay`]: the splice loop that moves the bytes.
-//! - [`reload`]: how `systemctl reload` waits until a file is applied.
 //! - [`peer`]: who is connected, for the log and the command's environment.
-//! - [`notify`]: sd_notify messages to systemd.
-//! - [`log`]: journal or stderr logging.
-//! - [`shutdown`]: the phases of stopping.
-//! - `os`: a descriptor's blocking mode and error text, shared by the modules.
+//! - [`command`]: the command: spawn, standard streams, stderr log, ending, reaping.
+//! - [`runas`]: the command's user, group, resource limits and nice value.
+//! - [`transfer`]: what moves the bytes, and what may end a connection first.
+//! - [`relay`]: the splice loop that moves the bytes.
+//! - [`record`]: the connection's one record, and the daemon's figures.
+//!
+//! Shared by the rest:
+//! - [`fdio`]: waiting for readiness, and what each errno means.
+//! - [`episode`]: logging a condition once per episode.
 //! - `sys`: the only `unsafe` code: the spawn, and a few system calls behind safe functions.
 
 pub mod access;
 pub mod admit;
-pub mod child;
+pub mod command;
 pub mod config;
 pub mod connection;
+pub mod episode;
+pub mod fdio;
 pub mod limit;
 pub mod listen;
 pub mod log;
 pub mod notify;
-mod os;
 pub mod peer;
 pub mod proxy;
+pub mod record;
 pub mod relay;
 pub mod reload;
 pub mod runas;
 pub mod server;
 pub mod shutdown;
 mod sys;
+pub mod transfer;
 
 pub use sys::{cloexec_from_3, commands_get_nofile};
 
 /// The first thing `main` does: descriptors 0-2 open, SIGCHLD at its default.
 pub fn prepare_process() -> std::io::Result<()> {
-    os::ensure_standard_fds()?;
+    fdio::ensure_standard_fds()?;
     sys::default_sigchld()
 }
 

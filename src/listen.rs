@@ -17,14 +17,8 @@ use nix::sys::socket::{
 use std::sync::Arc;
 
 use crate::config::{Config, ListenAddr, Service};
+use crate::peer::Family;
 use crate::sys;
-
-/// The address family of a listening socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    Tcp,
-    Unix,
-}
 
 /// A listening socket and the service it feeds.
 #[derive(Debug)]
@@ -125,7 +119,7 @@ pub fn inherited() -> Result<(Vec<Inherited>, Option<String>), SocketError> {
         let fd = sys::adopt_inherited_fd(number).map_err(|e| {
             config_error(format!(
                 "socket activation: LISTEN_FDS={fds:?} but fd {number} ({name:?}) is not open: {}",
-                crate::os::reason(&e)
+                crate::fdio::reason(&e)
             ))
         })?;
         out.push(Inherited { fd, number, name });
@@ -144,7 +138,7 @@ pub fn adopt(inherited: Vec<Inherited>, config: &Config) -> Result<Vec<Listener>
         let what = format!("fd {number} ({name:?})");
         let (family, local) =
             check_listening(&fd).map_err(|m| config_error(format!("{what}: {m}")))?;
-        crate::os::set_nonblocking(&fd, true).map_err(|e| SocketError {
+        crate::fdio::set_nonblocking(&fd, true).map_err(|e| SocketError {
             message: format!("{what}: {e}"),
             config: false,
         })?;

@@ -13,14 +13,16 @@
 
 use std::io;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::OnceLock;
 
+use crate::episode::Episode;
+
 /// The socket and address, set up on first use; None without NOTIFY_SOCKET.
 static SOCKET: OnceLock<Option<(UnixDatagram, SocketAddr)>> = OnceLock::new();
-/// Set while notifications find the manager's queue full.
-static LAGGING: AtomicBool = AtomicBool::new(false);
+/// While notifications find the manager's queue full.
+static LAGGING: Episode = Episode::new();
 
 fn socket() -> Option<&'static (UnixDatagram, SocketAddr)> {
     SOCKET
@@ -72,12 +74,12 @@ fn send(message: String, must_arrive: bool) {
     }
     match socket.send_to_addr(message.as_bytes(), address) {
         Ok(_) => {
-            if LAGGING.swap(false, Ordering::Relaxed) {
+            if LAGGING.end() {
                 tracing::info!("the service manager reads notifications again");
             }
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            if !LAGGING.swap(true, Ordering::Relaxed) {
+            if LAGGING.begin() {
                 tracing::warn!("the service manager's notification queue is full; dropping STATUS and WATCHDOG until it reads again");
             }
             if must_arrive {

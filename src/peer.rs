@@ -7,7 +7,12 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::socket::{getpeername, getsockname, getsockopt, sockopt, SockaddrStorage};
 
-use crate::listen::Family;
+/// The address family of a listening socket, and so of its peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Tcp,
+    Unix,
+}
 
 /// The peer of an accepted connection.
 #[derive(Debug, Clone, PartialEq, Eq)]

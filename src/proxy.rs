@@ -13,9 +13,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
-use nix::errno::Errno;
 use nix::sys::socket::{recv, MsgFlags};
 use tokio::io::unix::AsyncFd;
+
+use crate::fdio;
 
 const V1_PREFIX: &[u8] = b"PROXY ";
 /// The longest v1 header, CRLF included.
@@ -246,23 +247,16 @@ async fn v1_safe(socket: &AsyncFd<OwnedFd>, buf: &[u8]) -> Result<usize, ProxyEr
     Ok(crlf_end.map_or(n, |i| i + 1))
 }
 
-/// Runs one read-like call when the socket is readable, waiting again on EAGAIN.
+/// Runs one read-like call once the socket is readable; end-of-file is an
+/// error here, since the header is not complete yet.
 async fn when_readable(
     socket: &AsyncFd<OwnedFd>,
-    mut op: impl FnMut(&OwnedFd) -> nix::Result<usize>,
+    op: impl FnMut(&OwnedFd) -> nix::Result<usize>,
 ) -> Result<usize, ProxyError> {
-    loop {
-        let mut ready = socket
-            .readable()
-            .await
-            .or_else(|e| fail(format!("reading the PROXY header: {e}")))?;
-        match op(socket.get_ref()) {
-            Ok(0) => return fail("client closed before the PROXY header was complete"),
-            Ok(n) => return Ok(n),
-            Err(Errno::EAGAIN) => ready.clear_ready(),
-            Err(Errno::EINTR) => {}
-            Err(e) => return fail(format!("reading the PROXY header: {}", e.desc())),
-        }
+    match fdio::read_with(socket, op).await {
+        Ok(0) => fail("client closed before the PROXY header was complete"),
+        Ok(n) => Ok(n),
+        Err(e) => fail(format!("reading the PROXY header: {}", e.desc())),
     }
 }
 

@@ -15,60 +15,24 @@
 //! the splice is simply tried again.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{splice, SpliceFFlags};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tokio::io::unix::AsyncFd;
 
-use crate::config::Transfer;
+use crate::fdio;
 
 /// Size of the user-space buffer on the read/write path.
 const COPY_BUFFER: usize = 64 * 1024;
 
-/// When bytes last moved on a connection, in either direction, for `idle_timeout`.
-#[derive(Debug)]
-pub struct Activity {
-    since: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    pub fn new(since: Instant) -> Activity {
-        Activity {
-            since,
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    pub fn touch(&self) {
-        let ms = self.since.elapsed().as_millis() as u64;
-        self.last_ms.fetch_max(ms, Ordering::Relaxed);
-    }
-
-    /// When the last byte moved (the start, if none has).
-    pub fn last(&self) -> Instant {
-        self.since + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-}
-
-/// Counts bytes as they move: for this connection and for the whole daemon.
-pub struct Meter<'a> {
-    pub connection: &'a AtomicU64,
-    pub daemon: &'a AtomicU64,
-    pub activity: &'a Activity,
-    /// Stop after this many bytes (`max_bytes`).
-    pub max: Option<u64>,
-}
-
-impl Meter<'_> {
-    fn add(&self, n: usize) {
-        self.connection.fetch_add(n as u64, Ordering::Relaxed);
-        self.daemon.fetch_add(n as u64, Ordering::Relaxed);
-        self.activity.touch();
-    }
+/// How the bytes move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// splice(2), falling back to copying where a pair refuses it.
+    Splice,
+    /// read(2)/write(2) through a buffer.
+    Copy,
 }
 
 /// How a [`pump`] ended without an error.
@@ -76,12 +40,12 @@ impl Meter<'_> {
 pub enum Pumped {
     /// The source reached end-of-file and everything read was written.
     EndOfFile,
-    /// The meter's `max` bytes were written; the rest stays in the source.
+    /// `max` bytes were written; the rest stays in the source.
     Limit,
 }
 
-/// Moves everything from `src` to `dst` until `src` reaches end-of-file (or
-/// the meter's `max` is reached).
+/// Moves everything from `src` to `dst` until `src` reaches end-of-file, or
+/// `max` bytes have moved. `moved` is called with each write's length.
 ///
 /// `chunk` bounds one splice call (the pipe's size is a good value). An error
 /// is the errno of whichever side failed; the caller knows which end is the
@@ -89,20 +53,42 @@ pub enum Pumped {
 pub async fn pump(
     src: &AsyncFd<OwnedFd>,
     dst: &AsyncFd<OwnedFd>,
-    transfer: Transfer,
+    mode: Mode,
     chunk: usize,
-    meter: Meter<'_>,
+    max: Option<u64>,
+    moved: impl FnMut(usize),
 ) -> Result<Pumped, Errno> {
-    let mut left = meter.max.unwrap_or(u64::MAX);
-    if transfer == Transfer::Splice {
-        match splice_loop(src, dst, chunk, &meter, &mut left).await {
+    let mut budget = Budget {
+        left: max.unwrap_or(u64::MAX),
+        moved,
+    };
+    if mode == Mode::Splice {
+        match splice_loop(src, dst, chunk, &mut budget).await {
             Spliced::Done(r) => return r,
             Spliced::Fallback(why) => {
                 tracing::warn!("{why}; copying through a buffer for the rest of this connection");
             }
         }
     }
-    copy_loop(src, dst, &meter, &mut left).await
+    copy_loop(src, dst, &mut budget).await
+}
+
+/// What may still move, and who is told of what did.
+struct Budget<F> {
+    left: u64,
+    moved: F,
+}
+
+impl<F: FnMut(usize)> Budget<F> {
+    fn spend(&mut self, n: usize) {
+        self.left -= n as u64;
+        (self.moved)(n);
+    }
+
+    /// At most `want`, within what is left.
+    fn ask(&self, want: usize) -> usize {
+        want.min(usize::try_from(self.left).unwrap_or(usize::MAX))
+    }
 }
 
 enum Spliced {
@@ -120,8 +106,7 @@ async fn splice_loop(
     src: &AsyncFd<OwnedFd>,
     dst: &AsyncFd<OwnedFd>,
     chunk: usize,
-    meter: &Meter<'_>,
-    left: &mut u64,
+    budget: &mut Budget<impl FnMut(usize)>,
 ) -> Spliced {
     // SPLICE_F_MORE is not used: it corks TCP, holding back a short line until
     // more comes, and the client must see output as soon as the command writes it.
@@ -129,20 +114,19 @@ async fn splice_loop(
     let mut stuck = 0u32;
     loop {
         // Before waiting: once the limit is reached, the rest may never come.
-        if *left == 0 {
+        if budget.left == 0 {
             return Spliced::Done(Ok(Pumped::Limit));
         }
         let (mut readable, mut writable) = match (src.readable().await, dst.writable().await) {
             (Ok(r), Ok(w)) => (r, w),
-            (Err(e), _) | (_, Err(e)) => return Spliced::Done(Err(io_errno(e))),
+            (Err(e), _) | (_, Err(e)) => return Spliced::Done(Err(fdio::errno(&e))),
         };
-        let ask = chunk.min(usize::try_from(*left).unwrap_or(usize::MAX));
+        let ask = budget.ask(chunk);
         match splice(src.get_ref(), None, dst.get_ref(), None, ask, flags) {
             Ok(0) if really_ended(src.get_ref()) => return Spliced::Done(Ok(Pumped::EndOfFile)),
             Ok(0) => return Spliced::Fallback("splice(2) stopped at a TCP urgent mark"),
             Ok(n) => {
-                meter.add(n);
-                *left -= n as u64;
+                budget.spend(n);
                 stuck = 0;
                 // Less than asked: one end is probably drained or full. One
                 // poll says which, instead of a splice that would return
@@ -223,78 +207,42 @@ fn blocked_side(src: &OwnedFd, dst: &OwnedFd) -> Side {
     }
 }
 
-/// read(2)/write(2) through a buffer, for `transfer = "copy"` and for pairs
-/// splice refuses. Readiness is unambiguous here: each call touches one side.
+/// read(2)/write(2) through a buffer, for `Mode::Copy` and for pairs splice
+/// refuses. Readiness is unambiguous here: each call touches one side.
 async fn copy_loop(
     src: &AsyncFd<OwnedFd>,
     dst: &AsyncFd<OwnedFd>,
-    meter: &Meter<'_>,
-    left: &mut u64,
+    budget: &mut Budget<impl FnMut(usize)>,
 ) -> Result<Pumped, Errno> {
     // The buffer exists only while data moves: an idle connection (a slow
     // stream between two lines) holds none.
     let mut slot: Option<Vec<u8>> = None;
     loop {
-        if *left == 0 {
+        if budget.left == 0 {
             return Ok(Pumped::Limit);
         }
-        let mut readable = src.readable().await.map_err(io_errno)?;
+        let mut ready = src.readable().await.map_err(|e| fdio::errno(&e))?;
         let buf = slot.get_or_insert_with(|| vec![0u8; COPY_BUFFER]);
-        let want = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-        let len = match nix::unistd::read(src.get_ref(), &mut buf[..want]) {
-            Ok(0) => return Ok(Pumped::EndOfFile),
-            Ok(n) => n,
-            Err(Errno::EAGAIN) => {
-                readable.clear_ready();
+        let want = budget.ask(buf.len());
+        let read = ready.try_io(|fd| {
+            nix::unistd::read(fd.get_ref(), &mut buf[..want]).map_err(std::io::Error::from)
+        });
+        let len = match read {
+            Ok(Ok(0)) => return Ok(Pumped::EndOfFile),
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Ok(Err(e)) => return Err(fdio::errno(&e)),
+            // Drained: give the buffer back while waiting for more.
+            Err(_would_block) => {
                 slot = None;
                 continue;
             }
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e),
         };
         let mut done = 0;
         while done < len {
-            let mut writable = dst.writable().await.map_err(io_errno)?;
-            match nix::unistd::write(dst.get_ref(), &buf[done..len]) {
-                Ok(n) => {
-                    done += n;
-                    *left -= n as u64;
-                    meter.add(n);
-                }
-                Err(Errno::EAGAIN) => writable.clear_ready(),
-                Err(Errno::EINTR) => {}
-                Err(e) => return Err(e),
-            }
+            let n = fdio::write_with(dst, |fd| nix::unistd::write(fd, &buf[done..len])).await?;
+            done += n;
+            budget.spend(n);
         }
     }
-}
-
-/// Reads and drops everything from `src` until end-of-file, counting it. Used on
-/// the client's socket when the command does not read it, so that a client's
-/// reset is seen at once and unread bytes cannot turn the final close into a
-/// reset that destroys output still in flight.
-pub async fn discard(src: &AsyncFd<OwnedFd>, counted: &AtomicU64) -> Result<(), Errno> {
-    loop {
-        let mut readable = src.readable().await.map_err(io_errno)?;
-        match read_and_drop(src.get_ref()) {
-            Ok(0) => return Ok(()),
-            Ok(n) => {
-                counted.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            Err(Errno::EAGAIN) => readable.clear_ready(),
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// One read into a buffer on the stack of a plain function, not of the
-/// future: every idle connection's future would otherwise carry it.
-fn read_and_drop(fd: &OwnedFd) -> Result<usize, Errno> {
-    let mut buf = [0u8; 4096];
-    nix::unistd::read(fd, &mut buf)
-}
-
-fn io_errno(e: std::io::Error) -> Errno {
-    e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)
 }

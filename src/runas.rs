@@ -137,12 +137,7 @@ pub fn resolve(
         }
     }
     if let Some(n) = nice {
-        if !(-20..=19).contains(&n) {
-            return Err(key_error(
-                "nice",
-                format!("{n}: must be between -20 and 19"),
-            ));
-        }
+        // The range (-20 to 19) is the config type's rule.
         let own = current_nice();
         if n < own && !has_capability(CAP_SYS_NICE) {
             return Err(key_error(
@@ -309,12 +304,5 @@ mod tests {
             e.to_string(),
             r#"user: "54321": no user has this number, so it has no primary group; set `group` too"#
         );
-    }
-
-    #[test]
-    fn nice_range() {
-        let e = resolve(None, None, &[], Some(20)).unwrap_err();
-        assert_eq!(e.to_string(), "nice: 20: must be between -20 and 19");
-        assert_eq!(resolve(None, None, &[], Some(19)).unwrap().nice, Some(19));
     }
 }

@@ -2,7 +2,6 @@
 //! reload on SIGHUP, live status and watchdog for systemd, and the stop.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,44 +15,31 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 
 use crate::admit::Admissions;
+use crate::command;
 use crate::config::{self, Config};
-use crate::connection::{Handler, Outcome};
+use crate::connection::{Context, Handler};
+use crate::episode::Episode;
+use crate::fdio::{self, Class};
 use crate::limit::{Gate, Slot};
 use crate::listen::{self, Listener};
-use crate::peer::Peer;
-use crate::shutdown::{Phase, Shutdown, Watch};
+use crate::peer::{Family, Peer};
+use crate::record::{End, Record, Stats};
+use crate::shutdown::{Phase, Shutdown};
 use crate::{log, notify, reload, sys};
 
 /// Pause after an accept error that more attempts cannot fix at once
 /// (out of descriptors or memory).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Figures for STATUS= and the logs.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Connections being served now (the limits also count the place an
-    /// accept loop holds while it waits for a client).
-    pub active: AtomicU64,
-    pub served: AtomicU64,
-    /// Clients refused by admission (no command ran).
-    pub refused: AtomicU64,
-    pub bytes_sent: AtomicU64,
-    pub bytes_received: AtomicU64,
-}
-
-/// What every accept loop and connection shares.
+/// What the accept loops share.
 #[derive(Debug)]
-pub struct Shared {
-    pub config: RwLock<Arc<Config>>,
+struct Shared {
+    config: RwLock<Arc<Config>>,
     gates: Mutex<HashMap<String, Arc<Gate>>>,
-    pub global: Arc<Gate>,
-    pub stats: Stats,
-    /// The daemon's environment as read at start, without the variables meant
-    /// for the daemon alone; the base of every command's environment.
-    pub base_env: Vec<(OsString, OsString)>,
-    pub shutdown: Watch,
-    /// Per-service admission state and refusal episodes.
-    pub admissions: Admissions,
+    global: Arc<Gate>,
+    stats: Arc<Stats>,
+    /// What each connection gets.
+    context: Arc<Context>,
     next_id: AtomicU64,
     /// Where each reload's outcome is published for `--reload`.
     reloads: reload::Outcomes,
@@ -94,22 +80,6 @@ impl Shared {
     }
 }
 
-/// The environment commands start from: the daemon's own, read once, minus
-/// what systemd meant for the daemon (`NOTIFY_SOCKET`, `LISTEN_*`,
-/// `WATCHDOG_*`) and `JOURNAL_STREAM`, which would not describe the command's
-/// stderr (a pipe to the daemon).
-pub fn base_env() -> Vec<(OsString, OsString)> {
-    std::env::vars_os()
-        .filter(|(k, _)| {
-            let k = k.to_string_lossy();
-            !(k == "NOTIFY_SOCKET"
-                || k == "JOURNAL_STREAM"
-                || k.starts_with("LISTEN_")
-                || k.starts_with("WATCHDOG_"))
-        })
-        .collect()
-}
-
 /// The daemon, ready to serve.
 pub struct Server {
     pub config: Config,
@@ -129,14 +99,18 @@ impl Server {
             log_level,
         } = self;
         let (stop, watch) = Shutdown::new();
+        let stats = Arc::new(Stats::default());
         let shared = Arc::new(Shared {
             global: Gate::new(config.max_connections),
             config: RwLock::new(Arc::new(config)),
             gates: Mutex::new(HashMap::new()),
-            stats: Stats::default(),
-            base_env: base_env(),
-            shutdown: watch,
-            admissions: Admissions::default(),
+            stats: Arc::clone(&stats),
+            context: Arc::new(Context {
+                base_env: command::base_env(),
+                shutdown: watch,
+                admissions: Admissions::default(),
+                stats,
+            }),
             next_id: AtomicU64::new(1),
             reload_error: Mutex::new(None),
             reloads: reload::Outcomes::from_env(),
@@ -158,7 +132,7 @@ impl Server {
                 .map(|s| s.name.clone())
                 .unwrap_or_default();
             tracing::info!(service, listener = %l.label, "listening");
-            let fd = sys::register(l.fd, Interest::READABLE)
+            let fd = fdio::register(l.fd, Interest::READABLE)
                 .map_err(|e| format!("{}: cannot register with the event loop: {e}", l.label))?;
             loops.spawn(accept_loop(
                 Arc::clone(&shared),
@@ -216,7 +190,7 @@ impl Server {
             shared.global.idle().await;
         }
         ticker.abort();
-        shared.admissions.finish();
+        shared.context.admissions.finish();
         tracing::info!(
             served = shared.stats.served.load(Ordering::Relaxed),
             "stopped"
@@ -229,14 +203,14 @@ impl Server {
 async fn accept_loop(
     shared: Arc<Shared>,
     fd: AsyncFd<std::os::fd::OwnedFd>,
-    family: listen::Family,
+    family: Family,
     name: String,
     inherited: bool,
     label: String,
 ) -> Result<(), String> {
-    let mut stop = shared.shutdown.clone();
-    let mut troubled = false;
-    let mut at_limit = false;
+    let mut stop = shared.context.shutdown.clone();
+    let exhausted = Episode::default();
+    let at_limit = Episode::default();
     loop {
         // Resolved again after accept: a reload while this loop waits in
         // accept must apply to the connection that wakes it.
@@ -251,80 +225,65 @@ async fn accept_loop(
             r = fd.readable() => r.map_err(|e| format!("{label}: waiting for clients: {e}"))?,
             () = stop.reached(Phase::Draining) => return Ok(()),
         };
-        let slots = tokio::select! {
-            s = take_places(&shared, &service, &label, &mut at_limit) => s,
+        let places = tokio::select! {
+            s = take_places(&shared, &service, &label, &at_limit) => s,
             () = stop.reached(Phase::Draining) => return Ok(()),
         };
         let accepted = sys::accept(fd.get_ref().as_fd());
-        if matches!(accepted, Err(Errno::EAGAIN)) {
-            pending.clear_ready();
-            continue;
-        }
-        drop(pending);
-        match accepted {
-            Ok(socket) => {
-                troubled = false;
-                let service = route().unwrap_or(service);
-                let peer = match Peer::of(&socket, family) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::debug!(listener = %label, error = %e, "client left before it was served");
-                        continue;
+        let socket = match accepted {
+            Ok(socket) => socket,
+            // Nobody after all (another thread of the runtime took it): wait
+            // for the next client.
+            Err(Errno::EAGAIN) => {
+                pending.clear_ready();
+                continue;
+            }
+            Err(e) => match fdio::class(e) {
+                Class::Transient => continue,
+                // An error of the one pending connection, which accept(2)
+                // reports (see its man page); the next one may be fine, so
+                // no pause: a client that resets in the backlog must not
+                // slow the others.
+                Class::Disconnect => continue,
+                // Out of descriptors or memory: more attempts now cannot succeed.
+                Class::Exhausted => {
+                    if exhausted.begin() {
+                        tracing::warn!(listener = %label, error = %e.desc(), "accept failed; pausing {} ms, retrying (logged once until it recovers)", ACCEPT_BACKOFF.as_millis());
                     }
-                };
-                let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(conn = id, service = %service.name, peer = %peer, "accepted");
-                let handler = Handler {
-                    id,
-                    service,
-                    socket,
-                    family,
-                    peer,
-                    shared: Arc::clone(&shared),
-                    slots,
-                };
-                let shared = Arc::clone(&shared);
-                shared.stats.active.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move {
-                    let outcome = handler.run().await;
-                    shared.stats.active.fetch_sub(1, Ordering::Relaxed);
-                    let counter = match outcome {
-                        Outcome::Served => &shared.stats.served,
-                        Outcome::Refused => &shared.stats.refused,
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                });
-            }
-            // Out of descriptors or memory: more attempts now cannot succeed.
-            Err(e @ (Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)) => {
-                if !troubled {
-                    tracing::warn!(listener = %label, error = %e.desc(), "accept failed; pausing {} ms, retrying (logged once until it recovers)", ACCEPT_BACKOFF.as_millis());
-                    troubled = true;
+                    drop(places);
+                    tokio::select! {
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                        () = stop.reached(Phase::Draining) => return Ok(()),
+                    }
+                    continue;
                 }
-                drop(slots);
-                tokio::select! {
-                    () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
-                    () = stop.reached(Phase::Draining) => return Ok(()),
-                }
+                Class::Other => return Err(format!("{label}: accept failed: {}", e.desc())),
+            },
+        };
+        drop(pending);
+        exhausted.end();
+        let service = route().unwrap_or(service);
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut record = Record::open(id, service.name.as_str().into(), Arc::clone(&shared.stats));
+        let peer = match Peer::of(&socket, family) {
+            Ok(p) => p,
+            // The client reset while it waited in the backlog.
+            Err(e) => {
+                record.close(None, End::LeftUnserved(e));
+                continue;
             }
-            // Errors of the one pending connection, which accept(2) reports
-            // (see its man page); the next one may be fine, so no pause: a
-            // client that resets in the backlog must not slow the others.
-            Err(
-                Errno::ECONNABORTED
-                | Errno::EINTR
-                | Errno::EPROTO
-                | Errno::EPERM
-                | Errno::ENETDOWN
-                | Errno::ENOPROTOOPT
-                | Errno::EHOSTDOWN
-                | Errno::ENONET
-                | Errno::EHOSTUNREACH
-                | Errno::EOPNOTSUPP
-                | Errno::ENETUNREACH,
-            ) => {}
-            Err(e) => return Err(format!("{label}: accept failed: {}", e.desc())),
-        }
+        };
+        record.peer(&peer);
+        tracing::debug!(conn = id, service = %service.name, peer = %peer, "accepted");
+        let handler = Handler {
+            service,
+            socket,
+            peer,
+            record,
+            places,
+            context: Arc::clone(&shared.context),
+        };
+        tokio::spawn(handler.run());
     }
 }
 
@@ -339,19 +298,18 @@ async fn take_places(
     shared: &Shared,
     service: &config::Service,
     label: &str,
-    at_limit: &mut bool,
+    at_limit: &Episode,
 ) -> (Slot, Slot) {
     let gate = shared.gate(service);
     if let Some(mine) = gate.try_acquire() {
         if let Some(all) = shared.global.try_acquire() {
-            if std::mem::take(at_limit) {
+            if at_limit.end() {
                 tracing::info!(service = %service.name, listener = %label, "below the limit again; accepting");
             }
             return (mine, all);
         }
     }
-    if !*at_limit {
-        *at_limit = true;
+    if at_limit.begin() {
         let (which, max) = if gate.active() >= service.max_connections {
             ("the service's max_connections", service.max_connections)
         } else {
@@ -431,7 +389,7 @@ async fn report(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = status_tick.tick() => {
-                shared.admissions.sweep();
+                shared.context.admissions.sweep();
                 let now = shared.status();
                 if now != last {
                     notify::status(&now);

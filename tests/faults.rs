@@ -310,7 +310,6 @@ kill_grace = "500ms"
     d.wait_count(&["connection ended"], 2);
     let pid = d.pid();
     let (fds_before, pipes_before) = (steady_fd_count(&d), pipe_fd_count(pid));
-    let mut next_conn = 3u64;
 
     let mut out = Disconnects {
         served: 0,
@@ -321,7 +320,8 @@ kill_grace = "500ms"
         group_gone: Vec::new(),
     };
     let mut buf = vec![0u8; MAX_READ as usize];
-    for point in 0..points {
+    // Every client gets a connection number, served or not.
+    for (point, next_conn) in (0..points).zip(3u64..) {
         let use_cat = rng.below(2) == 0;
         let n = match rng.below(10) {
             0 => 0,
@@ -358,18 +358,20 @@ kill_grace = "500ms"
 
         // Only this client is in flight: either the daemon accepted it (a
         // debug line with its address) or it left before it was served.
+        // A client that left in the backlog gets a record with no peer.
         let (_, line) = d.wait_line_from(cursor, |l| {
             (l.contains(" accepted ") && field(l, "peer") == Some(&peer))
-                || l.contains("client left before it was served")
+                || l.contains("left before it was served")
         });
-        if line.contains("client left before it was served") {
+        let conn: u64 = field(&line, "conn").unwrap().parse().unwrap();
+        assert_eq!(conn, next_conn, "{what}: {line}");
+        if line.contains("left before it was served") {
             assert_eq!(n, 0, "{what}: it got bytes, so it was served: {line}");
+            assert_eq!(field(&line, "reason"), Some("client-gone"), "{line}");
+            assert_eq!(field(&line, "pid"), Some("0"), "{line}");
             out.left_before_served += 1;
             continue;
         }
-        let conn: u64 = field(&line, "conn").unwrap().parse().unwrap();
-        assert_eq!(conn, next_conn, "{what}: {line}");
-        next_conn += 1;
         let conn_text = conn.to_string();
         let (_, record) = d.wait_line_from(cursor, |l| {
             l.contains("connection ended") && field(l, "conn") == Some(conn_text.as_str())
@@ -409,7 +411,7 @@ kill_grace = "500ms"
         out.most_group_gone
     );
     assert!(d.children().is_empty());
-    assert_eq!(records(&d).len(), 2 + out.served);
+    assert_eq!(records(&d).len(), 2 + out.served + out.left_before_served);
     out
 }
 

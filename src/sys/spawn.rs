@@ -1,125 +1,15 @@
-//! The few system calls that need `unsafe`, behind safe functions.
+//! Starting a command: posix_spawn's technique (clone with `CLONE_VM` and
+//! `CLONE_VFORK`: no copy of the daemon's memory, the calling thread waits
+//! until the exec) with only the work this daemon needs done in the child.
 //!
-//! Everything else goes through `nix` or `std`. Each block says why it is sound.
-#![allow(unsafe_code)]
+//! Everything the child uses is prepared in the parent ([`Exec`]), so that
+//! between clone and exec the child only makes system calls: no allocation,
+//! no lock, no Rust runtime. Each step of the child is a small function with
+//! its own `unsafe` block; a step that fails reports its [`Stage`] and errno
+//! to the parent through memory they share until the exec.
 
 use std::io;
-use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
-
-use nix::sys::socket::{accept4, SockFlag};
-
-/// Takes ownership of a descriptor the service manager passed to this process.
-///
-/// Fails with `EBADF` when `fd` is not open, so a wrong `LISTEN_FDS` cannot make
-/// two owners of one descriptor number that something else opened later.
-pub fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    nix::fcntl::fcntl(
-        // SAFETY: the borrow lives only for this F_GETFD call, which checks that
-        // the number refers to an open descriptor and changes nothing.
-        unsafe { BorrowedFd::borrow_raw(fd) },
-        nix::fcntl::FcntlArg::F_GETFD,
-    )?;
-    // SAFETY: the socket-activation protocol hands descriptors LISTEN_FDS_START..
-    // to this process, which is their only owner; the caller takes each number
-    // once (listen.rs walks the range once), and the check above proved it open.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Marks every descriptor from 3 up close-on-exec: those the daemon was
-/// started with (by systemd, or leaked by whatever started it) are not for
-/// the commands, which get 0, 1 and 2 only. Call once, right after the
-/// inherited sockets are adopted and before anything else is opened.
-pub fn cloexec_from_3() {
-    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC takes integers and only
-    // sets a flag on descriptors; it closes nothing (Linux 5.11+).
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        )
-    };
-    if ret == 0 {
-        return;
-    }
-    // Older kernels: one by one.
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    let fds: Vec<RawFd> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd > 2)
-        .collect();
-    for fd in fds {
-        // SAFETY: the borrow lasts for one F_SETFD on a number that was open
-        // a moment ago; if it was the directory listing's own (now closed)
-        // descriptor, the call fails with EBADF and changes nothing.
-        let _ = nix::fcntl::fcntl(
-            unsafe { BorrowedFd::borrow_raw(fd) },
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        );
-    }
-}
-
-/// Accepts one connection, nonblocking and close-on-exec.
-pub fn accept(listener: BorrowedFd<'_>) -> nix::Result<OwnedFd> {
-    let fd = accept4(
-        std::os::fd::AsRawFd::as_raw_fd(&listener),
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-    )?;
-    // SAFETY: accept4 just returned this new descriptor; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Registers a descriptor with the event loop. Must run inside the runtime.
-pub fn register(
-    fd: OwnedFd,
-    interest: tokio::io::Interest,
-) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
-    // SAFETY: an OwnedFd is open until dropped and always returns the same
-    // number; the AsyncFd owns it from here on, and nothing in this crate swaps
-    // it out (AsyncFd::get_mut is never used).
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
-        .map_err(io::Error::from)
-}
-
-/// The kernel's TCP_INFO for a socket; None for other sockets and for
-/// kernels older than 4.1/4.2, whose shorter struct lacks the byte counters.
-fn tcp_info(fd: BorrowedFd<'_>) -> Option<libc::tcp_info> {
-    // SAFETY: tcp_info is plain old data; all-zero bytes are a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: the pointer and length describe `info`, which outlives the call;
-    // the kernel writes at most `len` bytes and updates `len`.
-    let ret = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
-    (ret == 0 && len as usize >= needed).then_some(info)
-}
-
-/// Bytes the peer acknowledged and bytes received on a TCP socket, from
-/// TCP_INFO; None for other sockets. Both follow sequence numbers, so each
-/// includes a FIN once one was acknowledged or received. The daemon's count for `transfer =
-/// "direct"`, where the bytes never pass through it.
-pub fn tcp_bytes(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
-    tcp_info(fd).map(|i| (i.tcpi_bytes_acked, i.tcpi_bytes_received))
-}
-
-/// How long since data last went either way on a TCP socket; None for other sockets.
-pub fn tcp_quiet(fd: BorrowedFd<'_>) -> Option<std::time::Duration> {
-    tcp_info(fd).map(|i| {
-        std::time::Duration::from_millis(i.tcpi_last_data_sent.min(i.tcpi_last_data_recv).into())
-    })
-}
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// A command ready to start: every string, pointer array and value the child
 /// needs, prepared in the parent, so that the child between clone and exec only
@@ -155,31 +45,6 @@ pub fn commands_get_nofile(soft: u64) {
         .map_or(libc::RLIM_INFINITY, |(_, h)| h);
     COMMAND_NOFILE[0].store(soft, Ordering::Relaxed);
     COMMAND_NOFILE[1].store(hard, Ordering::Relaxed);
-}
-
-/// Sets SIGCHLD to its default action. Started with it ignored (a parent's
-/// choice, inherited across exec), the kernel would reap the commands by
-/// itself, and the zombie that keeps a command's process-group id from being
-/// reused would never exist.
-pub fn default_sigchld() -> io::Result<()> {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
-    // SAFETY: installing SIG_DFL runs no code of ours in a signal context;
-    // nothing in the daemon relies on another SIGCHLD disposition.
-    unsafe { sigaction(Signal::SIGCHLD, &default) }
-        .map(|_| ())
-        .map_err(io::Error::from)
-}
-
-/// The step of the child at which a spawn failed, for the message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    Stdio,
-    WorkingDirectory,
-    Limits,
-    Nice,
-    Credentials,
-    Exec,
 }
 
 impl Exec {
@@ -271,6 +136,33 @@ impl Exec {
     }
 }
 
+/// The step of the child at which a spawn failed, for the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Stage {
+    Stdio = 0,
+    WorkingDirectory = 1,
+    Limits = 2,
+    Nice = 3,
+    Credentials = 4,
+    Exec = 5,
+}
+
+impl Stage {
+    const ALL: [Stage; 6] = [
+        Stage::Stdio,
+        Stage::WorkingDirectory,
+        Stage::Limits,
+        Stage::Nice,
+        Stage::Credentials,
+        Stage::Exec,
+    ];
+
+    fn from_raw(raw: libc::c_int) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|s| *s as libc::c_int == raw)
+    }
+}
+
 /// What the child reads, and where it reports a failure before exec.
 #[repr(C)]
 struct ChildArgs<'a> {
@@ -279,6 +171,7 @@ struct ChildArgs<'a> {
     /// Written by the child only, read by the parent once the child has
     /// exited or exec'd (CLONE_VFORK suspends the parent until then).
     failed_errno: libc::c_int,
+    /// A [`Stage`] as its number; -1 while nothing failed.
     failed_stage: libc::c_int,
 }
 
@@ -287,7 +180,7 @@ struct ChildArgs<'a> {
 /// ignores. The child sets them back to the default before it unblocks
 /// signals; execve would reset the handlers but not the ignored PIPE. No other
 /// code in the daemon installs a handler.
-const RESET_SIGNALS: [libc::c_int; 6] = [
+pub const RESET_SIGNALS: [libc::c_int; 6] = [
     libc::SIGTERM,
     libc::SIGINT,
     libc::SIGHUP,
@@ -332,19 +225,16 @@ const CHILD_STACK: usize = 64 * 1024;
 /// Starts `exec` with `stdio` as its descriptors 0, 1 and 2, in a new process
 /// group, and returns its pid and a pidfd.
 ///
-/// This is what posix_spawn does (clone with CLONE_VM and CLONE_VFORK: no copy
-/// of the daemon's memory, the calling thread waits until the exec), minus
-/// what the daemon does not need: glibc's child resets all 64 signal
-/// dispositions; this one resets the six the daemon changed. It also does the
-/// user switch, limits and nice that std would need a full fork for, and gets
-/// the pidfd from clone itself. Descriptors 0–2 of the daemon are always open
-/// (see `main`), so no source in `stdio` is below 3 and the dup2 calls cannot
-/// overwrite one another.
+/// glibc's posix_spawn child resets all 64 signal dispositions; this one
+/// resets the six the daemon changed. It also does the user switch, limits
+/// and nice that std would need a full fork for, and gets the pidfd from
+/// clone itself. Descriptors 0–2 of the daemon are always open (see `main`),
+/// so no source in `stdio` is below 3 and the dup2 calls cannot overwrite one
+/// another.
 pub fn spawn(
     exec: &Exec,
     stdio: [BorrowedFd<'_>; 3],
 ) -> Result<(nix::unistd::Pid, OwnedFd), (Stage, io::Error)> {
-    use std::os::fd::AsRawFd;
     let mut args = ChildArgs {
         exec,
         stdio: stdio.map(|fd| fd.as_raw_fd()),
@@ -359,20 +249,13 @@ pub fn spawn(
     let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
     let mut pidfd: libc::c_int = -1;
 
-    // SAFETY: sigset_t is plain data; sigfillset fills it completely.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above, for the mask we restore.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `all` is a valid sigset_t owned by this frame.
-    unsafe { libc::sigfillset(&mut all) };
-    // Block every signal in this thread, so that no handler of the daemon
+    // Every signal blocked in this thread, so that no handler of the daemon
     // can run in the child, which shares the daemon's memory until exec. The
     // child inherits the mask and clears it only after resetting handlers.
     // (glibc keeps its two internal signals, SIGCANCEL and SIGSETXID,
     // unblocked; the daemon uses neither pthread_cancel nor glibc's setuid
     // family, so neither is ever sent.)
-    // SAFETY: both pointers are to valid sigset_t values in this frame.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) };
+    let old = block_all_signals();
     // SAFETY: CLONE_VM|CLONE_VFORK: the child runs on `stack`, which nothing
     // else uses, and this thread is suspended until the child has exec'd or
     // exited, so `args`, `exec` and `stack` outlive every access the child
@@ -389,8 +272,7 @@ pub fn spawn(
         )
     };
     let clone_error = io::Error::last_os_error();
-    // SAFETY: `old` is the mask saved above.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    restore_signals(&old);
     drop(stack);
     if pid < 0 {
         return Err((Stage::Exec, clone_error));
@@ -418,121 +300,194 @@ pub fn spawn(
             std::ptr::read_volatile(&args.failed_stage),
         )
     };
-    if stage < 0 {
+    let Some(stage) = Stage::from_raw(stage) else {
         return Ok((pid, pidfd));
-    }
+    };
     // The child exited with 127 before exec; reap it here.
     let _ = nix::sys::wait::waitpid(pid, None);
-    let stage = match stage {
-        0 => Stage::Stdio,
-        1 => Stage::WorkingDirectory,
-        2 => Stage::Limits,
-        3 => Stage::Nice,
-        4 => Stage::Credentials,
-        _ => Stage::Exec,
-    };
     Err((stage, io::Error::from_raw_os_error(errno)))
 }
 
+/// Blocks every signal in the calling thread; returns the mask to restore.
+fn block_all_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, filled completely by sigfillset; both
+    // pointers are to valid sigset_t values in this frame.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        old
+    }
+}
+
+fn restore_signals(old: &libc::sigset_t) {
+    // SAFETY: `old` is a mask saved by `block_all_signals`.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
+}
+
 /// The child, between clone and exec. Runs on its own small stack in the
-/// daemon's memory with every signal blocked: raw system calls only.
+/// daemon's memory with every signal blocked: raw system calls only, each
+/// step a function below. The user switch uses raw syscalls, not glibc's
+/// wrappers, because those would signal every thread of the daemon (the
+/// setxid broadcast) from here, where they are not this process's threads.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the ChildArgs the parent passed to clone; it is
     // valid and not touched by the parent until this child execs or exits.
     let args = unsafe { &mut *arg.cast::<ChildArgs<'_>>() };
     let exec = args.exec;
-    let stdio = args.stdio;
-    let fail = |args: &mut ChildArgs<'_>, stage: libc::c_int| -> libc::c_int {
-        // SAFETY: reading errno of this thread; writing the report fields
-        // of `args` (see above); _exit ends only this child.
-        unsafe {
-            let errno = *libc::__errno_location();
-            std::ptr::write_volatile(&mut args.failed_errno, errno);
-            std::ptr::write_volatile(&mut args.failed_stage, stage);
-            libc::_exit(127)
-        }
+    let steps = || -> Result<(), Stage> {
+        new_process_group();
+        default_signal_dispositions();
+        standard_streams(args.stdio).ok_or(Stage::Stdio)?;
+        resource_limits(exec).ok_or(Stage::Limits)?;
+        nice(exec).ok_or(Stage::Nice)?;
+        switch_user(exec).ok_or(Stage::Credentials)?;
+        // After the switch, so that the command cannot start in a directory
+        // its user could not enter.
+        working_directory(exec).ok_or(Stage::WorkingDirectory)?;
+        clear_ambient_capabilities();
+        unblock_signals();
+        execute(exec);
+        Err(Stage::Exec)
     };
-    // SAFETY (for each call below): plain system calls on integers and on
-    // pointers into `exec` and into this frame, all valid until exec. The
-    // user switch uses raw syscalls, not glibc's wrappers, because those
-    // would signal every thread of the daemon (the setxid broadcast) from
-    // here, where they are not this process's threads.
+    let Err(stage) = steps() else {
+        return 0;
+    };
+    // SAFETY: reads this thread's errno, writes the report fields of `args`
+    // (see above), and _exit ends only this child.
     unsafe {
-        libc::setpgid(0, 0);
+        let errno = *libc::__errno_location();
+        std::ptr::write_volatile(&mut args.failed_errno, errno);
+        std::ptr::write_volatile(&mut args.failed_stage, stage as libc::c_int);
+        libc::_exit(127)
+    }
+}
+
+fn new_process_group() {
+    // SAFETY: setpgid on the calling process takes integers only.
+    unsafe { libc::setpgid(0, 0) };
+}
+
+fn default_signal_dispositions() {
+    // SAFETY: a zeroed sigaction is a valid SIG_DFL action with an empty
+    // mask; sigaction reads it and writes nothing back (null old action).
+    unsafe {
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
         for sig in RESET_SIGNALS {
             libc::sigaction(sig, &dfl, std::ptr::null_mut());
         }
-        for (target, fd) in stdio.into_iter().enumerate() {
-            let target = target as libc::c_int;
-            let ok = if fd == target {
+    }
+}
+
+/// dup2 each source onto 0, 1, 2; one already in place loses close-on-exec.
+fn standard_streams(stdio: [RawFd; 3]) -> Option<()> {
+    for (target, fd) in stdio.into_iter().enumerate() {
+        let target = target as libc::c_int;
+        // SAFETY: fcntl and dup2 on descriptor numbers; `fd` is open (the
+        // parent holds it until the exec) and no source is below 3.
+        let ok = unsafe {
+            if fd == target {
                 libc::fcntl(fd, libc::F_SETFD, 0) == 0
             } else {
                 libc::dup2(fd, target) == target
-            };
-            if !ok {
-                return fail(args, 0);
             }
-        }
-        for (resource, rlim) in &exec.rlimits {
-            if libc::setrlimit(*resource, rlim) != 0 {
-                return fail(args, 2);
-            }
-        }
-        if let Some(n) = exec.nice {
-            if libc::setpriority(libc::PRIO_PROCESS, 0, n) != 0 {
-                return fail(args, 3);
-            }
-        }
-        if let Some((uid, gid, groups)) = &exec.ids {
-            if libc::syscall(SYS_SETGROUPS, groups.len(), groups.as_ptr()) != 0
-                || libc::syscall(SYS_SETGID, *gid) != 0
-                || libc::syscall(SYS_SETUID, *uid) != 0
-            {
-                return fail(args, 4);
-            }
-            if exec.drop_capabilities {
-                let header = CapHeader {
-                    version: LINUX_CAPABILITY_VERSION_3,
-                    pid: 0,
-                };
-                let none = [CapData::default(); 2];
-                if libc::prctl(
-                    libc::PR_CAP_AMBIENT,
-                    libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                    || libc::syscall(libc::SYS_capset, &header, none.as_ptr()) != 0
-                {
-                    return fail(args, 4);
-                }
-            }
-        }
-        // After the switch, so that the command cannot start in a directory
-        // its user could not enter.
-        if libc::chdir(exec.cwd.as_ptr()) != 0 {
-            return fail(args, 1);
-        }
-        // No command inherits the daemon's ambient capabilities (a unit may
-        // grant some for `user`); EINVAL on kernels before 4.3, which have none.
+        };
+        ok.then_some(())?;
+    }
+    Some(())
+}
+
+fn resource_limits(exec: &Exec) -> Option<()> {
+    for (resource, rlim) in &exec.rlimits {
+        // SAFETY: `rlim` points into `exec`, valid until the exec.
+        (unsafe { libc::setrlimit(*resource, rlim) } == 0).then_some(())?;
+    }
+    Some(())
+}
+
+fn nice(exec: &Exec) -> Option<()> {
+    match exec.nice {
+        // SAFETY: setpriority on this process takes integers only.
+        Some(n) => (unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) } == 0).then_some(()),
+        None => Some(()),
+    }
+}
+
+fn switch_user(exec: &Exec) -> Option<()> {
+    let Some((uid, gid, groups)) = &exec.ids else {
+        return Some(());
+    };
+    // SAFETY: raw setgroups/setgid/setuid on this thread; `groups` points
+    // into `exec`, valid until the exec, and its length is passed with it.
+    let switched = unsafe {
+        libc::syscall(SYS_SETGROUPS, groups.len(), groups.as_ptr()) == 0
+            && libc::syscall(SYS_SETGID, *gid) == 0
+            && libc::syscall(SYS_SETUID, *uid) == 0
+    };
+    switched.then_some(())?;
+    if exec.drop_capabilities {
+        let header = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let none = [CapData::default(); 2];
+        // SAFETY: prctl takes integers; capset reads the header and the two
+        // data words from this frame.
+        let dropped = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ) == 0
+                && libc::syscall(libc::SYS_capset, &header, none.as_ptr()) == 0
+        };
+        dropped.then_some(())?;
+    }
+    Some(())
+}
+
+fn working_directory(exec: &Exec) -> Option<()> {
+    // SAFETY: `cwd` is a NUL-terminated string in `exec`, valid until the exec.
+    (unsafe { libc::chdir(exec.cwd.as_ptr()) } == 0).then_some(())
+}
+
+/// No command inherits the daemon's ambient capabilities (a unit may grant
+/// some for `user`); EINVAL on kernels before 4.3, which have none.
+fn clear_ambient_capabilities() {
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
         libc::prctl(
             libc::PR_CAP_AMBIENT,
             libc::PR_CAP_AMBIENT_CLEAR_ALL,
             0,
             0,
             0,
-        );
+        )
+    };
+}
+
+fn unblock_signals() {
+    // SAFETY: an emptied sigset_t in this frame; no old mask is written.
+    unsafe {
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+}
+
+/// Returns only if execve failed.
+fn execute(exec: &Exec) {
+    // SAFETY: the program, argv and envp are NUL-terminated strings and
+    // null-terminated pointer arrays owned by `exec`, valid until the exec.
+    unsafe {
         libc::execve(
             exec.program.as_ptr(),
             exec.argv.as_ptr(),
             exec.envp.as_ptr(),
-        );
-        fail(args, 5)
-    }
+        )
+    };
 }

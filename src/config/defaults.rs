@@ -1,0 +1,25 @@
+//! Every default of the configuration, in one place. `config.example.toml`
+//! shows the same values, and a test loads it and compares.
+
+use std::time::Duration;
+
+use super::{StdinMode, Transfer};
+
+pub const LOG_LEVEL: &str = "info";
+pub const MAX_CONNECTIONS: usize = 1024;
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub const SERVICE_MAX_CONNECTIONS: usize = 64;
+pub const WORKING_DIRECTORY: &str = "/";
+pub const STDIN: StdinMode = StdinMode::Null;
+pub const TRANSFER: Transfer = Transfer::Splice;
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+pub const PIPE_SIZE: usize = 1 << 20;
+/// IPv6 clients are counted per network of this many bits (one host's /64).
+pub const IPV6_SOURCE_PREFIX: u8 = 64;
+pub const PROXY_PROTOCOL: bool = false;
+
+/// Bounds, not defaults: the longest `banner` or `busy_message`, and the
+/// range of `pipe_size`.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+pub const PIPE_SIZE_RANGE: std::ops::RangeInclusive<usize> = 4096..=1 << 30;

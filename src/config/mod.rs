@@ -1,0 +1,187 @@
+//! The configuration file: its format, its defaults, and every check made on it.
+//!
+//! Loading is three steps, one submodule each: `raw` reads the TOML with
+//! serde (unknown keys, wrong types and bad single values are refused
+//! there), `check` applies the [`defaults`] and the rules between keys, and
+//! `locate` gives every error its place in the file, in the form
+//! `PATH:LINE:COL: service "NAME": KEY: what is wrong`.
+
+mod check;
+pub mod defaults;
+#[cfg(test)]
+mod fuzz;
+mod locate;
+mod raw;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::de::DeTable;
+
+use crate::access::{Cidr, Rules};
+use crate::runas::RunAs;
+use locate::Locator;
+pub use raw::parse_duration;
+
+/// Where the daemon looks for its configuration without `--config`.
+pub const DEFAULT_PATH: &str = "/etc/splice-relay.toml";
+
+/// The example configuration, built in: used when no file is given and
+/// [`DEFAULT_PATH`] does not exist, outside socket activation.
+pub const EXAMPLE: &str = include_str!("../../config.example.toml");
+
+#[derive(Debug)]
+pub struct Config {
+    /// The file it came from, or `<built-in>`.
+    pub origin: String,
+    pub log_level: String,
+    pub max_connections: usize,
+    pub shutdown_timeout: Duration,
+    pub services: Vec<std::sync::Arc<Service>>,
+}
+
+/// One `[[service]]`: what to run for a connection and how.
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    pub listen: Vec<ListenAddr>,
+    /// The program to execute, resolved to an absolute path at check time.
+    pub program: PathBuf,
+    /// The command as written; `argv[0]` is passed to the program unchanged.
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_directory: PathBuf,
+    pub stdin: StdinMode,
+    pub transfer: Transfer,
+    pub max_connections: usize,
+    pub kill_grace: Duration,
+    pub pipe_size: usize,
+    /// Who may connect, and how many and how often (`allow`, `deny`,
+    /// `max_per_source`, `rate`, …).
+    pub access: Rules,
+    /// The client's address comes from a PROXY protocol header.
+    pub proxy_protocol: bool,
+    /// Peers allowed to send that header (empty: any).
+    pub proxy_from: Vec<Cidr>,
+    /// Longest life of a connection.
+    pub timeout: Option<Duration>,
+    /// Longest time without a byte moving either way.
+    pub idle_timeout: Option<Duration>,
+    /// Most bytes of output sent to one client.
+    pub max_bytes: Option<u64>,
+    /// Sent to the client before the command's output.
+    pub banner: Option<Vec<u8>>,
+    /// Sent to a client refused by `max_per_source` or a rate.
+    pub busy_message: Option<Vec<u8>>,
+    /// User, group, resource limits and nice value of the command.
+    pub run_as: RunAs,
+    /// `PATH:LINE:COL: service "NAME"`, for errors found after loading.
+    pub position: String,
+}
+
+/// What the command reads on its standard input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StdinMode {
+    /// `/dev/null`; whatever the client sends is read and discarded.
+    Null,
+    /// The client's bytes; the client's half-close closes the command's stdin.
+    Client,
+}
+
+/// How the command's output reaches the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transfer {
+    /// splice(2) from a pipe to the socket: no copy through user space.
+    Splice,
+    /// read(2)/write(2) through a buffer: for comparison, or where splice cannot work.
+    Copy,
+    /// The client's socket is the command's stdin and stdout, as with inetd:
+    /// nothing sits between them. The daemon still supervises the connection
+    /// (limits, process group, record; bytes from TCP_INFO).
+    Direct,
+}
+
+/// An address to bind when the daemon is not socket-activated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// A configuration error, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// `PATH`, `PATH:LINE:COL`, or `PATH:LINE:COL: service "NAME"`.
+    pub position: String,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.position)?;
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads and checks the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        position: origin.clone(),
+        key: None,
+        message: format!("cannot read: {e}"),
+    })?;
+    load_str(&origin, &text)
+}
+
+/// Parses and checks configuration text; `origin` names it in errors.
+pub fn load_str(origin: &str, text: &str) -> Result<Config, ConfigError> {
+    let root = DeTable::parse(text).map_err(|e| {
+        let loc = Locator {
+            origin,
+            text,
+            root: None,
+        };
+        ConfigError {
+            position: loc.position(None, e.span().map(|s| s.start)),
+            key: None,
+            message: e.message().trim().to_owned(),
+        }
+    })?;
+    let loc = Locator {
+        origin,
+        text,
+        root: Some(root.get_ref()),
+    };
+    let raw =
+        raw::RawConfig::deserialize(toml::de::Deserializer::from(root.clone())).map_err(|e| {
+            let offset = e.span().map(|s| s.start);
+            let (service, key) = offset.map_or((None, None), |o| loc.find(o));
+            ConfigError {
+                position: loc.position(service, offset),
+                key,
+                message: locate::shorten_unknown_field(e.message().trim()),
+            }
+        })?;
+    check::config(raw, &loc)
+}

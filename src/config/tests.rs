@@ -1,0 +1,228 @@
+//! The loader on good and bad files: defaults, and each error with its exact
+//! message and position.
+
+use std::time::Duration;
+
+use super::*;
+
+fn err(text: &str) -> String {
+    load_str("t.toml", text).unwrap_err().to_string()
+}
+
+#[test]
+fn example_config_loads_with_the_documented_defaults() {
+    let c = load_str("config.example.toml", EXAMPLE).unwrap();
+    assert_eq!(c.log_level, defaults::LOG_LEVEL);
+    assert_eq!(c.max_connections, defaults::MAX_CONNECTIONS);
+    assert_eq!(c.shutdown_timeout, defaults::SHUTDOWN_TIMEOUT);
+    let s = &c.services[0];
+    assert_eq!(s.max_connections, defaults::SERVICE_MAX_CONNECTIONS);
+    assert_eq!(s.kill_grace, defaults::KILL_GRACE);
+    assert_eq!(s.pipe_size, defaults::PIPE_SIZE);
+    assert_eq!(s.stdin, StdinMode::Null);
+    assert_eq!(s.transfer, Transfer::Splice);
+    assert_eq!(
+        s.listen,
+        vec![ListenAddr::Tcp("127.0.0.1:9009".parse().unwrap())]
+    );
+    assert_eq!(s.access.source_prefix_v6, defaults::IPV6_SOURCE_PREFIX);
+    assert_eq!(s.access.max_per_source, None);
+    assert!(!s.proxy_protocol);
+    assert!(s.timeout.is_none() && s.idle_timeout.is_none() && s.max_bytes.is_none());
+    assert!(s.run_as.is_empty());
+}
+
+/// Every commented-out example in the file is valid when uncommented
+/// (user and group only as root, who may switch).
+#[test]
+fn example_config_with_every_option_uncommented_loads() {
+    let root = nix::unistd::geteuid().is_root();
+    let text: String = EXAMPLE
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest.split_once(" = ").is_some_and(|(k, _)| {
+                    k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                }) && (root || !(rest.starts_with("user") || rest.starts_with("group"))) =>
+            {
+                rest.to_owned()
+            }
+            _ => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        // proxy_from applies only with the header on.
+        .replace("proxy_protocol = false", "proxy_protocol = true");
+    let c = load_str("config.example.toml", &text).unwrap();
+    let s = &c.services[0];
+    assert_eq!(s.access.allow.len(), 2);
+    assert_eq!(s.access.max_per_source, Some(8));
+    assert_eq!(s.access.rate, Some(200.0));
+    assert_eq!(s.timeout, Some(Duration::from_secs(3600)));
+    assert_eq!(s.idle_timeout, Some(Duration::from_secs(300)));
+    assert_eq!(s.max_bytes, Some(1 << 30));
+    assert_eq!(s.busy_message.as_deref(), Some(&b"busy\n"[..]));
+    assert_eq!(s.run_as.nice, Some(10));
+    assert_eq!(s.run_as.rlimits.len(), 4);
+    assert_eq!(s.proxy_from.len(), 2);
+    if root {
+        assert!(s.run_as.credentials.is_some());
+    }
+}
+
+#[test]
+fn control_values_are_checked() {
+    let svc = |extra: &str| {
+        err(&format!(
+            "[[service]]\nname = \"a\"\ncommand = [\"true\"]\n{extra}\n"
+        ))
+    };
+    assert_eq!(
+        svc("allow = [\"10.0.0.1/8\"]"),
+        r#"t.toml:4:9: service "a": allow: "10.0.0.1/8": host bits set; did you mean "10.0.0.0/8"?"#
+    );
+    assert_eq!(
+        svc("max_per_source = 0"),
+        r#"t.toml:4:18: service "a": max_per_source: must be at least 1"#
+    );
+    assert_eq!(
+        svc("rate = -1"),
+        r#"t.toml:4:8: service "a": rate: must be a number of connections per second above 0"#
+    );
+    assert_eq!(
+        svc("ipv6_source_prefix = 0"),
+        r#"t.toml:4:22: service "a": ipv6_source_prefix: 0: must be between 1 and 128"#
+    );
+    assert_eq!(
+        svc("idle_timeout = 0"),
+        r#"t.toml:4:16: service "a": idle_timeout: must be more than 0"#
+    );
+    assert_eq!(
+        svc("max_bytes = 5\ntransfer = \"direct\""),
+        r#"t.toml:4:13: service "a": max_bytes: does not apply with transfer = "direct": the output does not pass through the daemon"#
+    );
+    assert_eq!(
+        svc("nice = 42"),
+        r#"t.toml:4:8: service "a": nice: 42: must be between -20 and 19"#
+    );
+    assert_eq!(
+        svc("user = \"no-such-user-here\""),
+        r#"t.toml:4:8: service "a": user: "no-such-user-here": no such user"#
+    );
+    assert_eq!(
+        svc("max_bytes = 4\nbanner = \"hello\""),
+        r#"t.toml:5:10: service "a": banner: 5 bytes: must be shorter than max_bytes (4)"#
+    );
+    assert_eq!(
+        svc("proxy_from = [\"10.0.0.0/8\"]"),
+        r#"t.toml:4:14: service "a": proxy_from: applies only with proxy_protocol = true"#
+    );
+    let long = "x".repeat(defaults::MAX_MESSAGE + 1);
+    assert_eq!(
+        svc(&format!("banner = \"{long}\"")),
+        format!(
+            r#"t.toml:4:10: service "a": banner: {} bytes: must be at most 65536"#,
+            long.len()
+        )
+    );
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+    assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+    assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+    assert!(parse_duration("5 parsecs").is_err());
+    assert!(parse_duration("s").is_err());
+    assert_eq!(
+        parse_duration("5 parsecs").unwrap_err(),
+        r#""5 parsecs": unknown unit; use ms, s, m or h"#
+    );
+}
+
+#[test]
+fn unknown_key_is_located_in_its_service() {
+    let e = err("[[service]]\nname = \"a\"\ncommand = [\"/bin/true\"]\ncomand = 1\n");
+    assert!(
+        e.starts_with("t.toml:4:1: service \"a\": comand: unknown field `comand`"),
+        "{e}"
+    );
+    assert_eq!(
+        e,
+        "t.toml:4:1: service \"a\": comand: unknown field `comand`; did you mean `command`?"
+    );
+    let e = err("[[service]]\nname = \"a\"\ncommand = [\"true\"]\nfrobnicate = 1\n");
+    assert!(
+        e.ends_with("unknown field `frobnicate`; the keys are listed in splice-relay.toml(5)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_type_is_located_at_the_value() {
+    let e = err("[[service]]\nname = \"a\"\ncommand = \"/bin/true\"\n");
+    assert!(
+        e.starts_with("t.toml:3:11: service \"a\": command: invalid type"),
+        "{e}"
+    );
+    let e = err("shutdown_timeout = \"soon\"\n[[service]]\nname = \"a\"\ncommand = [\"true\"]\n");
+    assert!(e.starts_with("t.toml:1:20: shutdown_timeout: "), "{e}");
+}
+
+#[test]
+fn syntax_error_has_a_position() {
+    let e = err("[[service]\n");
+    assert!(e.starts_with("t.toml:1:"), "{e}");
+}
+
+#[test]
+fn missing_command_names_the_service() {
+    let e = err("[[service]]\nname = \"a\"\n");
+    assert!(e.contains("service \"a\": missing field `command`"), "{e}");
+}
+
+#[test]
+fn bad_values() {
+    assert_eq!(
+        err("[[service]]\nname = \"a\"\ncommand = []\n"),
+        "t.toml:3:11: service \"a\": command: must not be empty"
+    );
+    assert_eq!(
+        err("[[service]]\nname = \"a\"\ncommand = [\"/nonexistent/x\"]\n"),
+        "t.toml:3:11: service \"a\": command: /nonexistent/x: No such file or directory"
+    );
+    let plain = std::env::temp_dir().join(format!("splice-relay-plain-{}", std::process::id()));
+    std::fs::write(&plain, "not a program").unwrap();
+    let text = format!(
+        "[[service]]\nname = \"a\"\ncommand = [\"{}\"]\n",
+        plain.display()
+    );
+    let e = err(&text);
+    std::fs::remove_file(&plain).unwrap();
+    assert_eq!(
+        e,
+        format!(
+            "t.toml:3:11: service \"a\": command: {}: not executable",
+            plain.display()
+        )
+    );
+    assert_eq!(
+        err("[[service]]\nname = \"a\"\ncommand = [\"true\"]\n[[service]]\nname = \"a\"\ncommand = [\"true\"]\n"),
+        "t.toml:5:8: service \"a\": name: duplicate name: another service above has the same one"
+    );
+    assert_eq!(
+        err("[[service]]\nname = \"a\"\ncommand = [\"true\"]\nlisten = \"nowhere\"\n"),
+        "t.toml:4:10: service \"a\": listen: \"nowhere\": expected IP:PORT, [IPv6]:PORT or an absolute Unix socket path"
+    );
+    assert_eq!(
+        err(""),
+        "t.toml: no [[service]] is defined; at least one is needed"
+    );
+}
+
+#[test]
+fn bare_command_names_are_resolved_in_path() {
+    let c = load_str("t", "[[service]]\nname = \"a\"\ncommand = [\"true\"]\n").unwrap();
+    assert!(c.services[0].program.is_absolute());
+    assert_eq!(c.services[0].argv[0], "true");
+}

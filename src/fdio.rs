@@ -1,0 +1,217 @@
+//! Descriptor I/O that every module moving bytes shares: waiting for
+//! readiness, what an errno means, and a descriptor's blocking mode.
+//!
+//! Every nonblocking call goes through [`read_with`] or [`write_with`]: wait
+//! until the event loop reports the descriptor ready, make the call, and on
+//! `EAGAIN` let tokio clear the readiness (`try_io`) and wait again; `EINTR`
+//! is retried at once. What any other errno means is decided in one place,
+//! [`class`]. (The splice loop is the exception that proves the rule: one
+//! splice touches two descriptors, and `EAGAIN` does not say which one
+//! blocked; see `relay`.)
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+/// What an errno from a connection's descriptors means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// The peer, or the path to it, is gone: the connection ends, nothing
+    /// is broken (`EPIPE`, `ECONNRESET`, `ETIMEDOUT`, unreachable, and what
+    /// accept(2) reports for a connection that failed in the backlog).
+    Disconnect,
+    /// Try again: `EAGAIN` (wait for readiness) or `EINTR` (at once).
+    Transient,
+    /// Out of descriptors, buffers or memory: more attempts right now fail too.
+    Exhausted,
+    /// Anything else: logged, and the one connection (never the daemon) ends.
+    Other,
+}
+
+/// The one errno classification of the daemon.
+pub fn class(e: Errno) -> Class {
+    match e {
+        Errno::EPIPE
+        | Errno::ECONNRESET
+        | Errno::ECONNABORTED
+        | Errno::ETIMEDOUT
+        | Errno::EHOSTUNREACH
+        | Errno::ENETUNREACH
+        | Errno::EHOSTDOWN
+        | Errno::ENETDOWN
+        | Errno::ENONET
+        // accept(2) passes these on from the pending connection (its man
+        // page asks callers to treat them like EAGAIN): its own failure.
+        | Errno::EPROTO
+        | Errno::ENOPROTOOPT
+        | Errno::EOPNOTSUPP
+        | Errno::EPERM => Class::Disconnect,
+        Errno::EAGAIN | Errno::EINTR => Class::Transient,
+        Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM => Class::Exhausted,
+        _ => Class::Other,
+    }
+}
+
+/// The errno inside an `io::Error` (`EIO` for errors that carry none).
+pub fn errno(e: &io::Error) -> Errno {
+    e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)
+}
+
+/// An io::Error's text without std's "(os error N)" suffix, for messages
+/// such as `/usr/bin/foo: No such file or directory`.
+pub fn reason(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => Errno::from_raw(code).desc().to_owned(),
+        None => e.to_string(),
+    }
+}
+
+/// Registers a descriptor with the event loop. Must run inside the runtime.
+pub fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
+    crate::sys::register(fd, interest)
+}
+
+/// Runs `op` once `fd` is readable, waiting again whenever it says `EAGAIN`.
+pub async fn read_with<R>(
+    fd: &AsyncFd<OwnedFd>,
+    op: impl FnMut(&OwnedFd) -> nix::Result<R>,
+) -> Result<R, Errno> {
+    when_ready(fd, Interest::READABLE, op).await
+}
+
+/// Runs `op` once `fd` is writable, waiting again whenever it says `EAGAIN`.
+pub async fn write_with<R>(
+    fd: &AsyncFd<OwnedFd>,
+    op: impl FnMut(&OwnedFd) -> nix::Result<R>,
+) -> Result<R, Errno> {
+    when_ready(fd, Interest::WRITABLE, op).await
+}
+
+async fn when_ready<R>(
+    fd: &AsyncFd<OwnedFd>,
+    interest: Interest,
+    mut op: impl FnMut(&OwnedFd) -> nix::Result<R>,
+) -> Result<R, Errno> {
+    loop {
+        let mut ready = fd.ready(interest).await.map_err(|e| errno(&e))?;
+        let done = ready.try_io(|inner| loop {
+            match op(inner.get_ref()) {
+                Err(Errno::EINTR) => continue,
+                other => break other.map_err(io::Error::from),
+            }
+        });
+        // Err: EAGAIN; try_io has cleared the readiness, so wait for the next edge.
+        if let Ok(result) = done {
+            return result.map_err(|e| errno(&e));
+        }
+    }
+}
+
+/// Writes all of `bytes`, calling `sent` after each write with its length.
+pub async fn write_all(
+    fd: &AsyncFd<OwnedFd>,
+    bytes: &[u8],
+    mut sent: impl FnMut(usize),
+) -> Result<(), Errno> {
+    let mut done = 0;
+    while done < bytes.len() {
+        let n = write_with(fd, |fd| nix::unistd::write(fd, &bytes[done..])).await?;
+        done += n;
+        sent(n);
+    }
+    Ok(())
+}
+
+/// Reads and drops everything from `fd` until end-of-file, counting it. Used
+/// on the client's socket when nothing consumes its bytes, so that a reset is
+/// seen at once and unread bytes cannot turn the final close into a reset
+/// that destroys output still in flight.
+pub async fn discard(fd: &AsyncFd<OwnedFd>, mut counted: impl FnMut(usize)) -> Result<(), Errno> {
+    loop {
+        match read_with(fd, read_and_drop).await? {
+            0 => return Ok(()),
+            n => counted(n),
+        }
+    }
+}
+
+/// One read into a buffer on the stack of a plain function, not of the
+/// future: every idle connection's future would otherwise carry it.
+fn read_and_drop(fd: &OwnedFd) -> nix::Result<usize> {
+    let mut buf = [0u8; 4096];
+    nix::unistd::read(fd, &mut buf)
+}
+
+/// The pending error of a socket (SO_ERROR); `ECONNRESET` when none is
+/// pending (the socket reported an error condition that has since cleared).
+pub fn socket_error(fd: &OwnedFd) -> Errno {
+    use nix::sys::socket::{getsockopt, sockopt};
+    match getsockopt(fd, sockopt::SocketError) {
+        Ok(code) if code != 0 => Errno::from_raw(code),
+        _ => Errno::ECONNRESET,
+    }
+}
+
+/// Sets or clears O_NONBLOCK. The flag belongs to the open file description,
+/// so every duplicate of the descriptor shares it.
+pub fn set_nonblocking(fd: impl AsFd, on: bool) -> nix::Result<()> {
+    let flags = OFlag::from_bits_truncate(fcntl(fd.as_fd(), FcntlArg::F_GETFL)?);
+    let flags = if on {
+        flags | OFlag::O_NONBLOCK
+    } else {
+        flags - OFlag::O_NONBLOCK
+    };
+    fcntl(fd.as_fd(), FcntlArg::F_SETFL(flags))?;
+    Ok(())
+}
+
+/// Makes sure descriptors 0, 1 and 2 are open (on /dev/null if not), so
+/// that no descriptor the daemon opens later gets one of those numbers: the
+/// child's dup2 onto 0–2 relies on it.
+pub fn ensure_standard_fds() -> io::Result<()> {
+    loop {
+        let fd = nix::fcntl::open("/dev/null", OFlag::O_RDWR, nix::sys::stat::Mode::empty())
+            .map_err(|e| io::Error::other(format!("cannot open /dev/null: {}", e.desc())))?;
+        if std::os::fd::AsRawFd::as_raw_fd(&fd) > 2 {
+            return Ok(());
+        }
+        // One of 0-2 was closed and now holds /dev/null: keep it open for
+        // good, as that standard descriptor.
+        let _ = std::os::fd::IntoRawFd::into_raw_fd(fd);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_errno_has_one_meaning() {
+        assert_eq!(class(Errno::EPIPE), Class::Disconnect);
+        assert_eq!(class(Errno::ECONNABORTED), Class::Disconnect);
+        assert_eq!(class(Errno::EAGAIN), Class::Transient);
+        assert_eq!(class(Errno::EMFILE), Class::Exhausted);
+        assert_eq!(class(Errno::EBADF), Class::Other);
+        assert_eq!(errno(&io::Error::other("x")), Errno::EIO);
+    }
+
+    #[tokio::test]
+    async fn reads_wait_for_readiness_and_see_end_of_file() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let a = register(a.into(), Interest::READABLE | Interest::WRITABLE).unwrap();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            let mut b = b;
+            b.write_all(&[7u8; 10_000]).unwrap();
+        });
+        let mut counted = 0;
+        discard(&a, |n| counted += n).await.unwrap();
+        writer.join().unwrap();
+        assert_eq!(counted, 10_000);
+    }
+}

@@ -1,0 +1,319 @@
+//! Each connection's one record, and the daemon's running figures.
+//!
+//! A [`Record`] is opened when a connection is accepted and written when it
+//! is dropped, whichever way the connection's task ends: closed with its
+//! reason and the command's exit, or, on a path that forgot to say (or a
+//! panic), as an `error`. So every accepted connection writes exactly one
+//! record, with the same fields every time, except a client that admission
+//! refused: those are counted and logged in episodes (see `admit`), since a
+//! flood would otherwise flood the journal.
+//!
+//! How a connection ends (the record's `REASON`):
+//! - `output-ended`: the command's stdout reached end-of-file; what is left
+//!   is sent, the socket shut down for writing and closed.
+//! - `command-exited` (`transfer = "direct"`): the command exited.
+//! - `client-gone`: the client reset or closed the connection (EPIPE,
+//!   ECONNRESET), before or while it was served.
+//! - `timeout`, `idle-timeout`: the connection lived longer than `timeout`,
+//!   or nothing moved for `idle_timeout`.
+//! - `max-bytes`: `max_bytes` of output were sent, then end-of-file.
+//! - `shutdown`: the daemon is stopping and `shutdown_timeout` has passed.
+//! - `spawn-failed`: the command could not be started.
+//! - `error`: anything else; the detail says what.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+
+use crate::command::Exit;
+use crate::peer::Peer;
+
+/// The daemon's figures for STATUS= and the logs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections being served now.
+    pub active: AtomicU64,
+    /// Connections that ended with a record.
+    pub served: AtomicU64,
+    /// Clients refused by admission (no command ran, no record).
+    pub refused: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+}
+
+/// Why a connection ended: its record's `REASON` and the detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    OutputEnded,
+    CommandExited,
+    ClientGone(Errno),
+    /// The client reset while it waited in the backlog (`client-gone`).
+    LeftUnserved(Errno),
+    Shutdown,
+    Timeout,
+    IdleTimeout,
+    MaxBytes,
+    Error(String),
+    SpawnFailed(String),
+}
+
+impl End {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            End::OutputEnded => "output-ended",
+            End::CommandExited => "command-exited",
+            End::ClientGone(_) | End::LeftUnserved(_) => "client-gone",
+            End::Shutdown => "shutdown",
+            End::Timeout => "timeout",
+            End::IdleTimeout => "idle-timeout",
+            End::MaxBytes => "max-bytes",
+            End::Error(_) => "error",
+            End::SpawnFailed(_) => "spawn-failed",
+        }
+    }
+
+    /// The output is complete: the client gets end-of-file after what was
+    /// sent, rather than a close while bytes may be in flight.
+    pub fn is_orderly(&self) -> bool {
+        matches!(self, End::OutputEnded | End::CommandExited | End::MaxBytes)
+    }
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason())?;
+        match self {
+            End::ClientGone(e) => write!(f, " ({})", e.desc()),
+            End::LeftUnserved(e) => write!(f, " (left before it was served: {})", e.desc()),
+            End::Error(e) | End::SpawnFailed(e) => write!(f, " ({e})"),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What a connection has moved, counted as it moves (for the record, the
+/// daemon's figures and `idle_timeout`).
+#[derive(Debug)]
+pub struct Traffic {
+    since: Instant,
+    sent: AtomicU64,
+    received: AtomicU64,
+    /// When bytes last moved either way, in ms since `since`.
+    last_ms: AtomicU64,
+    stats: Arc<Stats>,
+}
+
+impl Traffic {
+    fn new(since: Instant, stats: Arc<Stats>) -> Traffic {
+        Traffic {
+            since,
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            last_ms: AtomicU64::new(0),
+            stats,
+        }
+    }
+
+    /// `n` bytes went to the client.
+    pub fn sent(&self, n: usize) {
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+        self.stats.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// `n` bytes came from the client and went to the command.
+    pub fn received(&self, n: usize) {
+        self.received.fetch_add(n as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_received
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// `n` bytes came from the client and were dropped (the command does not
+    /// read them): counted, but not activity.
+    pub fn dropped(&self, n: u64) {
+        self.received.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counts the kernel kept (TCP_INFO) replace the daemon's: with
+    /// `transfer = "direct"` the bytes never pass through it.
+    pub fn counted_by_kernel(&self, sent: u64, received: u64) {
+        let before = self.sent.swap(sent, Ordering::Relaxed);
+        let received_before = self.received.swap(received, Ordering::Relaxed);
+        let stats = &self.stats;
+        stats
+            .bytes_sent
+            .fetch_add(sent.saturating_sub(before), Ordering::Relaxed);
+        stats
+            .bytes_received
+            .fetch_add(received.saturating_sub(received_before), Ordering::Relaxed);
+    }
+
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes_received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    fn touch(&self) {
+        let ms = self.since.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// When the last byte moved (the start, if none has).
+    pub fn last_activity(&self) -> Instant {
+        self.since + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A connection's record, written when dropped.
+#[derive(Debug)]
+pub struct Record {
+    conn: u64,
+    service: Arc<str>,
+    peer: String,
+    started: Instant,
+    pid: i32,
+    traffic: Traffic,
+    closed: Option<(Option<Exit>, End)>,
+    refused: bool,
+}
+
+impl Record {
+    /// Opens the record of connection `conn`, accepted now for `service`.
+    pub fn open(conn: u64, service: Arc<str>, stats: Arc<Stats>) -> Record {
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        Record {
+            conn,
+            service,
+            peer: "unknown".into(),
+            started,
+            pid: 0,
+            traffic: Traffic::new(started, stats),
+            closed: None,
+            refused: false,
+        }
+    }
+
+    pub fn conn(&self) -> u64 {
+        self.conn
+    }
+
+    pub fn service(&self) -> &Arc<str> {
+        &self.service
+    }
+
+    /// When the connection was accepted.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    pub fn traffic(&self) -> &Traffic {
+        &self.traffic
+    }
+
+    /// Who the client is (from the socket, or from its PROXY header).
+    pub fn peer(&mut self, peer: &Peer) {
+        self.peer = peer.to_string();
+    }
+
+    /// The command has started, as `pid`. Logged at debug level: the one
+    /// record a connection writes at info is its end, which keeps the
+    /// journal's per-service rate limit out of reach of busy but healthy
+    /// services for longer.
+    pub fn command_started(&mut self, pid: i32) {
+        self.pid = pid;
+        tracing::debug!(conn = self.conn, service = &*self.service, peer = %self.peer, pid, "command started");
+    }
+
+    /// Admission refused the client: no record, only the daemon's count.
+    pub fn refused(mut self) {
+        self.refused = true;
+        tracing::debug!(conn = self.conn, service = &*self.service, peer = %self.peer, "refused; no command run");
+    }
+
+    /// Ends the connection: `exit` is the command's (None if none ran).
+    pub fn close(mut self, exit: Option<Exit>, end: End) {
+        self.closed = Some((exit, end));
+    }
+
+    fn write(&self, exit: Option<&Exit>, end: &End) {
+        let (conn, service, peer, pid) = (self.conn, &*self.service, &self.peer, self.pid);
+        let bytes = self.traffic.bytes_sent();
+        let bytes_received = self.traffic.bytes_received();
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        let exit = exit.map_or_else(|| "none".to_owned(), Exit::to_string);
+        let reason = end.reason();
+        macro_rules! ended {
+            ($level:ident) => {
+                tracing::$level!(
+                    conn, service, peer = %peer, pid, bytes, bytes_received, duration_ms, exit, reason,
+                    "connection ended: {end}, exit {exit}, {bytes} bytes sent in {duration_ms} ms"
+                )
+            };
+        }
+        match end {
+            End::SpawnFailed(_) => ended!(error),
+            End::Error(_) => ended!(warn),
+            _ => ended!(info),
+        }
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        let stats = &self.traffic.stats;
+        stats.active.fetch_sub(1, Ordering::Relaxed);
+        if self.refused {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        stats.served.fetch_add(1, Ordering::Relaxed);
+        match self.closed.take() {
+            Some((exit, end)) => self.write(exit.as_ref(), &end),
+            None => self.write(
+                None,
+                &End::Error("the connection's task ended without closing its record".into()),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_record_counts_once_and_a_forgotten_one_is_still_written() {
+        let stats = Arc::new(Stats::default());
+        let open = |n| Record::open(n, "s".into(), Arc::clone(&stats));
+        let a = open(1);
+        let b = open(2);
+        let c = open(3);
+        assert_eq!(stats.active.load(Ordering::Relaxed), 3);
+        a.close(None, End::OutputEnded);
+        b.refused();
+        drop(c);
+        assert_eq!(stats.active.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.served.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.refused.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn kernel_counts_replace_the_daemons_without_counting_twice() {
+        let stats = Arc::new(Stats::default());
+        let r = Record::open(1, "s".into(), Arc::clone(&stats));
+        r.traffic().sent(6); // a banner, sent by the daemon
+        r.traffic().counted_by_kernel(106, 4);
+        assert_eq!(r.traffic().bytes_sent(), 106);
+        assert_eq!(stats.bytes_sent.load(Ordering::Relaxed), 106);
+        assert_eq!(stats.bytes_received.load(Ordering::Relaxed), 4);
+    }
+}

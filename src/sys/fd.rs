@@ -1,0 +1,135 @@
+//! Descriptors: the ones systemd passed, accepted connections, the event
+//! loop's registrations, TCP_INFO, and the process-wide settings that keep
+//! descriptors and children from leaking into commands.
+
+use std::io;
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{accept4, SockFlag};
+
+/// Takes ownership of a descriptor the service manager passed to this process.
+///
+/// Fails with `EBADF` when `fd` is not open, so a wrong `LISTEN_FDS` cannot make
+/// two owners of one descriptor number that something else opened later.
+pub fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    nix::fcntl::fcntl(
+        // SAFETY: the borrow lives only for this F_GETFD call, which checks that
+        // the number refers to an open descriptor and changes nothing.
+        unsafe { BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )?;
+    // SAFETY: the socket-activation protocol hands descriptors LISTEN_FDS_START..
+    // to this process, which is their only owner; the caller takes each number
+    // once (listen.rs walks the range once), and the check above proved it open.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Marks every descriptor from 3 up close-on-exec: those the daemon was
+/// started with (by systemd, or leaked by whatever started it) are not for
+/// the commands, which get 0, 1 and 2 only. Call once, right after the
+/// inherited sockets are adopted and before anything else is opened.
+pub fn cloexec_from_3() {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC takes integers and only
+    // sets a flag on descriptors; it closes nothing (Linux 5.11+).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if ret == 0 {
+        return;
+    }
+    // Older kernels: one by one.
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: the borrow lasts for one F_SETFD on a number that was open
+        // a moment ago; if it was the directory listing's own (now closed)
+        // descriptor, the call fails with EBADF and changes nothing.
+        let _ = nix::fcntl::fcntl(
+            unsafe { BorrowedFd::borrow_raw(fd) },
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+    }
+}
+
+/// Accepts one connection, nonblocking and close-on-exec.
+pub fn accept(listener: BorrowedFd<'_>) -> nix::Result<OwnedFd> {
+    let fd = accept4(
+        std::os::fd::AsRawFd::as_raw_fd(&listener),
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+    )?;
+    // SAFETY: accept4 just returned this new descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Registers a descriptor with the event loop. Must run inside the runtime.
+pub fn register(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is open until dropped and always returns the same
+    // number; the AsyncFd owns it from here on, and nothing in this crate swaps
+    // it out (AsyncFd::get_mut is never used).
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
+        .map_err(io::Error::from)
+}
+
+/// The kernel's TCP_INFO for a socket; None for other sockets and for
+/// kernels older than 4.1/4.2, whose shorter struct lacks the byte counters.
+fn tcp_info(fd: BorrowedFd<'_>) -> Option<libc::tcp_info> {
+    // SAFETY: tcp_info is plain old data; all-zero bytes are a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the pointer and length describe `info`, which outlives the call;
+    // the kernel writes at most `len` bytes and updates `len`.
+    let ret = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
+    (ret == 0 && len as usize >= needed).then_some(info)
+}
+
+/// Bytes the peer acknowledged and bytes received on a TCP socket, from
+/// TCP_INFO; None for other sockets. Both follow sequence numbers, so each
+/// includes a FIN once one was acknowledged or received. The daemon's count for `transfer =
+/// "direct"`, where the bytes never pass through it.
+pub fn tcp_bytes(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    tcp_info(fd).map(|i| (i.tcpi_bytes_acked, i.tcpi_bytes_received))
+}
+
+/// How long since data last went either way on a TCP socket; None for other sockets.
+pub fn tcp_quiet(fd: BorrowedFd<'_>) -> Option<std::time::Duration> {
+    tcp_info(fd).map(|i| {
+        std::time::Duration::from_millis(i.tcpi_last_data_sent.min(i.tcpi_last_data_recv).into())
+    })
+}
+
+/// Sets SIGCHLD to its default action. Started with it ignored (a parent's
+/// choice, inherited across exec), the kernel would reap the commands by
+/// itself, and the zombie that keeps a command's process-group id from being
+/// reused would never exist.
+pub fn default_sigchld() -> io::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    // SAFETY: installing SIG_DFL runs no code of ours in a signal context;
+    // nothing in the daemon relies on another SIGCHLD disposition.
+    unsafe { sigaction(Signal::SIGCHLD, &default) }
+        .map(|_| ())
+        .map_err(io::Error::from)
+}

@@ -1,0 +1,16 @@
+//! The only `unsafe` code of the daemon: the few system calls that need it,
+//! behind safe functions. Everything else goes through `nix` or `std`. Each
+//! block says why it is sound, in a `// SAFETY:` comment.
+//!
+//! - `fd`: inherited and accepted descriptors, the event loop's
+//!   registrations, TCP_INFO, and process-wide descriptor hygiene.
+//! - `spawn`: the clone that starts a command, and its child until exec.
+#![allow(unsafe_code)]
+
+mod fd;
+mod spawn;
+
+pub use fd::{
+    accept, adopt_inherited_fd, cloexec_from_3, default_sigchld, register, tcp_bytes, tcp_quiet,
+};
+pub use spawn::{commands_get_nofile, spawn, Exec, Stage};
