@@ -45,8 +45,16 @@ pub struct Handler {
     pub peer: Peer,
     pub record: Record,
     /// Places in the service's and the daemon's limits, freed when this ends.
-    pub places: (Slot, Slot),
+    pub places: Places,
     pub context: Arc<Context>,
+}
+
+/// A connection's places in `max_connections`. The service's is freed with
+/// the connection's descriptors, before the record; the daemon's after it,
+/// so that the stop, which waits for every place, waits for every record.
+pub struct Places {
+    pub service: Slot,
+    pub daemon: Slot,
 }
 
 /// How the pipeline ended; the record is written from it once everything
@@ -69,10 +77,20 @@ impl Handler {
             places,
             context,
         } = self;
-        match serve(&service, socket, peer, &mut record, places, &context).await {
+        match serve(
+            &service,
+            socket,
+            peer,
+            &mut record,
+            places.service,
+            &context,
+        )
+        .await
+        {
             Served::Refused => record.refused(),
             Served::Ended(exit, end) => record.close(exit, end),
         }
+        drop(places.daemon);
     }
 }
 
@@ -82,7 +100,7 @@ async fn serve(
     socket: OwnedFd,
     peer: Peer,
     record: &mut Record,
-    _places: (Slot, Slot),
+    _place: Slot,
     context: &Context,
 ) -> Served {
     if matches!(peer, Peer::Tcp { .. }) {
@@ -108,27 +126,9 @@ async fn serve(
 
     // Spawn.
     let direct = service.transfer == Transfer::Direct;
-    // Programs expect blocking stdin and stdout. The flag belongs to the open
-    // file description, shared with our copy, which is only polled.
-    if direct {
-        if let Err(e) = fdio::set_nonblocking(socket.get_ref(), false) {
-            return Served::Ended(None, End::Error(e.desc().into()));
-        }
-    }
-    let io = match direct {
-        true => Io::Socket(socket.get_ref()),
-        false => Io::Pipes(service.stdin),
-    };
-    let tag = Tag {
-        conn: record.conn(),
-        service: Arc::clone(record.service()),
-    };
-    let (command, streams) = match Command::spawn(service, &context.base_env, &peer, io, tag) {
-        Ok(s) => s,
-        Err(e @ SpawnError::Start(_)) => {
-            return Served::Ended(None, End::SpawnFailed(e.to_string()))
-        }
-        Err(e @ SpawnError::Unwatched(_)) => return Served::Ended(None, End::Error(e.to_string())),
+    let (command, streams) = match spawn(service, &socket, &peer, record, context) {
+        Ok(spawned) => spawned,
+        Err(end) => return Served::Ended(None, end),
     };
     record.command_started(command.pid());
 
@@ -160,6 +160,34 @@ async fn serve(
     // End.
     let exit = end_connection(socket, command, &end, service, direct, traffic).await;
     Served::Ended(Some(exit), end)
+}
+
+/// Starts the command, with the socket or pipes as its stdin and stdout.
+fn spawn(
+    service: &Service,
+    socket: &AsyncFd<OwnedFd>,
+    peer: &Peer,
+    record: &Record,
+    context: &Context,
+) -> Result<(Command, Streams), End> {
+    let io = match service.transfer {
+        Transfer::Direct => {
+            // Programs expect blocking stdin and stdout. The flag belongs to
+            // the open file description, shared with our copy, which is only polled.
+            fdio::set_nonblocking(socket.get_ref(), false)
+                .map_err(|e| End::Error(e.desc().into()))?;
+            Io::Socket(socket.get_ref())
+        }
+        Transfer::Splice | Transfer::Copy => Io::Pipes(service.stdin),
+    };
+    let tag = Tag {
+        conn: record.conn(),
+        service: Arc::clone(record.service()),
+    };
+    Command::spawn(service, &context.base_env, peer, io, tag).map_err(|e| match e {
+        SpawnError::Start(_) => End::SpawnFailed(e.to_string()),
+        SpawnError::Unwatched(_) => End::Error(e.to_string()),
+    })
 }
 
 fn unregistered(e: &std::io::Error) -> String {
@@ -222,4 +250,90 @@ async fn end_connection(
 async fn linger(socket: &AsyncFd<OwnedFd>, limit: Duration, traffic: &Traffic) -> bool {
     let read = fdio::discard(socket, |n| traffic.dropped(n as u64));
     matches!(tokio::time::timeout(limit, read).await, Ok(Ok(())))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::limit::Gate;
+    use crate::shutdown::Shutdown;
+
+    /// Log lines, captured for the test that writes them.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A descriptor the event loop refuses (epoll takes no regular file)
+    /// still ends in the connection's one record.
+    #[tokio::test]
+    async fn a_socket_the_event_loop_refuses_still_gets_its_record() {
+        let log = Captured::default();
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let config = crate::config::load_str(
+            "t.toml",
+            "[[service]]\nname = \"s\"\ncommand = [\"true\"]\n",
+        )
+        .unwrap();
+        let service = Arc::clone(&config.services[0]);
+        let (_stop, watch) = Shutdown::new();
+        let stats = Arc::new(Stats::default());
+        let context = Arc::new(Context {
+            base_env: Vec::new(),
+            shutdown: watch,
+            admissions: Admissions::default(),
+            stats: Arc::clone(&stats),
+        });
+        let file = tempfile::tempfile().unwrap();
+        let (service_gate, daemon_gate) = (Gate::new(1), Gate::new(1));
+        let handler = Handler {
+            record: Record::open(7, "s".into(), Arc::clone(&stats)),
+            service,
+            socket: OwnedFd::from(file),
+            peer: Peer::Unix {
+                pid: 1,
+                uid: 0,
+                gid: 0,
+            },
+            places: Places {
+                service: service_gate.try_acquire().unwrap(),
+                daemon: daemon_gate.try_acquire().unwrap(),
+            },
+            context,
+        };
+        handler.run().await;
+
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let records: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("connection ended"))
+            .collect();
+        assert_eq!(records.len(), 1, "{text}");
+        assert!(
+            records[0].contains("reason=\"error\"")
+                && records[0].contains("cannot register the connection with the event loop")
+                && records[0].contains("conn=7"),
+            "{text}"
+        );
+        assert_eq!(stats.served.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(stats.active.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(service_gate.active() + daemon_gate.active(), 0);
+    }
 }

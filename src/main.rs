@@ -39,17 +39,7 @@ fn main() -> ExitCode {
     }
     let args = Args::parse();
     if let Some(pid) = args.reload {
-        return match splice_relay::reload::request(pid) {
-            Ok(()) => ExitCode::from(exit::OK),
-            Err(Refused::Config(message)) => {
-                eprintln!("splice-relay: reload refused; the previous configuration stays in use: {message}");
-                ExitCode::from(exit::CONFIG)
-            }
-            Err(Refused::Failed(message)) => {
-                eprintln!("splice-relay: reload: {message}");
-                ExitCode::from(exit::FAILURE)
-            }
-        };
+        return request_reload(pid);
     }
 
     // 1. Sockets from systemd, before any other descriptor is opened.
@@ -100,13 +90,6 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e.message),
     };
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return fail(&format!("cannot start the event loop: {e}")),
-    };
     // 5. READY=1 and serve.
     let server = Server {
         config,
@@ -114,10 +97,31 @@ fn main() -> ExitCode {
         listeners,
         log_level,
     };
-    let outcome = runtime.block_on(server.run());
+    let outcome = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the event loop: {e}"))
+        .and_then(|runtime| runtime.block_on(server.run()));
     match outcome {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => fail(&e),
+    }
+}
+
+/// `--reload PID`: the unit's ExecReload=.
+fn request_reload(pid: i32) -> ExitCode {
+    match splice_relay::reload::request(pid) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(Refused::Config(message)) => {
+            eprintln!(
+                "splice-relay: reload refused; the previous configuration stays in use: {message}"
+            );
+            ExitCode::from(exit::CONFIG)
+        }
+        Err(Refused::Failed(message)) => {
+            eprintln!("splice-relay: reload: {message}");
+            ExitCode::from(exit::FAILURE)
+        }
     }
 }
 

@@ -170,54 +170,8 @@ fn current_nice() -> i32 {
 /// `user` and `group`: a name or a number. None when they name the identity
 /// the daemon already has (nothing to change, no privilege needed).
 fn credentials(user: Option<&str>, group: Option<&str>) -> Result<Option<Credentials>, KeyError> {
-    if user.is_none() && group.is_none() {
-        return Ok(None);
-    }
-    let user = user
-        .map(|u| {
-            let found = match u.parse::<u32>() {
-                Ok(n) => User::from_uid(Uid::from_raw(n)),
-                Err(_) => User::from_name(u),
-            };
-            match found {
-                Ok(Some(entry)) => Ok((Some(entry.clone()), entry.uid, entry.gid)),
-                // A bare number with no passwd entry has no primary group:
-                // `group` must say it, or the command would keep the daemon's.
-                Ok(None) if u.parse::<u32>().is_ok() => {
-                    if group.is_none() {
-                        return Err(key_error(
-                            "user",
-                            format!("{u:?}: no user has this number, so it has no primary group; set `group` too"),
-                        ));
-                    }
-                    let uid = Uid::from_raw(u.parse().unwrap_or(0));
-                    Ok((None, uid, getegid()))
-                }
-                Ok(None) => Err(key_error("user", format!("{u:?}: no such user"))),
-                Err(e) => Err(key_error(
-                    "user",
-                    format!("{u:?}: cannot look it up: {}", e.desc()),
-                )),
-            }
-        })
-        .transpose()?;
-    let gid = group
-        .map(|g| {
-            let found = match g.parse::<u32>() {
-                Ok(n) => return Ok(Gid::from_raw(n)),
-                Err(_) => Group::from_name(g),
-            };
-            match found {
-                Ok(Some(entry)) => Ok(entry.gid),
-                Ok(None) => Err(key_error("group", format!("{g:?}: no such group"))),
-                Err(e) => Err(key_error(
-                    "group",
-                    format!("{g:?}: cannot look it up: {}", e.desc()),
-                )),
-            }
-        })
-        .transpose()?;
-
+    let user = user.map(|u| lookup_user(u, group.is_some())).transpose()?;
+    let gid = group.map(lookup_group).transpose()?;
     let (uid, gid, groups, label) = match (user, gid) {
         (Some((entry, uid, primary)), gid) => {
             let gid = gid.unwrap_or(primary);
@@ -237,42 +191,94 @@ fn credentials(user: Option<&str>, group: Option<&str>) -> Result<Option<Credent
         (None, Some(gid)) => (geteuid(), gid, vec![gid], format!("group {gid}")),
         (None, None) => return Ok(None),
     };
-
-    // Supplementary groups compared as sets, each with its primary group
-    // (the kernel's list may or may not repeat it).
-    let mut current = getgroups().unwrap_or_default();
-    current.push(getegid());
-    current.sort_unstable_by_key(|g| g.as_raw());
-    current.dedup();
-    let mut wanted = groups.clone();
-    wanted.push(gid);
-    wanted.sort_unstable_by_key(|g| g.as_raw());
-    wanted.dedup();
-    if uid == geteuid() && gid == getegid() && current == wanted {
+    if is_own_identity(uid, gid, &groups) {
         return Ok(None);
     }
-    let need_uid = uid != geteuid();
-    if (need_uid && !has_capability(CAP_SETUID)) || !has_capability(CAP_SETGID) {
-        let key = if need_uid { "user" } else { "group" };
-        let caps = if need_uid {
-            "CAP_SETUID and CAP_SETGID"
-        } else {
-            "CAP_SETGID"
-        };
-        return Err(key_error(
-            key,
-            format!(
-                "running commands as {label} needs {caps}, which the daemon (uid {}) does not have; see \"user\" in splice-relay.toml(5)",
-                geteuid()
-            ),
-        ));
-    }
+    may_switch(uid, &label)?;
     Ok(Some(Credentials {
         uid,
         gid,
         groups,
         label,
     }))
+}
+
+/// A user by name or number: its passwd entry (None for a bare number that
+/// has none), uid and primary group.
+fn lookup_user(u: &str, group_given: bool) -> Result<(Option<User>, Uid, Gid), KeyError> {
+    let number = u.parse::<u32>().ok();
+    let found = match number {
+        Some(n) => User::from_uid(Uid::from_raw(n)),
+        None => User::from_name(u),
+    };
+    match (found, number) {
+        (Ok(Some(entry)), _) => {
+            let (uid, gid) = (entry.uid, entry.gid);
+            Ok((Some(entry), uid, gid))
+        }
+        // A bare number with no passwd entry has no primary group: `group`
+        // must say it, or the command would keep the daemon's.
+        (Ok(None), Some(n)) if group_given => Ok((None, Uid::from_raw(n), getegid())),
+        (Ok(None), Some(_)) => Err(key_error(
+            "user",
+            format!("{u:?}: no user has this number, so it has no primary group; set `group` too"),
+        )),
+        (Ok(None), None) => Err(key_error("user", format!("{u:?}: no such user"))),
+        (Err(e), _) => Err(key_error(
+            "user",
+            format!("{u:?}: cannot look it up: {}", e.desc()),
+        )),
+    }
+}
+
+/// A group by name or number.
+fn lookup_group(g: &str) -> Result<Gid, KeyError> {
+    if let Ok(n) = g.parse::<u32>() {
+        return Ok(Gid::from_raw(n));
+    }
+    match Group::from_name(g) {
+        Ok(Some(entry)) => Ok(entry.gid),
+        Ok(None) => Err(key_error("group", format!("{g:?}: no such group"))),
+        Err(e) => Err(key_error(
+            "group",
+            format!("{g:?}: cannot look it up: {}", e.desc()),
+        )),
+    }
+}
+
+/// Whether the daemon already runs as this identity. Supplementary groups
+/// are compared as sets, each with its primary group (the kernel's list may
+/// or may not repeat it).
+fn is_own_identity(uid: Uid, gid: Gid, groups: &[Gid]) -> bool {
+    let set = |mut v: Vec<Gid>, primary: Gid| {
+        v.push(primary);
+        v.sort_unstable_by_key(|g| g.as_raw());
+        v.dedup();
+        v
+    };
+    uid == geteuid()
+        && gid == getegid()
+        && set(getgroups().unwrap_or_default(), getegid()) == set(groups.to_vec(), gid)
+}
+
+/// The daemon has the capabilities the switch to `uid` needs.
+fn may_switch(uid: Uid, label: &str) -> Result<(), KeyError> {
+    let need_uid = uid != geteuid();
+    if (!need_uid || has_capability(CAP_SETUID)) && has_capability(CAP_SETGID) {
+        return Ok(());
+    }
+    let (key, caps) = if need_uid {
+        ("user", "CAP_SETUID and CAP_SETGID")
+    } else {
+        ("group", "CAP_SETGID")
+    };
+    Err(key_error(
+        key,
+        format!(
+            "running commands as {label} needs {caps}, which the daemon (uid {}) does not have; see \"user\" in splice-relay.toml(5)",
+            geteuid()
+        ),
+    ))
 }
 
 #[cfg(test)]

@@ -17,14 +17,14 @@ use tokio::task::JoinSet;
 use crate::admit::Admissions;
 use crate::command;
 use crate::config::{self, Config};
-use crate::connection::{Context, Handler};
+use crate::connection::{Context, Handler, Places};
 use crate::episode::Episode;
 use crate::fdio::{self, Class};
-use crate::limit::{Gate, Slot};
+use crate::limit::Gate;
 use crate::listen::{self, Listener};
 use crate::peer::{Family, Peer};
 use crate::record::{End, Record, Stats};
-use crate::shutdown::{Phase, Shutdown};
+use crate::shutdown::{Phase, Shutdown, Watch};
 use crate::{log, notify, reload, sys};
 
 /// Pause after an accept error that more attempts cannot fix at once
@@ -48,6 +48,25 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(config: Config, shutdown: Watch) -> Arc<Shared> {
+        let stats = Arc::new(Stats::default());
+        Arc::new(Shared {
+            global: Gate::new(config.max_connections),
+            config: RwLock::new(Arc::new(config)),
+            gates: Mutex::new(HashMap::new()),
+            stats: Arc::clone(&stats),
+            context: Arc::new(Context {
+                base_env: command::base_env(),
+                shutdown,
+                admissions: Admissions::default(),
+                stats,
+            }),
+            next_id: AtomicU64::new(1),
+            reload_error: Mutex::new(None),
+            reloads: reload::Outcomes::from_env(),
+        })
+    }
+
     fn config(&self) -> Arc<Config> {
         Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
     }
@@ -99,49 +118,17 @@ impl Server {
             log_level,
         } = self;
         let (stop, watch) = Shutdown::new();
-        let stats = Arc::new(Stats::default());
-        let shared = Arc::new(Shared {
-            global: Gate::new(config.max_connections),
-            config: RwLock::new(Arc::new(config)),
-            gates: Mutex::new(HashMap::new()),
-            stats: Arc::clone(&stats),
-            context: Arc::new(Context {
-                base_env: command::base_env(),
-                shutdown: watch,
-                admissions: Admissions::default(),
-                stats,
-            }),
-            next_id: AtomicU64::new(1),
-            reload_error: Mutex::new(None),
-            reloads: reload::Outcomes::from_env(),
-        });
+        let shared = Shared::new(config, watch);
         let mut signals =
             Signals::new().map_err(|e| format!("cannot install signal handlers: {e}"))?;
-
         let owned_paths: Vec<PathBuf> = listeners
             .iter()
             .filter_map(|l| l.owned_path.clone())
             .collect();
-        let routes: Vec<(String, bool, String)> = listeners
-            .iter()
-            .map(|l| (l.name.clone(), l.inherited, l.label.clone()))
-            .collect();
+        let routes: Vec<Route> = listeners.iter().map(Route::of).collect();
         let mut loops = JoinSet::new();
         for l in listeners {
-            let service = listen::route(&shared.config(), &l.name, l.inherited)
-                .map(|s| s.name.clone())
-                .unwrap_or_default();
-            tracing::info!(service, listener = %l.label, "listening");
-            let fd = fdio::register(l.fd, Interest::READABLE)
-                .map_err(|e| format!("{}: cannot register with the event loop: {e}", l.label))?;
-            loops.spawn(accept_loop(
-                Arc::clone(&shared),
-                fd,
-                l.family,
-                l.name,
-                l.inherited,
-                l.label,
-            ));
+            loops.spawn(accept_loop(Arc::clone(&shared), register(&shared, l)?));
         }
         let ticker = tokio::spawn(report(Arc::clone(&shared)));
 
@@ -162,33 +149,7 @@ impl Server {
             }
         };
 
-        let timeout = shared.config().shutdown_timeout;
-        let active = shared.stats.active.load(Ordering::Relaxed);
-        notify::stopping(&format!("stopping: {active} connections finishing"));
-        tracing::info!(
-            active,
-            timeout_ms = timeout.as_millis() as u64,
-            "stopping: no new connections; running ones may finish"
-        );
-        stop.advance(Phase::Draining);
-        loops.shutdown().await;
-        // The listeners are closed: remove their socket files now, not after
-        // the drain, when a new instance may already have bound the same path.
-        for p in &owned_paths {
-            let _ = std::fs::remove_file(p);
-        }
-        if outcome.is_err()
-            || tokio::time::timeout(timeout, shared.global.idle())
-                .await
-                .is_err()
-        {
-            tracing::warn!(
-                active = shared.stats.active.load(Ordering::Relaxed),
-                "ending the connections still running"
-            );
-            stop.advance(Phase::Forced);
-            shared.global.idle().await;
-        }
+        drain(&shared, &stop, loops, &owned_paths, outcome.is_err()).await;
         ticker.abort();
         shared.context.admissions.finish();
         tracing::info!(
@@ -199,23 +160,93 @@ impl Server {
     }
 }
 
-/// Accepts connections on one listener until the daemon stops.
-async fn accept_loop(
-    shared: Arc<Shared>,
-    fd: AsyncFd<std::os::fd::OwnedFd>,
-    family: Family,
+/// What routes a listener's connections to a service, kept for reloads.
+struct Route {
     name: String,
     inherited: bool,
     label: String,
-) -> Result<(), String> {
+}
+
+impl Route {
+    fn of(l: &Listener) -> Route {
+        Route {
+            name: l.name.clone(),
+            inherited: l.inherited,
+            label: l.label.clone(),
+        }
+    }
+}
+
+/// A listener registered with the event loop, ready for its accept loop.
+struct Accepting {
+    fd: AsyncFd<std::os::fd::OwnedFd>,
+    family: Family,
+    route: Route,
+}
+
+fn register(shared: &Shared, l: Listener) -> Result<Accepting, String> {
+    let route = Route::of(&l);
+    let service = listen::route(&shared.config(), &l.name, l.inherited)
+        .map(|s| s.name.clone())
+        .unwrap_or_default();
+    tracing::info!(service, listener = %l.label, "listening");
+    let fd = fdio::register(l.fd, Interest::READABLE)
+        .map_err(|e| format!("{}: cannot register with the event loop: {e}", l.label))?;
+    Ok(Accepting {
+        fd,
+        family: l.family,
+        route,
+    })
+}
+
+/// The stop: no new connections (the accept loops end and the listeners
+/// close), running ones get `shutdown_timeout`, then they are ended.
+/// Returns once every connection has written its record.
+async fn drain(
+    shared: &Shared,
+    stop: &Shutdown,
+    mut loops: JoinSet<Result<(), String>>,
+    owned_paths: &[PathBuf],
+    failed: bool,
+) {
+    let timeout = shared.config().shutdown_timeout;
+    let active = shared.stats.active.load(Ordering::Relaxed);
+    notify::stopping(&format!("stopping: {active} connections finishing"));
+    tracing::info!(
+        active,
+        timeout_ms = timeout.as_millis() as u64,
+        "stopping: no new connections; running ones may finish"
+    );
+    stop.advance(Phase::Draining);
+    loops.shutdown().await;
+    // The listeners are closed: remove their socket files now, not after
+    // the drain, when a new instance may already have bound the same path.
+    for p in owned_paths {
+        let _ = std::fs::remove_file(p);
+    }
+    let drained = tokio::time::timeout(timeout, shared.global.idle()).await;
+    if failed || drained.is_err() {
+        tracing::warn!(
+            active = shared.stats.active.load(Ordering::Relaxed),
+            "ending the connections still running"
+        );
+        stop.advance(Phase::Forced);
+        shared.global.idle().await;
+    }
+}
+
+/// Accepts connections on one listener until the daemon stops.
+async fn accept_loop(shared: Arc<Shared>, listener: Accepting) -> Result<(), String> {
+    let Accepting { fd, family, route } = listener;
+    let label = &route.label;
     let mut stop = shared.context.shutdown.clone();
     let exhausted = Episode::default();
     let at_limit = Episode::default();
     loop {
         // Resolved again after accept: a reload while this loop waits in
         // accept must apply to the connection that wakes it.
-        let route = || listen::route(&shared.config(), &name, inherited).cloned();
-        let Some(service) = route() else {
+        let service = || listen::route(&shared.config(), &route.name, route.inherited).cloned();
+        let Some(first) = service() else {
             return Err(format!("{label}: no service for this socket"));
         };
 
@@ -226,11 +257,10 @@ async fn accept_loop(
             () = stop.reached(Phase::Draining) => return Ok(()),
         };
         let places = tokio::select! {
-            s = take_places(&shared, &service, &label, &at_limit) => s,
+            p = take_places(&shared, &first, label, &at_limit) => p,
             () = stop.reached(Phase::Draining) => return Ok(()),
         };
-        let accepted = sys::accept(fd.get_ref().as_fd());
-        let socket = match accepted {
+        let socket = match sys::accept(fd.get_ref().as_fd()) {
             Ok(socket) => socket,
             // Nobody after all (another thread of the runtime took it): wait
             // for the next client.
@@ -252,39 +282,45 @@ async fn accept_loop(
                     }
                     drop(places);
                     tokio::select! {
-                        () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
                         () = stop.reached(Phase::Draining) => return Ok(()),
                     }
-                    continue;
                 }
                 Class::Other => return Err(format!("{label}: accept failed: {}", e.desc())),
             },
         };
         drop(pending);
         exhausted.end();
-        let service = route().unwrap_or(service);
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut record = Record::open(id, service.name.as_str().into(), Arc::clone(&shared.stats));
-        let peer = match Peer::of(&socket, family) {
-            Ok(p) => p,
-            // The client reset while it waited in the backlog.
-            Err(e) => {
-                record.close(None, End::LeftUnserved(e));
-                continue;
-            }
-        };
-        record.peer(&peer);
-        tracing::debug!(conn = id, service = %service.name, peer = %peer, "accepted");
-        let handler = Handler {
-            service,
-            socket,
-            peer,
-            record,
-            places,
-            context: Arc::clone(&shared.context),
-        };
-        tokio::spawn(handler.run());
+        serve(&shared, service().unwrap_or(first), socket, family, places);
     }
+}
+
+/// Starts the task of one accepted connection, with its record.
+fn serve(
+    shared: &Arc<Shared>,
+    service: Arc<config::Service>,
+    socket: std::os::fd::OwnedFd,
+    family: Family,
+    places: Places,
+) {
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let mut record = Record::open(id, service.name.as_str().into(), Arc::clone(&shared.stats));
+    let peer = match Peer::of(&socket, family) {
+        Ok(p) => p,
+        // The client reset while it waited in the backlog.
+        Err(e) => return record.close(None, End::LeftUnserved(e)),
+    };
+    record.peer(&peer);
+    tracing::debug!(conn = id, service = %service.name, peer = %peer, "accepted");
+    let handler = Handler {
+        service,
+        socket,
+        peer,
+        record,
+        places,
+        context: Arc::clone(&shared.context),
+    };
+    tokio::spawn(handler.run());
 }
 
 /// Takes a place in the service's limit and in the daemon's, waiting while
@@ -299,14 +335,17 @@ async fn take_places(
     service: &config::Service,
     label: &str,
     at_limit: &Episode,
-) -> (Slot, Slot) {
+) -> Places {
     let gate = shared.gate(service);
     if let Some(mine) = gate.try_acquire() {
         if let Some(all) = shared.global.try_acquire() {
             if at_limit.end() {
                 tracing::info!(service = %service.name, listener = %label, "below the limit again; accepting");
             }
-            return (mine, all);
+            return Places {
+                service: mine,
+                daemon: all,
+            };
         }
     }
     if at_limit.begin() {
@@ -320,9 +359,10 @@ async fn take_places(
         };
         tracing::warn!(service = %service.name, listener = %label, max, "at {which} ({max}); not accepting until a connection ends");
     }
-    let mine = gate.acquire().await;
-    let all = shared.global.acquire().await;
-    (mine, all)
+    Places {
+        service: gate.acquire().await,
+        daemon: shared.global.acquire().await,
+    }
 }
 
 /// SIGHUP: load the file again; if it is valid and every socket still has a
@@ -330,7 +370,7 @@ async fn take_places(
 fn reload_config(
     shared: &Shared,
     path: Option<&std::path::Path>,
-    routes: &[(String, bool, String)],
+    routes: &[Route],
     level: &log::Level,
 ) {
     notify::reloading();
@@ -344,7 +384,9 @@ fn reload_config(
     .and_then(|c| {
         listen::check_routes(
             &c,
-            routes.iter().map(|(n, i, l)| (n.as_str(), *i, l.as_str())),
+            routes
+                .iter()
+                .map(|r| (r.name.as_str(), r.inherited, r.label.as_str())),
         )?;
         Ok(c)
     });

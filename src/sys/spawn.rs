@@ -56,7 +56,6 @@ impl Exec {
         cwd: &std::path::Path,
         run_as: &crate::runas::RunAs,
     ) -> io::Result<Exec> {
-        use crate::runas::Limit;
         use std::ffi::CString;
         use std::os::unix::ffi::OsStrExt;
         let c = |b: &[u8]| {
@@ -83,35 +82,7 @@ impl Exec {
                 .chain(std::iter::once(std::ptr::null()))
                 .collect::<Vec<_>>()
         };
-        let mut rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)> = run_as
-            .rlimits
-            .iter()
-            .map(|&(limit, value)| {
-                let resource = match limit {
-                    Limit::As => libc::RLIMIT_AS,
-                    Limit::Nofile => libc::RLIMIT_NOFILE,
-                    Limit::Nproc => libc::RLIMIT_NPROC,
-                    Limit::Cpu => libc::RLIMIT_CPU,
-                };
-                (
-                    resource,
-                    libc::rlimit {
-                        rlim_cur: value,
-                        rlim_max: value,
-                    },
-                )
-            })
-            .collect();
-        let nofile = COMMAND_NOFILE
-            .each_ref()
-            .map(|a| a.load(std::sync::atomic::Ordering::Relaxed));
-        if nofile[0] != 0 && !run_as.rlimits.iter().any(|(l, _)| *l == Limit::Nofile) {
-            let rlim = libc::rlimit {
-                rlim_cur: nofile[0],
-                rlim_max: nofile[1],
-            };
-            rlimits.push((libc::RLIMIT_NOFILE, rlim));
-        }
+        let rlimits = rlimits(run_as);
         Ok(Exec {
             program: c(program.as_os_str().as_bytes())?,
             argv: nul_terminated(&args),
@@ -161,6 +132,36 @@ impl Stage {
     fn from_raw(raw: libc::c_int) -> Option<Stage> {
         Stage::ALL.into_iter().find(|s| *s as libc::c_int == raw)
     }
+}
+
+/// The limits the child sets: the service's `rlimit_*`, and the daemon's
+/// original RLIMIT_NOFILE where the service sets none.
+fn rlimits(run_as: &crate::runas::RunAs) -> Vec<(libc::__rlimit_resource_t, libc::rlimit)> {
+    use crate::runas::Limit;
+    let both = |soft, hard| libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    let mut rlimits: Vec<_> = run_as
+        .rlimits
+        .iter()
+        .map(|&(limit, value)| {
+            let resource = match limit {
+                Limit::As => libc::RLIMIT_AS,
+                Limit::Nofile => libc::RLIMIT_NOFILE,
+                Limit::Nproc => libc::RLIMIT_NPROC,
+                Limit::Cpu => libc::RLIMIT_CPU,
+            };
+            (resource, both(value, value))
+        })
+        .collect();
+    let nofile = COMMAND_NOFILE
+        .each_ref()
+        .map(|a| a.load(std::sync::atomic::Ordering::Relaxed));
+    if nofile[0] != 0 && !run_as.rlimits.iter().any(|(l, _)| *l == Limit::Nofile) {
+        rlimits.push((libc::RLIMIT_NOFILE, both(nofile[0], nofile[1])));
+    }
+    rlimits
 }
 
 /// What the child reads, and where it reports a failure before exec.
