@@ -1,10 +1,13 @@
 //! The command of one connection, from spawn to reaping: its standard
-//! streams, its stderr in the log, and its end.
+//! streams, its stderr in the log, its containment, and its end.
 //!
 //! Spawning is `sys::spawn` (posix_spawn's technique, with the user switch,
-//! limits and nice of `runas` done in the child) into a process group of its
-//! own. Reaping is ours alone: no SIGCHLD handler, no `waitpid(-1)`; a pidfd
-//! turns readable when the command exits.
+//! limits and nice of `runas` done in the child). Each command leads a
+//! process group of its own and, where the daemon has a delegated cgroup v2
+//! subtree (`cgroup`), starts inside a cgroup of its own: then nothing it
+//! starts can leave, whatever it does (a new session, a double fork).
+//! Reaping is ours alone: no SIGCHLD handler, no `waitpid(-1)`; a pidfd turns
+//! readable when the command exits.
 //!
 //! # How a command ends
 //!
@@ -12,17 +15,21 @@
 //!
 //! 1. it gets `patience` to exit on its own: `kill_grace` once its output has
 //!    ended, none after any other end (the client left, a limit, the stop);
-//! 2. then SIGTERM to its process group, and `kill_grace` to exit;
-//! 3. then SIGKILL to the group;
-//! 4. once it has exited, SIGKILL to whatever is left of its group: its
-//!    zombie still holds the group id, so the signal cannot reach another
-//!    connection's processes, and no background process outlives it;
-//! 5. it is reaped;
-//! 6. its stderr logger logs what is already written, and stops.
+//! 2. then SIGTERM to every process it contains, and `kill_grace` for all of
+//!    them to end (with a process group, for the command to exit);
+//! 3. then SIGKILL to what is left: `cgroup.kill`, or the process group
+//!    (the command's zombie still holds the group id, so the signal cannot
+//!    reach another connection's processes);
+//! 4. once nothing is left (`populated 0`, or the command has exited), it is
+//!    reaped and what it used read;
+//! 5. its stderr logger logs what is already written, and stops;
+//! 6. after the record, its cgroup is removed.
 //!
-//! While the output is relayed, [`Command::end_leftovers`] does steps 2–4
-//! early when the command exits first, so a background process holding its
-//! stdout cannot keep the connection open (what it wrote still arrives).
+//! While the output is relayed, [`Command::end_leftovers`] does steps 2 and
+//! 3 early when the command exits first, so a background process holding
+//! its stdout cannot keep the connection open. With a process group, a
+//! process that left it cannot be reached; the relay then stops waiting for
+//! output `kill_grace` after the SIGKILL.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -43,12 +50,13 @@ use tokio::io::Interest;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::config::{Service, StdinMode};
+use crate::cgroup::{Cgroup, Tree, Usage};
+use crate::config::{Containment, Service, StdinMode};
 use crate::episode::Throttle;
 use crate::fdio;
 use crate::peer::Peer;
 use crate::runas::Limit;
-use crate::sys::{self, Stage};
+use crate::sys::{self, Place, Stage};
 
 /// Longest stderr line logged as one record; longer lines are split.
 const MAX_LINE: usize = 4096;
@@ -123,13 +131,32 @@ pub struct Tag {
     pub service: Arc<str>,
 }
 
-/// A running command, leader of its own process group.
+/// A running command, leader of its own process group, maybe in a cgroup.
 pub struct Command {
     pid: Pid,
     pidfd: AsyncFd<OwnedFd>,
     grace: Duration,
     stderr: Option<StderrLog>,
+    /// The connection's cgroup (None: its process group contains it).
+    cgroup: Option<Cgroup>,
     reaped: bool,
+}
+
+/// A command that has ended: how, what it used, and its cgroup, to remove
+/// once the record is written.
+pub struct Ended {
+    pub exit: Exit,
+    pub usage: Usage,
+    cgroup: Option<Cgroup>,
+}
+
+impl Ended {
+    /// Removes the connection's cgroup (empty by now).
+    pub async fn remove_cgroup(self) {
+        if let Some(cgroup) = self.cgroup {
+            cgroup.remove().await;
+        }
+    }
 }
 
 impl Command {
@@ -144,8 +171,18 @@ impl Command {
         base_env: &[(OsString, OsString)],
         peer: &Peer,
         io: Io<'_>,
+        cgroups: Option<&Tree>,
         tag: Tag,
     ) -> Result<(Command, Streams), SpawnError> {
+        let cgroup = match (&service.containment, cgroups) {
+            (Containment::ProcessGroup, _) => None,
+            (Containment::Cgroup(limits), Some(tree)) => {
+                Some(tree.create(tag.conn, limits).map_err(SpawnError::Start)?)
+            }
+            (Containment::Cgroup(_), None) => return Err(SpawnError::Start(io::Error::other(
+                "the service's commands need a cgroup, and the daemon has no cgroup subtree set up",
+            ))),
+        };
         let (stdio, ours) = Stdio::open(service, io).map_err(SpawnError::Start)?;
         let exec = sys::Exec::new(
             &service.program,
@@ -155,14 +192,15 @@ impl Command {
             &service.run_as,
         )
         .map_err(SpawnError::Start)?;
-        let started = sys::spawn(&exec, stdio.fds());
+        let place = cgroup.as_ref().map_or(Place::Here, Cgroup::place);
+        let started = sys::spawn(&exec, stdio.fds(), place);
         // Our copies of the command's ends close now, or the stdout pipe would
         // never report end-of-file.
         drop(stdio);
         let (pid, pidfd) =
             started.map_err(|(stage, e)| SpawnError::Start(spawn_error(service, stage, e)))?;
-        // Until `watched` exists, an early return must not leave the command
-        // running unsupervised.
+        // Until it is watched, an early return must not leave the command
+        // running unsupervised (the cgroup, dropped, kills what is in it).
         let unwatched = Unwatched(pid);
         let pidfd = fdio::register(pidfd, Interest::READABLE);
         let (pidfd, (stderr, streams)) = match (pidfd, ours.register()) {
@@ -175,6 +213,7 @@ impl Command {
             pidfd,
             grace: service.kill_grace,
             stderr: Some(StderrLog::start(stderr, tag, pid.as_raw())),
+            cgroup,
             reaped: false,
         };
         Ok((command, streams))
@@ -190,54 +229,108 @@ impl Command {
         let _ = self.pidfd.readable().await;
     }
 
-    /// Once the command has exited, ends what is left of its group: SIGTERM
-    /// now, SIGKILL after `kill_grace`. Never resolves; run it beside the relay.
+    /// Once the command has exited, ends what is left of it: SIGTERM now,
+    /// SIGKILL after `kill_grace`. Run it beside the relay. Resolves when
+    /// the relay should stop waiting for more output: never with a cgroup
+    /// (its end closes the output), and after the SIGKILL with a process
+    /// group, since a process that left the group may hold the output open.
     pub async fn end_leftovers(&self) {
         self.exited().await;
-        self.signal_group(Signal::SIGTERM);
-        tokio::time::sleep(self.grace).await;
-        self.signal_group(Signal::SIGKILL);
-        std::future::pending().await
+        if self.cgroup.as_ref().is_some_and(|c| !c.populated()) {
+            return std::future::pending().await;
+        }
+        self.signal_all(Signal::SIGTERM);
+        if tokio::time::timeout(self.grace, self.emptied())
+            .await
+            .is_err()
+        {
+            self.kill_all();
+        }
+        if self.cgroup.is_some() {
+            std::future::pending().await
+        }
     }
 
     /// Ends the command in the order the module documentation gives, and
-    /// returns how it exited once it is reaped and its stderr logged.
-    pub async fn finish(mut self, patience: Duration) -> Exit {
-        if tokio::time::timeout(patience, self.exited()).await.is_err() {
-            self.signal_group(Signal::SIGTERM);
-            if tokio::time::timeout(self.grace, self.exited())
+    /// returns how it exited and what it used, once it is reaped and its
+    /// stderr logged.
+    pub async fn finish(mut self, patience: Duration) -> Ended {
+        let exited = tokio::time::timeout(patience, self.exited()).await.is_ok();
+        let leftovers = self.cgroup.as_ref().is_some_and(Cgroup::populated);
+        if !exited || leftovers {
+            self.signal_all(Signal::SIGTERM);
+            if tokio::time::timeout(self.grace, self.emptied())
                 .await
                 .is_err()
             {
-                self.signal_group(Signal::SIGKILL);
-                self.exited().await;
+                self.kill_all();
             }
         }
-        self.signal_group(Signal::SIGKILL);
-        let exit = self.reap().unwrap_or_else(|e| {
+        self.kill_all();
+        self.emptied().await;
+        let (exit, cpu_usec) = self.reap().unwrap_or_else(|e| {
             tracing::warn!(pid = self.pid.as_raw(), error = %e, "cannot reap a command");
-            Exit::Unknown
+            (Exit::Unknown, None)
         });
+        let usage = match &self.cgroup {
+            Some(cgroup) => cgroup.usage(),
+            None => Usage {
+                cpu_usec,
+                ..Usage::default()
+            },
+        };
         if let Some(stderr) = self.stderr.take() {
             stderr.finish().await;
         }
-        exit
-    }
-
-    fn signal_group(&self, signal: Signal) {
-        // ESRCH: the group is already gone, which is what we wanted.
-        let _ = killpg(self.pid, signal);
-    }
-
-    fn reap(&mut self) -> io::Result<Exit> {
-        self.reaped = true;
-        match waitpid(self.pid, None)? {
-            WaitStatus::Exited(_, code) => Ok(Exit::Code(code)),
-            WaitStatus::Signaled(_, sig, _) => Ok(Exit::Signal(sig)),
-            other => Err(io::Error::other(format!(
-                "unexpected wait status {other:?}"
-            ))),
+        Ended {
+            exit,
+            usage,
+            cgroup: self.cgroup.take(),
         }
+    }
+
+    /// Sends `signal` to every process the command contains.
+    fn signal_all(&self, signal: Signal) {
+        match &self.cgroup {
+            Some(cgroup) => cgroup.signal_all(signal),
+            // ESRCH: the group is already gone, which is what we wanted.
+            None => drop(killpg(self.pid, signal)),
+        }
+    }
+
+    /// SIGKILL to everything the command contains.
+    fn kill_all(&self) {
+        match &self.cgroup {
+            Some(cgroup) if cgroup.populated() => cgroup.kill(),
+            Some(_) => {}
+            None => drop(killpg(self.pid, Signal::SIGKILL)),
+        }
+    }
+
+    /// Resolves once nothing the command contains is alive: its cgroup is
+    /// empty, or (a process group cannot be watched) the command has exited.
+    async fn emptied(&self) {
+        self.exited().await;
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.emptied().await;
+        }
+    }
+
+    /// Reaps the command: its exit, and its CPU time (with the children it
+    /// waited for) from the kernel's accounting.
+    fn reap(&mut self) -> io::Result<(Exit, Option<u64>)> {
+        self.reaped = true;
+        let (status, cpu_usec) = sys::wait(self.pid)?;
+        let exit = match status {
+            WaitStatus::Exited(_, code) => Exit::Code(code),
+            WaitStatus::Signaled(_, sig, _) => Exit::Signal(sig),
+            other => {
+                return Err(io::Error::other(format!(
+                    "unexpected wait status {other:?}"
+                )))
+            }
+        };
+        Ok((exit, Some(cpu_usec)))
     }
 }
 
@@ -246,7 +339,10 @@ impl Drop for Command {
     /// still leaves no process and no zombie behind.
     fn drop(&mut self) {
         if !self.reaped {
-            self.signal_group(Signal::SIGKILL);
+            let _ = killpg(self.pid, Signal::SIGKILL);
+            if let Some(cgroup) = &self.cgroup {
+                cgroup.kill();
+            }
             let _ = waitpid(self.pid, None);
         }
     }
@@ -284,6 +380,7 @@ fn spawn_error(service: &Service, stage: Stage, e: io::Error) -> io::Error {
             Some(c) => format!("cannot run the command as {}", c.label),
             None => "cannot switch the command's user".into(),
         },
+        Stage::Cgroup => "cannot start the command in its cgroup".into(),
     };
     let at_nproc = matches!(stage, Stage::Credentials | Stage::Exec)
         && e.raw_os_error() == Some(libc::EAGAIN)

@@ -16,7 +16,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::admit::Admissions;
-use crate::command::{Command, Exit, Io, SpawnError, Streams, Tag};
+use crate::cgroup::Tree;
+use crate::command::{Command, Ended, Io, SpawnError, Streams, Tag};
 use crate::config::{Service, Transfer};
 use crate::fdio;
 use crate::limit::Slot;
@@ -36,6 +37,8 @@ pub struct Context {
     /// Per-service admission state and refusal episodes.
     pub admissions: Admissions,
     pub stats: Arc<Stats>,
+    /// The delegated cgroup subtree the daemon lives in, if any.
+    pub cgroups: Option<Tree>,
 }
 
 /// An accepted connection, ready to be served.
@@ -63,8 +66,8 @@ pub struct Places {
 enum Served {
     /// Admission refused the client: no record of its own.
     Refused,
-    /// The command's exit (None if none ran), and why the connection ended.
-    Ended(Option<Exit>, End),
+    /// The command's end (None if none ran), and why the connection ended.
+    Ended(Option<Ended>, End),
 }
 
 impl Handler {
@@ -88,7 +91,12 @@ impl Handler {
         .await
         {
             Served::Refused => record.refused(),
-            Served::Ended(exit, end) => record.close(exit, end),
+            Served::Ended(None, end) => record.close(None, end),
+            Served::Ended(Some(ended), end) => {
+                record.close(Some(&ended), end);
+                // Off the client's path: the record is out, the client gone.
+                ended.remove_cgroup().await;
+            }
         }
         drop(places.daemon);
     }
@@ -148,8 +156,8 @@ async fn serve(
             let socket = match fdio::register(socket.into_inner(), Interest::ERROR) {
                 Ok(s) => s,
                 Err(e) => {
-                    let exit = command.finish(Duration::ZERO).await;
-                    return Served::Ended(Some(exit), End::Error(unregistered(&e)));
+                    let ended = command.finish(Duration::ZERO).await;
+                    return Served::Ended(Some(ended), End::Error(unregistered(&e)));
                 }
             };
             let end = transfer::direct(&socket, &command, &limits, record.started()).await;
@@ -158,8 +166,8 @@ async fn serve(
     };
 
     // End.
-    let exit = end_connection(socket, command, &end, service, direct, traffic).await;
-    Served::Ended(Some(exit), end)
+    let ended = end_connection(socket, command, &end, service, direct, traffic).await;
+    Served::Ended(Some(ended), end)
 }
 
 /// Starts the command, with the socket or pipes as its stdin and stdout.
@@ -184,7 +192,8 @@ fn spawn(
         conn: record.conn(),
         service: Arc::clone(record.service()),
     };
-    Command::spawn(service, &context.base_env, peer, io, tag).map_err(|e| match e {
+    let cgroups = context.cgroups.as_ref();
+    Command::spawn(service, &context.base_env, peer, io, cgroups, tag).map_err(|e| match e {
         SpawnError::Start(_) => End::SpawnFailed(e.to_string()),
         SpawnError::Unwatched(_) => End::Error(e.to_string()),
     })
@@ -210,7 +219,7 @@ async fn end_connection(
     service: &Service,
     direct: bool,
     traffic: &Traffic,
-) -> Exit {
+) -> Ended {
     let grace = service.kill_grace;
     let patience = match end {
         End::OutputEnded => grace,
@@ -229,7 +238,7 @@ async fn end_connection(
             _ => false,
         }
     };
-    let (exit, client_closed) = tokio::join!(command.finish(patience), linger);
+    let (ended, client_closed) = tokio::join!(command.finish(patience), linger);
     if direct {
         if let Some((acked, received)) = socket
             .as_ref()
@@ -241,7 +250,7 @@ async fn end_connection(
             traffic.counted_by_kernel(acked.saturating_sub(fin), received.saturating_sub(fin));
         }
     }
-    exit
+    ended
 }
 
 /// After shutting down our side, reads until the client closes too (for at
@@ -300,6 +309,7 @@ mod tests {
             shutdown: watch,
             admissions: Admissions::default(),
             stats: Arc::clone(&stats),
+            cgroups: None,
         });
         let file = tempfile::tempfile().unwrap();
         let (service_gate, daemon_gate) = (Gate::new(1), Gate::new(1));

@@ -25,6 +25,7 @@
 //! - [`proxy`]: the PROXY protocol v1/v2 header.
 //! - [`peer`]: who is connected, for the log and the command's environment.
 //! - [`command`]: the command: spawn, standard streams, stderr log, ending, reaping.
+//! - [`cgroup`]: the connection's cgroup, its limits and what it used.
 //! - [`runas`]: the command's user, group, resource limits and nice value.
 //! - [`transfer`]: what moves the bytes, and what may end a connection first.
 //! - [`relay`]: the splice loop that moves the bytes.
@@ -37,6 +38,7 @@
 
 pub mod access;
 pub mod admit;
+pub mod cgroup;
 pub mod command;
 pub mod config;
 pub mod connection;

@@ -7,7 +7,7 @@ use clap::Parser;
 use splice_relay::config::{self, Config, ConfigError};
 use splice_relay::reload::Refused;
 use splice_relay::server::Server;
-use splice_relay::{exit, listen, log, notify};
+use splice_relay::{cgroup, exit, listen, log, notify};
 
 /// Runs a command for each connection on its sockets and splices the
 /// command's output to the client.
@@ -78,7 +78,17 @@ fn main() -> ExitCode {
     }
     raise_fd_limit();
 
-    // 4. Listeners: adopted or bound (they join the event loop in Server::run).
+    // 4. Containment: the daemon's own leaf in a delegated cgroup subtree,
+    // before any other thread or command exists.
+    let cgroups = match cgroup::set_up(&config) {
+        Ok((tree, line)) => {
+            tracing::info!("{line}");
+            tree
+        }
+        Err(e) => return fail(&format!("cannot set up the cgroup subtree: {e}")),
+    };
+
+    // 5. Listeners: adopted or bound (they join the event loop in Server::run).
     let listeners = if inherited.is_empty() {
         listen::bind_all(&config)
     } else {
@@ -90,12 +100,13 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e.message),
     };
 
-    // 5. READY=1 and serve.
+    // 6. READY=1 and serve.
     let server = Server {
         config,
         config_path: path,
         listeners,
         log_level,
+        cgroups,
     };
     let outcome = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

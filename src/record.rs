@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 
-use crate::command::Exit;
+use crate::cgroup::Usage;
+use crate::command::{Ended, Exit};
 use crate::peer::Peer;
 
 /// The daemon's figures for STATUS= and the logs.
@@ -49,6 +50,9 @@ pub struct Stats {
 pub enum End {
     OutputEnded,
     CommandExited,
+    /// The command exited, and a process outside its process group kept its
+    /// output open (`command-exited`).
+    OutputHeld,
     ClientGone(Errno),
     /// The client reset while it waited in the backlog (`client-gone`).
     LeftUnserved(Errno),
@@ -64,7 +68,7 @@ impl End {
     pub fn reason(&self) -> &'static str {
         match self {
             End::OutputEnded => "output-ended",
-            End::CommandExited => "command-exited",
+            End::CommandExited | End::OutputHeld => "command-exited",
             End::ClientGone(_) | End::LeftUnserved(_) => "client-gone",
             End::Shutdown => "shutdown",
             End::Timeout => "timeout",
@@ -78,7 +82,10 @@ impl End {
     /// The output is complete: the client gets end-of-file after what was
     /// sent, rather than a close while bytes may be in flight.
     pub fn is_orderly(&self) -> bool {
-        matches!(self, End::OutputEnded | End::CommandExited | End::MaxBytes)
+        matches!(
+            self,
+            End::OutputEnded | End::CommandExited | End::OutputHeld | End::MaxBytes
+        )
     }
 }
 
@@ -88,6 +95,10 @@ impl fmt::Display for End {
         match self {
             End::ClientGone(e) => write!(f, " ({})", e.desc()),
             End::LeftUnserved(e) => write!(f, " (left before it was served: {})", e.desc()),
+            End::OutputHeld => f.write_str(
+                " (its output is held open by a process that left its process group; \
+                 no longer waited for, kill_grace after the group was killed)",
+            ),
             End::Error(e) | End::SpawnFailed(e) => write!(f, " ({e})"),
             _ => Ok(()),
         }
@@ -181,7 +192,7 @@ pub struct Record {
     started: Instant,
     pid: i32,
     traffic: Traffic,
-    closed: Option<(Option<Exit>, End)>,
+    closed: Option<(Option<(Exit, Usage)>, End)>,
     refused: bool,
 }
 
@@ -239,23 +250,34 @@ impl Record {
         tracing::debug!(conn = self.conn, service = &*self.service, peer = %self.peer, "refused; no command run");
     }
 
-    /// Ends the connection: `exit` is the command's (None if none ran).
-    pub fn close(mut self, exit: Option<Exit>, end: End) {
-        self.closed = Some((exit, end));
+    /// Ends the connection: `ended` is the command's end (None if none ran).
+    pub fn close(mut self, ended: Option<&Ended>, end: End) {
+        self.closed = Some((ended.map(|e| (e.exit, e.usage)), end));
     }
 
-    fn write(&self, exit: Option<&Exit>, end: &End) {
+    fn write(&self, exit: Option<&(Exit, Usage)>, end: &End) {
         let (conn, service, peer, pid) = (self.conn, &*self.service, &self.peer, self.pid);
         let bytes = self.traffic.bytes_sent();
         let bytes_received = self.traffic.bytes_received();
         let duration_ms = self.started.elapsed().as_millis() as u64;
-        let exit = exit.map_or_else(|| "none".to_owned(), Exit::to_string);
+        let (exit, usage) = match exit {
+            Some((exit, usage)) => (exit.to_string(), *usage),
+            None => ("none".to_owned(), Usage::default()),
+        };
         let reason = end.reason();
+        let known = |v: Option<u64>| v.map_or_else(|| "none".to_owned(), |v| v.to_string());
+        let (cpu_usec, memory_peak) = (known(usage.cpu_usec), known(usage.memory_peak));
+        let (tasks_peak, oom_kills) = (known(usage.tasks_peak), known(usage.oom_kills));
+        let oom = match usage.oom_kills {
+            Some(n) if n > 0 => format!(" ({n} process(es) ended by the OOM killer at memory_max)"),
+            _ => String::new(),
+        };
         macro_rules! ended {
             ($level:ident) => {
                 tracing::$level!(
                     conn, service, peer = %peer, pid, bytes, bytes_received, duration_ms, exit, reason,
-                    "connection ended: {end}, exit {exit}, {bytes} bytes sent in {duration_ms} ms"
+                    cpu_usec, memory_peak, tasks_peak, oom_kills,
+                    "connection ended: {end}, exit {exit}{oom}, {bytes} bytes sent in {duration_ms} ms"
                 )
             };
         }
@@ -277,7 +299,7 @@ impl Drop for Record {
         }
         stats.served.fetch_add(1, Ordering::Relaxed);
         match self.closed.take() {
-            Some((exit, end)) => self.write(exit.as_ref(), &end),
+            Some((ended, end)) => self.write(ended.as_ref(), &end),
             None => self.write(
                 None,
                 &End::Error("the connection's task ended without closing its record".into()),

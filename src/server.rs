@@ -15,6 +15,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 
 use crate::admit::Admissions;
+use crate::cgroup::{Offer, Tree};
 use crate::command;
 use crate::config::{self, Config};
 use crate::connection::{Context, Handler, Places};
@@ -48,7 +49,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn new(config: Config, shutdown: Watch) -> Arc<Shared> {
+    fn new(config: Config, shutdown: Watch, cgroups: Option<Tree>) -> Arc<Shared> {
         let stats = Arc::new(Stats::default());
         Arc::new(Shared {
             global: Gate::new(config.max_connections),
@@ -60,6 +61,7 @@ impl Shared {
                 shutdown,
                 admissions: Admissions::default(),
                 stats,
+                cgroups,
             }),
             next_id: AtomicU64::new(1),
             reload_error: Mutex::new(None),
@@ -106,6 +108,8 @@ pub struct Server {
     pub config_path: Option<PathBuf>,
     pub listeners: Vec<Listener>,
     pub log_level: log::Level,
+    /// The delegated cgroup subtree the daemon lives in (None: process groups).
+    pub cgroups: Option<Tree>,
 }
 
 impl Server {
@@ -116,9 +120,10 @@ impl Server {
             config_path,
             listeners,
             log_level,
+            cgroups,
         } = self;
         let (stop, watch) = Shutdown::new();
-        let shared = Shared::new(config, watch);
+        let shared = Shared::new(config, watch, cgroups);
         let mut signals =
             Signals::new().map_err(|e| format!("cannot install signal handlers: {e}"))?;
         let owned_paths: Vec<PathBuf> = listeners
@@ -382,6 +387,10 @@ fn reload_config(
         ),
     }
     .and_then(|c| {
+        same_cgroups(&shared.config().cgroups, &c.cgroups)?;
+        if let Some(tree) = &shared.context.cgroups {
+            tree.enable(&c.controllers()).map_err(|e| e.to_string())?;
+        }
         listen::check_routes(
             &c,
             routes
@@ -416,6 +425,22 @@ fn reload_config(
     };
     shared.reloads.publish(&outcome);
     notify::ready(&shared.status());
+}
+
+/// The subtree is chosen at start: a reload cannot move the daemon to another.
+fn same_cgroups(running: &Offer, new: &Offer) -> Result<(), String> {
+    let root = |o: &Offer| match o {
+        Offer::Delegated { root, .. } => Some(root.clone()),
+        Offer::None(_) => None,
+    };
+    if root(running) == root(new) {
+        return Ok(());
+    }
+    Err(format!(
+        "delegated_cgroup: the cgroup subtree changes only with a restart (in use: {}; the file now gives: {})",
+        root(running).map_or("none".into(), |p| p.display().to_string()),
+        root(new).map_or("none".into(), |p| p.display().to_string())
+    ))
 }
 
 /// STATUS= once a second while the figures change, and WATCHDOG=1 at half

@@ -151,8 +151,10 @@ pub async fn relayed(
             traffic.sent(n)
         });
         let input = feed_input(socket, stdin, mode, service.pipe_size, traffic);
-        tokio::pin!(out, input);
-        let mut input_open = true;
+        let leftovers = command.end_leftovers();
+        let abandon = abandon_when_drained(stdout, service.kill_grace);
+        tokio::pin!(out, input, leftovers, abandon);
+        let (mut input_open, mut abandoning) = (true, false);
         loop {
             tokio::select! {
                 r = &mut out => break match r {
@@ -164,13 +166,31 @@ pub async fn relayed(
                     Ok(()) => input_open = false,
                     Err(e) => break client_error(e, "reading from the client"),
                 },
-                () = command.end_leftovers() => {}
+                () = &mut leftovers, if !abandoning => abandoning = true,
+                () = &mut abandon, if abandoning => break End::OutputHeld,
             }
         }
     };
     limits
         .supervise(work, idle(limits.idle_timeout, traffic))
         .await
+}
+
+/// With a process group, once the command and its group are gone while its
+/// output is still open (a process that left the group holds it): resolves
+/// when what they wrote has been relayed (the pipe is empty), or after
+/// `grace` at most, so such a process cannot keep the connection.
+async fn abandon_when_drained(stdout: &AsyncFd<OwnedFd>, grace: Duration) {
+    const LOOK_EVERY: Duration = Duration::from_millis(20);
+    let drained = async {
+        loop {
+            tokio::time::sleep(LOOK_EVERY).await;
+            if sys::readable_bytes(stdout.get_ref().as_fd()).is_ok_and(|n| n == 0) {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(grace, drained).await;
 }
 
 /// The client's bytes to the command's stdin (or, without one, to nowhere),

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::locate::Locator;
-use super::raw::{RawConfig, RawService};
-use super::{defaults, Config, ConfigError, Service, StdinMode, Transfer};
+use super::raw::{Containment as RawContainment, RawConfig, RawService};
+use super::{defaults, Config, ConfigError, Containment, Service, StdinMode, Transfer};
 use crate::access::Rules;
+use crate::cgroup::{Limits, Offer};
 use crate::runas::{self, Limit};
 
 pub fn config(raw: RawConfig, loc: &Locator<'_>) -> Result<Config, ConfigError> {
@@ -21,10 +22,13 @@ pub fn config(raw: RawConfig, loc: &Locator<'_>) -> Result<Config, ConfigError> 
             message: "no [[service]] is defined; at least one is needed".into(),
         });
     }
+    let cgroups = Offer::probe(raw.delegated_cgroup.as_ref().map(|p| p.0.as_path()));
     let mut names = HashSet::new();
     let mut services = Vec::with_capacity(raw.service.len());
     for (i, s) in raw.service.into_iter().enumerate() {
-        let service = service(s, &|key, message| loc.error(Some(i), key, message))?;
+        let service = service(s, &cgroups, &|key, message| {
+            loc.error(Some(i), key, message)
+        })?;
         if !names.insert(service.name.clone()) {
             return Err(loc.error(
                 Some(i),
@@ -52,6 +56,7 @@ pub fn config(raw: RawConfig, loc: &Locator<'_>) -> Result<Config, ConfigError> 
         shutdown_timeout: raw
             .shutdown_timeout
             .map_or(defaults::SHUTDOWN_TIMEOUT, |s| s.0),
+        cgroups,
         services,
     })
 }
@@ -59,8 +64,9 @@ pub fn config(raw: RawConfig, loc: &Locator<'_>) -> Result<Config, ConfigError> 
 /// An error about one key of the service being checked.
 type KeyError<'a> = &'a dyn Fn(&str, String) -> ConfigError;
 
-fn service(s: RawService, err: KeyError<'_>) -> Result<Service, ConfigError> {
+fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service, ConfigError> {
     let program = resolve_program(&s.command.0[0]).map_err(|m| err("command", m))?;
+    let containment = containment(&s, cgroups).map_err(|(key, m)| err(key, m))?;
     let working_directory = s
         .working_directory
         .map_or_else(|| PathBuf::from(defaults::WORKING_DIRECTORY), |p| p.0);
@@ -92,7 +98,7 @@ fn service(s: RawService, err: KeyError<'_>) -> Result<Service, ConfigError> {
         s.user.as_deref(),
         s.group.as_deref(),
         &rlimits,
-        s.nice.map(|n| n.0),
+        s.nice.as_ref().map(|n| n.0),
     )
     .map_err(|e| err(e.key, e.message))?;
 
@@ -129,7 +135,75 @@ fn service(s: RawService, err: KeyError<'_>) -> Result<Service, ConfigError> {
         banner,
         busy_message: s.busy_message.and_then(|m| m.0),
         run_as,
+        containment,
     })
+}
+
+/// A process group or a cgroup: what the service asks for, what its limits
+/// need, and what the daemon was given. A limit is never silently not
+/// applied: one that cannot be enforced is an error.
+fn containment(s: &RawService, cgroups: &Offer) -> Result<Containment, (&'static str, String)> {
+    let limits = Limits {
+        memory_max: s.memory_max.as_ref().and_then(|b| b.0),
+        memory_high: s.memory_high.as_ref().and_then(|b| b.0),
+        cpu_quota: s.cpu_quota.as_ref().map(|q| q.0),
+        cpu_weight: s.cpu_weight.as_ref().map(|w| w.0),
+        tasks_max: s.tasks_max.as_ref().and_then(|t| t.0),
+        io_weight: s.io_weight.as_ref().map(|w| w.0),
+    };
+    let set: Vec<(&'static str, &'static str)> = [
+        ("memory_max", "memory", limits.memory_max.is_some()),
+        ("memory_high", "memory", limits.memory_high.is_some()),
+        ("cpu_quota", "cpu", limits.cpu_quota.is_some()),
+        ("cpu_weight", "cpu", limits.cpu_weight.is_some()),
+        ("tasks_max", "pids", limits.tasks_max.is_some()),
+        ("io_weight", "io", limits.io_weight.is_some()),
+    ]
+    .into_iter()
+    .filter(|(_, _, given)| *given)
+    .map(|(key, controller, _)| (key, controller))
+    .collect();
+    let wanted = s.containment.unwrap_or(defaults::CONTAINMENT);
+    let (root, controllers) = match (wanted, cgroups) {
+        (RawContainment::ProcessGroup, _) => {
+            return match set.first() {
+                Some((key, _)) => Err((
+                    key,
+                    r#"does not apply with containment = "process-group": limits are set on a connection's cgroup"#.into(),
+                )),
+                None => Ok(Containment::ProcessGroup),
+            };
+        }
+        (RawContainment::Auto, Offer::None(_)) if set.is_empty() => {
+            return Ok(Containment::ProcessGroup)
+        }
+        (RawContainment::Cgroup, Offer::None(why)) => {
+            return Err((
+                "containment",
+                format!(r#""cgroup" needs a delegated cgroup v2 subtree, and the daemon has none: {why}"#),
+            ))
+        }
+        (RawContainment::Auto, Offer::None(why)) => {
+            return Err((
+                set[0].0,
+                format!("needs a cgroup per connection, and the daemon has no delegated cgroup v2 subtree: {why}"),
+            ))
+        }
+        (_, Offer::Delegated { root, controllers, .. }) => (root, controllers),
+    };
+    for (key, controller) in set {
+        if !controllers.iter().any(|c| c == controller) {
+            return Err((
+                key,
+                format!(
+                    "needs the {controller} controller, which {} does not offer (cgroup.controllers: {:?}); see \"containment\" in splice-relay.toml(5)",
+                    root.display(),
+                    controllers.join(" ")
+                ),
+            ));
+        }
+    }
+    Ok(Containment::Cgroup(limits))
 }
 
 /// With `transfer = "direct"` the client's socket is the command's stdin.

@@ -18,6 +18,8 @@ pub const PIPE_SIZE: usize = 1 << 20;
 /// IPv6 clients are counted per network of this many bits (one host's /64).
 pub const IPV6_SOURCE_PREFIX: u8 = 64;
 pub const PROXY_PROTOCOL: bool = false;
+/// A cgroup per connection where the daemon has a delegated subtree.
+pub const CONTAINMENT: super::raw::Containment = super::raw::Containment::Auto;
 
 /// Bounds, not defaults: the longest `banner` or `busy_message`, and the
 /// range of `pipe_size`.

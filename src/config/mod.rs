@@ -42,6 +42,9 @@ pub struct Config {
     pub log_level: String,
     pub max_connections: usize,
     pub shutdown_timeout: Duration,
+    /// The delegated cgroup v2 subtree, found when the file was loaded, or
+    /// why there is none.
+    pub cgroups: crate::cgroup::Offer,
     pub services: Vec<std::sync::Arc<Service>>,
 }
 
@@ -80,8 +83,44 @@ pub struct Service {
     pub busy_message: Option<Vec<u8>>,
     /// User, group, resource limits and nice value of the command.
     pub run_as: RunAs,
+    /// A process group, or a cgroup with limits, per connection.
+    pub containment: Containment,
     /// `PATH:LINE:COL: service "NAME"`, for errors found after loading.
     pub position: String,
+}
+
+/// How a service's commands are contained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Containment {
+    /// Each command leads a process group of its own.
+    ProcessGroup,
+    /// Each connection's command in a cgroup of its own, with these limits.
+    Cgroup(crate::cgroup::Limits),
+}
+
+impl Config {
+    /// The controllers the services' limits need.
+    pub fn controllers(&self) -> Vec<&'static str> {
+        let mut all: Vec<&'static str> = self
+            .services
+            .iter()
+            .filter_map(|s| match &s.containment {
+                Containment::Cgroup(limits) => Some(limits.controllers()),
+                Containment::ProcessGroup => None,
+            })
+            .flatten()
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// Whether any service puts its commands in cgroups.
+    pub fn uses_cgroups(&self) -> bool {
+        self.services
+            .iter()
+            .any(|s| matches!(s.containment, Containment::Cgroup(_)))
+    }
 }
 
 /// What the command reads on its standard input.

@@ -26,6 +26,7 @@ pub struct RawConfig {
     pub log_level: Option<LogLevel>,
     pub max_connections: Option<AtLeastOne<usize>>,
     pub shutdown_timeout: Option<Seconds>,
+    pub delegated_cgroup: Option<AbsolutePath>,
     #[serde(default)]
     pub service: Vec<RawService>,
 }
@@ -65,6 +66,13 @@ pub struct RawService {
     pub rlimit_nproc: Option<u64>,
     pub rlimit_cpu: Option<u64>,
     pub nice: Option<Nice>,
+    pub containment: Option<Containment>,
+    pub memory_max: Option<Bytes>,
+    pub memory_high: Option<Bytes>,
+    pub cpu_quota: Option<CpuQuota>,
+    pub cpu_weight: Option<Weight>,
+    pub tasks_max: Option<TasksMax>,
+    pub io_weight: Option<Weight>,
 }
 
 /// Declares a value type: `$inner` as serde reads it, then `$rule` turns it
@@ -219,6 +227,144 @@ value_type!(
     }
 );
 
+value_type!(
+    /// A weight, as `CPUWeight=` and `IOWeight=`: 1 to 10000 (100 is the default share).
+    Weight(u32) from u32,
+    |v| if (1..=10_000).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v}: must be between 1 and 10000"))
+    }
+);
+
+value_type!(
+    /// A CPU quota as `CPUQuota=`: `"50%"` of one CPU, `"200%"` of two;
+    /// kept in hundredths of a percent.
+    CpuQuota(u32) from String,
+    |v| {
+        let number = v.trim().strip_suffix('%').map(str::trim);
+        match number.map(str::parse::<f64>) {
+            Some(Ok(p)) if p.is_finite() && p > 0.0 && p <= 100_000.0 => Ok((p * 100.0).round().max(1.0) as u32),
+            _ => Err(format!("{v:?}: expected a percentage above 0 of one CPU, like \"50%\" (as CPUQuota=)")),
+        }
+    }
+);
+
+/// A size in bytes, as systemd's `MemoryMax=`: a number of bytes, or a
+/// string with K, M, G, T, P or E (powers of 1024; `"1.5G"` works), a
+/// percentage of the physical memory (`"50%"`), or `"infinity"` (no limit:
+/// `None`).
+pub struct Bytes(pub Option<u64>);
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Option<u64>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    r#"a size: bytes, or a string like "512M", "1.5G", "50%" or "infinity""#,
+                )
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Option<u64>, E> {
+                match u64::try_from(v) {
+                    Ok(0) | Err(_) => Err(E::custom("must be more than 0")),
+                    Ok(n) => Ok(Some(n)),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<u64>, E> {
+                parse_size(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V).map(Bytes)
+    }
+}
+
+/// Parses `"512M"`, `"1.5G"`, `"50%"`, `"infinity"`.
+pub fn parse_size(text: &str) -> Result<Option<u64>, String> {
+    let t = text.trim();
+    if t == "infinity" {
+        return Ok(None);
+    }
+    let bad = || {
+        format!(
+            r#"{text:?}: expected bytes, a number with K, M, G, T, P or E, a percentage, or "infinity""#
+        )
+    };
+    let bytes = if let Some(pct) = t.strip_suffix('%') {
+        let pct: f64 = pct.trim().parse().map_err(|_| bad())?;
+        if !(pct.is_finite() && pct > 0.0 && pct <= 100.0) {
+            return Err(format!(
+                "{text:?}: a percentage of the memory must be above 0 and at most 100"
+            ));
+        }
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(4096) as u64;
+        let pages = nix::unistd::sysconf(nix::unistd::SysconfVar::_PHYS_PAGES)
+            .ok()
+            .flatten()
+            .unwrap_or(0) as u64;
+        ((pages as f64 * pct / 100.0) as u64) * page
+    } else {
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let number: f64 = number.parse().map_err(|_| bad())?;
+        let shift = match unit.trim() {
+            "" | "B" => 0,
+            "K" => 10,
+            "M" => 20,
+            "G" => 30,
+            "T" => 40,
+            "P" => 50,
+            "E" => 60,
+            _ => return Err(bad()),
+        };
+        let value = number * (1u64 << shift) as f64;
+        if !(value.is_finite() && value < u64::MAX as f64) {
+            return Err(format!("{text:?}: out of range"));
+        }
+        value as u64
+    };
+    if bytes == 0 {
+        return Err(format!("{text:?}: must be more than 0"));
+    }
+    Ok(Some(bytes))
+}
+
+/// `tasks_max`: a number of processes and threads, or `"infinity"`.
+pub struct TasksMax(pub Option<u64>);
+
+impl<'de> Deserialize<'de> for TasksMax {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Option<u64>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a number of tasks, or "infinity""#)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Option<u64>, E> {
+                match u64::try_from(v) {
+                    Ok(0) | Err(_) => Err(E::custom("must be at least 1")),
+                    Ok(n) => Ok(Some(n)),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<u64>, E> {
+                match v {
+                    "infinity" => Ok(None),
+                    _ => Err(E::custom(format!(
+                        r#"{v:?}: expected a number or "infinity""#
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V).map(TasksMax)
+    }
+}
+
 /// A count that must be at least 1 (`max_connections`, `max_bytes`, …).
 pub struct AtLeastOne<T>(pub T);
 
@@ -362,6 +508,20 @@ macro_rules! keywords {
 
 keywords!(StdinMode { "null" => Null, "client" => Client });
 keywords!(Transfer { "splice" => Splice, "copy" => Copy, "direct" => Direct });
+
+/// Where a service's commands are contained, as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Containment {
+    /// A cgroup per connection where the daemon has a delegated subtree,
+    /// else process groups.
+    Auto,
+    /// A cgroup per connection, or a configuration error.
+    Cgroup,
+    /// Process groups, even where cgroups are offered.
+    ProcessGroup,
+}
+
+keywords!(Containment { "auto" => Auto, "cgroup" => Cgroup, "process-group" => ProcessGroup });
 
 /// The keys of a struct as serde sees them: `deserialize_struct` is handed
 /// the field list, so a deserializer that stops there reveals it. The fuzz

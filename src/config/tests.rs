@@ -33,17 +33,31 @@ fn example_config_loads_with_the_documented_defaults() {
 }
 
 /// Every commented-out example in the file is valid when uncommented
-/// (user and group only as root, who may switch).
+/// (user and group only as root, who may switch; the cgroup keys are for
+/// the daemon's own subtree, which tests/cgroups.rs gives it).
 #[test]
 fn example_config_with_every_option_uncommented_loads() {
     let root = nix::unistd::geteuid().is_root();
+    let elsewhere = |key: &str| {
+        ["user", "group"].contains(&key) && !root
+            || [
+                "delegated_cgroup",
+                "memory_max",
+                "memory_high",
+                "cpu_quota",
+                "cpu_weight",
+                "tasks_max",
+                "io_weight",
+            ]
+            .contains(&key)
+    };
     let text: String = EXAMPLE
         .lines()
         .map(|l| match l.strip_prefix("# ") {
             Some(rest)
                 if rest.split_once(" = ").is_some_and(|(k, _)| {
-                    k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-                }) && (root || !(rest.starts_with("user") || rest.starts_with("group"))) =>
+                    k.chars().all(|c| c.is_ascii_lowercase() || c == '_') && !elsewhere(k)
+                }) =>
             {
                 rest.to_owned()
             }
@@ -225,4 +239,63 @@ fn bare_command_names_are_resolved_in_path() {
     let c = load_str("t", "[[service]]\nname = \"a\"\ncommand = [\"true\"]\n").unwrap();
     assert!(c.services[0].program.is_absolute());
     assert_eq!(c.services[0].argv[0], "true");
+}
+
+#[test]
+fn cgroup_values_are_checked_where_they_stand() {
+    let svc = |extra: &str| {
+        err(&format!(
+            "[[service]]\nname = \"a\"\ncommand = [\"true\"]\n{extra}\n"
+        ))
+    };
+    assert_eq!(
+        svc("memory_max = \"12 parsecs\""),
+        r#"t.toml:4:14: service "a": memory_max: "12 parsecs": expected bytes, a number with K, M, G, T, P or E, a percentage, or "infinity""#
+    );
+    assert_eq!(
+        svc("memory_max = 0"),
+        r#"t.toml:4:14: service "a": memory_max: must be more than 0"#
+    );
+    assert_eq!(
+        svc("cpu_quota = 50"),
+        r#"t.toml:4:13: service "a": cpu_quota: invalid type: integer `50`, expected a string"#
+    );
+    assert_eq!(
+        svc("cpu_quota = \"half\""),
+        r#"t.toml:4:13: service "a": cpu_quota: "half": expected a percentage above 0 of one CPU, like "50%" (as CPUQuota=)"#
+    );
+    assert_eq!(
+        svc("cpu_weight = 20000"),
+        r#"t.toml:4:14: service "a": cpu_weight: 20000: must be between 1 and 10000"#
+    );
+    assert_eq!(
+        svc("containment = \"jail\""),
+        r#"t.toml:4:15: service "a": containment: "jail": expected one of "auto" "cgroup" "process-group""#
+    );
+    assert_eq!(
+        svc("containment = \"process-group\"\ntasks_max = 5"),
+        r#"t.toml:5:13: service "a": tasks_max: does not apply with containment = "process-group": limits are set on a connection's cgroup"#
+    );
+    // "infinity" is no limit, so it needs no cgroup.
+    let c = load_str(
+        "t",
+        "[[service]]\nname = \"a\"\ncommand = [\"true\"]\nmemory_max = \"infinity\"\ncontainment = \"process-group\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.services[0].containment, Containment::ProcessGroup);
+}
+
+#[test]
+fn sizes_are_read_as_systemd_reads_them() {
+    use super::raw::parse_size;
+    assert_eq!(parse_size("512M"), Ok(Some(512 << 20)));
+    assert_eq!(parse_size("1.5G"), Ok(Some(1_610_612_736)));
+    assert_eq!(parse_size("4096"), Ok(Some(4096)));
+    assert_eq!(parse_size("infinity"), Ok(None));
+    let half = parse_size("50%").unwrap().unwrap();
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .unwrap()
+        .unwrap() as u64;
+    assert_eq!(half % page, 0, "a percentage is rounded to pages");
+    assert!(parse_size("0").is_err() && parse_size("101%").is_err() && parse_size("5X").is_err());
 }

@@ -133,3 +133,55 @@ pub fn default_sigchld() -> io::Result<()> {
         .map(|_| ())
         .map_err(io::Error::from)
 }
+
+/// The value of extended attribute `name` of `path`; None when it is not set
+/// or cannot be read (reading `trusted.*` needs CAP_SYS_ADMIN).
+pub fn getxattr(path: &std::path::Path, name: &str) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut value = [0u8; 64];
+    // SAFETY: both strings are NUL-terminated and outlive the call; the
+    // kernel writes at most `value.len()` bytes into `value`.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    usize::try_from(n).ok().map(|n| value[..n].to_vec())
+}
+
+/// Reaps `pid`: its wait status, and the CPU time (user and system, in µs)
+/// it and the children it waited for used.
+pub fn wait(pid: nix::unistd::Pid) -> io::Result<(nix::sys::wait::WaitStatus, u64)> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is plain old data; all-zero bytes are a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let ret = loop {
+        // SAFETY: both pointers are to values in this frame that outlive the call.
+        let ret = unsafe { libc::wait4(pid.as_raw(), &mut status, 0, &mut usage) };
+        if ret >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break ret;
+        }
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let usec = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    let status = nix::sys::wait::WaitStatus::from_raw(pid, status).map_err(io::Error::from)?;
+    Ok((status, usec(usage.ru_utime) + usec(usage.ru_stime)))
+}
+
+/// Bytes waiting to be read in a pipe or socket (FIONREAD).
+pub fn readable_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the pointer, which is to `n`.
+    let ret = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::FIONREAD, &mut n) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}

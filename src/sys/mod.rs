@@ -11,6 +11,9 @@ mod fd;
 mod spawn;
 
 pub use fd::{
-    accept, adopt_inherited_fd, cloexec_from_3, default_sigchld, register, tcp_bytes, tcp_quiet,
+    accept, adopt_inherited_fd, cloexec_from_3, default_sigchld, getxattr, readable_bytes,
+    register, tcp_bytes, tcp_quiet, wait,
 };
-pub use spawn::{commands_get_nofile, spawn, Exec, Stage};
+pub use spawn::{
+    cgroup_spawn_method, commands_get_nofile, probe_clone3, spawn, Exec, Place, Stage,
+};

@@ -117,16 +117,19 @@ pub enum Stage {
     Nice = 3,
     Credentials = 4,
     Exec = 5,
+    /// Joining the connection's cgroup (where clone3 is not allowed).
+    Cgroup = 6,
 }
 
 impl Stage {
-    const ALL: [Stage; 6] = [
+    const ALL: [Stage; 7] = [
         Stage::Stdio,
         Stage::WorkingDirectory,
         Stage::Limits,
         Stage::Nice,
         Stage::Credentials,
         Stage::Exec,
+        Stage::Cgroup,
     ];
 
     fn from_raw(raw: libc::c_int) -> Option<Stage> {
@@ -169,6 +172,9 @@ fn rlimits(run_as: &crate::runas::RunAs) -> Vec<(libc::__rlimit_resource_t, libc
 struct ChildArgs<'a> {
     exec: &'a Exec,
     stdio: [RawFd; 3],
+    /// `cgroup.procs` of the cgroup to join before anything else, when the
+    /// kernel did not put the child there (-1: nothing to join).
+    join: RawFd,
     /// Written by the child only, read by the parent once the child has
     /// exited or exec'd (CLONE_VFORK suspends the parent until then).
     failed_errno: libc::c_int,
@@ -223,8 +229,53 @@ const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 /// Stack for the child between clone and exec: a few calls deep only.
 const CHILD_STACK: usize = 64 * 1024;
 
+/// Where a command starts.
+#[derive(Clone, Copy)]
+pub enum Place<'a> {
+    /// In the daemon's own cgroup (its process group is its own).
+    Here,
+    /// In the cgroup whose directory is `dir`, from the first instruction:
+    /// clone3(`CLONE_INTO_CGROUP`) where the kernel and the service's seccomp
+    /// filter allow it; else the child writes itself into `procs` (that
+    /// cgroup's `cgroup.procs`) before it does anything else, so nothing of
+    /// the command ever runs outside either way.
+    Cgroup {
+        dir: BorrowedFd<'a>,
+        procs: BorrowedFd<'a>,
+    },
+}
+
+/// Whether clone3 with `CLONE_INTO_CGROUP` may be tried: not after it was
+/// refused once (ENOSYS: systemd's `RestrictNamespaces=` filter refuses
+/// clone3 whole, since seccomp cannot see its flags; EINVAL or E2BIG: a
+/// kernel before 5.7).
+static CLONE3_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(
+    // Only x86_64 has the trampoline below; elsewhere the child joins.
+    !cfg!(target_arch = "x86_64"),
+);
+
+/// Asks the kernel whether clone3 is allowed here, without starting
+/// anything: an argument of size 0 is refused with EINVAL by the kernel, and
+/// with ENOSYS by a seccomp filter (or a kernel before 5.3).
+pub fn probe_clone3() {
+    // SAFETY: a null pointer with size 0: the kernel reads nothing.
+    let ret = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+    if ret < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        CLONE3_REFUSED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How the spawns of this process put commands into their cgroups.
+pub fn cgroup_spawn_method() -> &'static str {
+    if CLONE3_REFUSED.load(std::sync::atomic::Ordering::Relaxed) {
+        "the child joins its cgroup before exec (clone3 is not allowed here)"
+    } else {
+        "clone3 with CLONE_INTO_CGROUP"
+    }
+}
+
 /// Starts `exec` with `stdio` as its descriptors 0, 1 and 2, in a new process
-/// group, and returns its pid and a pidfd.
+/// group, at `place`, and returns its pid and a pidfd.
 ///
 /// glibc's posix_spawn child resets all 64 signal dispositions; this one
 /// resets the six the daemon changed. It also does the user switch, limits
@@ -235,10 +286,13 @@ const CHILD_STACK: usize = 64 * 1024;
 pub fn spawn(
     exec: &Exec,
     stdio: [BorrowedFd<'_>; 3],
+    place: Place<'_>,
 ) -> Result<(nix::unistd::Pid, OwnedFd), (Stage, io::Error)> {
+    use std::sync::atomic::Ordering;
     let mut args = ChildArgs {
         exec,
         stdio: stdio.map(|fd| fd.as_raw_fd()),
+        join: -1,
         failed_errno: 0,
         failed_stage: -1,
     };
@@ -247,6 +301,7 @@ pub fn spawn(
     let mut stack: Vec<std::mem::MaybeUninit<u8>> = Vec::with_capacity(CHILD_STACK);
     // The stack grows down on every architecture Linux runs this on but
     // parisc; 16-byte alignment is what the ABIs ask for.
+    let bottom = (stack.as_mut_ptr() as usize + 15) & !15;
     let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
     let mut pidfd: libc::c_int = -1;
 
@@ -257,28 +312,62 @@ pub fn spawn(
     // unblocked; the daemon uses neither pthread_cancel nor glibc's setuid
     // family, so neither is ever sent.)
     let old = block_all_signals();
-    // SAFETY: CLONE_VM|CLONE_VFORK: the child runs on `stack`, which nothing
-    // else uses, and this thread is suspended until the child has exec'd or
-    // exited, so `args`, `exec` and `stack` outlive every access the child
-    // makes. The child (`child_main`) only makes system calls on data
-    // prepared before the clone and never returns into Rust code of the
-    // parent. CLONE_PIDFD stores the pidfd in `pidfd` (the parent_tid argument).
-    let pid = unsafe {
-        libc::clone(
-            child_main,
-            top as *mut libc::c_void,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
-            (&mut args as *mut ChildArgs<'_>).cast(),
-            &mut pidfd as *mut libc::c_int,
-        )
-    };
-    let clone_error = io::Error::last_os_error();
+    let mut started = None;
+    if let Place::Cgroup { dir, procs } = place {
+        if !CLONE3_REFUSED.load(Ordering::Relaxed) {
+            let mut clone_args = CloneArgs {
+                flags: (libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD) as u64
+                    | CLONE_INTO_CGROUP,
+                pidfd: &mut pidfd as *mut libc::c_int as u64,
+                exit_signal: libc::SIGCHLD as u64,
+                stack: bottom as u64,
+                stack_size: (top - bottom) as u64,
+                cgroup: dir.as_raw_fd() as u64,
+                ..CloneArgs::default()
+            };
+            let arg = (&mut args as *mut ChildArgs<'_>).cast();
+            // SAFETY: as for clone below; clone3 takes the stack's lowest
+            // address and its size, and the trampoline calls `child_main`
+            // on it in the child, which never returns into this frame.
+            let pid = unsafe { clone3(&mut clone_args, child_main, arg) };
+            match pid {
+                ..0 if matches!(-pid as i32, libc::ENOSYS | libc::EINVAL | libc::E2BIG) => {
+                    CLONE3_REFUSED.store(true, Ordering::Relaxed);
+                }
+                ..0 => started = Some(Err(io::Error::from_raw_os_error(-pid as i32))),
+                _ => started = Some(Ok(pid as libc::pid_t)),
+            }
+        }
+        if started.is_none() {
+            args.join = procs.as_raw_fd();
+        }
+    }
+    let started = started.unwrap_or_else(|| {
+        // SAFETY: CLONE_VM|CLONE_VFORK: the child runs on `stack`, which
+        // nothing else uses, and this thread is suspended until the child
+        // has exec'd or exited, so `args`, `exec` and `stack` outlive every
+        // access the child makes. The child (`child_main`) only makes system
+        // calls on data prepared before the clone and never returns into
+        // Rust code of the parent. CLONE_PIDFD stores the pidfd in `pidfd`
+        // (the parent_tid argument).
+        let pid = unsafe {
+            libc::clone(
+                child_main,
+                top as *mut libc::c_void,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+                (&mut args as *mut ChildArgs<'_>).cast(),
+                &mut pidfd as *mut libc::c_int,
+            )
+        };
+        if pid < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(pid)
+        }
+    });
     restore_signals(&old);
     drop(stack);
-    if pid < 0 {
-        return Err((Stage::Exec, clone_error));
-    }
-    let pid = nix::unistd::Pid::from_raw(pid);
+    let pid = nix::unistd::Pid::from_raw(started.map_err(|e| (Stage::Exec, e))?);
     if pidfd < 0 {
         // A kernel before 5.2 ignores CLONE_PIDFD: the command runs, but
         // could not be watched. End it rather than leave it unsupervised.
@@ -307,6 +396,76 @@ pub fn spawn(
     // The child exited with 127 before exec; reap it here.
     let _ = nix::sys::wait::waitpid(pid, None);
     Err((stage, io::Error::from_raw_os_error(errno)))
+}
+
+/// clone3(2)'s argument, version 2 (with `cgroup`, Linux 5.7).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// clone3 for a child on a stack of its own: libc has no wrapper, and a
+/// plain syscall() would return into this function on the child's empty
+/// stack. In the child this calls `child(arg)` and exits with its result;
+/// in the parent it returns the pid, or minus the errno.
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone3(
+    args: &mut CloneArgs,
+    child: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    arg: *mut libc::c_void,
+) -> libc::c_long {
+    let ret: libc::c_long;
+    // SAFETY (the caller's): the child starts with rsp at the top of the
+    // stack in `args` (16-byte aligned, so the call below sees the ABI's
+    // alignment), with r12 and r13 as the parent had them; it never comes
+    // back to the code after the asm block. syscall clobbers rcx and r11.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "mov rdi, r13",
+            "call r12",
+            "mov edi, eax",
+            "mov eax, {exit}",
+            "syscall",
+            "ud2",
+            "2:",
+            exit = const libc::SYS_exit,
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") args as *mut CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") child,
+            in("r13") arg,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+    }
+    ret
+}
+
+/// Elsewhere there is no trampoline: report ENOSYS, and the child joins its
+/// cgroup itself.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn clone3(
+    _: &mut CloneArgs,
+    _: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    _: *mut libc::c_void,
+) -> libc::c_long {
+    -(libc::ENOSYS as libc::c_long)
 }
 
 /// Blocks every signal in the calling thread; returns the mask to restore.
@@ -338,6 +497,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     let args = unsafe { &mut *arg.cast::<ChildArgs<'_>>() };
     let exec = args.exec;
     let steps = || -> Result<(), Stage> {
+        join_cgroup(args.join).ok_or(Stage::Cgroup)?;
         new_process_group();
         default_signal_dispositions();
         standard_streams(args.stdio).ok_or(Stage::Stdio)?;
@@ -363,6 +523,17 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         std::ptr::write_volatile(&mut args.failed_stage, stage as libc::c_int);
         libc::_exit(127)
     }
+}
+
+/// Moves the child into the cgroup whose `cgroup.procs` is `procs` ("0"
+/// means the writer), first of all.
+fn join_cgroup(procs: RawFd) -> Option<()> {
+    if procs < 0 {
+        return Some(());
+    }
+    // SAFETY: a write of one byte from a static string to a descriptor the
+    // parent holds open until the exec.
+    (unsafe { libc::write(procs, b"0".as_ptr().cast(), 1) } == 1).then_some(())
 }
 
 fn new_process_group() {
