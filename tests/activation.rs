@@ -3,6 +3,7 @@
 mod common;
 
 use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 
@@ -153,30 +154,32 @@ fn a_socket_no_service_claims_is_refused_by_fd_and_name() {
 #[test]
 fn a_passed_fd_that_is_not_a_listening_stream_socket_is_refused() {
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let passed = Passed {
-        fd: udp.into(),
-        name: "dgram".into(),
-    };
-    let mut d = Daemon::spawn(
-        &one_service(r#"["true"]"#, ""),
-        vec![passed],
-        Options::default(),
-    );
-    assert_eq!(d.wait_exit().code(), Some(78));
-    d.wait_log(&["fd 3 (\"dgram\"): a Datagram socket; expected a stream socket"]);
-
     let (client, _server) = UnixStream::pair().unwrap();
-    let passed = Passed {
-        fd: client.into(),
-        name: "conn".into(),
-    };
-    let mut d = Daemon::spawn(
-        &one_service(r#"["true"]"#, ""),
-        vec![passed],
-        Options::default(),
-    );
-    assert_eq!(d.wait_exit().code(), Some(78));
-    d.wait_log(&["fd 3 (\"conn\"): a stream socket that is not listening"]);
+    let cases: [(OwnedFd, &str, &str); 2] = [
+        (
+            udp.into(),
+            "dgram",
+            "fd 3 (\"dgram\"): a Datagram socket; expected a stream socket",
+        ),
+        (
+            client.into(),
+            "conn",
+            "fd 3 (\"conn\"): a stream socket that is not listening",
+        ),
+    ];
+    for (fd, name, message) in cases {
+        let passed = Passed {
+            fd,
+            name: name.into(),
+        };
+        let mut d = Daemon::spawn(
+            &one_service(r#"["true"]"#, ""),
+            vec![passed],
+            Options::default(),
+        );
+        assert_eq!(d.wait_exit().code(), Some(78), "{name}");
+        d.wait_log(&[message]);
+    }
 }
 
 #[test]
