@@ -266,11 +266,12 @@ fn proxy_from_refuses_a_header_from_anyone_else() {
 }
 
 #[test]
+#[cfg_attr(
+    not(as_root),
+    ignore = "needs root: the command switches to user nobody"
+)]
 fn command_runs_as_another_user_with_limits_and_nice() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: switching users needs root");
-        return;
-    }
+    require_root();
     let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
     let (_d, addr) = serve(
         &sh("id -u; id -g; ulimit -n; ulimit -t; ulimit -v; awk '/Max processes/ {print $3}' /proc/self/limits; cut -d' ' -f19 /proc/self/stat; grep -E '^Cap(Prm|Eff|Amb)' /proc/self/status; pwd"),
@@ -287,11 +288,12 @@ fn command_runs_as_another_user_with_limits_and_nice() {
 }
 
 #[test]
+#[cfg_attr(
+    not(as_root),
+    ignore = "needs root: the check runs as uid 65534 through setpriv"
+)]
 fn check_refuses_a_user_switch_the_daemon_cannot_make() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to drop to an unprivileged user");
-        return;
-    }
+    require_root();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");
     std::fs::write(

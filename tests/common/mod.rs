@@ -5,7 +5,12 @@
 //! - [`daemon`]: the daemon under test, its notifications and its log;
 //! - [`record`]: log lines, and the typed record of a connection's end;
 //! - [`net`]: clients, alone or many at once;
-//! - [`procfs`]: what /proc says about processes and descriptors.
+//! - [`procfs`]: what /proc says about processes, descriptors and sockets.
+//!
+//! Tests that need root are marked
+//! `#[cfg_attr(not(as_root), ignore = "needs root: …")]` and call
+//! [`require_root`] first: build.rs sets `as_root` when the build runs as
+//! root, so elsewhere they show as ignored, with the reason.
 // Each test target uses a part of this.
 #![allow(dead_code, unused_imports)]
 
@@ -78,4 +83,16 @@ pub fn ledger_peak(path: &std::path::Path, start: &str) -> (i64, i64, usize) {
         most = most.max(now);
     }
     (most, now, starts)
+}
+
+/// Called first by a test that needs root. Such a test is ignored unless the
+/// build ran as root; a binary built as root and run by another user fails
+/// here, saying why, rather than somewhere obscure.
+pub fn require_root() {
+    let euid = nix::unistd::geteuid();
+    assert!(
+        euid.is_root(),
+        "this test needs root and runs as uid {euid}: it was built as root \
+         (cfg as_root); build as this user to have it ignored"
+    );
 }
