@@ -106,8 +106,9 @@ fn a_bad_config_stops_start_up_before_ready() {
         Options::default(),
     );
     assert_eq!(d.wait_exit().code(), Some(78));
-    assert!(!d.notes.iter().any(|n| n.contains("READY=1")));
     d.wait_log(&[":3:11: service \"a\": command: must not be empty"]);
+    let notes = d.all_notes();
+    assert!(!notes.iter().any(|n| n.contains("READY=1")), "{notes:?}");
 }
 
 #[test]
@@ -229,6 +230,15 @@ fn without_socket_activation_it_binds_the_configured_addresses() {
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(d.wait_exit().code(), Some(0));
     assert!(!path.exists());
+    // What the manager was told, in order; also shows all_notes sees what
+    // was sent (the bad-config test relies on it seeing READY=1).
+    let notes = d.all_notes();
+    let ready = notes.iter().position(|n| n.contains("READY=1"));
+    let stopping = notes.iter().position(|n| n.contains("STOPPING=1"));
+    assert!(
+        ready.is_some() && stopping > ready,
+        "READY=1, then STOPPING=1: {notes:?}"
+    );
 }
 
 #[test]

@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -185,6 +185,23 @@ deny = ["127.0.0.2"]"#,
     }
 }
 
+/// Waits until the daemon has read all that `c` sent: its kernel has
+/// acknowledged the bytes, and they are no longer in its socket's receive
+/// queue.
+fn wait_until_read(c: &TcpStream) {
+    let (client, server) = (c.local_addr().unwrap(), c.peer_addr().unwrap());
+    let read = poll(PATIENCE, || {
+        let acked = tcp_queues(client, server)?.0 == 0;
+        (acked && tcp_queues(server, client)?.1 == 0).then_some(())
+    });
+    assert!(
+        read.is_some(),
+        "the daemon did not read what was sent: {:?} (client), {:?} (daemon)",
+        tcp_queues(client, server),
+        tcp_queues(server, client)
+    );
+}
+
 fn proxy_v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
     h.push(0x21); // version 2, PROXY
@@ -226,8 +243,8 @@ fn proxy_protocol_gives_the_client_address_to_the_command_and_the_rules() {
         "[2001:db8::1]:443".parse().unwrap(),
     );
     c.write_all(&header[..10]).unwrap();
-    c.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    // The rest only once the daemon has read the first part.
+    wait_until_read(&c);
     c.write_all(&header[10..]).unwrap();
     c.shutdown(Shutdown::Write).unwrap();
     assert_eq!(read_all(c), b"2001:db8::7 6000 2001:db8::1\n");

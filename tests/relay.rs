@@ -82,10 +82,19 @@ fn a_command_writing_100_mib_with_plain_writes_never_sees_eagain() {
         "",
     );
     let mut conn = connect(addr);
-    // Read slowly at first so the pipe fills and dd has to block.
     let mut first = vec![0u8; 1024];
     conn.read_exact(&mut first).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // The client reads no more until dd has filled its stdout pipe and waits
+    // in write(2), where a nonblocking write end would have failed instead.
+    let dd = d.children()[0];
+    let blocked = poll(PATIENCE, || blocked_on_full_stdout(dd).then_some(()));
+    assert!(
+        blocked.is_some(),
+        "dd never blocked on a full pipe: {:?}, pipe {:?}; log:\n{}",
+        stat(dd),
+        pipe_fill(dd, 1),
+        d.log_text()
+    );
     let mut rest = Vec::new();
     conn.read_to_end(&mut rest).unwrap();
     assert_eq!(first.len() + rest.len(), 100 << 20);
@@ -265,7 +274,8 @@ fn a_thousand_connections_leave_no_fd_process_or_zombie() {
             assert_eq!(out, "hello\n");
         } // odd ones leave at once, without reading
     }
-    d.wait_record(1001);
+    // Every record, not only the last connection's: they may end out of order.
+    d.wait_records(1001);
     // A connection's record is written after its last descriptor closed.
     assert_eq!(
         d.fd_count(),
@@ -292,11 +302,12 @@ fn most_at_once(global: &str, service: &str, clients: usize) -> usize {
     for out in fan_out(clients, clients, move |_| fetch_text(addr)) {
         assert_eq!(out, "ok\n", "a client was not served");
     }
-    d.wait_record(clients as u64);
+    // Every command has exited (and written its '-') once all have records.
+    d.wait_records(clients);
     // The slot is taken before the command starts ('+') and freed after it
     // exits ('-'), so the running count in the ledger bounds the truth.
-    let (most, now, _) = ledger_peak(&ledger, "+");
-    assert_eq!(now, 0);
+    let (most, now, starts) = ledger_peak(&ledger, "+");
+    assert_eq!((now, starts), (0, clients));
     let pauses = d
         .log_lines(&["not accepting until a connection ends"])
         .len();
@@ -354,7 +365,7 @@ fn output_survives_a_client_that_keeps_sending() {
         conn.shutdown(Shutdown::Both).unwrap();
         sender.join().unwrap();
     }
-    d.wait_record(5);
+    d.wait_records(5);
 }
 
 #[test]

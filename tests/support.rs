@@ -1,9 +1,12 @@
 //! The tests' own support, checked on its own: the record parser refuses
-//! what it does not know, /proc is read right, and clients fanned out
-//! report back.
+//! what it does not know, and each /proc observable the other tests wait on
+//! tells the state it is meant to tell from the one beside it.
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -102,6 +105,63 @@ fn stat_counts_fields_after_the_last_parenthesis() {
     assert_eq!(me.pid, std::process::id() as i32);
     assert!(alive(me.pid));
     assert!(!alive(i32::MAX));
+}
+
+/// The dd test's signal: a writer blocked on its full stdout pipe, not one
+/// that sleeps for another reason, nor one whose pipe has room.
+#[test]
+fn a_writer_blocked_on_a_full_pipe_is_told_from_a_sleeper() {
+    let spawn = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let writer = spawn(
+        "dd",
+        &["if=/dev/zero", "bs=64k", "count=1000", "status=none"],
+    );
+    let mut sleeper = spawn("sh", &["-c", "echo x; exec sleep 30"]);
+    let mut line = [0u8; 2];
+    sleeper
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut line)
+        .unwrap();
+    let (dd, sh) = (writer.id() as i32, sleeper.id() as i32);
+    let blocked = poll(PATIENCE, || blocked_on_full_stdout(dd).then_some(()));
+    assert!(blocked.is_some(), "{:?} {:?}", stat(dd), pipe_fill(dd, 1));
+    poll(PATIENCE, || (stat(sh)?.state == 'S').then_some(())).unwrap();
+    assert!(!blocked_on_full_stdout(sh), "{:?}", pipe_fill(sh, 1));
+    assert_eq!(pipe_fill(sh, 1).map(|(queued, _)| queued), Some(0));
+    for mut child in [writer, sleeper] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+/// The PROXY test's signal: bytes the peer has not read yet, then none.
+#[test]
+fn tcp_queues_show_what_the_peer_has_not_read() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    let (c, s) = (client.local_addr().unwrap(), server.local_addr().unwrap());
+    client.write_all(b"0123456789").unwrap();
+    let queued = poll(PATIENCE, || {
+        (tcp_queues(c, s)?.0 == 0 && tcp_queues(s, c)?.1 == 10).then_some(())
+    });
+    assert!(
+        queued.is_some(),
+        "{:?} {:?}",
+        tcp_queues(c, s),
+        tcp_queues(s, c)
+    );
+    let mut got = [0u8; 10];
+    server.read_exact(&mut got).unwrap();
+    assert_eq!(tcp_queues(s, c).map(|q| q.1), Some(0));
 }
 
 #[test]

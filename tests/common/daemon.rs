@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt, FdMapping};
@@ -109,7 +110,7 @@ struct Inbox {
     arrived: Condvar,
     /// While set, the socket is not read (a service manager that lags).
     paused: AtomicBool,
-    /// Set when the daemon is dropped: the thread ends.
+    /// Set to have the thread read what is queued, then end.
     stop: AtomicBool,
 }
 
@@ -131,8 +132,9 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     inbox: Arc<Inbox>,
-    /// Every notification taken so far by [`Daemon::wait_note`], one entry
-    /// per datagram.
+    reader: Option<JoinHandle<()>>,
+    /// Every notification taken so far (by [`Daemon::wait_note`] or
+    /// [`Daemon::all_notes`]), one entry per datagram.
     pub notes: Vec<String>,
     log: Arc<Log>,
 }
@@ -161,7 +163,7 @@ impl Daemon {
             mode(&config_path, 0o644);
             mode(&notify_path, 0o666);
         }
-        let inbox = read_notifications(notify);
+        let (inbox, reader) = read_notifications(notify);
 
         let names: Vec<String> = sockets.iter().map(|s| s.name.clone()).collect();
         let count = sockets.len();
@@ -229,6 +231,7 @@ impl Daemon {
             dir,
             config_path,
             inbox,
+            reader: Some(reader),
             notes: Vec::new(),
             log,
         }
@@ -270,6 +273,11 @@ impl Daemon {
                 continue;
             }
             if let Some(status) = self.child.try_wait().unwrap() {
+                // Sent just before the exit, maybe, and not read yet.
+                if self.reader.is_some() {
+                    self.stop_reading();
+                    continue;
+                }
                 panic!(
                     "daemon exited ({status}) before notifying {needle:?}; got {:?}; log:\n{}",
                     self.notes,
@@ -282,6 +290,27 @@ impl Daemon {
                 self.notes,
                 self.log_text()
             );
+        }
+    }
+
+    /// Every notification the daemon sent, in order, once it has exited: the
+    /// socket is read to its end, so one missing here was never sent.
+    pub fn all_notes(&mut self) -> &[String] {
+        assert!(
+            self.child.try_wait().unwrap().is_some(),
+            "all_notes: the daemon still runs (wait_exit first)"
+        );
+        self.stop_reading();
+        let rest: Vec<String> = self.inbox.queue.lock().unwrap().drain(..).collect();
+        self.notes.extend(rest);
+        &self.notes
+    }
+
+    /// Has the reader take what is queued on the socket and end.
+    fn stop_reading(&mut self) {
+        self.inbox.stop.store(true, Ordering::Relaxed);
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("the notification reader panicked");
         }
     }
 
@@ -523,7 +552,7 @@ impl Drop for Daemon {
 }
 
 /// Starts the thread that reads `notify` into the returned inbox.
-fn read_notifications(notify: UnixDatagram) -> Arc<Inbox> {
+fn read_notifications(notify: UnixDatagram) -> (Arc<Inbox>, JoinHandle<()>) {
     notify
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
@@ -534,7 +563,7 @@ fn read_notifications(notify: UnixDatagram) -> Arc<Inbox> {
         stop: AtomicBool::new(false),
     });
     let shared = Arc::clone(&inbox);
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         let mut buf = vec![0u8; 4096];
         let take = |n: usize, buf: &[u8]| {
             let note = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -551,8 +580,13 @@ fn read_notifications(notify: UnixDatagram) -> Arc<Inbox> {
                 take(n, &buf);
             }
         }
+        // Whatever was sent before the stop is queued on the socket.
+        notify.set_nonblocking(true).unwrap();
+        while let Ok(n) = notify.recv(&mut buf) {
+            take(n, &buf);
+        }
     });
-    inbox
+    (inbox, reader)
 }
 
 /// Starts the thread that keeps the daemon's stderr, line by line.

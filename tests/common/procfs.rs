@@ -1,6 +1,7 @@
-//! What /proc says about processes (state, parent, group, CPU time, limits)
-//! and their descriptors.
+//! What /proc says about processes (state, parent, group, CPU time, limits),
+//! their descriptors and pipes, and the kernel's TCP sockets.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::poll;
@@ -161,4 +162,74 @@ pub fn pipe_fd_count(pid: i32) -> usize {
         .iter()
         .filter(|(_, t)| t.starts_with("pipe:"))
         .count()
+}
+
+/// The bytes queued in, and the capacity of, the pipe at descriptor `fd` of
+/// `pid` (reopened through /proc, read-write so the open never blocks).
+pub fn pipe_fill(pid: i32, fd: i32) -> Option<(u64, usize)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let pipe = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(format!("/proc/{pid}/fd/{fd}"))
+        .ok()?;
+    let capacity = nix::fcntl::fcntl(&pipe, nix::fcntl::FcntlArg::F_GETPIPE_SZ).ok()?;
+    let queued = rustix::io::ioctl_fionread(&pipe).ok()?;
+    Some((queued, capacity as usize))
+}
+
+/// True while `pid` waits to write to its stdout, a full pipe: it sleeps,
+/// in the kernel's pipe write where wchan tells (`pipe_write`,
+/// `anon_pipe_write` since 6.x), and the pipe has no room for another page
+/// (the reader may have taken part of the oldest one).
+pub fn blocked_on_full_stdout(pid: i32) -> bool {
+    if stat(pid).is_none_or(|s| s.state != 'S') {
+        return false;
+    }
+    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+    let in_pipe_write = wchan.ends_with("pipe_write") || wchan.is_empty() || wchan == "0";
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |p| p as usize);
+    in_pipe_write
+        && pipe_fill(pid, 1).is_some_and(|(queued, capacity)| queued as usize + page > capacity)
+}
+
+/// The send and receive queues (bytes not yet acknowledged, bytes not yet
+/// read) of the TCP socket from `local` to `remote`, from /proc/net/tcp{,6}.
+pub fn tcp_queues(local: SocketAddr, remote: SocketAddr) -> Option<(u64, u64)> {
+    let table = match local {
+        SocketAddr::V4(_) => "/proc/net/tcp",
+        SocketAddr::V6(_) => "/proc/net/tcp6",
+    };
+    let (local, remote) = (proc_net_addr(local), proc_net_addr(remote));
+    let text = std::fs::read_to_string(table).unwrap();
+    text.lines().skip(1).find_map(|l| {
+        // sl local_address rem_address st tx_queue:rx_queue …
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.get(1) != Some(&local.as_str()) || f.get(2) != Some(&remote.as_str()) {
+            return None;
+        }
+        let (tx, rx) = f.get(4)?.split_once(':')?;
+        Some((
+            u64::from_str_radix(tx, 16).ok()?,
+            u64::from_str_radix(rx, 16).ok()?,
+        ))
+    })
+}
+
+/// An address as /proc/net/tcp writes it: the address's 32-bit words in
+/// host order, in hex, then the port.
+fn proc_net_addr(addr: SocketAddr) -> String {
+    let octets = match addr {
+        SocketAddr::V4(a) => a.ip().octets().to_vec(),
+        SocketAddr::V6(a) => a.ip().octets().to_vec(),
+    };
+    let words: String = octets
+        .chunks(4)
+        .map(|w| format!("{:08X}", u32::from_ne_bytes(w.try_into().unwrap())))
+        .collect();
+    format!("{words}:{:04X}", addr.port())
 }

@@ -15,24 +15,15 @@ fn seq_range(from: u64, to: u64) -> Vec<u8> {
         .collect()
 }
 
-/// How many of `pid`'s pipe descriptors have each capacity (F_GETPIPE_SZ on
-/// the pipe reopened through /proc, read-write so the open never blocks).
-fn pipe_sizes(pid: i32) -> BTreeMap<i32, usize> {
-    use std::os::unix::fs::OpenOptionsExt;
+/// How many of `pid`'s pipe descriptors have each capacity.
+fn pipe_sizes(pid: i32) -> BTreeMap<usize, usize> {
     let mut sizes = BTreeMap::new();
     for (n, target) in fd_targets(pid) {
-        if !target.starts_with("pipe:") {
-            continue;
-        }
-        let Ok(f) = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(nix::libc::O_NONBLOCK)
-            .open(format!("/proc/{pid}/fd/{n}"))
-        else {
-            continue;
-        };
-        if let Ok(size) = nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_GETPIPE_SZ) {
+        if let Some((_, size)) = target
+            .starts_with("pipe:")
+            .then(|| pipe_fill(pid, n))
+            .flatten()
+        {
             *sizes.entry(size).or_default() += 1;
         }
     }

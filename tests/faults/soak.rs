@@ -20,14 +20,14 @@ fn soak(n: usize) {
     let started = Instant::now();
     fetches(addr, 1000, THREADS);
     d.wait_records(1000);
-    let (rss_1000, fds_1000) = (rss_kib(pid), d.steady_fd_count());
+    let (rss_1000, fds_1000) = (rss_kib(pid), d.fd_baseline());
     fetches(addr, n - 1000, THREADS);
     let records = d.wait_records(n);
-    let (rss_end, fds_end) = (rss_kib(pid), d.steady_fd_count());
+    let (rss_end, fds_end) = (rss_kib(pid), d.fd_baseline());
     let elapsed = started.elapsed();
     eprintln!(
         "soak: {n} connections from {THREADS} threads in {elapsed:?} ({:.0}/s); RSS after 1,000 \
-         {rss_1000} KiB, at the end {rss_end} KiB; fds {fds_1000} -> {fds_end}",
+         {rss_1000} KiB, at the end {rss_end} KiB; fds and pipes {fds_1000:?} -> {fds_end:?}",
         n as f64 / elapsed.as_secs_f64()
     );
     let slack = (rss_1000 / 20).max(512);
@@ -35,11 +35,7 @@ fn soak(n: usize) {
         rss_end <= rss_1000 + slack,
         "RSS grew from {rss_1000} KiB to {rss_end} KiB"
     );
-    assert!(
-        fds_end <= fds_1000 + fds_1000 / 20,
-        "fds {fds_1000} -> {fds_end}: {:?}",
-        fd_targets(pid)
-    );
+    d.assert_fds_back(fds_1000);
     assert_eq!(records.len(), n);
     assert!(d.children().is_empty());
 }
