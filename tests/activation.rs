@@ -3,6 +3,7 @@
 mod common;
 
 use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 
@@ -105,8 +106,9 @@ fn a_bad_config_stops_start_up_before_ready() {
         Options::default(),
     );
     assert_eq!(d.wait_exit().code(), Some(78));
-    assert!(!d.notes.iter().any(|n| n.contains("READY=1")));
     d.wait_log(&[":3:11: service \"a\": command: must not be empty"]);
+    let notes = d.all_notes();
+    assert!(!notes.iter().any(|n| n.contains("READY=1")), "{notes:?}");
 }
 
 #[test]
@@ -153,30 +155,32 @@ fn a_socket_no_service_claims_is_refused_by_fd_and_name() {
 #[test]
 fn a_passed_fd_that_is_not_a_listening_stream_socket_is_refused() {
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let passed = Passed {
-        fd: udp.into(),
-        name: "dgram".into(),
-    };
-    let mut d = Daemon::spawn(
-        &one_service(r#"["true"]"#, ""),
-        vec![passed],
-        Options::default(),
-    );
-    assert_eq!(d.wait_exit().code(), Some(78));
-    d.wait_log(&["fd 3 (\"dgram\"): a Datagram socket; expected a stream socket"]);
-
     let (client, _server) = UnixStream::pair().unwrap();
-    let passed = Passed {
-        fd: client.into(),
-        name: "conn".into(),
-    };
-    let mut d = Daemon::spawn(
-        &one_service(r#"["true"]"#, ""),
-        vec![passed],
-        Options::default(),
-    );
-    assert_eq!(d.wait_exit().code(), Some(78));
-    d.wait_log(&["fd 3 (\"conn\"): a stream socket that is not listening"]);
+    let cases: [(OwnedFd, &str, &str); 2] = [
+        (
+            udp.into(),
+            "dgram",
+            "fd 3 (\"dgram\"): a Datagram socket; expected a stream socket",
+        ),
+        (
+            client.into(),
+            "conn",
+            "fd 3 (\"conn\"): a stream socket that is not listening",
+        ),
+    ];
+    for (fd, name, message) in cases {
+        let passed = Passed {
+            fd,
+            name: name.into(),
+        };
+        let mut d = Daemon::spawn(
+            &one_service(r#"["true"]"#, ""),
+            vec![passed],
+            Options::default(),
+        );
+        assert_eq!(d.wait_exit().code(), Some(78), "{name}");
+        d.wait_log(&[message]);
+    }
 }
 
 #[test]
@@ -226,6 +230,15 @@ fn without_socket_activation_it_binds_the_configured_addresses() {
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(d.wait_exit().code(), Some(0));
     assert!(!path.exists());
+    // What the manager was told, in order; also shows all_notes sees what
+    // was sent (the bad-config test relies on it seeing READY=1).
+    let notes = d.all_notes();
+    let ready = notes.iter().position(|n| n.contains("READY=1"));
+    let stopping = notes.iter().position(|n| n.contains("STOPPING=1"));
+    assert!(
+        ready.is_some() && stopping > ready,
+        "READY=1, then STOPPING=1: {notes:?}"
+    );
 }
 
 #[test]

@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::TcpStream;
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -12,16 +11,10 @@ use nix::sys::signal::Signal;
 
 #[test]
 fn sigterm_lets_running_connections_finish_then_exits_0() {
-    let (passed, addr) = pass_tcp("drain");
-    let mut d = Daemon::start(
-        &one_service(r#"["sh", "-c", "echo start; sleep 0.5; echo end"]"#, ""),
-        vec![passed],
-    );
-    let conn = TcpStream::connect(addr).unwrap();
-    let mut reader = BufReader::new(conn);
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert_eq!(line, "start\n");
+    // The command finishes when the client says so, once the stop is under way.
+    let (mut d, addr) = serve(&sh("echo start; read x; echo end"), "stdin = \"client\"");
+    let mut conn = connect(addr);
+    assert_eq!(read_line(&mut conn), "start\n");
 
     d.signal(Signal::SIGTERM);
     let stopping = d.wait_note("STOPPING=1");
@@ -29,12 +22,14 @@ fn sigterm_lets_running_connections_finish_then_exits_0() {
         stopping.contains("STATUS=stopping: 1 connections finishing"),
         "{stopping}"
     );
+    conn.write_all(b"go\n").unwrap();
     let mut rest = String::new();
-    reader.read_to_string(&mut rest).unwrap();
+    conn.read_to_string(&mut rest).unwrap();
     assert_eq!(rest, "end\n", "the running stream was cut");
     assert_eq!(d.wait_exit().code(), Some(0));
-    let record = d.log_lines(&["connection ended"]);
-    assert!(record[0].contains("reason=\"output-ended\""), "{record:?}");
+    let records = d.records();
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0].reason, "output-ended", "{}", records[0]);
 }
 
 #[test]
@@ -42,10 +37,10 @@ fn after_shutdown_timeout_running_commands_are_ended() {
     let (passed, addr) = pass_tcp("stuck");
     let config = format!(
         "shutdown_timeout = \"300ms\"\n{}",
-        one_service(r#"["sh", "-c", "echo up; exec sleep 1000"]"#, "")
+        one_service(&sh("echo up; exec sleep 1000"), "")
     );
     let mut d = Daemon::start(&config, vec![passed]);
-    let mut conn = TcpStream::connect(addr).unwrap();
+    let mut conn = connect(addr);
     let mut up = [0u8; 3];
     conn.read_exact(&mut up).unwrap();
     let command = d.children()[0];
@@ -60,29 +55,23 @@ fn after_shutdown_timeout_running_commands_are_ended() {
         asked.elapsed()
     );
     assert!(!alive(command));
-    let mut rest = Vec::new();
-    let _ = conn.read_to_end(&mut rest);
-    let record = d.wait_log(&["connection ended"]);
-    assert!(
-        record.contains("reason=\"shutdown\"") && record.contains("exit=\"SIGTERM\""),
+    // Nothing after "up": the stream ends, and is not cut mid-way.
+    assert_eq!(read_all(conn), b"");
+    let record = d.wait_record(1);
+    assert_eq!(
+        (record.reason.as_str(), record.exit.as_str()),
+        ("shutdown", "SIGTERM"),
         "{record}"
     );
 }
 
 #[test]
 fn sighup_reloads_a_good_file_and_keeps_the_old_one_on_a_bad_file() {
-    let (passed, addr) = pass_tcp("reload");
-    let mut d = Daemon::start(
-        &one_service(r#"["sh", "-c", "echo A; sleep 0.5; echo A-done"]"#, ""),
-        vec![passed],
-    );
-
-    // A stream that is running across the reload goes on with its command.
-    let running = TcpStream::connect(addr).unwrap();
-    let mut running = BufReader::new(running);
-    let mut first = String::new();
-    running.read_line(&mut first).unwrap();
-    assert_eq!(first, "A\n");
+    // A stream that is running across the reload goes on with its command,
+    // which finishes when the client says so, after the reload.
+    let (mut d, addr) = serve(&sh("echo A; read x; echo A-done"), "stdin = \"client\"");
+    let mut running = connect(addr);
+    assert_eq!(read_line(&mut running), "A\n");
 
     std::fs::write(&d.config_path, one_service(r#"["echo", "B"]"#, "")).unwrap();
     d.signal(Signal::SIGHUP);
@@ -90,6 +79,7 @@ fn sighup_reloads_a_good_file_and_keeps_the_old_one_on_a_bad_file() {
     assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
     d.wait_note("READY=1");
     assert_eq!(fetch_text(addr), "B\n");
+    running.write_all(b"go\n").unwrap();
     let mut rest = String::new();
     running.read_to_string(&mut rest).unwrap();
     assert_eq!(rest, "A-done\n");
@@ -118,8 +108,7 @@ fn sighup_reloads_a_good_file_and_keeps_the_old_one_on_a_bad_file() {
 
 #[test]
 fn status_reports_live_figures() {
-    let (passed, addr) = pass_tcp("status");
-    let mut d = Daemon::start(&one_service(r#"["echo", "1234567"]"#, ""), vec![passed]);
+    let (mut d, addr) = serve(r#"["echo", "1234567"]"#, "");
     let ready = d.notes.last().unwrap().clone();
     assert!(
         ready.contains("STATUS=0 active, 0 served, 0 B sent"),
@@ -132,10 +121,7 @@ fn status_reports_live_figures() {
 #[test]
 fn the_watchdog_is_fed_from_the_event_loop() {
     let (passed, _addr) = pass_tcp("dog");
-    let opts = Options {
-        env: vec![("WATCHDOG_USEC".into(), "200000".into())],
-        ..Options::default()
-    };
+    let opts = Options::env(&[("WATCHDOG_USEC", "200000")]);
     let mut d = Daemon::spawn(&one_service(r#"["true"]"#, ""), vec![passed], opts);
     d.wait_note("READY=1");
     // At half of 200 ms: three pings take about 300 ms.
@@ -153,10 +139,7 @@ fn reload_request_returns_once_the_file_is_applied() {
     let (passed, addr) = pass_tcp("handshake");
     let runtime = tempfile::tempdir().unwrap();
     let dir = runtime.path().display().to_string();
-    let opts = Options {
-        env: vec![("RUNTIME_DIRECTORY".into(), dir.clone())],
-        ..Options::default()
-    };
+    let opts = Options::env(&[("RUNTIME_DIRECTORY", &dir)]);
     let mut d = Daemon::spawn(&one_service(r#"["echo", "one"]"#, ""), vec![passed], opts);
     d.wait_note("READY=1");
     let request = |pid: i32| {

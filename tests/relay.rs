@@ -47,24 +47,18 @@ fn received_sha256(mut conn: impl Read) -> (u64, String) {
 }
 
 fn checksum_over(transfer: &str, script: &str, min_bytes: u64) {
-    let (passed, addr) = pass_tcp("bulk");
-    let config = one_service(
-        &format!(r#"["sh", "-c", "{script}"]"#),
-        &format!("transfer = \"{transfer}\""),
-    );
-    let d = Daemon::start(&config, vec![passed]);
-    let conn = TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(PATIENCE)).unwrap();
-    let (bytes, got) = received_sha256(conn);
+    let (d, addr) = serve(&sh(script), &format!("transfer = \"{transfer}\""));
+    let (bytes, got) = received_sha256(connect(addr));
     assert!(bytes >= min_bytes, "only {bytes} bytes");
     assert_eq!(
         got,
         expected_sha256(script),
         "{transfer}: {bytes} bytes arrived but differ"
     );
-    let record = d.wait_log(&["connection ended", "reason=\"output-ended\""]);
-    assert!(record.contains(&format!("bytes={bytes} ")), "{record}");
-    assert!(record.contains("exit=\"0\""), "{record}");
+    let record = d.wait_record(1);
+    assert_eq!(record.reason, "output-ended", "{record}");
+    assert_eq!(record.bytes, bytes, "{record}");
+    assert_eq!(record.exit, "0", "{record}");
 }
 
 #[test]
@@ -83,22 +77,29 @@ fn bytes_arrive_intact_through_the_copy_path() {
 fn a_command_writing_100_mib_with_plain_writes_never_sees_eagain() {
     // dd reports a short or failed write(2) on stderr; the stdout pipe's
     // write end must stay blocking whatever the daemon does with its end.
-    let (passed, addr) = pass_tcp("dd");
-    let config = one_service(
+    let (d, addr) = serve(
         r#"["dd", "if=/dev/zero", "bs=1M", "count=100", "status=none"]"#,
         "",
     );
-    let d = Daemon::start(&config, vec![passed]);
-    let mut conn = TcpStream::connect(addr).unwrap();
-    // Read slowly at first so the pipe fills and dd has to block.
+    let mut conn = connect(addr);
     let mut first = vec![0u8; 1024];
     conn.read_exact(&mut first).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // The client reads no more until dd has filled its stdout pipe and waits
+    // in write(2), where a nonblocking write end would have failed instead.
+    let dd = d.children()[0];
+    let blocked = poll(PATIENCE, || blocked_on_full_stdout(dd).then_some(()));
+    assert!(
+        blocked.is_some(),
+        "dd never blocked on a full pipe: {:?}, pipe {:?}; log:\n{}",
+        stat(dd),
+        pipe_fill(dd, 1),
+        d.log_text()
+    );
     let mut rest = Vec::new();
     conn.read_to_end(&mut rest).unwrap();
     assert_eq!(first.len() + rest.len(), 100 << 20);
-    let record = d.wait_log(&["connection ended"]);
-    assert!(record.contains("exit=\"0\""), "{record}");
+    let record = d.wait_record(1);
+    assert_eq!(record.exit, "0", "{record}");
     assert!(
         d.log_lines(&["stream=\"stderr\""]).is_empty(),
         "dd complained: {}",
@@ -110,13 +111,11 @@ fn a_command_writing_100_mib_with_plain_writes_never_sees_eagain() {
 fn a_slow_producers_lines_arrive_promptly() {
     // Each line carries the producer's clock when it was printed; the client
     // compares with its own clock when the line arrives.
-    let (passed, addr) = pass_tcp("ticks");
-    let script = "for i in $(seq 1 30); do date +%s%N; sleep 0.05; done";
-    let d = Daemon::start(
-        &one_service(&format!(r#"["sh", "-c", "{script}"]"#), ""),
-        vec![passed],
+    let (d, addr) = serve(
+        &sh("for i in $(seq 1 30); do date +%s%N; sleep 0.05; done"),
+        "",
     );
-    let conn = TcpStream::connect(addr).unwrap();
+    let conn = connect(addr);
     let mut delays = Vec::new();
     for line in BufReader::new(conn).lines() {
         let now = SystemTime::now()
@@ -147,17 +146,14 @@ fn a_slow_producers_lines_arrive_promptly() {
 fn the_command_gets_peer_variables_and_a_scrubbed_environment() {
     let (passed, addr) = pass_tcp("env");
     let config = one_service(r#"["env"]"#, "env = { GREETING = \"hello world\" }");
-    let opts = Options {
-        env: vec![
-            ("WATCHDOG_USEC".into(), "600000000".into()),
-            ("WATCHDOG_PID".into(), "1".into()),
-            ("KEEP_ME".into(), "yes".into()),
-        ],
-        ..Options::default()
-    };
+    let opts = Options::env(&[
+        ("WATCHDOG_USEC", "600000000"),
+        ("WATCHDOG_PID", "1"),
+        ("KEEP_ME", "yes"),
+    ]);
     let mut d = Daemon::spawn(&config, vec![passed], opts);
     d.wait_note("READY=1");
-    let conn = TcpStream::connect(addr).unwrap();
+    let conn = connect(addr);
     let local = conn.local_addr().unwrap();
     let mut out = String::new();
     BufReader::new(conn).read_to_string(&mut out).unwrap();
@@ -192,13 +188,8 @@ fn the_command_gets_peer_variables_and_a_scrubbed_environment() {
 
 #[test]
 fn stdin_from_the_client_with_half_close() {
-    let (passed, addr) = pass_tcp("upper");
-    let d = Daemon::start(
-        &one_service(r#"["tr", "a-z", "A-Z"]"#, "stdin = \"client\""),
-        vec![passed],
-    );
-    let mut conn = TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    let (d, addr) = serve(r#"["tr", "a-z", "A-Z"]"#, "stdin = \"client\"");
+    let mut conn = connect(addr);
     let reader = {
         let mut c = conn.try_clone().unwrap();
         std::thread::spawn(move || {
@@ -220,24 +211,14 @@ fn stdin_from_the_client_with_half_close() {
     assert!(out
         .chunks(chunk.len())
         .all(|c| c == b"THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG\n"));
-    let record = d.wait_log(&["connection ended"]);
-    assert!(
-        record.contains(&format!("bytes_received={sent} ")),
-        "{record}"
-    );
-    assert!(record.contains("reason=\"output-ended\""), "{record}");
+    let record = d.wait_record(1);
+    assert_eq!(record.bytes_received, sent as u64, "{record}");
+    assert_eq!(record.reason, "output-ended", "{record}");
 }
 
 #[test]
 fn stderr_lines_are_logged_with_the_connection() {
-    let (passed, addr) = pass_tcp("noisy");
-    let d = Daemon::start(
-        &one_service(
-            r#"["sh", "-c", "echo out; echo oops >&2; echo again >&2"]"#,
-            "",
-        ),
-        vec![passed],
-    );
+    let (d, addr) = serve(&sh("echo out; echo oops >&2; echo again >&2"), "");
     assert_eq!(fetch_text(addr), "out\n");
     let line = d.wait_log(&["oops", "stream=\"stderr\""]);
     assert!(
@@ -249,15 +230,13 @@ fn stderr_lines_are_logged_with_the_connection() {
 
 #[test]
 fn a_client_that_leaves_ends_the_whole_process_group() {
-    let (passed, addr) = pass_tcp("group");
     // A grandchild that ignores nothing, and a leader that ignores SIGTERM,
     // so only the SIGKILL after kill_grace ends it.
-    let script = "trap '' TERM; sleep 1000 & echo $!; while :; do echo tick; sleep 0.01; done";
-    let d = Daemon::start(
-        &one_service(&format!(r#"["sh", "-c", "{script}"]"#), ""),
-        vec![passed],
+    let (d, addr) = serve(
+        &sh("trap '' TERM; sleep 1000 & echo $!; while :; do echo tick; sleep 0.01; done"),
+        "",
     );
-    let conn = TcpStream::connect(addr).unwrap();
+    let conn = connect(addr);
     let mut lines = BufReader::new(conn);
     let mut first = String::new();
     lines.read_line(&mut first).unwrap();
@@ -267,9 +246,10 @@ fn a_client_that_leaves_ends_the_whole_process_group() {
     let left = Instant::now();
     drop(lines);
 
-    let record = d.wait_log(&["connection ended", "reason=\"client-gone\""]);
+    let record = d.wait_record(1);
+    assert_eq!(record.reason, "client-gone", "{record}");
     // kill_grace is 300 ms; the leader ignored SIGTERM, so SIGKILL ended it.
-    assert!(record.contains("exit=\"SIGKILL\""), "{record}");
+    assert_eq!(record.exit, "SIGKILL", "{record}");
     assert!(
         left.elapsed() < Duration::from_millis(300 + 1000),
         "took {:?}",
@@ -282,10 +262,9 @@ fn a_client_that_leaves_ends_the_whole_process_group() {
 
 #[test]
 fn a_thousand_connections_leave_no_fd_process_or_zombie() {
-    let (passed, addr) = pass_tcp("many");
-    let d = Daemon::start(&one_service(r#"["echo", "hello"]"#, ""), vec![passed]);
+    let (d, addr) = serve(r#"["echo", "hello"]"#, "");
     assert_eq!(fetch_text(addr), "hello\n");
-    d.wait_log(&["connection ended", "conn=1 "]);
+    d.wait_record(1);
     let before = d.fd_count();
     for i in 0..1000 {
         let mut s = TcpStream::connect(addr).unwrap();
@@ -295,7 +274,8 @@ fn a_thousand_connections_leave_no_fd_process_or_zombie() {
             assert_eq!(out, "hello\n");
         } // odd ones leave at once, without reading
     }
-    d.wait_log(&["connection ended", "conn=1001 "]);
+    // Every record, not only the last connection's: they may end out of order.
+    d.wait_records(1001);
     // A connection's record is written after its last descriptor closed.
     assert_eq!(
         d.fd_count(),
@@ -317,26 +297,17 @@ fn most_at_once(global: &str, service: &str, clients: usize) -> usize {
         "echo + >> {0}; sleep 0.02; echo - >> {0}; echo ok",
         ledger.display()
     );
-    let config = format!(
-        "{global}\n{}",
-        one_service(&format!(r#"["sh", "-c", "{script}"]"#), service)
-    );
+    let config = format!("{global}\n{}", one_service(&sh(&script), service));
     let d = Daemon::start(&config, vec![passed]);
-    let threads: Vec<_> = (0..clients)
-        .map(|_| std::thread::spawn(move || fetch_text(addr)))
-        .collect();
-    for t in threads {
-        assert_eq!(t.join().unwrap(), "ok\n", "a client was not served");
+    for out in fan_out(clients, clients, move |_| fetch_text(addr)) {
+        assert_eq!(out, "ok\n", "a client was not served");
     }
-    d.wait_log(&["connection ended", &format!("conn={clients} ")]);
+    // Every command has exited (and written its '-') once all have records.
+    d.wait_records(clients);
     // The slot is taken before the command starts ('+') and freed after it
     // exits ('-'), so the running count in the ledger bounds the truth.
-    let (mut now, mut most) = (0i64, 0i64);
-    for line in std::fs::read_to_string(&ledger).unwrap().lines() {
-        now += if line == "+" { 1 } else { -1 };
-        most = most.max(now);
-    }
-    assert_eq!(now, 0);
+    let (most, now, starts) = ledger_peak(&ledger, "+");
+    assert_eq!((now, starts), (0, clients));
     let pauses = d
         .log_lines(&["not accepting until a connection ends"])
         .len();
@@ -378,11 +349,7 @@ fn the_global_limit_holds_too() {
 fn output_survives_a_client_that_keeps_sending() {
     // The command ignores its input; the client sends all the while. Closing
     // with unread input would reset the connection and cut the output short.
-    let (passed, addr) = pass_tcp("chatty");
-    let d = Daemon::start(
-        &one_service(r#"["head", "-c", "4000000", "/dev/zero"]"#, ""),
-        vec![passed],
-    );
+    let (d, addr) = serve(r#"["head", "-c", "4000000", "/dev/zero"]"#, "");
     for _ in 0..5 {
         let conn = TcpStream::connect(addr).unwrap();
         let mut writer = conn.try_clone().unwrap();
@@ -398,20 +365,15 @@ fn output_survives_a_client_that_keeps_sending() {
         conn.shutdown(Shutdown::Both).unwrap();
         sender.join().unwrap();
     }
-    d.wait_log(&["connection ended", "conn=5 "]);
+    d.wait_records(5);
 }
 
 #[test]
 fn an_urgent_byte_does_not_stall_the_input() {
     use nix::sys::socket::{send, MsgFlags};
     use std::os::fd::AsRawFd;
-    let (passed, addr) = pass_tcp("oob");
-    let d = Daemon::start(
-        &one_service(r#"["tr", "a-z", "A-Z"]"#, "stdin = \"client\""),
-        vec![passed],
-    );
-    let mut conn = TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    let (d, addr) = serve(r#"["tr", "a-z", "A-Z"]"#, "stdin = \"client\"");
+    let mut conn = connect(addr);
     conn.write_all(b"abc").unwrap();
     send(conn.as_raw_fd(), b"!", MsgFlags::MSG_OOB).unwrap();
     conn.write_all(b"def\n").unwrap();
@@ -444,23 +406,22 @@ fn a_command_that_cannot_start_is_recorded_and_the_daemon_serves_on() {
     let dir = tempfile::tempdir().unwrap();
     let wd = dir.path().join("wd");
     std::fs::create_dir(&wd).unwrap();
-    let (passed, addr) = pass_tcp("gone");
-    let config = one_service(
+    let (d, addr) = serve(
         r#"["echo", "fine"]"#,
         &format!("working_directory = \"{}\"", wd.display()),
     );
-    let d = Daemon::start(&config, vec![passed]);
     std::fs::remove_dir(&wd).unwrap();
     assert_eq!(fetch_text(addr), "", "the client is closed without output");
-    let record = d.wait_log(&["connection ended", "reason=\"spawn-failed\""]);
+    let record = d.wait_record(1);
+    assert_eq!(record.reason, "spawn-failed", "{record}");
     assert!(
-        record.contains(&format!(
+        record.message.contains(&format!(
             "cannot change to working_directory {}: No such file or directory",
             wd.display()
         )),
         "{record}"
     );
-    assert!(record.contains("ERROR"), "{record}");
+    assert_eq!(record.level, "ERROR", "{record}");
     std::fs::create_dir(&wd).unwrap();
     assert_eq!(fetch_text(addr), "fine\n");
 }
@@ -469,73 +430,46 @@ fn a_command_that_cannot_start_is_recorded_and_the_daemon_serves_on() {
 fn direct_transfer_hands_the_socket_to_the_command() {
     checksum_direct();
     // stdin is the socket too: a half-close reaches the command as EOF.
-    let (passed, addr) = pass_tcp("direct-stdin");
-    let d = Daemon::start(
-        &one_service(r#"["tr", "a-z", "A-Z"]"#, "transfer = \"direct\""),
-        vec![passed],
-    );
-    let mut conn = TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    let (d, addr) = serve(r#"["tr", "a-z", "A-Z"]"#, "transfer = \"direct\"");
+    let mut conn = connect(addr);
     conn.write_all(b"hello direct\n").unwrap();
     conn.shutdown(Shutdown::Write).unwrap();
     let mut out = String::new();
     conn.read_to_string(&mut out).unwrap();
     assert_eq!(out, "HELLO DIRECT\n");
-    let record = d.wait_log(&["connection ended", "reason=\"command-exited\""]);
-    assert!(
-        record.contains("bytes=13 ") && record.contains("bytes_received=13 "),
-        "{record}"
-    );
+    let record = d.wait_record(1);
+    assert_eq!(record.reason, "command-exited", "{record}");
+    assert_eq!((record.bytes, record.bytes_received), (13, 13), "{record}");
 }
 
 fn checksum_direct() {
     let script = "seq 1 30000000";
-    let (passed, addr) = pass_tcp("direct");
-    let config = one_service(
-        &format!(r#"["sh", "-c", "{script}"]"#),
-        "transfer = \"direct\"",
-    );
-    let d = Daemon::start(&config, vec![passed]);
-    let conn = TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(PATIENCE)).unwrap();
-    let (bytes, got) = received_sha256(conn);
+    let (d, addr) = serve(&sh(script), "transfer = \"direct\"");
+    let (bytes, got) = received_sha256(connect(addr));
     assert_eq!(
         got,
         expected_sha256(script),
         "direct: {bytes} bytes arrived but differ"
     );
     // The daemon never saw the bytes; TCP_INFO counted them.
-    let record = d.wait_log(&["connection ended", "reason=\"command-exited\""]);
-    assert!(record.contains(&format!("bytes={bytes} ")), "{record}");
+    let record = d.wait_record(1);
+    assert_eq!(record.reason, "command-exited", "{record}");
+    assert_eq!(record.bytes, bytes, "{record}");
 }
 
 #[test]
 fn direct_transfer_ends_the_group_when_the_client_resets() {
-    use nix::sys::socket::{setsockopt, sockopt};
-    let (passed, addr) = pass_tcp("direct-reset");
-    let script = "trap '' TERM; sleep 1000 & echo $!; exec sleep 1000";
-    let config = one_service(
-        &format!(r#"["sh", "-c", "{script}"]"#),
+    let (d, addr) = serve(
+        &sh("trap '' TERM; sleep 1000 & echo $!; exec sleep 1000"),
         "transfer = \"direct\"",
     );
-    let d = Daemon::start(&config, vec![passed]);
-    let conn = TcpStream::connect(addr).unwrap();
-    let mut first = String::new();
-    BufReader::new(&conn).read_line(&mut first).unwrap();
-    let grandchild: i32 = first.trim().parse().unwrap();
-    // SO_LINGER 0: close sends a reset.
-    setsockopt(
-        &conn,
-        sockopt::Linger,
-        &nix::libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        },
-    )
-    .unwrap();
+    let mut conn = connect(addr);
+    let grandchild: i32 = read_line(&mut conn).trim().parse().unwrap();
+    reset_on_close(&conn);
     drop(conn);
-    let record = d.wait_log(&["connection ended", "reason=\"client-gone\""]);
-    assert!(record.contains("exit=\"SIGKILL\""), "{record}");
+    let record = d.wait_record(1);
+    assert_eq!(record.reason, "client-gone", "{record}");
+    assert_eq!(record.exit, "SIGKILL", "{record}");
     assert!(gone_soon(grandchild), "grandchild {grandchild} survived");
     assert!(d.children().is_empty());
 }
@@ -548,10 +482,7 @@ fn the_command_starts_with_default_signals_its_own_group_and_three_descriptors()
     let (passed, addr) = pass_tcp("test");
     // Started with a soft descriptor limit below the hard one, which the
     // daemon raises for itself.
-    let opts = Options {
-        env: vec![("SR_NOFILE_SOFT".into(), "1000".into())],
-        ..Options::default()
-    };
+    let opts = Options::env(&[("SR_NOFILE_SOFT", "1000")]);
     let mut d = Daemon::spawn(
         &one_service(
             r#"["sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status; cut -d' ' -f5 /proc/$$/stat; ls /proc/self/fd | wc -l; ulimit -Sn"]"#,
@@ -561,30 +492,18 @@ fn the_command_starts_with_default_signals_its_own_group_and_three_descriptors()
         opts,
     );
     d.wait_note("READY=1");
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
-    assert!(
-        !limits.contains("Max open files            1000 "),
-        "{limits}"
-    );
+    let (soft, _) = limits(d.pid(), "Max open files");
+    assert_ne!(soft, "1000", "the daemon did not raise its soft limit");
     let out = fetch_text(addr);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "SigBlk:\t0000000000000000", "{out}");
     // Ignored: only what the daemon itself inherited ignored (a test
     // runner's environment may have some); not the SIGPIPE it ignores.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
-    let daemon_ignored = status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigIgn:\t"))
-        .map(|hex| u64::from_str_radix(hex, 16).unwrap())
-        .unwrap();
+    let daemon_ignored = signal_mask(d.pid(), "SigIgn");
     // The daemon catches only the signals the spawn resets in the child
     // (sys.rs, RESET_SIGNALS): HUP, INT, BUS, SEGV, TERM. A handler added
     // elsewhere could run in the child before exec; this catches it.
-    let caught = status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigCgt:\t"))
-        .map(|hex| u64::from_str_radix(hex, 16).unwrap())
-        .unwrap();
+    let caught = signal_mask(d.pid(), "SigCgt");
     // Signal 33 is glibc's own SIGSETXID handler, sent only by glibc's setuid
     // family, which the daemon never calls (the spawn uses raw syscalls).
     let reset: u64 = [1, 2, 7, 11, 15, 33].iter().map(|n| 1u64 << (n - 1)).sum();
@@ -600,17 +519,10 @@ fn the_command_starts_with_default_signals_its_own_group_and_three_descriptors()
         format!("SigIgn:\t{:016x}", daemon_ignored & !sigpipe),
         "{out}"
     );
-    let record = d.wait_log(&["connection ended"]);
-    let pid = record
-        .split(" pid=")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap();
+    let record = d.wait_record(1);
     assert_eq!(
         lines[2].trim(),
-        pid,
+        record.pid.to_string(),
         "the command leads its own group: {out}"
     );
     // ls's own descriptors: 0, 1, 2 and the directory it lists.

@@ -1,0 +1,213 @@
+//! The daemon's log lines on stderr (tracing's fmt format:
+//! `TIMESTAMP LEVEL message key=value …`), and the one a connection ends
+//! with, parsed into a typed [`Record`].
+
+use std::fmt;
+use std::net::SocketAddr;
+
+/// What a record's message starts with (src/record.rs, `Record::write`).
+const RECORD: &str = "connection ended: ";
+
+/// A record's fields, in the order the daemon writes them, and whether each
+/// is quoted (strings are; numbers and the peer are not).
+const FIELDS: [(&str, bool); 13] = [
+    ("conn", false),
+    ("service", true),
+    ("peer", false),
+    ("pid", false),
+    ("bytes", false),
+    ("bytes_received", false),
+    ("duration_ms", false),
+    ("exit", true),
+    ("reason", true),
+    ("cpu_usec", true),
+    ("memory_peak", true),
+    ("tasks_peak", true),
+    ("oom_kills", true),
+];
+
+/// The record the daemon logs when a connection ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// INFO, WARN (an error on the way) or ERROR (the command never started).
+    pub level: String,
+    /// What follows "connection ended: " up to the fields, detail included.
+    pub message: String,
+    pub conn: u64,
+    pub service: String,
+    pub peer: String,
+    /// The command's pid (its process group's id); 0 if it never started.
+    pub pid: i32,
+    pub bytes: u64,
+    pub bytes_received: u64,
+    pub duration_ms: u64,
+    /// "0", another exit code, a signal name ("SIGTERM") or "none".
+    pub exit: String,
+    pub reason: String,
+    /// What the command used (None: "none", not known here).
+    pub cpu_usec: Option<u64>,
+    pub memory_peak: Option<u64>,
+    pub tasks_peak: Option<u64>,
+    pub oom_kills: Option<u64>,
+    /// The whole line, for messages.
+    pub line: String,
+}
+
+impl Record {
+    /// True for a record line, well formed or not: its message starts with
+    /// "connection ended: ". A command's stderr line that says the same is
+    /// not one.
+    pub fn is_record(line: &str) -> bool {
+        split_line(line).is_some_and(|(_, text)| text.starts_with(RECORD))
+            && !line.ends_with(" stream=\"stderr\"")
+    }
+
+    /// The record of `line`; None for any other line. Panics on a malformed
+    /// record: a changed format must fail the tests, not make them skip it.
+    pub fn from_line(line: &str) -> Option<Record> {
+        Record::is_record(line)
+            .then(|| Record::parse(line).unwrap_or_else(|e| panic!("{e}\nin the record: {line}")))
+    }
+
+    /// Parses a record line; the error says what is wrong with it.
+    pub fn parse(line: &str) -> Result<Record, String> {
+        let (level, text) = split_line(line).ok_or("no timestamp and level")?;
+        let text = text
+            .strip_prefix(RECORD)
+            .ok_or_else(|| format!("not a record: no {RECORD:?}"))?;
+        // The message is free text; the fields are the last " conn=" on.
+        let at = text.rfind(" conn=").ok_or("no conn= field")?;
+        let (message, mut rest) = (&text[..at], &text[at + 1..]);
+        let mut values = Vec::with_capacity(FIELDS.len());
+        for (i, (key, quoted)) in FIELDS.iter().enumerate() {
+            rest = rest
+                .strip_prefix(key)
+                .and_then(|r| r.strip_prefix('='))
+                .ok_or_else(|| format!("expected {key}= at {rest:?}"))?;
+            let (value, after) = if *quoted {
+                unquote(rest)
+                    .ok_or_else(|| format!("{key}: expected a quoted value at {rest:?}"))?
+            } else {
+                let end = rest.find(' ').unwrap_or(rest.len());
+                (rest[..end].to_owned(), &rest[end..])
+            };
+            rest = if i + 1 < FIELDS.len() {
+                after
+                    .strip_prefix(' ')
+                    .ok_or_else(|| format!("{key}: expected a space after the value"))?
+            } else if after.is_empty() {
+                after
+            } else {
+                return Err(format!("unexpected text after the fields: {after:?}"));
+            };
+            values.push(value);
+        }
+        let number = |i: usize| -> Result<u64, String> {
+            values[i]
+                .parse()
+                .map_err(|e| format!("{}={:?}: {e}", FIELDS[i].0, values[i]))
+        };
+        let maybe = |i: usize| -> Result<Option<u64>, String> {
+            match values[i].as_str() {
+                "none" => Ok(None),
+                _ => number(i).map(Some),
+            }
+        };
+        Ok(Record {
+            level: level.to_owned(),
+            message: message.to_owned(),
+            conn: number(0)?,
+            service: values[1].clone(),
+            peer: values[2].clone(),
+            pid: values[3]
+                .parse()
+                .map_err(|e| format!("pid={:?}: {e}", values[3]))?,
+            bytes: number(4)?,
+            bytes_received: number(5)?,
+            duration_ms: number(6)?,
+            exit: values[7].clone(),
+            reason: values[8].clone(),
+            cpu_usec: maybe(9)?,
+            memory_peak: maybe(10)?,
+            tasks_peak: maybe(11)?,
+            oom_kills: maybe(12)?,
+            line: line.to_owned(),
+        })
+    }
+
+    /// Asserts how the connection ended: its reason and the command's exit.
+    pub fn assert_ended(&self, reason: &str, exit: &str) {
+        assert_eq!(
+            (self.reason.as_str(), self.exit.as_str()),
+            (reason, exit),
+            "{self}"
+        );
+    }
+
+    /// The client's port, for a TCP peer.
+    pub fn peer_port(&self) -> u16 {
+        let addr: SocketAddr = self
+            .peer
+            .parse()
+            .unwrap_or_else(|e| panic!("peer {:?}: {e}", self.peer));
+        addr.port()
+    }
+}
+
+impl fmt::Display for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.line)
+    }
+}
+
+/// A quoted value as tracing writes a string (Rust's `{:?}`), and the text
+/// after it. Only the escapes a config's service name or an exit could need.
+fn unquote(s: &str) -> Option<(String, &str)> {
+    let mut chars = s.strip_prefix('"')?.char_indices();
+    let mut out = String::new();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Some((out, &s[i + 2..])),
+            '\\' => match chars.next()?.1 {
+                'n' => out.push('\n'),
+                't' => out.push('\t'),
+                c @ ('"' | '\\' | '\'') => out.push(c),
+                _ => return None,
+            },
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+/// The level and the text (message and fields) of a log line; None for a
+/// line without a timestamp (what the daemon prints before logging starts).
+pub fn split_line(line: &str) -> Option<(&str, &str)> {
+    let (_timestamp, rest) = line.split_once(' ')?;
+    let (level, text) = rest.trim_start().split_once(' ')?;
+    ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"]
+        .contains(&level)
+        .then_some((level, text))
+}
+
+/// A field of a log line, `name=value` or `name="value"`, without the quotes.
+pub fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!(" {name}=");
+    let start = line.find(&key)? + key.len();
+    let rest = &line[start..];
+    if let Some(quoted) = rest.strip_prefix('"') {
+        quoted.split('"').next()
+    } else {
+        rest.split(' ').next()
+    }
+}
+
+/// The text of a command's stderr line as the daemon logs it: between the
+/// level and the fields.
+pub fn stderr_text(line: &str) -> &str {
+    let (_, text) = split_line(line).unwrap_or_else(|| panic!("not a log line: {line}"));
+    let end = text
+        .find(" conn=")
+        .unwrap_or_else(|| panic!("no conn field: {line}"));
+    &text[..end]
+}

@@ -1,0 +1,212 @@
+//! Out of descriptors: with RLIMIT_NOFILE low, connections that cannot get
+//! their descriptors fail with a record, accept failures pause the listener
+//! without spinning, and everything recovers once descriptors come back.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// The lowest descriptor number `pid` does not use: the next one it gets
+/// (the least of a few looks, as in [`Daemon::steady_fd_count`]).
+fn lowest_free_fd(pid: i32) -> i32 {
+    (0..5)
+        .map(|i| {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let used: Vec<i32> = fd_targets(pid).into_iter().map(|(n, _)| n).collect();
+            (0..).find(|n| !used.contains(n)).unwrap()
+        })
+        .min()
+        .unwrap()
+}
+
+/// Sets RLIMIT_NOFILE (soft and hard) of a running process.
+fn set_nofile(pid: i32, limit: i32) {
+    let out = Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// A daemon started with RLIMIT_NOFILE 64 (soft and hard) and more
+/// concurrent connections than that allows:
+/// - the connection that does not fit is closed with a spawn-failed record
+///   ("Too many open files"), and so is one whose stdout pipe cannot be
+///   created (EMFILE at pipe2, the limit set just above the next free fd);
+/// - with the table full (the limit lowered to the next free fd), accept
+///   fails: logged once, retried without spinning (CPU under 20% of the
+///   episode), while the connections it has are served on;
+/// - when they end, waiting clients are taken and a new client is served;
+///   descriptors and pipes are back to the baseline, no child is left.
+#[test]
+fn running_out_of_descriptors_fails_connections_not_the_daemon() {
+    let (passed, addr) = pass_tcp("fds");
+    let config = one_service(
+        r#"["sh", "-c", "echo up; exec cat"]"#,
+        "stdin = \"client\"\nmax_connections = 200",
+    );
+    let mut d = Daemon::spawn(
+        &config,
+        vec![passed],
+        Options {
+            nofile: Some(64),
+            ..Options::default()
+        },
+    );
+    d.wait_note("READY=1");
+    let pid = d.pid();
+    let nofile = limits(pid, "Max open files");
+    assert_eq!(nofile, ("64".into(), "64".into()));
+
+    /// Connects and reads the greeting: Some(stream) if served, None if
+    /// the daemon closed the connection without output.
+    fn greeted(addr: SocketAddr) -> Option<TcpStream> {
+        let mut s = connect(addr);
+        match read_line(&mut s).as_str() {
+            "up\n" => Some(s),
+            "" => None,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    fn ping(s: &TcpStream, i: usize) {
+        let mut w = s;
+        writeln!(w, "ping {i}").unwrap();
+        let mut line = String::new();
+        let mut r = BufReader::new(s);
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line, format!("ping {i}\n"));
+    }
+    fn finish(s: TcpStream) {
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        (&s).read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+    }
+
+    // Warm-up and baseline.
+    finish(greeted(addr).unwrap());
+    d.wait_records(1);
+    let baseline = d.fd_baseline();
+    let mut conns = 1;
+
+    // A. Connections until one does not fit.
+    let mut held = Vec::new();
+    let refused = loop {
+        assert!(held.len() < 64, "64 connections fit in 64 descriptors?");
+        conns += 1;
+        match greeted(addr) {
+            Some(s) => held.push(s),
+            None => break d.wait_record(conns),
+        }
+    };
+    eprintln!(
+        "fds: baseline {baseline:?}, {} connections held with the limit at 64 ({} fds); then: {refused}",
+        held.len(),
+        d.fd_count()
+    );
+    assert_eq!(refused.reason, "spawn-failed", "{refused}");
+    assert!(refused.message.contains("Too many open files"), "{refused}");
+    for (i, s) in held.iter().enumerate() {
+        ping(s, i);
+    }
+
+    // B. Room for the accepted socket and one more descriptor: pipe2 fails.
+    let free = lowest_free_fd(pid);
+    set_nofile(pid, free + 2);
+    conns += 1;
+    assert!(greeted(addr).is_none(), "served without room for its pipes");
+    let pipe_failed = d.wait_record(conns);
+    eprintln!(
+        "fds: limit {} (next free fd {free} + 2): {pipe_failed}",
+        free + 2
+    );
+    assert_eq!(pipe_failed.reason, "spawn-failed", "{pipe_failed}");
+    assert!(
+        pipe_failed.message.contains("Too many open files"),
+        "{pipe_failed}"
+    );
+    assert!(d.child.try_wait().unwrap().is_none(), "the daemon died");
+
+    // C. No descriptor at all: accept itself fails.
+    let free = lowest_free_fd(pid);
+    set_nofile(pid, free);
+    let waiting: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    // accept(2) takes a descriptor before it looks for a client, so the
+    // episode may already have begun in B, when the loop came back to accept
+    // while the failed connection still held its socket: one line either way.
+    let failure = d.wait_log(&["accept failed; pausing"]);
+    let (t0, cpu0) = (Instant::now(), cpu_ticks(pid));
+    // The connections it has are still served while accept fails.
+    for (i, s) in held.iter().enumerate() {
+        ping(s, 100 + i);
+    }
+    // The episode is measured over a fixed window: there is no event to
+    // wait for, only the absence of spinning to see.
+    std::thread::sleep(Duration::from_secs(2));
+    let (wall, cpu) = (t0.elapsed(), cpu_ticks(pid) - cpu0);
+    let cpu_share = cpu as f64 / clock_ticks_per_second() as f64 / wall.as_secs_f64();
+    let failures = d.log_lines(&["accept failed; pausing"]);
+    eprintln!(
+        "fds: limit {free} (the next free fd): {failure}\n\
+         fds: over {wall:?} of exhaustion the daemon used {cpu} ticks ({:.1}% of a core); \
+         accept failures logged: {}",
+        cpu_share * 100.0,
+        failures.len()
+    );
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(failure.contains("Too many open files"), "{failure}");
+    assert!(
+        cpu_share < 0.20,
+        "spinning: {:.1}% of a core",
+        cpu_share * 100.0
+    );
+    for s in &waiting {
+        assert!(
+            nothing_yet(s),
+            "a waiting client was served without descriptors"
+        );
+    }
+
+    // D. The held connections end; the waiting clients are taken.
+    for s in held {
+        finish(s);
+    }
+    let (mut served_late, mut closed_late) = (0, 0);
+    for mut s in waiting {
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let line = read_line(&mut s);
+        if line == "up\n" {
+            served_late += 1;
+            finish(s);
+        } else {
+            // Taken while only part of the held connections' descriptors
+            // were back: closed with a record, as in A.
+            assert_eq!(line, "");
+            closed_late += 1;
+        }
+    }
+    let fresh = greeted(addr).expect("not served after the descriptors came back");
+    finish(fresh);
+    let total = conns as usize + 3 + 1;
+    d.wait_records(total);
+    eprintln!(
+        "fds: after the held connections ended: {served_late} of 3 waiting clients served, \
+         {closed_late} closed; a new client served; accept failures logged in all {}; \
+         fds and pipes {baseline:?} -> ({}, {})",
+        d.log_lines(&["accept failed; pausing"]).len(),
+        d.fd_count(),
+        pipe_fd_count(pid)
+    );
+    d.assert_fds_back(baseline);
+    assert!(d.children().is_empty());
+    assert!(d.child.try_wait().unwrap().is_none(), "the daemon died");
+}

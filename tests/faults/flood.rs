@@ -1,0 +1,136 @@
+//! A flood against `max_connections`: never more commands at once than
+//! the limit, every client served in full, and a client waiting at the limit
+//! served as soon as a place frees.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use crate::median;
+
+/// 5,000 connection attempts from 64 threads against `max_connections = 50`:
+/// the commands' own ledger (O_APPEND lines before and after the work, so
+/// its running count bounds the commands alive at once from below) never
+/// shows more than 50, every client that connected gets all 20,000 bytes, one
+/// record per client. Each command stays alive until its client answers
+/// (`read` from the client), so the commands, not only the connections,
+/// press against the limit. Then, with the 50 places held by clients that
+/// have not answered, a probe waits in the backlog (the daemon logs that it is
+/// at its limit) and is served within 1 s of one holder closing. Afterwards
+/// descriptors are back to the baseline and no child is left.
+#[test]
+fn a_flood_of_5000_connections_never_exceeds_max_connections() {
+    const ATTEMPTS: usize = 5000;
+    const THREADS: usize = 64;
+    const LIMIT: usize = 50;
+    const PAYLOAD: usize = 20000;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    let (passed, addr) = pass_tcp("flood");
+    let config = one_service(
+        &format!(
+            r#"["sh", "-c", "echo s >> {0}; head -c {PAYLOAD} /dev/zero; read x; echo e >> {0}"]"#,
+            ledger.display()
+        ),
+        &format!("max_connections = {LIMIT}\nstdin = \"client\""),
+    );
+    let mut d = Daemon::start(&config, vec![passed]);
+    /// Reads the output, answers, and expects end-of-file.
+    fn take(s: &mut TcpStream) {
+        let mut out = vec![1u8; PAYLOAD];
+        s.read_exact(&mut out).unwrap();
+        assert!(out.iter().all(|&b| b == 0), "not the command's output");
+        s.write_all(b"\n").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{} bytes too many", rest.len());
+    }
+    let mut warm = connect(addr);
+    take(&mut warm);
+    drop(warm);
+    d.wait_records(1);
+    let baseline = d.fd_baseline();
+
+    let started = Instant::now();
+    // Per attempt: how long its client waited, if it connected.
+    let waits = fan_out(THREADS, ATTEMPTS, move |_| {
+        let t = Instant::now();
+        let mut s = connect_retrying(addr, 3).ok()?;
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        take(&mut s);
+        Some(t.elapsed())
+    });
+    let flood_time = started.elapsed();
+    let served = waits.iter().flatten().count();
+    let failed = ATTEMPTS - served;
+    let total = 1 + served;
+    d.wait_records(total);
+    // The places are given back just after the records: wait until the
+    // daemon itself says none is active.
+    d.wait_note(&format!("STATUS=0 active, {total} served"));
+    // Counted now: the probe below makes the daemon pause too.
+    let pauses = d
+        .log_lines(&["not accepting until a connection ends"])
+        .len();
+
+    // The precise probe: 50 clients hold every place, the probe waits in the
+    // backlog (the daemon says it is at its limit), one holder closes.
+    let cursor = d.log_len();
+    let mut holders = Vec::new();
+    for _ in 0..LIMIT {
+        let mut s = connect(addr);
+        let mut out = vec![0u8; PAYLOAD];
+        s.read_exact(&mut out).unwrap();
+        // No answer: the command waits, and holds its place.
+        holders.push(s);
+    }
+    let mut probe = connect(addr);
+    d.wait_line_from(cursor, |l| {
+        l.contains("not accepting until a connection ends")
+    });
+    assert!(nothing_yet(&probe), "the probe was served above the limit");
+    let freed = Instant::now();
+    drop(holders.remove(0));
+    let mut first = [0u8; 1];
+    probe.read_exact(&mut first).unwrap();
+    let slot_to_first_byte = freed.elapsed();
+    let mut rest = vec![0u8; PAYLOAD - 1];
+    probe.read_exact(&mut rest).unwrap();
+    drop(probe);
+    drop(holders);
+    let total = total + LIMIT + 1;
+    d.wait_records(total);
+
+    let (most, now, starts) = ledger_peak(&ledger, "s");
+    // The client in the middle of the flood: at most 50 running and the
+    // other threads' clients (63 in all) are ahead of it.
+    let mid_flood = waits[ATTEMPTS / 2];
+    let mut waits: Vec<Duration> = waits.into_iter().flatten().collect();
+    let worst = waits.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "flood: {ATTEMPTS} attempts from {THREADS} threads in {flood_time:?}: {served} served, \
+         {failed} connects failed; most commands at once {most} (limit {LIMIT}); client wait \
+         median {:?}, worst {worst:?}; the middle client waited {mid_flood:?}; probe at the \
+         limit served {slot_to_first_byte:?} after a holder closed; pauses logged in the flood \
+         {pauses}",
+        median(&mut waits),
+    );
+    assert!(most <= LIMIT as i64, "{most} commands ran at once");
+    assert!(most >= 2, "the flood never overlapped ({most})");
+    assert!(pauses > 0, "the flood never reached the limit");
+    assert_eq!(now, 0);
+    assert_eq!(starts, total);
+    let records = d.records();
+    assert_eq!(records.len(), total);
+    for r in &records {
+        r.assert_ended("output-ended", "0");
+    }
+    assert!(
+        slot_to_first_byte < Duration::from_secs(1),
+        "the probe waited {slot_to_first_byte:?} after a place freed"
+    );
+    d.assert_fds_back(baseline);
+    assert!(d.children().is_empty());
+}
