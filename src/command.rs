@@ -236,18 +236,25 @@ impl Command {
     /// group, since a process that left the group may hold the output open.
     pub async fn end_leftovers(&self) {
         self.exited().await;
-        if self.cgroup.as_ref().is_some_and(|c| !c.populated()) {
-            return std::future::pending().await;
-        }
-        self.signal_all(Signal::SIGTERM);
-        if tokio::time::timeout(self.grace, self.emptied())
-            .await
-            .is_err()
-        {
-            self.kill_all();
-        }
-        if self.cgroup.is_some() {
-            std::future::pending().await
+        match &self.cgroup {
+            Some(cgroup) => {
+                if cgroup.populated() {
+                    cgroup.signal_all(Signal::SIGTERM);
+                    if tokio::time::timeout(self.grace, cgroup.emptied())
+                        .await
+                        .is_err()
+                    {
+                        cgroup.kill();
+                    }
+                }
+                std::future::pending().await
+            }
+            // A process group cannot be watched: its members get kill_grace.
+            None => {
+                let _ = killpg(self.pid, Signal::SIGTERM);
+                tokio::time::sleep(self.grace).await;
+                let _ = killpg(self.pid, Signal::SIGKILL);
+            }
         }
     }
 

@@ -62,6 +62,9 @@ pub struct Options {
     /// temporary directory, the config and the notify socket are made
     /// accessible to it.
     pub user: Option<(u32, u32)>,
+    /// Start the daemon inside this cgroup (its directory), as systemd starts
+    /// a service inside the unit's cgroup.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Options {
@@ -182,7 +185,7 @@ impl Daemon {
         // SR_NOFILE: dash's `ulimit -n` sets the soft and the hard limit;
         // SR_NOFILE_SOFT (in `env`) the soft one alone.
         cmd.arg("-c")
-            .arg(r#"if [ -n "$SR_FDS" ]; then export LISTEN_PID=$$ LISTEN_FDS=$SR_FDS LISTEN_FDNAMES=$SR_NAMES; fi; if [ -n "$SR_OWN_PID" ]; then export LISTEN_PID=$$; fi; if [ -n "$SR_NOFILE" ]; then ulimit -n "$SR_NOFILE" || exit 125; fi; if [ -n "$SR_NOFILE_SOFT" ]; then ulimit -S -n "$SR_NOFILE_SOFT" || exit 125; fi; unset SR_FDS SR_NAMES SR_OWN_PID SR_NOFILE SR_NOFILE_SOFT; exec "$0" "$@""#)
+            .arg(r#"if [ -n "$SR_FDS" ]; then export LISTEN_PID=$$ LISTEN_FDS=$SR_FDS LISTEN_FDNAMES=$SR_NAMES; fi; if [ -n "$SR_OWN_PID" ]; then export LISTEN_PID=$$; fi; if [ -n "$SR_NOFILE" ]; then ulimit -n "$SR_NOFILE" || exit 125; fi; if [ -n "$SR_NOFILE_SOFT" ]; then ulimit -S -n "$SR_NOFILE_SOFT" || exit 125; fi; if [ -n "$SR_CGROUP" ]; then echo $$ > "$SR_CGROUP/cgroup.procs" || exit 125; fi; unset SR_FDS SR_NAMES SR_OWN_PID SR_NOFILE SR_NOFILE_SOFT SR_CGROUP; exec "$0" "$@""#)
             .arg(BIN)
             .arg("--config")
             .arg(&config_path)
@@ -215,6 +218,9 @@ impl Daemon {
         }
         if let Some(n) = opts.nofile {
             cmd.env("SR_NOFILE", n.to_string());
+        }
+        if let Some(cgroup) = &opts.cgroup {
+            cmd.env("SR_CGROUP", cgroup);
         }
         if let Some((uid, gid)) = opts.user {
             use std::os::unix::process::CommandExt;

@@ -5,7 +5,9 @@
 //! - [`daemon`]: the daemon under test, its notifications and its log;
 //! - [`record`]: log lines, and the typed record of a connection's end;
 //! - [`net`]: clients, alone or many at once;
-//! - [`procfs`]: what /proc says about processes, descriptors and sockets.
+//! - [`procfs`]: what /proc says about processes, descriptors and sockets;
+//! - [`cgroup`]: cgroups delegated to the daemon under test, as systemd
+//!   delegates one with `Delegate=yes`.
 //!
 //! Tests that need root are marked
 //! `#[cfg_attr(not(as_root), ignore = "needs root: …")]` and call
@@ -14,6 +16,7 @@
 // Each test target uses a part of this.
 #![allow(dead_code, unused_imports)]
 
+pub mod cgroup;
 pub mod daemon;
 pub mod net;
 pub mod procfs;
@@ -22,6 +25,7 @@ pub mod record;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+pub use cgroup::*;
 pub use daemon::*;
 pub use net::*;
 pub use procfs::*;

@@ -101,33 +101,34 @@ pub fn nothing_yet(s: &TcpStream) -> bool {
 
 /// Runs `job(0)` to `job(jobs - 1)` on `threads` threads, each taking the
 /// next job when it is done with one; returns the results in job order. A
-/// panic in a job fails the caller with the job's own message.
+/// panic in a job fails the caller with the job's own message. The threads
+/// are scoped, so a job may borrow (the daemon, an address).
 pub fn fan_out<T, F>(threads: usize, jobs: usize, job: F) -> Vec<T>
 where
-    T: Send + 'static,
-    F: Fn(usize) -> T + Send + Sync + 'static,
+    T: Send,
+    F: Fn(usize) -> T + Sync,
 {
-    let next = Arc::new(AtomicUsize::new(0));
-    let job = Arc::new(job);
-    let workers: Vec<_> = (0..threads)
-        .map(|_| {
-            let (next, job) = (Arc::clone(&next), Arc::clone(&job));
-            std::thread::spawn(move || {
-                let mut done = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= jobs {
-                        return done;
+    let next = AtomicUsize::new(0);
+    let mut all: Vec<(usize, T)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= jobs {
+                            return done;
+                        }
+                        done.push((i, job(i)));
                     }
-                    done.push((i, job(i)));
-                }
+                })
             })
-        })
-        .collect();
-    let mut all: Vec<(usize, T)> = workers
-        .into_iter()
-        .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-        .collect();
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
     all.sort_by_key(|(i, _)| *i);
     all.into_iter().map(|(_, t)| t).collect()
 }

@@ -1,0 +1,482 @@
+//! Containment: each connection's command in a cgroup of its own, under a
+//! subtree delegated to the daemon as systemd delegates one. Nothing a
+//! command starts outlives its connection's record, whatever it does; the
+//! record says what it used; a limit that cannot be enforced is refused; and
+//! without delegation the daemon uses process groups and says why.
+//!
+//! The cgroup tests run as root: they make cgroups under this machine's
+//! cgroup v2 mount, mark them delegated, and start the daemon inside.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// Starts the daemon on `config` inside `cgroup`, with one socket.
+fn start_in(cgroup: &TestCgroup, config: &str) -> (Daemon, SocketAddr) {
+    let (sock, addr) = pass_tcp("test");
+    let opts = Options {
+        cgroup: Some(cgroup.path.clone()),
+        ..Options::default()
+    };
+    let mut d = Daemon::spawn(config, vec![sock], opts);
+    d.wait_note("READY=1");
+    (d, addr)
+}
+
+/// Ways a command's processes try to outlive it. Each runs a shell loop
+/// with `MARK` in its argv, which says "MARK ran" on the command's stdout
+/// (and so holds it) and makes /tmp/MARK; once that exists the command says
+/// "started", and stays (writing now and then, so that a client that closes
+/// is noticed) or exits.
+const ESCAPERS: [(&str, &str); 5] = [
+    (
+        "a new session",
+        "setsid sh -c 'echo $0 ran; : > /tmp/$0; while :; do sleep 1; done' MARK &",
+    ),
+    (
+        "setsid -f",
+        "setsid -f sh -c 'echo $0 ran; : > /tmp/$0; while :; do sleep 1; done' MARK",
+    ),
+    (
+        "a double fork",
+        "(sh -c 'echo $0 ran; : > /tmp/$0; while :; do sleep 1; done' MARK &) ; :",
+    ),
+    (
+        "a job in a process group of its own",
+        "set -m; sh -c 'echo $0 ran; : > /tmp/$0; while :; do sleep 1; done' MARK &",
+    ),
+    (
+        "a new session that ignores SIGTERM",
+        "setsid sh -c 'trap : TERM; echo $0 ran; : > /tmp/$0; while :; do sleep 1; done' MARK &",
+    ),
+];
+
+/// How a client of an escaping command leaves.
+#[derive(Clone, Copy, Debug)]
+enum Leaves {
+    Closes,
+    Resets,
+    /// Reads until the command's output ends (it exits after "started").
+    WaitsForTheEnd,
+}
+
+/// Each kind of escaper, `n` times, with clients that close, reset and wait
+/// for the end: when each record is written, no process with the
+/// connection's marker is alive; then its cgroup is removed, and at the
+/// end the daemon's descriptors are back where they were.
+fn escapers(n: usize) {
+    require_root();
+    let cgroup = TestCgroup::delegated();
+    // The client sends the kind, its marker (argv shows it) and whether the
+    // command stays. Lines end in \n, written as TOML escapes.
+    let script = ESCAPERS
+        .iter()
+        .enumerate()
+        .map(|(i, (_, escape))| {
+            format!(
+                "if [ $KIND = {i} ]; then\\n{}\\nfi\\n",
+                escape.replace("MARK", "$MARK")
+            )
+        })
+        .collect::<String>();
+    let config = format!(
+        "[[service]]\nname = \"test\"\nkill_grace = \"200ms\"\nstdin = \"client\"\n\
+         command = [\"sh\", \"-c\", \"read KIND MARK STAY\\n{script}\
+         while [ ! -e /tmp/$MARK ]; do sleep 0.01; done; rm /tmp/$MARK\\necho started\\n\
+         if [ $STAY = 1 ]; then while :; do sleep 0.1; echo .; done; fi\"]\n"
+    );
+    let (d, addr) = start_in(&cgroup, &config);
+    let baseline = d.fd_baseline();
+    let ways = [Leaves::Closes, Leaves::Resets, Leaves::WaitsForTheEnd];
+    let jobs = n * ESCAPERS.len();
+    let took = fan_out(4, jobs, |job| {
+        let (kind, leaves) = (job % ESCAPERS.len(), ways[(job / ESCAPERS.len()) % 3]);
+        let mark = format!("sr-mark-{}-{job}", std::process::id());
+        let what = format!("{} ({leaves:?}), job {job}", ESCAPERS[kind].0);
+        let stay = u8::from(!matches!(leaves, Leaves::WaitsForTheEnd));
+        // Ports are reused over 500 connections: look from here on.
+        let cursor = d.log_len();
+        let mut s = connect(addr);
+        s.write_all(format!("{kind} {mark} {stay}\n").as_bytes())
+            .unwrap();
+        let mut seen = (false, false);
+        while seen != (true, true) {
+            let line = read_line(&mut s);
+            seen.0 |= line == "started\n";
+            seen.1 |= line == format!("{mark} ran\n");
+            assert!(!line.is_empty(), "{what}: output ended early");
+        }
+        if stay == 1 {
+            assert!(
+                !processes_with(&mark).is_empty(),
+                "{what}: the escaper is gone"
+            );
+        }
+        let port = s.local_addr().unwrap().port();
+        let left = Instant::now();
+        match leaves {
+            Leaves::Closes => drop(s),
+            Leaves::Resets => {
+                reset_on_close(&s);
+                drop(s);
+            }
+            Leaves::WaitsForTheEnd => {
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                let (rest, error) = read_until_end(&mut s);
+                assert!(
+                    rest.is_empty() && error.is_none(),
+                    "{what}: {rest:?} {error:?}"
+                );
+            }
+        }
+        let record = d.wait_record_from(cursor, |r| r.peer.ends_with(&format!(":{port}")));
+        let alive = processes_with(&mark);
+        assert!(alive.is_empty(), "{what}: {alive:?} outlived {record}");
+        let reason = match leaves {
+            Leaves::WaitsForTheEnd => "output-ended",
+            _ => "client-gone",
+        };
+        assert_eq!(record.reason, reason, "{what}: {record}");
+        assert!(record.cpu_usec.is_some_and(|c| c > 0), "{record}");
+        left.elapsed()
+    });
+    cgroup.wait_no_connections();
+    d.assert_fds_back(baseline);
+    let worst = took.iter().max().unwrap();
+    eprintln!(
+        "escapers: {jobs} connections ({n} of each of {} kinds); the last process gone at worst {worst:?} after the client left",
+        ESCAPERS.len()
+    );
+    assert_eq!(
+        cgroup.procs(),
+        vec![d.pid()],
+        "only the daemon is left in its subtree"
+    );
+}
+
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
+fn escapers_of_every_kind_end_with_their_connection_100_times() {
+    escapers(env_count("SPLICE_RELAY_ESCAPERS", 100));
+}
+
+fn env_count(var: &str, default: usize) -> usize {
+    std::env::var(var).map_or(default, |v| v.parse().expect(var))
+}
+
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
+fn the_daemon_lives_in_a_leaf_and_says_which_containment_it_uses() {
+    require_root();
+    let cgroup = TestCgroup::delegated();
+    let (d, addr) = start_in(&cgroup, &one_service(&sh("cat /proc/self/cgroup"), ""));
+    let line = d.wait_log(&["containment: a cgroup per connection in"]);
+    assert!(
+        line.contains(&cgroup.path.display().to_string())
+            && line.contains("delegated by the service manager")
+            && line.contains("clone3 with CLONE_INTO_CGROUP"),
+        "{line}"
+    );
+    let own = std::fs::read_to_string(format!("/proc/{}/cgroup", d.pid())).unwrap();
+    let leaf = cgroup.path.file_name().unwrap().to_string_lossy();
+    assert!(own.contains(&format!("/{leaf}/daemon\n")), "{own}");
+    let seen = fetch_text(addr);
+    assert!(seen.contains(&format!("/{leaf}/conn-1\n")), "{seen}");
+    let record = d.wait_record(1);
+    assert!(record.cpu_usec.is_some(), "{record}");
+    cgroup.wait_no_connections();
+}
+
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
+fn without_delegation_it_uses_process_groups_and_takes_nothing_over() {
+    require_root();
+    let cgroup = TestCgroup::plain();
+    let (d, addr) = start_in(&cgroup, &one_service(&sh("echo hi"), ""));
+    let line = d.wait_log(&["containment: process groups ("]);
+    assert!(
+        line.contains(&format!(
+            "the daemon's cgroup {} is not delegated to it (no user.delegate or trusted.delegate attribute",
+            cgroup.path.display()
+        )),
+        "{line}"
+    );
+    assert_eq!(fetch_text(addr), "hi\n");
+    d.wait_record(1);
+    let children: Vec<_> = std::fs::read_dir(&cgroup.path)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().unwrap().is_dir())
+        .collect();
+    assert!(children.is_empty(), "it made cgroups in {:?}", cgroup.path);
+
+    // A service that needs a cgroup is a configuration error there.
+    let (sock, _) = pass_tcp("test");
+    let config = one_service(&sh("echo hi"), "containment = \"cgroup\"");
+    let opts = Options {
+        cgroup: Some(cgroup.path.clone()),
+        ..Options::default()
+    };
+    let mut d = Daemon::spawn(&config, vec![sock], opts);
+    assert_eq!(d.wait_exit().code(), Some(78));
+    d.wait_log(&[&format!(
+        ":5:15: service \"test\": containment: \"cgroup\" needs a delegated cgroup v2 subtree, and the daemon has none: the daemon's cgroup {} is not delegated",
+        cgroup.path.display()
+    )]);
+}
+
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
+fn a_limit_without_its_controller_is_refused_with_its_position() {
+    require_root();
+    let cgroup = TestCgroup::delegated();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    for (key, value, controller) in [
+        ("memory_max", "\"512M\"", "memory"),
+        ("memory_high", "\"1G\"", "memory"),
+        ("cpu_quota", "\"50%\"", "cpu"),
+        ("cpu_weight", "50", "cpu"),
+        ("tasks_max", "16", "pids"),
+        ("io_weight", "50", "io"),
+    ] {
+        std::fs::write(
+            &path,
+            format!("[[service]]\nname = \"a\"\ncommand = [\"true\"]\n{key} = {value}\n"),
+        )
+        .unwrap();
+        // As ExecReload= runs it: in the subtree (systemd's .control).
+        let control = cgroup.path.join(".control");
+        std::fs::create_dir_all(&control).unwrap();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$0\" --check --config \"$1\"",
+                control.display()
+            ))
+            .arg(BIN)
+            .arg(&path)
+            .output()
+            .unwrap();
+        let controllers = std::fs::read_to_string(cgroup.path.join("cgroup.controllers")).unwrap();
+        if controllers.split_whitespace().any(|c| c == controller) {
+            assert_eq!(out.status.code(), Some(0), "{controller} is offered here");
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(78), "{key}");
+        let col = key.len() + 4;
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!(
+                "splice-relay: {}:4:{col}: service \"a\": {key}: needs the {controller} controller, which {} does not offer (cgroup.controllers: {:?}); see \"containment\" in splice-relay.toml(5)\n",
+                path.display(),
+                cgroup.path.display(),
+                controllers.trim()
+            ),
+            "{key}"
+        );
+    }
+}
+
+/// A command that forks without end: `cgroup.kill` ends it, and all it made.
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
+fn a_command_that_forks_in_a_loop_is_ended() {
+    require_root();
+    let cgroup = TestCgroup::delegated();
+    let mark = format!("sr-fork-{}", std::process::id());
+    let (d, addr) = start_in(
+        &cgroup,
+        &one_service(
+            &sh(&format!(
+                "echo started; while :; do sh -c 'sleep 30' {mark} & done"
+            )),
+            "",
+        ),
+    );
+    let mut s = connect(addr);
+    assert_eq!(read_line(&mut s), "started\n");
+    let many = poll(Duration::from_secs(10), || {
+        (processes_with(&mark).len() >= 50).then_some(())
+    });
+    assert!(many.is_some(), "the loop did not fork");
+    // The command writes nothing more: a reset is how its client is noticed.
+    reset_on_close(&s);
+    drop(s);
+    let record = d.wait_record(1);
+    assert_eq!(record.reason, "client-gone", "{record}");
+    assert_eq!(processes_with(&mark), Vec::<i32>::new(), "{record}");
+    cgroup.wait_no_connections();
+}
+
+/// The record's CPU time is the cgroup's: here a shell that counts, whose
+/// own CPU time (clock ticks, as /proc shows it) the command prints last.
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
+fn the_record_counts_the_cpu_a_command_burns() {
+    require_root();
+    let cgroup = TestCgroup::delegated();
+    let (d, addr) = start_in(
+        &cgroup,
+        &one_service(
+            &sh("i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; cat /proc/$$/stat"),
+            "",
+        ),
+    );
+    let stat = Stat::parse(&fetch_text(addr)).expect("the shell's /proc stat");
+    let record = d.wait_record(1);
+    let tick_usec = 1_000_000 / clock_ticks_per_second();
+    let shell = (stat.utime + stat.stime) * tick_usec;
+    let cpu = record.cpu_usec.expect("cpu_usec");
+    eprintln!("cpu: the shell says {shell} µs; the record {cpu} µs");
+    assert!(
+        shell >= 100_000,
+        "the loop burned too little to measure: {shell} µs"
+    );
+    // The cgroup also holds `cat` and the exec; /proc rounds to ticks.
+    assert!(
+        cpu + tick_usec >= shell && cpu <= shell + 100_000,
+        "shell {shell} µs, record {cpu} µs: {record}"
+    );
+}
+
+/// SIGHUP and SIGTERM while commands that escaped their sessions run: the
+/// reload leaves them to their connections, the stop ends them all, and no
+/// cgroup is left.
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
+fn stop_and_reload_while_escapers_run_leave_nothing() {
+    require_root();
+    let cgroup = TestCgroup::delegated();
+    let mark = format!("sr-stop-{}", std::process::id());
+    let (mut d, addr) = start_in(
+        &cgroup,
+        &format!(
+            "shutdown_timeout = \"300ms\"\n{}",
+            one_service(
+                &sh(&format!(
+                    "setsid sh -c 'trap : TERM; while :; do sleep 1; done' {mark} & echo started; exec sleep 60"
+                )),
+                ""
+            )
+        ),
+    );
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let mut s = connect(addr);
+            assert_eq!(read_line(&mut s), "started\n");
+            s
+        })
+        .collect();
+    assert_eq!(cgroup.connections().len(), 20);
+    d.signal(Signal::SIGHUP);
+    d.wait_note("READY=1");
+    assert_eq!(processes_with(&mark).len(), 20, "a reload ends nothing");
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit().code(), Some(0));
+    assert_eq!(processes_with(&mark), Vec::<i32>::new());
+    assert_eq!(d.records().len(), 20);
+    assert_eq!(cgroup.connections(), Vec::<String>::new());
+    for mut s in clients {
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+}
+
+/// With `transfer = "direct"` the command holds the socket itself; what it
+/// starts is still contained.
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
+fn direct_transfer_commands_are_contained_too() {
+    require_root();
+    let cgroup = TestCgroup::delegated();
+    let mark = format!("sr-direct-{}", std::process::id());
+    let (d, addr) = start_in(
+        &cgroup,
+        &one_service(
+            &sh(&format!(
+                "setsid sh -c 'while :; do sleep 1; done' {mark} & echo started"
+            )),
+            "transfer = \"direct\"",
+        ),
+    );
+    let started = Instant::now();
+    assert_eq!(fetch_text(addr), "started\n");
+    let record = d.wait_record(1);
+    assert_eq!(record.reason, "command-exited", "{record}");
+    assert_eq!(processes_with(&mark), Vec::<i32>::new(), "{record}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    cgroup.wait_no_connections();
+}
+
+/// Named by `delegated_cgroup`, a cgroup is used whatever the daemon's own
+/// (root may move itself anywhere).
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
+fn delegated_cgroup_names_the_subtree_for_a_run_by_hand() {
+    require_root();
+    let cgroup = TestCgroup::plain();
+    let config = format!(
+        "delegated_cgroup = \"{}\"\n{}",
+        cgroup.path.display(),
+        one_service(&sh("cat /proc/self/cgroup"), "")
+    );
+    let (sock, addr) = pass_tcp("test");
+    let d = Daemon::start(&config, vec![sock]);
+    d.wait_log(&[
+        "containment: a cgroup per connection in",
+        "named by delegated_cgroup",
+    ]);
+    let leaf = cgroup.path.file_name().unwrap().to_string_lossy();
+    assert!(fetch_text(addr).contains(&format!("/{leaf}/conn-1\n")));
+    d.wait_record(1);
+    cgroup.wait_no_connections();
+}
+
+/// With process groups, a process that leaves the group cannot be ended; it
+/// no longer keeps the connection (and its place) open: the relay stops
+/// waiting for output once the rest of the group is gone, and says so.
+#[test]
+fn a_process_that_left_its_group_does_not_hold_the_connection() {
+    let mark = format!("sr-held-{}", std::process::id());
+    let (d, addr) = serve(
+        &sh(&format!(
+            "setsid sh -c ': > /tmp/$0; sleep 20' {mark} & \
+             while [ ! -e /tmp/{mark} ]; do sleep 0.01; done; rm /tmp/{mark}; echo started"
+        )),
+        "stdin = \"client\"\ncontainment = \"process-group\"",
+    );
+    let started = Instant::now();
+    let mut s = connect(addr);
+    let (out, error) = read_until_end(&mut s);
+    let took = started.elapsed();
+    let record = d.wait_record(1);
+    let escaped = processes_with(&mark);
+    for pid in &escaped {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+    assert_eq!((out.as_slice(), error.is_none()), (&b"started\n"[..], true));
+    // kill_grace (300 ms) for what the group still writes, then no more.
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "the client waited {took:?}"
+    );
+    assert_eq!(record.reason, "command-exited", "{record}");
+    assert!(
+        record
+            .message
+            .contains("held open by a process that left its process group"),
+        "{record}"
+    );
+    assert_eq!(
+        escaped.len(),
+        1,
+        "the escaper was out of reach, as documented"
+    );
+}
