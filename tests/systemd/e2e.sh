@@ -133,6 +133,41 @@ EOF
     eventually 'to-stderr' sr_in journalctl -u splice-relay STREAM=stderr CONN="$conn" -o cat --no-pager
 }
 
+# --- containment: a cgroup per connection under Delegate=yes ------------------------
+t_cgroups() {
+    # The command starts a process in a new session that holds its stdout;
+    # it waits until that process has left, then says so and exits.
+    reconfigure <<'EOF' || return $(fail "reload")
+[[service]]
+name = "escape"
+kill_grace = "500ms"
+command = ["sh", "-c", "setsid sh -c ': > /tmp/$0; sleep 60; :' sr-e2e-escaper & while [ ! -e /tmp/sr-e2e-escaper ]; do sleep 0.01; done; echo left"]
+EOF
+    local unit; unit=/sys/fs/cgroup$(show ControlGroup splice-relay)
+    eventually "containment: a cgroup per connection in $unit (delegated by the service manager (user.delegate))" \
+        sr_in journalctl -u splice-relay --no-pager || return 1
+    # systemd 252 refuses clone3 under RestrictNamespaces=: the child joins.
+    eventually "commands start in their cgroup by the child joins its cgroup before exec" \
+        sr_in journalctl -u splice-relay --no-pager || return 1
+    local own; own=$(sr_in grep '^0::' "/proc/$(show MainPID splice-relay)/cgroup")
+    [ "$own" = "0::$(show ControlGroup splice-relay)/daemon" ] || fail "the daemon is not in its leaf: $own" || return 1
+    local t0=$SECONDS
+    [ "$(sr_in socat -u TCP:127.0.0.1:9009 -)" = left ] || fail "output" || return 1
+    [ $((SECONDS - t0)) -le 5 ] || fail "the escaper held the connection $((SECONDS - t0)) s" || return 1
+    eventually '"SERVICE":"escape"' sr_in journalctl -u splice-relay REASON=output-ended -o json --no-pager || return 1
+    sr_in pgrep -f sr-e2e-escaper >/dev/null && { fail "the escaper outlived its connection"; return 1; }
+    local rec; rec=$(sr_in journalctl -u splice-relay SERVICE=escape REASON=output-ended -o json --no-pager | tail -n1)
+    [[ $rec =~ \"CPU_USEC\":\"[0-9]+\" ]] || fail "no CPU_USEC in $rec" || return 1
+    eventually "daemon" sr_in ls "$unit" || return 1
+    local left; left=$(sr_in sh -c "ls -d $unit/conn-* 2>/dev/null")
+    [ -z "$left" ] || fail "a connection's cgroup is left: $left" || return 1
+    # No memory controller in this container: the limit is refused, with its place.
+    printf '[[service]]\nname = "capped"\ncommand = ["true"]\nmemory_max = "64M"\n' | config
+    if sr_in systemctl reload splice-relay 2>/dev/null; then fail "memory_max without the controller was accepted"; return 1; fi
+    eventually "/etc/splice-relay.toml:4:14: service \"capped\": memory_max: needs the memory controller, which $unit does not offer" \
+        sr_in journalctl -u splice-relay --no-pager
+}
+
 # --- 5. reload ---------------------------------------------------------------------
 t_reload() {
     reconfigure <<'EOF' || return $(fail "reload")
@@ -326,7 +361,7 @@ t_remove() {
     return 0
 }
 
-for t in t_install t_units_verify_and_score t_activation t_status t_journal t_reload t_restart \
+for t in t_install t_units_verify_and_score t_activation t_status t_journal t_cgroups t_reload t_restart \
          t_watchdog t_config_error t_controls t_named_sockets t_upgrade t_remove; do
     run "$t"
     [ "$t" = t_install ] && [ "$failed" -gt 0 ] && break
