@@ -57,20 +57,38 @@ listen = "127.0.0.1:9402"
 command = ["$bin/examples/bench-producer", "hello"]
 max_connections = 4096
 EOF
+for port in 9404 9405; do
+    sr_in sh -c "sed 's/9402/$port/' /run/bench-relay.toml > /run/bench-relay-$port.toml"
+done
 sr_in systemctl daemon-reload
 sr_in systemctl start bench-accept.socket bench-accept-default.socket
 sr_in systemd-run -q --unit=bench-tcpserver tcpserver -q -R -H -l 0 -c 2000 -b 1024 127.0.0.1 9401 $hello
 sr_in systemd-run -q --unit=bench-relay "$bin/splice-relay" --config /run/bench-relay.toml
-for p in 9401 9402; do
+# A cgroup per connection: Delegate=yes, as the shipped unit. With
+# RestrictNamespaces=yes (as the shipped unit too) systemd refuses clone3,
+# and the child joins its cgroup itself; without it, clone3 does it.
+sr_in systemd-run -q --unit=bench-relay-cgroups -p Delegate=yes \
+    "$bin/splice-relay" --config /run/bench-relay-9404.toml
+sr_in systemd-run -q --unit=bench-relay-cgroups-joined -p Delegate=yes -p RestrictNamespaces=yes \
+    "$bin/splice-relay" --config /run/bench-relay-9405.toml
+for p in 9401 9402 9404 9405; do
     for _ in $(seq 1 100); do sr_in ss -Hltn "sport = :$p" | grep -q LISTEN && break; sleep 0.05; done
 done
 
-declare -A label=([9400]="systemd Accept=yes (TriggerLimitIntervalSec=0)" [9401]="tcpserver" [9402]="splice-relay")
+declare -A label=([9400]="systemd Accept=yes (TriggerLimitIntervalSec=0)" [9401]="tcpserver"
+    [9402]="splice-relay, process groups" [9404]="splice-relay, cgroups (clone3)"
+    [9405]="splice-relay, cgroups (child joins)")
+# (They log at warn: their leaf in the unit's cgroup shows the containment.)
+for u in bench-relay-cgroups bench-relay-cgroups-joined; do
+    leaf=$(sr_in grep '^0::' "/proc/$(sr_in systemctl show -p MainPID --value "$u")/cgroup")
+    echo "$u: $leaf"
+    [ "$leaf" = "0::/system.slice/$u.service/daemon" ] || { echo "accept.sh: $u has no cgroup per connection"; exit 1; }
+done
 results=$share/rate.tsv
 : >"$results"
 for c in 1 32; do
     for r in $(seq 1 "$rounds"); do
-        for port in 9400 9401 9402; do
+        for port in 9400 9401 9402 9404 9405; do
             out=$(sr_in "$bin/examples/bench-load" rate "127.0.0.1:$port" "$c" 5)
             rate=$(sed -n 's/.*"per_sec":\([0-9.]*\).*/\1/p' <<<"$out")
             failed=$(sed -n 's/.*"failed":\([0-9]*\).*/\1/p' <<<"$out")
@@ -89,7 +107,9 @@ echo "default trigger limits, a 3 s burst at concurrency 32: $burst; socket is n
 python3 - "$results" "$rounds" "$burst" "$state" >"$root/bench/results/accept.md" <<'PY'
 import json, statistics, sys, time, os
 path, rounds, burst, state = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
-names = {"9400": "systemd `Accept=yes` (`TriggerLimitIntervalSec=0`)", "9401": "tcpserver", "9402": "splice-relay"}
+names = {"9400": "systemd `Accept=yes` (`TriggerLimitIntervalSec=0`)", "9401": "tcpserver",
+         "9402": "splice-relay, process groups", "9404": "splice-relay, a cgroup per connection (clone3)",
+         "9405": "splice-relay, a cgroup per connection (the child joins: `RestrictNamespaces=yes`)"}
 rows = {}
 for line in open(path):
     c, port, rate, failed = line.split("\t")
@@ -98,15 +118,18 @@ print("# Accept=yes units beside tcpserver and splice-relay, under one real syst
 print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} vCPUs, systemd 252 in a throwaway container "
       f"(tests/systemd/harness.sh); {rounds} rounds interleaved, 5 s each; `hello` command. "
       "Median (min–max) connections per second; ratio to tcpserver.\n")
-print("| contender | concurrency 1 | × tcpserver | concurrency 32 | × tcpserver | failed |")
-print("|---|---|---|---|---|---|")
+print("| contender | concurrency 1 | × tcpserver | × Accept=yes | × process groups "
+      "| concurrency 32 | × tcpserver | × Accept=yes | × process groups | failed |")
+print("|---" * 10 + "|")
 med = {k: statistics.median(r for r, _ in v) for k, v in rows.items()}
-for port in ("9400", "9401", "9402"):
+for port in ("9400", "9401", "9402", "9404", "9405"):
     cells, failed = [], 0
     for c in ("1", "32"):
         v = [r for r, _ in rows[(c, port)]]
         failed += sum(f for _, f in rows[(c, port)])
-        cells += [f"{med[(c, port)]:.0f} ({min(v):.0f}–{max(v):.0f})", f"{med[(c, port)] / med[(c, '9401')]:.2f}"]
+        m = med[(c, port)]
+        cells += [f"{m:.0f} ({min(v):.0f}–{max(v):.0f})", f"{m / med[(c, '9401')]:.2f}",
+                  f"{m / med[(c, '9400')]:.2f}", f"{m / med[(c, '9402')]:.2f}"]
     print(f"| {names[port]} | " + " | ".join(cells) + f" | {failed} |")
 print(f"\nWith the default trigger limits, a 3 s burst at concurrency 32 served {burst['ok']} clients "
       f"and failed {burst['failed']}; afterwards the socket unit was **{state}**.")
