@@ -6,6 +6,10 @@
 //!                                             line delays (now - printed time), not
 //!                                             counting the first WARMUP seconds
 //!   bench-load ttfb ADDR COUNT                COUNT connections in a row; time to first byte
+//!   bench-load burst ADDR STREAMS BURST SECS  STREAMS on a ticking command; after 2 s,
+//!                                             BURST more connect at once (and stay);
+//!                                             the streams' line delays before and during
+//!                                             the burst, and how fast the burst was served
 //!
 //! ADDR is HOST:PORT (127.0.0.1 only).
 
@@ -34,6 +38,7 @@ fn main() {
             args.get(4).map_or(0, |_| num(4)),
         ),
         "ttfb" => ttfb(addr, num(2)),
+        "burst" => burst(addr, num(2) as usize, num(3) as usize, num(4)),
         other => panic!("unknown mode {other}"),
     }
 }
@@ -193,5 +198,97 @@ fn ttfb(addr: SocketAddr, count: u64) {
         r#"{{"count":{count},"p50_ms":{},"p99_ms":{}}}"#,
         percentile(&t, 0.5),
         percentile(&t, 0.99)
+    );
+}
+
+/// A line's arrival: when (ns since the epoch) and its delay (ms).
+type Arrival = (u128, f64);
+
+fn burst(addr: SocketAddr, streams: usize, burst: usize, secs: u64) {
+    const WARMUP: u64 = 2;
+    let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::new(Mutex::new(Vec::new()));
+    let connected = Arc::new(Barrier::new(streams + 1));
+    let end = now_ns() + u128::from(WARMUP + secs) * 1_000_000_000 + 5_000_000_000;
+    let readers: Vec<_> = (0..streams)
+        .map(|_| {
+            let (arrivals, connected) = (Arc::clone(&arrivals), Arc::clone(&connected));
+            std::thread::Builder::new()
+                .stack_size(64 << 10)
+                .spawn(move || {
+                    let s = connect(addr);
+                    connected.wait();
+                    let Ok(s) = s else { return };
+                    let mut mine = Vec::new();
+                    for line in BufReader::new(s).lines() {
+                        let Ok(line) = line else { break };
+                        let sent: u128 = line.trim().parse().unwrap_or(0);
+                        let now = now_ns();
+                        mine.push((now, now.saturating_sub(sent) as f64 / 1e6));
+                        if now > end {
+                            break;
+                        }
+                    }
+                    arrivals.lock().unwrap().extend(mine);
+                })
+                .unwrap()
+        })
+        .collect();
+    connected.wait();
+    std::thread::sleep(Duration::from_secs(WARMUP));
+    // The burst: BURST clients at once, each timed to its first line.
+    let started = now_ns();
+    let firsts: Arc<Mutex<Vec<u128>>> = Arc::new(Mutex::new(Vec::new()));
+    let go = Arc::new(Barrier::new(burst));
+    let bursters: Vec<_> = (0..burst)
+        .map(|_| {
+            let (firsts, go) = (Arc::clone(&firsts), Arc::clone(&go));
+            std::thread::Builder::new()
+                .stack_size(64 << 10)
+                .spawn(move || {
+                    go.wait();
+                    let Ok(s) = connect(addr) else { return };
+                    let mut lines = BufReader::new(s).lines();
+                    if let Some(Ok(_)) = lines.next() {
+                        firsts.lock().unwrap().push(now_ns());
+                    }
+                    // Stay connected to the end, as a real client would.
+                    for line in lines {
+                        if line.is_err() || now_ns() > end {
+                            break;
+                        }
+                    }
+                })
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(secs));
+    let window_end = now_ns();
+    for t in readers.into_iter().chain(bursters) {
+        let _ = t.join();
+    }
+    let arrivals = arrivals.lock().unwrap();
+    let pick = |from: u128, to: u128| {
+        let mut d: Vec<f64> = arrivals
+            .iter()
+            .filter(|(at, _)| (from..to).contains(at))
+            .map(|(_, d)| *d)
+            .collect();
+        d.sort_by(|a, b| a.total_cmp(b));
+        d
+    };
+    let before = pick(started - u128::from(WARMUP) * 500_000_000, started);
+    let during = pick(started, window_end);
+    let firsts = firsts.lock().unwrap();
+    let served = firsts.len();
+    let last = firsts.iter().max().copied().unwrap_or(started);
+    let burst_secs = (last - started) as f64 / 1e9;
+    println!(
+        r#"{{"streams":{streams},"burst":{burst},"served":{served},"burst_secs":{burst_secs},"burst_per_sec":{},"before_p99_ms":{},"during_p50_ms":{},"during_p99_ms":{},"during_max_ms":{},"lines_during":{}}}"#,
+        served as f64 / burst_secs.max(1e-9),
+        percentile(&before, 0.99),
+        percentile(&during, 0.5),
+        percentile(&during, 0.99),
+        during.last().copied().unwrap_or(f64::NAN),
+        during.len()
     );
 }

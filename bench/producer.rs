@@ -5,6 +5,8 @@
 //!                                        (write(2) otherwise)
 //!   bench-producer ticks MS COUNT        COUNT lines "<unix time in ns>", one every MS
 //!   bench-producer hello                 one line, at once
+//!   bench-producer exec PROGRAM ARGS…    runs PROGRAM in its place (a real producer:
+//!                                        cat, head, gzip), after the --cgroup move
 //!
 //! With `--cgroup DIR` first, it moves itself into that cgroup (v2), so the
 //! relay's own CPU time can be told apart from the producer's. (An argument,
@@ -30,6 +32,12 @@ fn main() {
         Some("vmsplice") => bulk(arg(1), true),
         Some("ticks") => ticks(arg(1), arg(2)),
         Some("hello") => println!("hello"),
+        Some("exec") if args.len() > 1 => {
+            use std::os::unix::process::CommandExt;
+            let e = std::process::Command::new(&args[1]).args(&args[2..]).exec();
+            eprintln!("bench-producer: exec {}: {e}", args[1]);
+            std::process::exit(127);
+        }
         _ => {
             eprintln!("usage: bench-producer bulk BYTES | vmsplice BYTES | ticks MS COUNT | hello");
             std::process::exit(2);

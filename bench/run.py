@@ -107,8 +107,10 @@ class Contender:
 
 
 class SpliceRelay(Contender):
-    def __init__(self, transfer, cgroups=False):
-        name = "splice-relay" + ("" if transfer == "splice" else f" {transfer}")
+    """`transfer` None: the default path (the config does not say)."""
+
+    def __init__(self, transfer=None, cgroups=False):
+        name = "splice-relay" + (f" {transfer}" if transfer else "")
         super().__init__(name + (" cgroups" if cgroups else ""), "relay")
         self.transfer = transfer
         self.cgroups = cgroups
@@ -129,7 +131,8 @@ class SpliceRelay(Contender):
         cfg.write_text(
             'log_level = "warn"\nmax_connections = 4096\n\n[[service]]\nname = "bench"\n'
             f'listen = "127.0.0.1:{port}"\ncommand = {json.dumps(command)}\n'
-            f'transfer = "{self.transfer}"\nmax_connections = 4096\n')
+            + (f'transfer = "{self.transfer}"\n' if self.transfer else "")
+            + 'max_connections = 4096\n')
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "JOURNAL_"))}
         return [str(RELAY), "--config", str(cfg)], env
 
@@ -236,8 +239,8 @@ def bulk_bytes(smoke, clients):
     return 4 * GIB if clients == 1 else GIB
 
 
-def scenario_bulk(c, smoke, clients):
-    per = bulk_bytes(smoke, clients)
+def scenario_bulk(c, smoke, clients, per=None):
+    per = per or bulk_bytes(smoke, clients)
     cpu0 = c.cpu_seconds()
     r = load("bulk", f"127.0.0.1:{c.port}", clients, per)
     cpu = c.cpu_seconds() - cpu0
@@ -253,22 +256,50 @@ def scenario_rate(c, smoke, concurrency):
     return {"conn/s": r["per_sec"], "failed": r["failed"]}
 
 
+def commands_cpu_seconds():
+    return cgroup_cpu_seconds(CGROOT / "commands")
+
+
+def cgroup_cpu_seconds(cgroup):
+    for line in (cgroup / "cpu.stat").read_text().splitlines():
+        if line.startswith("usage_usec"):
+            return int(line.split()[1]) / 1e6
+    return 0.0
+
+
 def scenario_slow(c, smoke, clients, window):
+    """The server's own CPU, and the whole cost of a line (server and
+    commands together: a relay's commands write to a pipe, a direct one's to
+    TCP), each line being one tick of one command."""
     warmup = 0 if smoke else 2
     p = subprocess.Popen([str(LOAD), "slow", f"127.0.0.1:{c.port}", str(clients), str(window), str(warmup)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stderr.readline().strip() == "connected", f"{c.name}: slow clients did not connect"
     time.sleep(warmup)  # the server may still be starting commands; then measure a whole window
-    cpu0, t0 = c.cpu_seconds(), time.monotonic()
+    cpu0, cmd0, t0 = c.cpu_seconds(), commands_cpu_seconds(), time.monotonic()
     time.sleep(window / 2)
     rss = c.rss_bytes()
     time.sleep(window / 2)
-    cpu = (c.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+    secs = time.monotonic() - t0
+    own = c.cpu_seconds() - cpu0
+    whole = own + commands_cpu_seconds() - cmd0
     out, err = p.communicate(timeout=120)
     r = json.loads(out)
     if r["served"] != clients:
         raise RuntimeError(f"{c.name}: {r['served']}/{clients} slow clients served: {err}")
-    return {"RSS MiB": rss / (1 << 20), "CPU %": cpu * 100, "p50 ms": r["p50_ms"], "p99 ms": r["p99_ms"]}
+    lines = clients * secs  # one a second each
+    return {"RSS MiB": rss / (1 << 20), "CPU %": own / secs * 100, "p50 ms": r["p50_ms"],
+            "p99 ms": r["p99_ms"], "server µs/line": own / lines * 1e6, "whole µs/line": whole / lines * 1e6}
+
+
+def scenario_burst(c, smoke, streams, burst, window):
+    """Streams tick while a burst of new connections arrives: their line
+    delay during the burst, and how fast the burst is served."""
+    r = load("burst", f"127.0.0.1:{c.port}", streams, burst, window, timeout=300)
+    if r["served"] != burst:
+        raise RuntimeError(f"{c.name}: {r['served']}/{burst} burst clients served")
+    return {"during p99 ms": r["during_p99_ms"], "during max ms": r["during_max_ms"],
+            "before p99 ms": r["before_p99_ms"], "burst conn/s": r["burst_per_sec"]}
 
 
 def scenario_latency(c, smoke):
@@ -285,7 +316,7 @@ def scenario_lines(c, smoke):
 
 
 def contenders(names, scenario):
-    all_ = [Direct(), SpliceRelay("splice"), SpliceRelay("splice", cgroups=True), SpliceRelay("copy"),
+    all_ = [Direct(), SpliceRelay(), SpliceRelay(cgroups=True), SpliceRelay("splice"), SpliceRelay("copy"),
             SpliceRelay("direct"), Socat(), Socat(1 << 20), TcpServer(), Xinetd()]
     return [c for c in all_ if (names is None or c.name in names)
             and (c.scenarios is None or scenario in c.scenarios)]
@@ -386,7 +417,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one round: it runs and the bytes are right")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--only", help="scenarios: bulk,bulk4,vmsplice,rate1,rate32,slow,latency,lines")
+    ap.add_argument("--only", help="scenarios: bulk,bulk4,vmsplice,cat,cat4,head,head4,gzip,gzip4,"
+                    "rate1,rate32,slow,burst,latency,lines")
     ap.add_argument("--contenders", help="comma-separated names (default: all)")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -403,6 +435,26 @@ def main():
     CGROOT.mkdir(parents=True, exist_ok=True)
     (CGROOT / "commands").mkdir(exist_ok=True)
 
+    # Real producers: cat of a page-cached file, head -c from /dev/zero,
+    # gzip -1 of compressible text. The files live in the suite's temporary
+    # directory; the cat file is read once first, so it is in the page cache.
+    files = Path(tempfile.mkdtemp(prefix="splice-relay-bench-files."))
+    cat_file, text_file = files / "cat.bin", files / "text.txt"
+    cat_size = (8 << 20) if smoke else GIB
+    with open(cat_file, "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(cat_size >> 20):
+            f.write(chunk)
+    subprocess.run(["cat", str(cat_file)], stdout=subprocess.DEVNULL, check=True)
+    with open(text_file, "w") as f:
+        subprocess.run(["seq", "1", str(300_000 if smoke else 20_000_000)], stdout=f, check=True)
+    gzip_size = len(subprocess.run(["gzip", "-1", "-c", str(text_file)], capture_output=True, check=True).stdout)
+    real = ("direct", "splice-relay", "splice-relay splice", "socat -b1048576")
+
+    def real_bulk(key, title, argv, per, clients):
+        return (key, title, "direct", ("exec", *argv), lambda c: scenario_bulk(c, smoke, clients, per), real)
+
+    cats = 1 if smoke else 4
     plan = [
         ("bulk", "1. Bulk, one client", "direct", ("bulk", 0), lambda c: scenario_bulk(c, smoke, 1)),
         ("bulk4", "1b. Bulk, four clients at once (aggregate)", "direct", ("bulk", 0),
@@ -419,22 +471,38 @@ def main():
          lambda c: scenario_latency(c, smoke)),
         ("lines", "4b. Line delay, a line every 50 ms", "direct", ("ticks", 50, 80 if not smoke else 5),
          lambda c: scenario_lines(c, smoke)),
+        real_bulk("cat", "1d. Bulk, one client, `cat` of a page-cached file", ["cat"] + [str(cat_file)] * cats,
+                  cats * cat_size, 1),
+        real_bulk("cat4", "1e. Bulk, four clients, `cat` of a page-cached file", ["cat", str(cat_file)],
+                  cat_size, 4),
+        real_bulk("head", "1f. Bulk, one client, `head -c` from /dev/zero", ["head", "-c", str(bulk_bytes(smoke, 1)),
+                  "/dev/zero"], bulk_bytes(smoke, 1), 1),
+        real_bulk("head4", "1g. Bulk, four clients, `head -c` from /dev/zero", ["head", "-c", str(bulk_bytes(smoke, 4)),
+                  "/dev/zero"], bulk_bytes(smoke, 4), 4),
+        real_bulk("gzip", "1h. Bulk, one client, `gzip -1` of text", ["gzip", "-1", "-c", str(text_file)], gzip_size, 1),
+        real_bulk("gzip4", "1i. Bulk, four clients, `gzip -1` of text", ["gzip", "-1", "-c", str(text_file)],
+                  gzip_size, 4),
+        ("burst", f"5. {slow_clients} streams ticking while {2 * slow_clients} more connect at once", "direct",
+         ("ticks", 1000, 40 if not smoke else 10),
+         lambda c: scenario_burst(c, smoke, slow_clients, 2 * slow_clients, window),
+         ("direct", "splice-relay", "splice-relay splice", "splice-relay direct", "tcpserver")),
     ]
     results = []
     with tempfile.TemporaryDirectory(prefix="splice-relay-bench.") as tmpdir:
         tmp = Path(tmpdir)
-        for key, title, ref, cmd, measure in plan:
+        for key, title, ref, cmd, measure, *who in plan:
             if only and key not in only:
                 continue
-            if smoke and key in ("bulk4", "rate32"):
+            if smoke and key in ("bulk4", "rate32", "cat4", "head4", "gzip4"):
                 continue  # the smoke checks that each scenario runs, once
             if cmd[0] in ("bulk", "vmsplice"):
                 cmd = (cmd[0], bulk_bytes(smoke, 4 if key == "bulk4" else 1))
-            picks = contenders(names, key)
+            picks = [c for c in contenders(names, key) if not who or c.name in who[0]]
             results.append(run_scenario(title, ref, cmd, measure, picks, rounds, tmp, smoke))
             if not smoke:
                 write_results(results, rounds)
     remove_cgroups(CGROOT)
+    shutil.rmtree(files, ignore_errors=True)
 
     if smoke:
         print("\nbench: smoke run passed: every contender served every byte")

@@ -258,7 +258,7 @@ pub fn set_up(config: &crate::config::Config) -> Result<(Option<Tree>, String), 
 }
 
 /// The daemon's subtree, once it lives in its leaf.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Tree {
     root: PathBuf,
 }

@@ -25,14 +25,14 @@ use crate::peer::Peer;
 use crate::record::{End, Record, Stats, Traffic};
 use crate::shutdown::Watch;
 use crate::sys;
-use crate::transfer::{self, Limits};
+use crate::transfer::{self, Limits, Relayed};
 
 /// What every connection needs from the daemon, and nothing more.
 #[derive(Debug)]
 pub struct Context {
     /// The daemon's environment as read at start, without the variables meant
     /// for the daemon alone; the base of every command's environment.
-    pub base_env: Vec<(OsString, OsString)>,
+    pub base_env: Arc<[(OsString, OsString)]>,
     pub shutdown: Watch,
     /// Per-service admission state and refusal episodes.
     pub admissions: Admissions,
@@ -104,7 +104,7 @@ impl Handler {
 
 /// The pipeline: admit → spawn → supervise the transfer → end.
 async fn serve(
-    service: &Service,
+    service: &Arc<Service>,
     socket: OwnedFd,
     peer: Peer,
     record: &mut Record,
@@ -134,22 +134,30 @@ async fn serve(
 
     // Spawn.
     let direct = service.transfer == Transfer::Direct;
-    let (command, streams) = match spawn(service, &socket, &peer, record, context) {
+    let (command, streams) = match spawn(service, &socket, &peer, record, context).await {
         Ok(spawned) => spawned,
         Err(end) => return Served::Ended(None, end),
     };
     record.command_started(command.pid());
 
-    // Supervise the transfer.
+    // Supervise the transfer. The command's stdout stays open until it has
+    // ended: closed earlier, it would kill the command with SIGPIPE instead.
     let traffic = record.traffic();
-    // The stdout pipe stays open until the command has ended: closed
-    // earlier, it would kill the command with SIGPIPE instead.
+    let relayed = |socket| Relayed {
+        socket,
+        command: &command,
+        service,
+        limits: &limits,
+        traffic,
+    };
     let (socket, end, _stdout) = match streams {
         Streams::Pipes { stdout, stdin } => {
-            let end =
-                transfer::relayed(&socket, &stdout, stdin, &command, service, &limits, traffic)
-                    .await;
+            let end = relayed(&socket).pipes(&stdout, stdin).await;
             (socket, end, Some(stdout))
+        }
+        Streams::Socketpair { pair, stdin } => {
+            let end = relayed(&socket).pair(&pair, stdin).await;
+            (socket, end, Some(pair))
         }
         Streams::Socket => {
             // The command reads and writes the socket: watch it for errors only.
@@ -170,9 +178,10 @@ async fn serve(
     Served::Ended(Some(ended), end)
 }
 
-/// Starts the command, with the socket or pipes as its stdin and stdout.
-fn spawn(
-    service: &Service,
+/// Starts the command, with the socket, pipes or a socket pair as its stdin
+/// and stdout.
+async fn spawn(
+    service: &Arc<Service>,
     socket: &AsyncFd<OwnedFd>,
     peer: &Peer,
     record: &Record,
@@ -186,17 +195,25 @@ fn spawn(
                 .map_err(|e| End::Error(e.desc().into()))?;
             Io::Socket(socket.get_ref())
         }
-        Transfer::Splice | Transfer::Copy => Io::Pipes(service.stdin),
+        Transfer::Splice | Transfer::Copy => Io::Pipes {
+            stdin: service.stdin,
+            size: service.pipe_size,
+        },
+        Transfer::Socketpair => Io::Socketpair {
+            stdin: service.stdin,
+        },
     };
     let tag = Tag {
         conn: record.conn(),
         service: Arc::clone(record.service()),
     };
     let cgroups = context.cgroups.as_ref();
-    Command::spawn(service, &context.base_env, peer, io, cgroups, tag).map_err(|e| match e {
-        SpawnError::Start(_) => End::SpawnFailed(e.to_string()),
-        SpawnError::Unwatched(_) => End::Error(e.to_string()),
-    })
+    Command::spawn(service, &context.base_env, peer, io, cgroups, tag)
+        .await
+        .map_err(|e| match e {
+            SpawnError::Start(_) => End::SpawnFailed(e.to_string()),
+            SpawnError::Unwatched(_) => End::Error(e.to_string()),
+        })
 }
 
 fn unregistered(e: &std::io::Error) -> String {
@@ -305,7 +322,7 @@ mod tests {
         let (_stop, watch) = Shutdown::new();
         let stats = Arc::new(Stats::default());
         let context = Arc::new(Context {
-            base_env: Vec::new(),
+            base_env: Arc::from(Vec::new()),
             shutdown: watch,
             admissions: Admissions::default(),
             stats: Arc::clone(&stats),

@@ -23,9 +23,6 @@ use tokio::io::unix::AsyncFd;
 
 use crate::fdio;
 
-/// Size of the user-space buffer on the read/write path.
-const COPY_BUFFER: usize = 64 * 1024;
-
 /// How the bytes move.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -33,6 +30,28 @@ pub enum Mode {
     Splice,
     /// read(2)/write(2) through a buffer.
     Copy,
+}
+
+/// Why a [`pump`] stopped early: the errno, and which side gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failed {
+    pub errno: Errno,
+    pub side: Side,
+}
+
+/// Which descriptor of a [`pump`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Destination,
+    /// splice(2) touches both, and its errno does not say which.
+    Either,
+}
+
+impl Failed {
+    fn at(side: Side) -> impl Fn(Errno) -> Failed {
+        move |errno| Failed { errno, side }
+    }
 }
 
 /// How a [`pump`] ended without an error.
@@ -44,22 +63,34 @@ pub enum Pumped {
     Limit,
 }
 
+/// Where a [`pump`] counts the bytes it moves: at the client's side, so a
+/// connection's counts are what the client sent and got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    /// Each read (the source is the client).
+    Reads,
+    /// Each write (the destination is the client).
+    Writes,
+}
+
 /// Moves everything from `src` to `dst` until `src` reaches end-of-file, or
-/// `max` bytes have moved. `moved` is called with each write's length.
+/// `max` bytes have been written. `moved` is called with the length of each
+/// read or each write, as `count` says.
 ///
 /// `chunk` bounds one splice call (the pipe's size is a good value). An error
-/// is the errno of whichever side failed; the caller knows which end is the
-/// socket and decides what the errno means.
+/// says which side failed, where that is known; the caller knows which end
+/// is the socket and decides what it means.
 pub async fn pump(
     src: &AsyncFd<OwnedFd>,
     dst: &AsyncFd<OwnedFd>,
     mode: Mode,
     chunk: usize,
-    max: Option<u64>,
+    (max, count): (Option<u64>, Count),
     moved: impl FnMut(usize),
-) -> Result<Pumped, Errno> {
+) -> Result<Pumped, Failed> {
     let mut budget = Budget {
         left: max.unwrap_or(u64::MAX),
+        count,
         moved,
     };
     if mode == Mode::Splice {
@@ -76,11 +107,28 @@ pub async fn pump(
 /// What may still move, and who is told of what did.
 struct Budget<F> {
     left: u64,
+    count: Count,
     moved: F,
 }
 
 impl<F: FnMut(usize)> Budget<F> {
+    /// `n` bytes were read.
+    fn read(&mut self, n: usize) {
+        if self.count == Count::Reads {
+            (self.moved)(n);
+        }
+    }
+
+    /// `n` bytes were written.
     fn spend(&mut self, n: usize) {
+        self.left -= n as u64;
+        if self.count == Count::Writes {
+            (self.moved)(n);
+        }
+    }
+
+    /// `n` bytes were read and written at once (splice).
+    fn both(&mut self, n: usize) {
         self.left -= n as u64;
         (self.moved)(n);
     }
@@ -92,7 +140,7 @@ impl<F: FnMut(usize)> Budget<F> {
 }
 
 enum Spliced {
-    Done(Result<Pumped, Errno>),
+    Done(Result<Pumped, Failed>),
     /// splice cannot go on with this pair; read/write can.
     Fallback(&'static str),
 }
@@ -119,14 +167,17 @@ async fn splice_loop(
         }
         let (mut readable, mut writable) = match (src.readable().await, dst.writable().await) {
             (Ok(r), Ok(w)) => (r, w),
-            (Err(e), _) | (_, Err(e)) => return Spliced::Done(Err(fdio::errno(&e))),
+            (Err(e), _) => return Spliced::Done(Err(Failed::at(Side::Source)(fdio::errno(&e)))),
+            (_, Err(e)) => {
+                return Spliced::Done(Err(Failed::at(Side::Destination)(fdio::errno(&e))))
+            }
         };
         let ask = budget.ask(chunk);
         match splice(src.get_ref(), None, dst.get_ref(), None, ask, flags) {
             Ok(0) if really_ended(src.get_ref()) => return Spliced::Done(Ok(Pumped::EndOfFile)),
             Ok(0) => return Spliced::Fallback("splice(2) stopped at a TCP urgent mark"),
             Ok(n) => {
-                budget.spend(n);
+                budget.both(n);
                 stuck = 0;
                 // Less than asked: one end is probably drained or full. One
                 // poll says which, instead of a splice that would return
@@ -134,17 +185,17 @@ async fn splice_loop(
                 // end-of-file is still seen by the next splice.)
                 if n < ask {
                     match blocked_side(src.get_ref(), dst.get_ref()) {
-                        Side::Dst => writable.clear_ready(),
-                        Side::Src => readable.clear_ready(),
-                        Side::Neither => {}
+                        Blocked::Dst => writable.clear_ready(),
+                        Blocked::Src => readable.clear_ready(),
+                        Blocked::Neither => {}
                     }
                 }
             }
             Err(Errno::EINTR) => {}
             Err(Errno::EAGAIN) => match blocked_side(src.get_ref(), dst.get_ref()) {
-                Side::Dst => writable.clear_ready(),
-                Side::Src => readable.clear_ready(),
-                Side::Neither => {
+                Blocked::Dst => writable.clear_ready(),
+                Blocked::Src => readable.clear_ready(),
+                Blocked::Neither => {
                     stuck += 1;
                     if stuck >= STUCK_ROUNDS {
                         return Spliced::Fallback(
@@ -156,7 +207,7 @@ async fn splice_loop(
             Err(Errno::EINVAL) => {
                 return Spliced::Fallback("splice(2) refused this pair of descriptors")
             }
-            Err(e) => return Spliced::Done(Err(e)),
+            Err(e) => return Spliced::Done(Err(Failed::at(Side::Either)(e))),
         }
     }
 }
@@ -178,20 +229,21 @@ fn really_ended(src: &OwnedFd) -> bool {
     }
 }
 
-enum Side {
+/// Which end of a splice is not ready.
+enum Blocked {
     Src,
     Dst,
     Neither,
 }
 
 /// Which end made splice return `EAGAIN`: one poll(2) of both, no waiting.
-fn blocked_side(src: &OwnedFd, dst: &OwnedFd) -> Side {
+fn blocked_side(src: &OwnedFd, dst: &OwnedFd) -> Blocked {
     let mut fds = [
         PollFd::new(src.as_fd(), PollFlags::POLLIN),
         PollFd::new(dst.as_fd(), PollFlags::POLLOUT),
     ];
     if poll(&mut fds, PollTimeout::ZERO).is_err() {
-        return Side::Neither;
+        return Blocked::Neither;
     }
     // Hang-ups and errors count as ready: the next splice reports them.
     let any = |fd: &PollFd, flag: PollFlags| {
@@ -199,50 +251,134 @@ fn blocked_side(src: &OwnedFd, dst: &OwnedFd) -> Side {
             .is_some_and(|r| r.intersects(flag | PollFlags::POLLHUP | PollFlags::POLLERR))
     };
     if !any(&fds[1], PollFlags::POLLOUT) {
-        Side::Dst
+        Blocked::Dst
     } else if !any(&fds[0], PollFlags::POLLIN) {
-        Side::Src
+        Blocked::Src
     } else {
-        Side::Neither
+        Blocked::Neither
     }
 }
 
-/// read(2)/write(2) through a buffer, for `Mode::Copy` and for pairs splice
-/// refuses. Readiness is unambiguous here: each call touches one side.
+/// read(2)/write(2), for `Mode::Copy` and for pairs splice refuses.
+/// Readiness is unambiguous here: each call touches one side.
+///
+/// Two speeds. A trickle (lines) is read into a small buffer on the stack
+/// of a plain function and written at once: per line one read, one write,
+/// and no buffer held while the connection waits (a thousand idle streams
+/// hold none). A read that fills it switches to a buffer on the heap that
+/// grows while reads keep filling it, up to `COPY_MAX`, so bulk moves in few
+/// large calls. It is kept while the source pauses between bursts (bulk
+/// output outruns its producer now and then) and freed when a read brings
+/// no more than a trickle again.
 async fn copy_loop(
     src: &AsyncFd<OwnedFd>,
     dst: &AsyncFd<OwnedFd>,
     budget: &mut Budget<impl FnMut(usize)>,
-) -> Result<Pumped, Errno> {
-    // The buffer exists only while data moves: an idle connection (a slow
-    // stream between two lines) holds none.
-    let mut slot: Option<Vec<u8>> = None;
+) -> Result<Pumped, Failed> {
+    let (reading, writing) = (Failed::at(Side::Source), Failed::at(Side::Destination));
+    let mut bulk: Option<Vec<u8>> = None;
     loop {
         if budget.left == 0 {
             return Ok(Pumped::Limit);
         }
-        let mut ready = src.readable().await.map_err(|e| fdio::errno(&e))?;
-        let buf = slot.get_or_insert_with(|| vec![0u8; COPY_BUFFER]);
+        let mut ready = src.readable().await.map_err(|e| reading(fdio::errno(&e)))?;
+        let Some(buf) = bulk.as_mut() else {
+            let ask = budget.ask(COPY_SMALL);
+            match copy_small(src.get_ref(), dst.get_ref(), ask)? {
+                Small::EndOfFile => return Ok(Pumped::EndOfFile),
+                Small::Dry => ready.clear_ready(),
+                Small::Copied { read, rest } => {
+                    budget.read(read);
+                    budget.spend(read - rest.len());
+                    write_all(dst, &rest, budget).await.map_err(&writing)?;
+                    if read == ask && ask == COPY_SMALL {
+                        bulk = Some(vec![0u8; COPY_BULK]);
+                    } else {
+                        // A short read: the source is dry for now. (A newer
+                        // readiness event survives the clear: tokio checks.)
+                        ready.clear_ready();
+                    }
+                }
+            }
+            continue;
+        };
         let want = budget.ask(buf.len());
-        let read = ready.try_io(|fd| {
-            nix::unistd::read(fd.get_ref(), &mut buf[..want]).map_err(std::io::Error::from)
+        let read = ready.try_io(|fd| loop {
+            match nix::unistd::read(fd.get_ref(), &mut buf[..want]) {
+                Err(Errno::EINTR) => continue,
+                other => break other.map_err(std::io::Error::from),
+            }
         });
-        let len = match read {
+        let n = match read {
             Ok(Ok(0)) => return Ok(Pumped::EndOfFile),
             Ok(Ok(n)) => n,
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Ok(Err(e)) => return Err(fdio::errno(&e)),
-            // Drained: give the buffer back while waiting for more.
-            Err(_would_block) => {
-                slot = None;
-                continue;
-            }
+            Ok(Err(e)) => return Err(reading(fdio::errno(&e))),
+            // Dry (try_io cleared the readiness): wait, buffer kept.
+            Err(_would_block) => continue,
         };
-        let mut done = 0;
-        while done < len {
-            let n = fdio::write_with(dst, |fd| nix::unistd::write(fd, &buf[done..len])).await?;
-            done += n;
-            budget.spend(n);
+        budget.read(n);
+        write_all(dst, &buf[..n], budget).await.map_err(&writing)?;
+        if n == buf.len() && buf.len() < COPY_MAX {
+            buf.resize(buf.len() * 4, 0);
+        } else if n < want {
+            ready.clear_ready();
+            if n < COPY_SMALL {
+                bulk = None;
+            }
         }
     }
+}
+
+/// The stack buffer of a trickle.
+const COPY_SMALL: usize = 16 * 1024;
+/// The heap buffer's first size, and its largest.
+const COPY_BULK: usize = 64 * 1024;
+const COPY_MAX: usize = 1 << 20;
+
+enum Small {
+    EndOfFile,
+    /// Nothing to read (EAGAIN).
+    Dry,
+    /// `read` bytes were read; `rest` of them could not be written yet.
+    Copied {
+        read: usize,
+        rest: Vec<u8>,
+    },
+}
+
+/// One read into a buffer on the stack of a plain function (not of the
+/// future, which every idle connection would carry), written at once.
+fn copy_small(src: &OwnedFd, dst: &OwnedFd, ask: usize) -> Result<Small, Failed> {
+    let mut buf = [0u8; COPY_SMALL];
+    let read = loop {
+        match nix::unistd::read(src, &mut buf[..ask]) {
+            Ok(0) => return Ok(Small::EndOfFile),
+            Ok(n) => break n,
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => return Ok(Small::Dry),
+            Err(e) => return Err(Failed::at(Side::Source)(e)),
+        }
+    };
+    let mut written = 0;
+    while written < read {
+        match nix::unistd::write(dst, &buf[written..read]) {
+            Ok(n) => written += n,
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => break,
+            Err(e) => return Err(Failed::at(Side::Destination)(e)),
+        }
+    }
+    Ok(Small::Copied {
+        read,
+        rest: buf[written..read].to_vec(),
+    })
+}
+
+/// Writes all of `bytes` to `dst` as it takes them, counting each write.
+async fn write_all(
+    dst: &AsyncFd<OwnedFd>,
+    bytes: &[u8],
+    budget: &mut Budget<impl FnMut(usize)>,
+) -> Result<(), Errno> {
+    fdio::write_all(dst, bytes, |n| budget.spend(n)).await
 }

@@ -4,18 +4,19 @@
 //! here returns the [`End`] that goes in the record.
 
 use std::future::Future;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::sys::socket::{shutdown, Shutdown as How};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::command::Command;
-use crate::config::{Service, Transfer};
+use crate::config::{Service, StdinMode, Transfer};
 use crate::fdio::{self, Class};
 use crate::record::{End, Traffic};
-use crate::relay::{self, Mode, Pumped};
+use crate::relay::{self, Count, Failed, Mode, Pumped, Side};
 use crate::shutdown::{Phase, Watch};
 use crate::sys;
 
@@ -126,54 +127,136 @@ pub async fn banner(
     }
 }
 
-/// `transfer = "splice"` or `"copy"`: the daemon relays the command's stdout
-/// pipe to the socket, and the socket to its stdin pipe (or to nowhere).
-/// Meanwhile, once the command exits, the rest of its group is ended.
-#[allow(clippy::too_many_arguments)]
-pub async fn relayed(
-    socket: &AsyncFd<OwnedFd>,
-    stdout: &AsyncFd<OwnedFd>,
-    stdin: Option<AsyncFd<OwnedFd>>,
-    command: &Command,
-    service: &Service,
-    limits: &Limits,
-    traffic: &Traffic,
-) -> End {
-    let mode = match service.transfer {
-        Transfer::Copy => Mode::Copy,
-        Transfer::Splice | Transfer::Direct => Mode::Splice,
-    };
-    let max = service
-        .max_bytes
-        .map(|m| m.saturating_sub(traffic.bytes_sent()));
-    let work = async {
-        let out = relay::pump(stdout, socket, mode, service.pipe_size, max, |n| {
-            traffic.sent(n)
-        });
-        let input = feed_input(socket, stdin, mode, service.pipe_size, traffic);
-        let leftovers = command.end_leftovers();
-        let abandon = abandon_when_drained(stdout, service.kill_grace);
-        tokio::pin!(out, input, leftovers, abandon);
-        let (mut input_open, mut abandoning) = (true, false);
-        loop {
-            tokio::select! {
-                r = &mut out => break match r {
-                    Ok(Pumped::EndOfFile) => End::OutputEnded,
-                    Ok(Pumped::Limit) => End::MaxBytes,
-                    Err(e) => client_error(e, "relaying output"),
-                },
-                r = &mut input, if input_open => match r {
-                    Ok(()) => input_open = false,
-                    Err(e) => break client_error(e, "reading from the client"),
-                },
-                () = &mut leftovers, if !abandoning => abandoning = true,
-                () = &mut abandon, if abandoning => break End::OutputHeld,
+/// A relayed transfer: the daemon moves the command's output to the client,
+/// and the client's bytes to the command (or to nowhere). Meanwhile, once
+/// the command exits, what is left of it is ended.
+pub struct Relayed<'a> {
+    pub socket: &'a AsyncFd<OwnedFd>,
+    pub command: &'a Command,
+    pub service: &'a Service,
+    pub limits: &'a Limits,
+    pub traffic: &'a Traffic,
+}
+
+impl Relayed<'_> {
+    /// `transfer = "splice"` or `"copy"`: from the command's stdout pipe, and
+    /// to its stdin pipe (if any; closed when the client half-closes).
+    pub async fn pipes(&self, stdout: &AsyncFd<OwnedFd>, stdin: Option<AsyncFd<OwnedFd>>) -> End {
+        let mode = match self.service.transfer {
+            Transfer::Splice => Mode::Splice,
+            Transfer::Copy | Transfer::Socketpair | Transfer::Direct => Mode::Copy,
+        };
+        let input = async {
+            if let Some(pipe) = stdin {
+                match self.pump_input(&pipe, mode).await {
+                    // The client half-closed: dropping the pipe closes the command's stdin.
+                    Ok(()) => return Ok(()),
+                    // The command closed its stdin (EPIPE is the pipe's).
+                    Err(f) if commands_end(f) => drop(pipe),
+                    Err(f) => return Err(f.errno),
+                }
             }
-        }
-    };
-    limits
-        .supervise(work, idle(limits.idle_timeout, traffic))
+            self.discard_input().await
+        };
+        self.run(stdout, mode, input).await
+    }
+
+    /// `transfer = "socketpair"`: from and to the daemon's end of the
+    /// command's socket pair. The client's half-close is passed on as a
+    /// half-close of the pair, which the command reads as end-of-file; once
+    /// the output has ended, so is the input, as with a pipe that closes.
+    pub async fn pair(&self, pair: &AsyncFd<OwnedFd>, stdin: StdinMode) -> End {
+        let input = async {
+            if stdin == StdinMode::Client {
+                match self.pump_input(pair, Mode::Copy).await {
+                    Ok(()) => {
+                        let _ = shutdown(pair.get_ref().as_raw_fd(), How::Write);
+                        return Ok(());
+                    }
+                    // The command closed its end.
+                    Err(f) if commands_end(f) => {}
+                    Err(f) => return Err(f.errno),
+                }
+            }
+            self.discard_input().await
+        };
+        let end = self.run(pair, Mode::Copy, input).await;
+        let _ = shutdown(pair.get_ref().as_raw_fd(), How::Write);
+        end
+    }
+
+    /// The client's bytes to the command, until the client half-closes.
+    async fn pump_input(&self, to: &AsyncFd<OwnedFd>, mode: Mode) -> Result<(), Failed> {
+        let chunk = self.service.pipe_size;
+        let counted = (None, Count::Reads);
+        relay::pump(self.socket, to, mode, chunk, counted, |n| {
+            self.traffic.received(n)
+        })
         .await
+        .map(drop)
+    }
+
+    /// What the client sends that no command reads: read and dropped, so a
+    /// reset is seen at once. Ok when the client half-closes.
+    async fn discard_input(&self) -> Result<(), Errno> {
+        fdio::discard(self.socket, |n| self.traffic.dropped(n as u64)).await
+    }
+
+    /// Moves the output from `source` beside `input`, until the output ends
+    /// (or a limit, the client, or the stop ends the connection).
+    async fn run(
+        &self,
+        source: &AsyncFd<OwnedFd>,
+        mode: Mode,
+        input: impl Future<Output = Result<(), Errno>>,
+    ) -> End {
+        let (service, traffic) = (self.service, self.traffic);
+        let max = service
+            .max_bytes
+            .map(|m| m.saturating_sub(traffic.bytes_sent()));
+        let work = async {
+            let counted = (max, Count::Writes);
+            let out = relay::pump(source, self.socket, mode, service.pipe_size, counted, |n| {
+                traffic.sent(n)
+            });
+            let leftovers = self.command.end_leftovers();
+            let abandon = abandon_when_drained(source, service.kill_grace);
+            tokio::pin!(out, input, leftovers, abandon);
+            let (mut input_open, mut abandoning) = (true, false);
+            loop {
+                tokio::select! {
+                    r = &mut out => break match r {
+                        Ok(Pumped::EndOfFile) => End::OutputEnded,
+                        Ok(Pumped::Limit) => End::MaxBytes,
+                        // The command's side: a socket pair it closed with
+                        // input left unread says ECONNRESET, not end-of-file.
+                        Err(f) if f.side == Side::Source && fdio::class(f.errno) == Class::Disconnect => End::OutputEnded,
+                        Err(f) => client_error(f.errno, "relaying output"),
+                    },
+                    r = &mut input, if input_open => match r {
+                        Ok(()) => input_open = false,
+                        Err(e) => break client_error(e, "reading from the client"),
+                    },
+                    () = &mut leftovers, if !abandoning => abandoning = true,
+                    () = &mut abandon, if abandoning => break End::OutputHeld,
+                }
+            }
+        };
+        self.limits
+            .supervise(work, idle(self.limits.idle_timeout, traffic))
+            .await
+    }
+}
+
+/// Whether an input pump stopped because the command closed its end (EPIPE
+/// writing to it; a socket pair also says ECONNRESET), not the client.
+fn commands_end(f: Failed) -> bool {
+    match f.side {
+        Side::Destination => fdio::class(f.errno) == Class::Disconnect,
+        // splice: a pipe says EPIPE; the client's socket would say ECONNRESET.
+        Side::Either => f.errno == Errno::EPIPE,
+        Side::Source => false,
+    }
 }
 
 /// With a process group, once the command and its group are gone while its
@@ -191,28 +274,6 @@ async fn abandon_when_drained(stdout: &AsyncFd<OwnedFd>, grace: Duration) {
         }
     };
     let _ = tokio::time::timeout(grace, drained).await;
-}
-
-/// The client's bytes to the command's stdin (or, without one, to nowhere),
-/// until the client half-closes. Ok means the client finished sending.
-async fn feed_input(
-    socket: &AsyncFd<OwnedFd>,
-    stdin: Option<AsyncFd<OwnedFd>>,
-    mode: Mode,
-    chunk: usize,
-    traffic: &Traffic,
-) -> Result<(), Errno> {
-    if let Some(pipe) = stdin {
-        match relay::pump(socket, &pipe, mode, chunk, None, |n| traffic.received(n)).await {
-            // The client half-closed: dropping the pipe closes the command's stdin.
-            Ok(_) => return Ok(()),
-            // EPIPE here is the pipe's: the command closed its stdin. What the
-            // client still sends is dropped.
-            Err(Errno::EPIPE) => drop(pipe),
-            Err(e) => return Err(e),
-        }
-    }
-    fdio::discard(socket, |n| traffic.dropped(n as u64)).await
 }
 
 /// `transfer = "direct"`: the socket itself is the command's stdin and

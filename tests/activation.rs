@@ -83,7 +83,7 @@ fn each_kind_of_bad_config_gets_its_located_message_and_exit_78() {
         ),
         (
             "[[service]]\nname = \"a\"\ncommand = [\"true\"]\ntransfer = 1\n",
-            "splice-relay: C:4:12: service \"a\": transfer: invalid type: integer `1`, expected one of \"splice\" \"copy\" \"direct\"\n".to_owned(),
+            "splice-relay: C:4:12: service \"a\": transfer: invalid type: integer `1`, expected one of \"splice\" \"copy\" \"socketpair\" \"direct\"\n".to_owned(),
         ),
         (
             "[[service]]\nname = \"a\"\ncommand = [\"true\"]\nkill_grace = \"soon\"\n",

@@ -64,7 +64,7 @@ kill_grace = "300ms"
 
 #[test]
 fn max_bytes_sends_exactly_that_many_then_ends_the_command() {
-    for transfer in ["splice", "copy"] {
+    for transfer in ["socketpair", "splice", "copy"] {
         let (d, addr) = serve(
             r#"["cat", "/dev/zero"]"#,
             &format!("max_bytes = 100000\ntransfer = \"{transfer}\""),

@@ -69,42 +69,104 @@ fn a_gibibyte_arrives_intact_through_splice() {
 }
 
 #[test]
+fn a_gibibyte_arrives_intact_through_the_socket_pair() {
+    checksum_over("socketpair", "seq 1 120000000", 1 << 30);
+}
+
+#[test]
 fn bytes_arrive_intact_through_the_copy_path() {
     checksum_over("copy", "seq 1 20000000", 150_000_000);
 }
 
+/// The default transfer gives the command a socket, as inetd does: stdin
+/// and stdout one socket with `stdin = "client"`, stdout alone otherwise.
 #[test]
-fn a_command_writing_100_mib_with_plain_writes_never_sees_eagain() {
-    // dd reports a short or failed write(2) on stderr; the stdout pipe's
-    // write end must stay blocking whatever the daemon does with its end.
+fn the_default_transfer_gives_the_command_a_socket() {
+    let probe = "for f in 0 1; do if [ -S /proc/self/fd/$f ]; then echo $f socket; else echo $f other; fi; done; \
+                 readlink /proc/$$/fd/0 /proc/$$/fd/1 | sort -u | wc -l";
+    let (_d, addr) = serve(&sh(probe), "stdin = \"client\"");
+    let conn = connect(addr);
+    conn.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(
+        read_all(conn),
+        b"0 socket\n1 socket\n1\n",
+        "one socket for both"
+    );
+    let (_d, addr) = serve(&sh(probe), "");
+    assert_eq!(
+        fetch_text(addr),
+        "0 other\n1 socket\n2\n",
+        "stdin is /dev/null"
+    );
+}
+
+/// Each direction's end is passed on through the socket pair: the client's
+/// half-close is the command's end-of-file (tr, above); the command's
+/// shutdown of its output is the client's end-of-file, and its input ends
+/// then too, as a closed pipe's would: it reads end-of-file and exits.
+#[test]
+fn the_commands_half_close_ends_its_output_and_input() {
+    // TOML escapes: \\n is a newline in Python's strings.
+    let script = "import socket, sys; s = socket.socket(fileno=1); s.sendall(b'ready\\\\n'); \
+                  s.shutdown(socket.SHUT_WR); got = sys.stdin.buffer.read(); \
+                  sys.stderr.write('then read %d bytes\\\\n' % len(got))";
     let (d, addr) = serve(
-        r#"["dd", "if=/dev/zero", "bs=1M", "count=100", "status=none"]"#,
-        "",
+        &format!("[\"python3\", \"-c\", \"{script}\"]"),
+        "stdin = \"client\"",
     );
     let mut conn = connect(addr);
-    let mut first = vec![0u8; 1024];
-    conn.read_exact(&mut first).unwrap();
-    // The client reads no more until dd has filled its stdout pipe and waits
-    // in write(2), where a nonblocking write end would have failed instead.
-    let dd = d.children()[0];
-    let blocked = poll(PATIENCE, || blocked_on_full_stdout(dd).then_some(()));
-    assert!(
-        blocked.is_some(),
-        "dd never blocked on a full pipe: {:?}, pipe {:?}; log:\n{}",
-        stat(dd),
-        pipe_fill(dd, 1),
-        d.log_text()
-    );
-    let mut rest = Vec::new();
-    conn.read_to_end(&mut rest).unwrap();
-    assert_eq!(first.len() + rest.len(), 100 << 20);
+    let mut out = Vec::new();
+    conn.read_to_end(&mut out).unwrap();
+    assert_eq!(out, b"ready\n");
+    d.wait_log(&["then read 0 bytes", "stream=\"stderr\""]);
+    drop(conn);
     let record = d.wait_record(1);
-    assert_eq!(record.exit, "0", "{record}");
-    assert!(
-        d.log_lines(&["stream=\"stderr\""]).is_empty(),
-        "dd complained: {}",
-        d.log_text()
+    assert_eq!(
+        (record.reason.as_str(), record.exit.as_str()),
+        ("output-ended", "0"),
+        "it exited on its own, within kill_grace: {record}"
     );
+}
+
+#[test]
+fn a_command_writing_100_mib_with_plain_writes_never_sees_eagain() {
+    // dd reports a short or failed write(2) on stderr; the command's end of
+    // its stdout (a pipe, or the default socket pair) must stay blocking
+    // whatever the daemon does with its end.
+    for (transfer, blocked_writing) in [
+        ("splice", blocked_on_full_stdout as fn(i32) -> bool),
+        ("socketpair", blocked_on_full_socket),
+    ] {
+        let (d, addr) = serve(
+            r#"["dd", "if=/dev/zero", "bs=1M", "count=100", "status=none"]"#,
+            &format!("transfer = \"{transfer}\""),
+        );
+        let mut conn = connect(addr);
+        let mut first = vec![0u8; 1024];
+        conn.read_exact(&mut first).unwrap();
+        // The client reads no more until dd has filled its stdout and waits
+        // in write(2), where a nonblocking write end would have failed instead.
+        let dd = d.children()[0];
+        let blocked = poll(PATIENCE, || blocked_writing(dd).then_some(()));
+        assert!(
+            blocked.is_some(),
+            "{transfer}: dd never blocked on a full stdout: {:?}, wchan {:?}, pipe {:?}; log:\n{}",
+            stat(dd),
+            std::fs::read_to_string(format!("/proc/{dd}/wchan")),
+            pipe_fill(dd, 1),
+            d.log_text()
+        );
+        let mut rest = Vec::new();
+        conn.read_to_end(&mut rest).unwrap();
+        assert_eq!(first.len() + rest.len(), 100 << 20, "{transfer}");
+        let record = d.wait_record(1);
+        assert_eq!(record.exit, "0", "{transfer}: {record}");
+        assert!(
+            d.log_lines(&["stream=\"stderr\""]).is_empty(),
+            "{transfer}: dd complained: {}",
+            d.log_text()
+        );
+    }
 }
 
 #[test]
@@ -188,7 +250,16 @@ fn the_command_gets_peer_variables_and_a_scrubbed_environment() {
 
 #[test]
 fn stdin_from_the_client_with_half_close() {
-    let (d, addr) = serve(r#"["tr", "a-z", "A-Z"]"#, "stdin = \"client\"");
+    for transfer in ["socketpair", "splice", "copy"] {
+        stdin_with_half_close(transfer);
+    }
+}
+
+fn stdin_with_half_close(transfer: &str) {
+    let (d, addr) = serve(
+        r#"["tr", "a-z", "A-Z"]"#,
+        &format!("stdin = \"client\"\ntransfer = \"{transfer}\""),
+    );
     let mut conn = connect(addr);
     let reader = {
         let mut c = conn.try_clone().unwrap();
@@ -212,8 +283,8 @@ fn stdin_from_the_client_with_half_close() {
         .chunks(chunk.len())
         .all(|c| c == b"THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG\n"));
     let record = d.wait_record(1);
-    assert_eq!(record.bytes_received, sent as u64, "{record}");
-    assert_eq!(record.reason, "output-ended", "{record}");
+    assert_eq!(record.bytes_received, sent as u64, "{transfer}: {record}");
+    assert_eq!(record.reason, "output-ended", "{transfer}: {record}");
 }
 
 #[test]
@@ -372,17 +443,27 @@ fn output_survives_a_client_that_keeps_sending() {
 fn an_urgent_byte_does_not_stall_the_input() {
     use nix::sys::socket::{send, MsgFlags};
     use std::os::fd::AsRawFd;
-    let (d, addr) = serve(r#"["tr", "a-z", "A-Z"]"#, "stdin = \"client\"");
-    let mut conn = connect(addr);
-    conn.write_all(b"abc").unwrap();
-    send(conn.as_raw_fd(), b"!", MsgFlags::MSG_OOB).unwrap();
-    conn.write_all(b"def\n").unwrap();
-    conn.shutdown(Shutdown::Write).unwrap();
-    let mut out = String::new();
-    conn.read_to_string(&mut out).unwrap();
-    // The urgent byte is out of band: not part of the stream.
-    assert_eq!(out, "ABCDEF\n");
-    d.wait_log(&["copying through a buffer"]);
+    // splice(2) stops at the urgent mark: that connection goes on by
+    // copying. The copying transfers step over it anyway.
+    for transfer in ["splice", "socketpair", "copy"] {
+        let (d, addr) = serve(
+            r#"["tr", "a-z", "A-Z"]"#,
+            &format!("stdin = \"client\"\ntransfer = \"{transfer}\""),
+        );
+        let mut conn = connect(addr);
+        conn.write_all(b"abc").unwrap();
+        send(conn.as_raw_fd(), b"!", MsgFlags::MSG_OOB).unwrap();
+        conn.write_all(b"def\n").unwrap();
+        conn.shutdown(Shutdown::Write).unwrap();
+        let mut out = String::new();
+        conn.read_to_string(&mut out).unwrap();
+        // The urgent byte is out of band: not part of the stream.
+        assert_eq!(out, "ABCDEF\n", "{transfer}");
+        if transfer == "splice" {
+            d.wait_log(&["copying through a buffer"]);
+        }
+        d.wait_record(1);
+    }
 }
 
 #[test]

@@ -12,7 +12,9 @@ pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const SERVICE_MAX_CONNECTIONS: usize = 64;
 pub const WORKING_DIRECTORY: &str = "/";
 pub const STDIN: StdinMode = StdinMode::Null;
-pub const TRANSFER: Transfer = Transfer::Splice;
+/// Measured the fastest relayed path for bulk output, at about the CPU of
+/// splice (bench/results/latest.md; README, Performance).
+pub const TRANSFER: Transfer = Transfer::Socketpair;
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
 pub const PIPE_SIZE: usize = 1 << 20;
 /// IPv6 clients are counted per network of this many bits (one host's /64).

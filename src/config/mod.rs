@@ -139,6 +139,10 @@ pub enum Transfer {
     Splice,
     /// read(2)/write(2) through a buffer: for comparison, or where splice cannot work.
     Copy,
+    /// The command writes to (and, with `stdin = "client"`, reads from) a
+    /// socket pair, as inetd gives it a socket; the daemon copies through a
+    /// buffer of up to 1 MiB. The fastest relayed path for bulk output.
+    Socketpair,
     /// The client's socket is the command's stdin and stdout, as with inetd:
     /// nothing sits between them. The daemon still supervises the connection
     /// (limits, process group, record; bytes from TCP_INFO).

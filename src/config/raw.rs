@@ -507,7 +507,7 @@ macro_rules! keywords {
 }
 
 keywords!(StdinMode { "null" => Null, "client" => Client });
-keywords!(Transfer { "splice" => Splice, "copy" => Copy, "direct" => Direct });
+keywords!(Transfer { "splice" => Splice, "copy" => Copy, "socketpair" => Socketpair, "direct" => Direct });
 
 /// Where a service's commands are contained, as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -197,6 +197,17 @@ pub fn blocked_on_full_stdout(pid: i32) -> bool {
         && pipe_fill(pid, 1).is_some_and(|(queued, capacity)| queued as usize + page > capacity)
 }
 
+/// True while `pid` waits to write to its stdout, a socket (the default
+/// transfer's socket pair): it sleeps in the kernel's wait for send buffer
+/// room, where wchan tells (`sock_alloc_send_pskb`).
+pub fn blocked_on_full_socket(pid: i32) -> bool {
+    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+    stat(pid).is_some_and(|s| s.state == 'S')
+        && wchan == "sock_alloc_send_pskb"
+        && std::fs::read_link(format!("/proc/{pid}/fd/1"))
+            .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+}
+
 /// The send and receive queues (bytes not yet acknowledged, bytes not yet
 /// read) of the TCP socket from `local` to `remote`, from /proc/net/tcp{,6}.
 pub fn tcp_queues(local: SocketAddr, remote: SocketAddr) -> Option<(u64, u64)> {

@@ -52,7 +52,7 @@ fn the_pipe_quota_running_out_costs_no_byte() {
         "log_level = \"debug\"\n{}",
         one_service(
             &sh("seq 1 100000; head -c 1 >/dev/null; seq 100001 400000"),
-            "stdin = \"client\"\nmax_connections = 200\npipe_size = 1048576",
+            "stdin = \"client\"\nmax_connections = 200\npipe_size = 1048576\ntransfer = \"splice\"",
         )
     );
     let mut d = Daemon::spawn(

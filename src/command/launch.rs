@@ -1,0 +1,187 @@
+//! Where commands are started: a few threads of their own, not the event
+//! loop's.
+//!
+//! A vfork-style spawn suspends the thread that calls it until the child has
+//! exec'd, and building the command's environment, making its cgroup and
+//! writing its limits are blocking work too. Done on the event loop's
+//! threads, a burst of new connections would stall every running stream on
+//! them for as long as the burst lasts; here those threads go on relaying
+//! while the launchers start commands. There are as many launchers as CPUs,
+//! so a burst still starts commands as fast as the machine can.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, LazyLock, Mutex};
+
+use nix::unistd::Pid;
+use tokio::sync::oneshot;
+
+use super::stdio::Theirs;
+use crate::cgroup::{Cgroup, Tree};
+use crate::config::{Containment, Service};
+use crate::peer::Peer;
+use crate::runas::Limit;
+use crate::sys::{self, Place, Stage};
+
+/// What a launcher needs to start one command.
+pub struct Launch {
+    pub service: Arc<Service>,
+    pub base_env: Arc<[(OsString, OsString)]>,
+    pub peer: Peer,
+    pub theirs: Theirs,
+    /// The daemon's subtree, for a service contained by cgroups.
+    pub cgroups: Option<Tree>,
+    pub conn: u64,
+}
+
+/// A command that started: its pid, a pidfd, and its cgroup.
+pub struct Started {
+    pub pid: Pid,
+    pub pidfd: OwnedFd,
+    pub cgroup: Option<Cgroup>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The launchers' queue.
+static QUEUE: LazyLock<Mutex<Sender<Job>>> = LazyLock::new(|| {
+    let (tx, rx) = channel::<Job>();
+    let rx = Arc::new(Mutex::new(rx));
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
+    for i in 0..threads {
+        let rx = Arc::clone(&rx);
+        let started = std::thread::Builder::new()
+            .name(format!("launcher-{i}"))
+            .spawn(move || serve(&rx));
+        if let Err(e) = started {
+            tracing::error!(error = %e, "cannot start a launcher thread");
+        }
+    }
+    Mutex::new(tx)
+});
+
+fn serve(jobs: &Mutex<Receiver<Job>>) {
+    loop {
+        let job = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        match job {
+            Ok(job) => job(),
+            Err(_) => return,
+        }
+    }
+}
+
+/// Starts the command on a launcher thread; resolves when it has exec'd (or failed).
+pub async fn launch(job: Launch) -> io::Result<Started> {
+    let (tx, rx) = oneshot::channel();
+    let work: Job = Box::new(move || {
+        let _ = tx.send(start(job));
+    });
+    QUEUE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(work)
+        .map_err(|_| io::Error::other("no launcher thread is running"))?;
+    rx.await
+        .unwrap_or_else(|_| Err(io::Error::other("the launcher thread failed")))
+}
+
+/// The blocking part: the cgroup, the environment, the clone.
+fn start(job: Launch) -> io::Result<Started> {
+    let Launch {
+        service,
+        base_env,
+        peer,
+        theirs,
+        cgroups,
+        conn,
+    } = job;
+    let cgroup =
+        match (&service.containment, &cgroups) {
+            (Containment::ProcessGroup, _) => None,
+            (Containment::Cgroup(limits), Some(tree)) => Some(tree.create(conn, limits)?),
+            (Containment::Cgroup(_), None) => return Err(io::Error::other(
+                "the service's commands need a cgroup, and the daemon has no cgroup subtree set up",
+            )),
+        };
+    let exec = sys::Exec::new(
+        &service.program,
+        &service.argv,
+        &environment(&base_env, &service.env, &peer),
+        &service.working_directory,
+        &service.run_as,
+    )?;
+    let place = cgroup.as_ref().map_or(Place::Here, Cgroup::place);
+    let started = sys::spawn(&exec, theirs.fds(), place);
+    // Our copies of the command's ends close now, or its stdout would never
+    // report end-of-file.
+    drop(theirs);
+    let (pid, pidfd) = started.map_err(|(stage, e)| spawn_error(&service, stage, e))?;
+    Ok(Started { pid, pidfd, cgroup })
+}
+
+/// The command's environment: the daemon's, then the service's `env`, then
+/// the peer's variables; a later one replaces an earlier one of the same name.
+fn environment(
+    base: &[(OsString, OsString)],
+    service: &[(String, String)],
+    peer: &Peer,
+) -> Vec<(OsString, OsString)> {
+    let mut env: BTreeMap<OsString, OsString> = base.iter().cloned().collect();
+    env.extend(service.iter().map(|(k, v)| (k.into(), v.into())));
+    env.extend(peer.env().into_iter().map(|(k, v)| (k.into(), v.into())));
+    env.into_iter().collect()
+}
+
+/// The environment commands start from: the daemon's own, read once, minus
+/// what systemd meant for the daemon (`NOTIFY_SOCKET`, `LISTEN_*`,
+/// `WATCHDOG_*`) and `JOURNAL_STREAM`, which would not describe the command's
+/// stderr (a pipe to the daemon).
+pub fn base_env() -> Arc<[(OsString, OsString)]> {
+    std::env::vars_os()
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            !(k == "NOTIFY_SOCKET"
+                || k == "JOURNAL_STREAM"
+                || k.starts_with("LISTEN_")
+                || k.starts_with("WATCHDOG_"))
+        })
+        .collect()
+}
+
+/// The message for a spawn that failed in the child, naming what failed.
+fn spawn_error(service: &Service, stage: Stage, e: io::Error) -> io::Error {
+    let what = match stage {
+        Stage::Exec => format!("failed to spawn {}", service.program.display()),
+        Stage::Stdio => "cannot set up the command's standard streams".into(),
+        Stage::WorkingDirectory => format!(
+            "cannot change to working_directory {}",
+            service.working_directory.display()
+        ),
+        Stage::Limits => "cannot set the command's rlimit_* values".into(),
+        Stage::Nice => "cannot set the command's nice value".into(),
+        Stage::Credentials => match &service.run_as.credentials {
+            Some(c) => format!("cannot run the command as {}", c.label),
+            None => "cannot switch the command's user".into(),
+        },
+        Stage::Cgroup => "cannot start the command in its cgroup".into(),
+    };
+    let at_nproc = matches!(stage, Stage::Credentials | Stage::Exec)
+        && e.raw_os_error() == Some(libc::EAGAIN)
+        && service
+            .run_as
+            .rlimits
+            .iter()
+            .any(|(l, _)| *l == Limit::Nproc);
+    let hint = if at_nproc {
+        " (the user is at rlimit_nproc)"
+    } else {
+        ""
+    };
+    io::Error::new(
+        e.kind(),
+        format!("{what}: {}{hint}", crate::fdio::reason(&e)),
+    )
+}

@@ -1,0 +1,337 @@
+//! The command of one connection, from spawn to reaping: its standard
+//! streams, its stderr in the log, its containment, and its end.
+//!
+//! Spawning is `sys::spawn` (posix_spawn's technique, with the user switch,
+//! limits and nice of `runas` done in the child). Each command leads a
+//! process group of its own and, where the daemon has a delegated cgroup v2
+//! subtree (`cgroup`), starts inside a cgroup of its own: then nothing it
+//! starts can leave, whatever it does (a new session, a double fork).
+//! Reaping is ours alone: no SIGCHLD handler, no `waitpid(-1)`; a pidfd turns
+//! readable when the command exits.
+//!
+//! # How a command ends
+//!
+//! The same order for every transfer mode, in [`Command::finish`]:
+//!
+//! 1. it gets `patience` to exit on its own: `kill_grace` once its output has
+//!    ended, none after any other end (the client left, a limit, the stop);
+//! 2. then SIGTERM to every process it contains, and `kill_grace` for all of
+//!    them to end (with a process group, for the command to exit);
+//! 3. then SIGKILL to what is left: `cgroup.kill`, or the process group
+//!    (the command's zombie still holds the group id, so the signal cannot
+//!    reach another connection's processes);
+//! 4. once nothing is left (`populated 0`, or the command has exited), it is
+//!    reaped and what it used read;
+//! 5. its stderr logger logs what is already written, and stops;
+//! 6. after the record, its cgroup is removed.
+//!
+//! While the output is relayed, [`Command::end_leftovers`] does steps 2 and
+//! 3 early when the command exits first, so a background process holding
+//! its stdout cannot keep the connection open. With a process group, a
+//! process that left it cannot be reached; the relay then stops waiting for
+//! output `kill_grace` after the SIGKILL.
+
+mod launch;
+mod stderr;
+mod stdio;
+
+use std::ffi::OsString;
+use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::cgroup::{Cgroup, Tree, Usage};
+use crate::config::Service;
+use crate::fdio;
+use crate::peer::Peer;
+use crate::sys;
+pub use launch::base_env;
+use launch::{Launch, Started};
+use stderr::StderrLog;
+pub use stdio::{Io, Streams};
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(Signal),
+    /// It could not be reaped (logged); never expected.
+    Unknown,
+}
+
+impl fmt::Display for Exit {
+    /// `0`, `1`, … or a signal name such as `SIGTERM`: one field, always present.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "{c}"),
+            Exit::Signal(s) => f.write_str(s.as_str()),
+            Exit::Unknown => f.write_str("unknown"),
+        }
+    }
+}
+
+/// Why a command is not running.
+#[derive(Debug)]
+pub enum SpawnError {
+    /// It could not be started (the record's `spawn-failed`).
+    Start(io::Error),
+    /// It started, but the daemon could not watch it, so it was ended.
+    Unwatched(io::Error),
+}
+
+impl fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SpawnError::Start(e) => write!(f, "{e}"),
+            SpawnError::Unwatched(e) => write!(
+                f,
+                "cannot register the command's descriptors with the event loop: {}",
+                fdio::reason(e)
+            ),
+        }
+    }
+}
+
+/// Who a command's stderr lines belong to, in the log.
+#[derive(Clone)]
+pub struct Tag {
+    pub conn: u64,
+    pub service: Arc<str>,
+}
+
+/// A running command, leader of its own process group, maybe in a cgroup.
+pub struct Command {
+    pid: Pid,
+    pidfd: AsyncFd<OwnedFd>,
+    grace: Duration,
+    stderr: Option<StderrLog>,
+    /// The connection's cgroup (None: its process group contains it).
+    cgroup: Option<Cgroup>,
+    reaped: bool,
+}
+
+/// A command that has ended: how, what it used, and its cgroup, to remove
+/// once the record is written.
+pub struct Ended {
+    pub exit: Exit,
+    pub usage: Usage,
+    cgroup: Option<Cgroup>,
+}
+
+impl Ended {
+    /// Removes the connection's cgroup (empty by now).
+    pub async fn remove_cgroup(self) {
+        if let Some(cgroup) = self.cgroup {
+            cgroup.remove().await;
+        }
+    }
+}
+
+impl Command {
+    /// Spawns `service`'s command for a connection from `peer`, on a
+    /// launcher thread (see `launch`).
+    ///
+    /// `base_env` is the daemon's environment as read at start, minus the
+    /// variables meant for the daemon alone. Every descriptor the daemon
+    /// keeps is registered with the event loop here; if one cannot be, the
+    /// command is ended and reaped, and the error says so.
+    pub async fn spawn(
+        service: &Arc<Service>,
+        base_env: &Arc<[(OsString, OsString)]>,
+        peer: &Peer,
+        io: Io<'_>,
+        cgroups: Option<&Tree>,
+        tag: Tag,
+    ) -> Result<(Command, Streams), SpawnError> {
+        let (theirs, ours) = stdio::open_streams(io).map_err(SpawnError::Start)?;
+        let started = launch::launch(Launch {
+            service: Arc::clone(service),
+            base_env: Arc::clone(base_env),
+            peer: peer.clone(),
+            theirs,
+            cgroups: cgroups.cloned(),
+            conn: tag.conn,
+        })
+        .await
+        .map_err(SpawnError::Start)?;
+        let Started { pid, pidfd, cgroup } = started;
+        // Until it is watched, an early return must not leave the command
+        // running unsupervised (the cgroup, dropped, kills what is in it).
+        let unwatched = Unwatched(pid);
+        let pidfd = fdio::register(pidfd, Interest::READABLE);
+        let (pidfd, (stderr, streams)) = match (pidfd, ours.register()) {
+            (Ok(pidfd), Ok(registered)) => (pidfd, registered),
+            (Err(e), _) | (_, Err(e)) => return Err(SpawnError::Unwatched(e)),
+        };
+        unwatched.disarm();
+        let command = Command {
+            pid,
+            pidfd,
+            grace: service.kill_grace,
+            stderr: Some(StderrLog::start(stderr, tag, pid.as_raw())),
+            cgroup,
+            reaped: false,
+        };
+        Ok((command, streams))
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid.as_raw()
+    }
+
+    /// Resolves when the command (the group's leader) has exited.
+    pub async fn exited(&self) {
+        // Readable for good once the process is a zombie; nothing to clear.
+        let _ = self.pidfd.readable().await;
+    }
+
+    /// Once the command has exited, ends what is left of it: SIGTERM now,
+    /// SIGKILL after `kill_grace`. Run it beside the relay. Resolves when
+    /// the relay should stop waiting for more output: never with a cgroup
+    /// (its end closes the output), and after the SIGKILL with a process
+    /// group, since a process that left the group may hold the output open.
+    pub async fn end_leftovers(&self) {
+        self.exited().await;
+        match &self.cgroup {
+            Some(cgroup) => {
+                if cgroup.populated() {
+                    cgroup.signal_all(Signal::SIGTERM);
+                    if tokio::time::timeout(self.grace, cgroup.emptied())
+                        .await
+                        .is_err()
+                    {
+                        cgroup.kill();
+                    }
+                }
+                std::future::pending().await
+            }
+            // A process group cannot be watched: its members get kill_grace.
+            None => {
+                let _ = killpg(self.pid, Signal::SIGTERM);
+                tokio::time::sleep(self.grace).await;
+                let _ = killpg(self.pid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// Ends the command in the order the module documentation gives, and
+    /// returns how it exited and what it used, once it is reaped and its
+    /// stderr logged.
+    pub async fn finish(mut self, patience: Duration) -> Ended {
+        let exited = tokio::time::timeout(patience, self.exited()).await.is_ok();
+        let leftovers = self.cgroup.as_ref().is_some_and(Cgroup::populated);
+        if !exited || leftovers {
+            self.signal_all(Signal::SIGTERM);
+            if tokio::time::timeout(self.grace, self.emptied())
+                .await
+                .is_err()
+            {
+                self.kill_all();
+            }
+        }
+        self.kill_all();
+        self.emptied().await;
+        let (exit, cpu_usec) = self.reap().unwrap_or_else(|e| {
+            tracing::warn!(pid = self.pid.as_raw(), error = %e, "cannot reap a command");
+            (Exit::Unknown, None)
+        });
+        let usage = match &self.cgroup {
+            Some(cgroup) => cgroup.usage(),
+            None => Usage {
+                cpu_usec,
+                ..Usage::default()
+            },
+        };
+        if let Some(stderr) = self.stderr.take() {
+            stderr.finish().await;
+        }
+        Ended {
+            exit,
+            usage,
+            cgroup: self.cgroup.take(),
+        }
+    }
+
+    /// Sends `signal` to every process the command contains.
+    fn signal_all(&self, signal: Signal) {
+        match &self.cgroup {
+            Some(cgroup) => cgroup.signal_all(signal),
+            // ESRCH: the group is already gone, which is what we wanted.
+            None => drop(killpg(self.pid, signal)),
+        }
+    }
+
+    /// SIGKILL to everything the command contains.
+    fn kill_all(&self) {
+        match &self.cgroup {
+            Some(cgroup) if cgroup.populated() => cgroup.kill(),
+            Some(_) => {}
+            None => drop(killpg(self.pid, Signal::SIGKILL)),
+        }
+    }
+
+    /// Resolves once nothing the command contains is alive: its cgroup is
+    /// empty, or (a process group cannot be watched) the command has exited.
+    async fn emptied(&self) {
+        self.exited().await;
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.emptied().await;
+        }
+    }
+
+    /// Reaps the command: its exit, and its CPU time (with the children it
+    /// waited for) from the kernel's accounting.
+    fn reap(&mut self) -> io::Result<(Exit, Option<u64>)> {
+        self.reaped = true;
+        let (status, cpu_usec) = sys::wait(self.pid)?;
+        let exit = match status {
+            WaitStatus::Exited(_, code) => Exit::Code(code),
+            WaitStatus::Signaled(_, sig, _) => Exit::Signal(sig),
+            other => {
+                return Err(io::Error::other(format!(
+                    "unexpected wait status {other:?}"
+                )))
+            }
+        };
+        Ok((exit, Some(cpu_usec)))
+    }
+}
+
+impl Drop for Command {
+    /// A connection task that ends early (a panic, the runtime shutting down)
+    /// still leaves no process and no zombie behind.
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = killpg(self.pid, Signal::SIGKILL);
+            if let Some(cgroup) = &self.cgroup {
+                cgroup.kill();
+            }
+            let _ = waitpid(self.pid, None);
+        }
+    }
+}
+
+/// A command spawned but not yet watched: killed and reaped if dropped.
+struct Unwatched(Pid);
+
+impl Unwatched {
+    /// The command is watched from now on.
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Unwatched {
+    fn drop(&mut self) {
+        let _ = killpg(self.0, Signal::SIGKILL);
+        let _ = waitpid(self.0, None);
+    }
+}
