@@ -88,6 +88,9 @@ fn main() -> ExitCode {
         Err(e) => return fail(&format!("cannot set up the cgroup subtree: {e}")),
     };
 
+    // The launchers reserve their descriptors while the table is small.
+    splice_relay::command::start_launchers();
+
     // 5. Listeners: adopted or bound (they join the event loop in Server::run).
     let listeners = if inherited.is_empty() {
         listen::bind_all(&config)

@@ -24,7 +24,7 @@ use crate::cgroup::{Cgroup, Tree};
 use crate::config::{Containment, Service};
 use crate::peer::Peer;
 use crate::runas::Limit;
-use crate::sys::{self, Place, Stage};
+use crate::sys::{self, Place, Slots, Stage};
 
 /// What a launcher needs to start one command.
 pub struct Launch {
@@ -44,18 +44,23 @@ pub struct Started {
     pub cgroup: Option<Cgroup>,
 }
 
-type Job = Box<dyn FnOnce() + Send>;
+type Job = Box<dyn FnOnce(Option<&Slots>) + Send>;
 
-/// The launchers' queue.
+/// The launchers' queue. Each launcher reserves its descriptor slots (see
+/// `sys::Slots`) when the pool starts: [`start`] runs it early in start-up,
+/// while the descriptor table is still small.
 static QUEUE: LazyLock<Mutex<Sender<Job>>> = LazyLock::new(|| {
     let (tx, rx) = channel::<Job>();
     let rx = Arc::new(Mutex::new(rx));
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
     for i in 0..threads {
         let rx = Arc::clone(&rx);
+        let slots = Slots::reserve()
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot reserve descriptors for a launcher; its spawns copy the whole table"))
+            .ok();
         let started = std::thread::Builder::new()
             .name(format!("launcher-{i}"))
-            .spawn(move || serve(&rx));
+            .spawn(move || serve(&rx, slots.as_ref()));
         if let Err(e) = started {
             tracing::error!(error = %e, "cannot start a launcher thread");
         }
@@ -63,11 +68,16 @@ static QUEUE: LazyLock<Mutex<Sender<Job>>> = LazyLock::new(|| {
     Mutex::new(tx)
 });
 
-fn serve(jobs: &Mutex<Receiver<Job>>) {
+/// Starts the launchers (call once, early in start-up).
+pub fn start() {
+    LazyLock::force(&QUEUE);
+}
+
+fn serve(jobs: &Mutex<Receiver<Job>>, slots: Option<&Slots>) {
     loop {
         let job = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv();
         match job {
-            Ok(job) => job(),
+            Ok(job) => job(slots),
             Err(_) => return,
         }
     }
@@ -76,8 +86,8 @@ fn serve(jobs: &Mutex<Receiver<Job>>) {
 /// Starts the command on a launcher thread; resolves when it has exec'd (or failed).
 pub async fn launch(job: Launch) -> io::Result<Started> {
     let (tx, rx) = oneshot::channel();
-    let work: Job = Box::new(move || {
-        let _ = tx.send(start(job));
+    let work: Job = Box::new(move |slots| {
+        let _ = tx.send(spawn(job, slots));
     });
     QUEUE
         .lock()
@@ -89,7 +99,7 @@ pub async fn launch(job: Launch) -> io::Result<Started> {
 }
 
 /// The blocking part: the cgroup, the environment, the clone.
-fn start(job: Launch) -> io::Result<Started> {
+fn spawn(job: Launch, slots: Option<&Slots>) -> io::Result<Started> {
     let Launch {
         service,
         base_env,
@@ -114,7 +124,7 @@ fn start(job: Launch) -> io::Result<Started> {
         &service.run_as,
     )?;
     let place = cgroup.as_ref().map_or(Place::Here, Cgroup::place);
-    let started = sys::spawn(&exec, theirs.fds(), place);
+    let started = sys::spawn(&exec, theirs.fds(), place, slots);
     // Our copies of the command's ends close now, or its stdout would never
     // report end-of-file.
     drop(theirs);

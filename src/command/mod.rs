@@ -53,7 +53,7 @@ use crate::config::Service;
 use crate::fdio;
 use crate::peer::Peer;
 use crate::sys;
-pub use launch::base_env;
+pub use launch::{base_env, start as start_launchers};
 use launch::{Launch, Started};
 use stderr::StderrLog;
 pub use stdio::{Io, Streams};

@@ -15,5 +15,5 @@ pub use fd::{
     register, tcp_bytes, tcp_quiet, wait,
 };
 pub use spawn::{
-    cgroup_spawn_method, commands_get_nofile, probe_clone3, spawn, Exec, Place, Stage,
+    cgroup_spawn_method, commands_get_nofile, probe_clone3, spawn, Exec, Place, Slots, Stage,
 };

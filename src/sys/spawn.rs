@@ -172,6 +172,9 @@ fn rlimits(run_as: &crate::runas::RunAs) -> Vec<(libc::__rlimit_resource_t, libc
 struct ChildArgs<'a> {
     exec: &'a Exec,
     stdio: [RawFd; 3],
+    /// With a shared descriptor table (CLONE_FILES): the child's own table
+    /// keeps only the descriptors below this one (-1: the table is a copy).
+    keep_below: RawFd,
     /// `cgroup.procs` of the cgroup to join before anything else, when the
     /// kernel did not put the child there (-1: nothing to join).
     join: RawFd,
@@ -274,8 +277,76 @@ pub fn cgroup_spawn_method() -> &'static str {
     }
 }
 
+/// Three descriptor numbers near the bottom of the table, reserved at start
+/// for one launcher thread: /dev/null while no spawn uses them.
+///
+/// A child of clone copies its parent's descriptor table, and the exec then
+/// closes every close-on-exec entry: with thousands of connections open
+/// that is most of the cost of a spawn. So the child shares the table
+/// instead (CLONE_FILES) and, first thing, takes a private copy of only
+/// the entries below the highest slot (close_range with
+/// CLOSE_RANGE_UNSHARE): the launcher puts the command's stdin, stdout and
+/// stderr in its slots before the clone, and /dev/null back after.
+pub struct Slots {
+    fds: [OwnedFd; 3],
+    null: OwnedFd,
+}
+
+impl Slots {
+    /// Call early, while the table is small, so the numbers are low.
+    pub fn reserve() -> io::Result<Slots> {
+        let null = || {
+            nix::fcntl::open(
+                "/dev/null",
+                nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(io::Error::from)
+        };
+        Ok(Slots {
+            fds: [null()?, null()?, null()?],
+            null: null()?,
+        })
+    }
+
+    /// Puts `stdio` in the slots (an atomic replacement of each number).
+    fn fill(&self, stdio: [BorrowedFd<'_>; 3]) -> io::Result<[RawFd; 3]> {
+        for (slot, fd) in self.fds.iter().zip(stdio) {
+            dup3_cloexec(fd.as_raw_fd(), slot.as_raw_fd())?;
+        }
+        Ok(self.fds.each_ref().map(|fd| fd.as_raw_fd()))
+    }
+
+    /// /dev/null back in the slots: the launcher keeps no stream open.
+    fn empty(&self) {
+        for slot in &self.fds {
+            let _ = dup3_cloexec(self.null.as_raw_fd(), slot.as_raw_fd());
+        }
+    }
+
+    fn above(&self) -> RawFd {
+        self.fds.iter().map(|f| f.as_raw_fd()).max().unwrap_or(2) + 1
+    }
+}
+
+fn dup3_cloexec(from: RawFd, to: RawFd) -> io::Result<()> {
+    // SAFETY: dup3 on descriptor numbers: `from` is open, and `to` is a slot
+    // this launcher owns, which nothing else in the daemon uses.
+    match unsafe { libc::dup3(from, to, libc::O_CLOEXEC) } {
+        -1 => Err(io::Error::last_os_error()),
+        _ => Ok(()),
+    }
+}
+
+/// Whether the child may share the descriptor table: not once a kernel
+/// refused close_range's CLOSE_RANGE_UNSHARE (before 5.9).
+static SHARE_FILES_REFUSED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Starts `exec` with `stdio` as its descriptors 0, 1 and 2, in a new process
-/// group, at `place`, and returns its pid and a pidfd.
+/// group, at `place`, and returns its pid and a pidfd. With `slots`, the
+/// child shares the daemon's descriptor table until it has a small copy of
+/// its own (see [`Slots`]).
 ///
 /// glibc's posix_spawn child resets all 64 signal dispositions; this one
 /// resets the six the daemon changed. It also does the user switch, limits
@@ -287,11 +358,46 @@ pub fn spawn(
     exec: &Exec,
     stdio: [BorrowedFd<'_>; 3],
     place: Place<'_>,
+    slots: Option<&Slots>,
 ) -> Result<(nix::unistd::Pid, OwnedFd), (Stage, io::Error)> {
     use std::sync::atomic::Ordering;
+    let slots = slots.filter(|_| !SHARE_FILES_REFUSED.load(Ordering::Relaxed));
+    if let Some(slots) = slots {
+        let filled = slots.fill(stdio).map_err(|e| (Stage::Stdio, e));
+        let started = filled.and_then(|fds| clone_child(exec, fds, slots.above(), place));
+        slots.empty();
+        match started {
+            // close_range(2) without CLOSE_RANGE_UNSHARE: a kernel before 5.9.
+            Err((Stage::Stdio, e))
+                if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) =>
+            {
+                SHARE_FILES_REFUSED.store(true, Ordering::Relaxed);
+            }
+            other => return other,
+        }
+    }
+    clone_child(exec, stdio.map(|fd| fd.as_raw_fd()), -1, place)
+}
+
+/// The clone itself: `stdio` are the descriptors to make 0, 1 and 2; with
+/// `keep_below` ≥ 0 the child shares the table and keeps a copy of only the
+/// entries below it.
+fn clone_child(
+    exec: &Exec,
+    stdio: [RawFd; 3],
+    keep_below: RawFd,
+    place: Place<'_>,
+) -> Result<(nix::unistd::Pid, OwnedFd), (Stage, io::Error)> {
+    use std::sync::atomic::Ordering;
+    let files = if keep_below >= 0 {
+        libc::CLONE_FILES
+    } else {
+        0
+    };
     let mut args = ChildArgs {
         exec,
-        stdio: stdio.map(|fd| fd.as_raw_fd()),
+        stdio,
+        keep_below,
         join: -1,
         failed_errno: 0,
         failed_stage: -1,
@@ -316,7 +422,7 @@ pub fn spawn(
     if let Place::Cgroup { dir, procs } = place {
         if !CLONE3_REFUSED.load(Ordering::Relaxed) {
             let mut clone_args = CloneArgs {
-                flags: (libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD) as u64
+                flags: (libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | files) as u64
                     | CLONE_INTO_CGROUP,
                 pidfd: &mut pidfd as *mut libc::c_int as u64,
                 exit_signal: libc::SIGCHLD as u64,
@@ -354,7 +460,7 @@ pub fn spawn(
             libc::clone(
                 child_main,
                 top as *mut libc::c_void,
-                libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | files | libc::SIGCHLD,
                 (&mut args as *mut ChildArgs<'_>).cast(),
                 &mut pidfd as *mut libc::c_int,
             )
@@ -497,7 +603,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     let args = unsafe { &mut *arg.cast::<ChildArgs<'_>>() };
     let exec = args.exec;
     let steps = || -> Result<(), Stage> {
+        // Before the table is the child's own: a write, no change to it.
         join_cgroup(args.join).ok_or(Stage::Cgroup)?;
+        own_descriptor_table(args.keep_below).ok_or(Stage::Stdio)?;
         new_process_group();
         default_signal_dispositions();
         standard_streams(args.stdio).ok_or(Stage::Stdio)?;
@@ -534,6 +642,26 @@ fn join_cgroup(procs: RawFd) -> Option<()> {
     // SAFETY: a write of one byte from a static string to a descriptor the
     // parent holds open until the exec.
     (unsafe { libc::write(procs, b"0".as_ptr().cast(), 1) } == 1).then_some(())
+}
+
+/// With a shared table: a private copy of its entries below `keep_below`,
+/// the rest left out (close_range with CLOSE_RANGE_UNSHARE copies only what
+/// it keeps). Nothing in the shared table changes before this.
+fn own_descriptor_table(keep_below: RawFd) -> Option<()> {
+    if keep_below < 0 {
+        return Some(());
+    }
+    // SAFETY: close_range on integers; with CLOSE_RANGE_UNSHARE it acts on
+    // the new private table only.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            keep_below as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_UNSHARE,
+        )
+    };
+    (ret == 0).then_some(())
 }
 
 fn new_process_group() {
