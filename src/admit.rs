@@ -53,6 +53,9 @@ pub enum Refused {
     ProxyHeader(String),
     /// `proxy_from` is set and the connection does not come from one of them.
     ProxyUntrusted,
+    /// A WebSocket service's client sent no valid upgrade (it got the HTTP
+    /// answer that says why, or left).
+    Handshake(String),
 }
 
 impl Refused {
@@ -61,6 +64,7 @@ impl Refused {
             Refused::Rule(r) => r.reason(),
             Refused::ProxyHeader(_) => "proxy-header",
             Refused::ProxyUntrusted => "proxy-untrusted",
+            Refused::Handshake(_) => "handshake",
         }
     }
 }
@@ -133,13 +137,19 @@ impl Admissions {
         }
     }
 
+    /// A WebSocket client that got no session: counted and logged as
+    /// admission's refusals are, in episodes.
+    pub fn refused_handshake(&self, service: &Service, peer: &Peer, why: String) {
+        self.note(service, peer, &Refused::Handshake(why));
+    }
+
     /// Counts a refusal; logs it if it starts an episode.
     fn note(&self, service: &Service, peer: &Peer, refused: &Refused) {
         let now = Instant::now();
         let reason = refused.reason();
         let detail = match refused {
             Refused::Rule(r) => r.to_string(),
-            Refused::ProxyHeader(e) => e.clone(),
+            Refused::ProxyHeader(e) | Refused::Handshake(e) => e.clone(),
             Refused::ProxyUntrusted => {
                 "not in proxy_from, so it may not send a PROXY header".into()
             }

@@ -1,5 +1,5 @@
-//! One connection, as a pipeline: admit → spawn → supervise the transfer →
-//! end → one record. [`Handler::run`] reads top to bottom in that order; each
+//! One connection, as a pipeline: admit → (upgrade, for WebSocket) → spawn →
+//! supervise the transfer → end → one record. [`Handler::run`] reads top to bottom in that order; each
 //! step is a call into the module that owns it.
 //!
 //! The [`Record`] is opened by the accept loop and travels with the
@@ -18,7 +18,7 @@ use tokio::io::Interest;
 use crate::admit::Admissions;
 use crate::cgroup::Tree;
 use crate::command::{Command, Ended, Io, SpawnError, Streams, Tag};
-use crate::config::{Service, Transfer};
+use crate::config::{Protocol, Service, StdinMode, Transfer, WebSocket};
 use crate::fdio;
 use crate::limit::Slot;
 use crate::peer::Peer;
@@ -26,6 +26,7 @@ use crate::record::{End, Record, Stats, Traffic};
 use crate::shutdown::Watch;
 use crate::sys;
 use crate::transfer::{self, Limits, Relayed};
+use crate::websocket::{self, Input, Session, Upgraded};
 
 /// What every connection needs from the daemon, and nothing more.
 #[derive(Debug)]
@@ -102,7 +103,7 @@ impl Handler {
     }
 }
 
-/// The pipeline: admit → spawn → supervise the transfer → end.
+/// The pipeline: admit → (upgrade) → spawn → supervise the transfer → end.
 async fn serve(
     service: &Arc<Service>,
     socket: OwnedFd,
@@ -126,6 +127,10 @@ async fn serve(
     };
     record.peer(&peer);
     let limits = Limits::new(service, record.started(), &context.shutdown);
+    let upgraded = match upgrade(service, &socket, &peer, &limits, context).await {
+        Ok(upgraded) => upgraded,
+        Err(served) => return served,
+    };
     if let Some(banner) = &service.banner {
         if let Err(end) = transfer::banner(&socket, banner, &limits, record.traffic()).await {
             return Served::Ended(None, end);
@@ -134,15 +139,34 @@ async fn serve(
 
     // Spawn.
     let direct = service.transfer == Transfer::Direct;
-    let (command, streams) = match spawn(service, &socket, &peer, record, context).await {
-        Ok(spawned) => spawned,
-        Err(end) => return Served::Ended(None, end),
-    };
+    let request_env = upgraded.as_ref().map(|u| u.env.clone()).unwrap_or_default();
+    let (command, streams) =
+        match spawn(service, &socket, &peer, request_env, record, context).await {
+            Ok(spawned) => spawned,
+            Err(end) => {
+                if upgraded.is_some() {
+                    websocket::close_unserved(&socket, "the command could not be started");
+                }
+                return Served::Ended(None, end);
+            }
+        };
     record.command_started(command.pid());
+    let traffic = record.traffic();
+    if let (Some(upgraded), Protocol::WebSocket(ws)) = (upgraded, &service.protocol) {
+        record.framed();
+        let conversation = Conversation {
+            socket: &socket,
+            service,
+            ws,
+            limits: &limits,
+            traffic: record.traffic(),
+        };
+        let (ended, end) = conversation.run(command, streams, upgraded).await;
+        return Served::Ended(Some(ended), end);
+    }
 
     // Supervise the transfer. The command's stdout stays open until it has
     // ended: closed earlier, it would kill the command with SIGPIPE instead.
-    let traffic = record.traffic();
     let relayed = |socket| Relayed {
         socket,
         command: &command,
@@ -178,12 +202,92 @@ async fn serve(
     Served::Ended(Some(ended), end)
 }
 
+/// A WebSocket service's upgrade (None for a raw service). A client that
+/// sends no valid upgrade is refused as admission refuses, in episodes; one
+/// that asks for the console page gets it, and its connection a record.
+async fn upgrade(
+    service: &Service,
+    socket: &AsyncFd<OwnedFd>,
+    peer: &Peer,
+    limits: &Limits,
+    context: &Context,
+) -> Result<Option<Upgraded>, Served> {
+    let Protocol::WebSocket(ws) = &service.protocol else {
+        return Ok(None);
+    };
+    let limit = limits
+        .remaining()
+        .map_or(ws.handshake_timeout, |left| left.min(ws.handshake_timeout));
+    match websocket::handshake(socket, ws, false, limit).await {
+        Ok(upgraded) => Ok(Some(upgraded)),
+        Err(websocket::Refused::Page) => Err(Served::Ended(None, End::Page)),
+        Err(websocket::Refused::Answered { status, why }) => {
+            let why = format!("answered {status}: {why}");
+            context.admissions.refused_handshake(service, peer, why);
+            Err(Served::Refused)
+        }
+        Err(websocket::Refused::Gone(why)) => {
+            context.admissions.refused_handshake(service, peer, why);
+            Err(Served::Refused)
+        }
+    }
+}
+
+/// A WebSocket connection, once upgraded and its command started.
+struct Conversation<'a> {
+    socket: &'a AsyncFd<OwnedFd>,
+    service: &'a Service,
+    ws: &'a WebSocket,
+    limits: &'a Limits,
+    traffic: &'a Traffic,
+}
+
+impl Conversation<'_> {
+    /// The session over the command's streams; then its close, beside the
+    /// command's end (in the order `end_connection` gives a raw one).
+    async fn run(self, command: Command, streams: Streams, upgraded: Upgraded) -> (Ended, End) {
+        let (output, pipe, pair) = match streams {
+            Streams::Pipes { stdout, stdin } => (stdout, stdin, None),
+            Streams::Socketpair { pair, stdin } => (pair, None, Some(stdin)),
+            Streams::Socket => {
+                // The configuration refuses transfer = "direct" for WebSocket.
+                let why = "a WebSocket session needs the command's output relayed";
+                return (command.finish(Duration::ZERO).await, End::Error(why.into()));
+            }
+        };
+        let input = match pair {
+            Some(StdinMode::Client) => Some(Input::Pair(&output)),
+            Some(StdinMode::Null) => None,
+            None => pipe.map(Input::Pipe),
+        };
+        let grace = self.service.kill_grace;
+        let splice = pair.is_none() && self.service.transfer == Transfer::Splice;
+        let mut session = Session::new(
+            self.socket,
+            self.ws,
+            self.traffic,
+            upgraded.leftover,
+            (&output, splice),
+            self.service.max_bytes,
+        );
+        let end = session.exchange(input, &command, self.limits, grace).await;
+        let patience = if end.is_orderly() {
+            grace
+        } else {
+            Duration::ZERO
+        };
+        let (ended, ()) = tokio::join!(command.finish(patience), session.close(&end, grace));
+        (ended, end)
+    }
+}
+
 /// Starts the command, with the socket, pipes or a socket pair as its stdin
 /// and stdout.
 async fn spawn(
     service: &Arc<Service>,
     socket: &AsyncFd<OwnedFd>,
     peer: &Peer,
+    request_env: Vec<(String, String)>,
     record: &Record,
     context: &Context,
 ) -> Result<(Command, Streams), End> {
@@ -208,12 +312,20 @@ async fn spawn(
         service: Arc::clone(record.service()),
     };
     let cgroups = context.cgroups.as_ref();
-    Command::spawn(service, &context.base_env, peer, io, cgroups, tag)
-        .await
-        .map_err(|e| match e {
-            SpawnError::Start(_) => End::SpawnFailed(e.to_string()),
-            SpawnError::Unwatched(_) => End::Error(e.to_string()),
-        })
+    Command::spawn(
+        service,
+        &context.base_env,
+        peer,
+        request_env,
+        io,
+        cgroups,
+        tag,
+    )
+    .await
+    .map_err(|e| match e {
+        SpawnError::Start(_) => End::SpawnFailed(e.to_string()),
+        SpawnError::Unwatched(_) => End::Error(e.to_string()),
+    })
 }
 
 fn unregistered(e: &std::io::Error) -> String {

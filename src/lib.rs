@@ -5,7 +5,7 @@
 //!
 //! Start-up, in `main.rs`: inherited sockets → config → logging → listeners →
 //! READY=1 → serve. Then each connection is a pipeline (`connection`):
-//! admit → spawn → supervise the transfer → end → one record.
+//! admit → (WebSocket upgrade) → spawn → supervise the transfer → end → one record.
 //!
 //! The daemon:
 //! - [`config`]: the TOML file: its schema, defaults, checks and error positions.
@@ -29,6 +29,8 @@
 //! - [`runas`]: the command's user, group, resource limits and nice value.
 //! - [`transfer`]: what moves the bytes, and what may end a connection first.
 //! - [`relay`]: the splice loop that moves the bytes.
+//! - [`websocket`]: `protocol = "websocket"`: the upgrade, messages both
+//!   ways, pings, the close, and the console page.
 //! - [`record`]: the connection's one record, and the daemon's figures.
 //!
 //! Shared by the rest:
@@ -58,6 +60,7 @@ pub mod server;
 pub mod shutdown;
 mod sys;
 pub mod transfer;
+pub mod websocket;
 
 pub use sys::{cloexec_from_3, commands_get_nofile};
 

@@ -20,6 +20,17 @@
 //! - `shutdown`: the daemon is stopping and `shutdown_timeout` has passed.
 //! - `spawn-failed`: the command could not be started.
 //! - `error`: anything else; the detail says what.
+//!
+//! WebSocket services (`protocol = "websocket"`) add:
+//! - `client-closed`: the client sent a close frame (its code is in the detail).
+//! - `protocol-error`, `invalid-utf8`, `message-too-big`: the client sent an
+//!   invalid frame, text that is not UTF-8, or a message over
+//!   `max_message_size`; closed with 1002, 1007 or 1009.
+//! - `ping-timeout`: the client did not answer a ping within `ping_interval`.
+//! - `page`: a plain GET got the console page; no command ran.
+//!
+//! and count the messages either way (`messages_sent`, `messages_received`;
+//! `none` on raw connections). Their `bytes` are the messages' payloads.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,6 +73,21 @@ pub enum End {
     MaxBytes,
     Error(String),
     SpawnFailed(String),
+    /// WebSocket: the client sent a close frame, with this code if any.
+    ClientClosed(Option<u16>),
+    /// WebSocket: the client closed the connection without a close frame
+    /// (`client-gone`).
+    Unannounced,
+    /// WebSocket: an invalid frame (closed with 1002).
+    ProtocolError(String),
+    /// WebSocket: a text message that is not UTF-8 (closed with 1007).
+    InvalidUtf8,
+    /// WebSocket: a message over `max_message_size` (closed with 1009).
+    MessageTooBig(String),
+    /// WebSocket: no pong within `ping_interval`.
+    PingTimeout,
+    /// WebSocket: a plain GET got the console page.
+    Page,
 }
 
 impl End {
@@ -69,13 +95,19 @@ impl End {
         match self {
             End::OutputEnded => "output-ended",
             End::CommandExited | End::OutputHeld => "command-exited",
-            End::ClientGone(_) | End::LeftUnserved(_) => "client-gone",
+            End::ClientGone(_) | End::LeftUnserved(_) | End::Unannounced => "client-gone",
             End::Shutdown => "shutdown",
             End::Timeout => "timeout",
             End::IdleTimeout => "idle-timeout",
             End::MaxBytes => "max-bytes",
             End::Error(_) => "error",
             End::SpawnFailed(_) => "spawn-failed",
+            End::ClientClosed(_) => "client-closed",
+            End::ProtocolError(_) => "protocol-error",
+            End::InvalidUtf8 => "invalid-utf8",
+            End::MessageTooBig(_) => "message-too-big",
+            End::PingTimeout => "ping-timeout",
+            End::Page => "page",
         }
     }
 
@@ -99,7 +131,12 @@ impl fmt::Display for End {
                 " (its output is held open by a process that left its process group; \
                  no longer waited for, kill_grace after the group was killed)",
             ),
-            End::Error(e) | End::SpawnFailed(e) => write!(f, " ({e})"),
+            End::Error(e) | End::SpawnFailed(e) | End::ProtocolError(e) | End::MessageTooBig(e) => {
+                write!(f, " ({e})")
+            }
+            End::ClientClosed(Some(code)) => write!(f, " (close code {code})"),
+            End::ClientClosed(None) => f.write_str(" (no close code)"),
+            End::Unannounced => f.write_str(" (closed the connection without a close frame)"),
             _ => Ok(()),
         }
     }
@@ -114,6 +151,9 @@ pub struct Traffic {
     received: AtomicU64,
     /// When bytes last moved either way, in ms since `since`.
     last_ms: AtomicU64,
+    /// WebSocket messages, each way.
+    messages_sent: AtomicU64,
+    messages_received: AtomicU64,
     stats: Arc<Stats>,
 }
 
@@ -124,6 +164,8 @@ impl Traffic {
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             last_ms: AtomicU64::new(0),
+            messages_sent: AtomicU64::new(0),
+            messages_received: AtomicU64::new(0),
             stats,
         }
     }
@@ -164,6 +206,23 @@ impl Traffic {
             .fetch_add(received.saturating_sub(received_before), Ordering::Relaxed);
     }
 
+    /// `n` more messages went to the client (their payloads count as `sent`).
+    pub fn messages_sent(&self, n: u64) {
+        self.messages_sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A message came from the client (its payload counts as `received`).
+    pub fn message_received(&self) {
+        self.messages_received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn messages(&self) -> (u64, u64) {
+        (
+            self.messages_sent.load(Ordering::Relaxed),
+            self.messages_received.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn bytes_sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
     }
@@ -194,6 +253,8 @@ pub struct Record {
     traffic: Traffic,
     closed: Option<(Option<(Exit, Usage)>, End)>,
     refused: bool,
+    /// A WebSocket connection: its record counts messages.
+    framed: bool,
 }
 
 impl Record {
@@ -210,6 +271,7 @@ impl Record {
             traffic: Traffic::new(started, stats),
             closed: None,
             refused: false,
+            framed: false,
         }
     }
 
@@ -233,6 +295,11 @@ impl Record {
     /// Who the client is (from the socket, or from its PROXY header).
     pub fn peer(&mut self, peer: &Peer) {
         self.peer = peer.to_string();
+    }
+
+    /// The connection speaks WebSocket: its record counts messages.
+    pub fn framed(&mut self) {
+        self.framed = true;
     }
 
     /// The command has started, as `pid`. Logged at debug level: the one
@@ -265,6 +332,13 @@ impl Record {
             None => ("none".to_owned(), Usage::default()),
         };
         let reason = end.reason();
+        let (messages_sent, messages_received) = match self.framed {
+            true => {
+                let (s, r) = self.traffic.messages();
+                (s.to_string(), r.to_string())
+            }
+            false => ("none".to_owned(), "none".to_owned()),
+        };
         let known = |v: Option<u64>| v.map_or_else(|| "none".to_owned(), |v| v.to_string());
         let (cpu_usec, memory_peak) = (known(usage.cpu_usec), known(usage.memory_peak));
         let (tasks_peak, oom_kills) = (known(usage.tasks_peak), known(usage.oom_kills));
@@ -276,7 +350,7 @@ impl Record {
             ($level:ident) => {
                 tracing::$level!(
                     conn, service, peer = %peer, pid, bytes, bytes_received, duration_ms, exit, reason,
-                    cpu_usec, memory_peak, tasks_peak, oom_kills,
+                    cpu_usec, memory_peak, tasks_peak, oom_kills, messages_sent, messages_received,
                     "connection ended: {end}, exit {exit}{oom}, {bytes} bytes sent in {duration_ms} ms"
                 )
             };

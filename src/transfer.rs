@@ -38,6 +38,18 @@ impl Limits {
     }
 
     /// Runs `work` until it ends the connection, or until the stop, the
+    /// deadline or `idle_timeout` (no byte moved either way) ends it first.
+    pub async fn watch(&self, work: impl Future<Output = End>, traffic: &Traffic) -> End {
+        self.supervise(work, idle(self.idle_timeout, traffic)).await
+    }
+
+    /// What is left of `timeout`, if the service has one.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    /// Runs `work` until it ends the connection, or until the stop, the
     /// deadline, or `idle` (which resolves once the connection has been idle
     /// for `idle_timeout`) ends it first.
     async fn supervise(
@@ -118,10 +130,7 @@ pub async fn banner(
             Err(e) => client_error(e, "sending the banner"),
         }
     };
-    match limits
-        .supervise(send, idle(limits.idle_timeout, traffic))
-        .await
-    {
+    match limits.watch(send, traffic).await {
         End::OutputEnded => Ok(()),
         end => Err(end),
     }
@@ -242,9 +251,7 @@ impl Relayed<'_> {
                 }
             }
         };
-        self.limits
-            .supervise(work, idle(self.limits.idle_timeout, traffic))
-            .await
+        self.limits.watch(work, traffic).await
     }
 }
 
@@ -263,7 +270,7 @@ fn commands_end(f: Failed) -> bool {
 /// output is still open (a process that left the group holds it): resolves
 /// when what they wrote has been relayed (the pipe is empty), or after
 /// `grace` at most, so such a process cannot keep the connection.
-async fn abandon_when_drained(stdout: &AsyncFd<OwnedFd>, grace: Duration) {
+pub async fn abandon_when_drained(stdout: &AsyncFd<OwnedFd>, grace: Duration) {
     const LOOK_EVERY: Duration = Duration::from_millis(20);
     let drained = async {
         loop {

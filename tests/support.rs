@@ -16,7 +16,8 @@ const LINE: &str = "2026-11-30T11:19:08.111821Z ERROR connection ended: spawn-fa
     (failed to spawn /tmp/x: No such file or directory), exit none, 0 bytes sent in 4 ms \
     conn=2 service=\"bad\" peer=127.0.0.1:44898 pid=0 bytes=0 bytes_received=7 \
     duration_ms=4 exit=\"none\" reason=\"spawn-failed\" cpu_usec=\"8624\" \
-    memory_peak=\"none\" tasks_peak=\"none\" oom_kills=\"none\"";
+    memory_peak=\"none\" tasks_peak=\"none\" oom_kills=\"none\" messages_sent=\"3\" \
+    messages_received=\"none\"";
 
 #[test]
 fn a_record_parses_into_typed_fields() {
@@ -41,6 +42,7 @@ fn a_record_parses_into_typed_fields() {
         (r.cpu_usec, r.memory_peak, r.tasks_peak, r.oom_kills),
         (Some(8624), None, None, None)
     );
+    assert_eq!((r.messages_sent, r.messages_received), (Some(3), None));
     assert_eq!(Record::from_line(LINE), Some(r));
 }
 
@@ -57,14 +59,14 @@ fn a_malformed_record_is_refused_with_the_reason() {
         (" pid=0", "", "expected pid="),
         ("duration_ms=4 exit", "exit", "expected duration_ms="),
         (
-            "oom_kills=\"none\"",
-            "oom_kills=\"none\" extra=1",
+            "messages_received=\"none\"",
+            "messages_received=\"none\" extra=1",
             "unexpected text",
         ),
         (
-            "oom_kills=\"none\"",
-            "oom_kills=\"none",
-            "oom_kills: expected a quoted value",
+            "messages_received=\"none\"",
+            "messages_received=\"none",
+            "messages_received: expected a quoted value",
         ),
         (
             "cpu_usec=\"8624\"",

@@ -31,6 +31,8 @@ pub struct Launch {
     pub service: Arc<Service>,
     pub base_env: Arc<[(OsString, OsString)]>,
     pub peer: Peer,
+    /// Variables from the client's request (a WebSocket upgrade's CGI set).
+    pub request_env: Vec<(String, String)>,
     pub theirs: Theirs,
     /// The daemon's subtree, for a service contained by cgroups.
     pub cgroups: Option<Tree>,
@@ -104,6 +106,7 @@ fn spawn(job: Launch, slots: Option<&Slots>) -> io::Result<Started> {
         service,
         base_env,
         peer,
+        request_env,
         theirs,
         cgroups,
         conn,
@@ -119,7 +122,7 @@ fn spawn(job: Launch, slots: Option<&Slots>) -> io::Result<Started> {
     let exec = sys::Exec::new(
         &service.program,
         &service.argv,
-        &environment(&base_env, &service.env, &peer),
+        &environment(&base_env, &request_env, &service.env, &peer),
         &service.working_directory,
         &service.run_as,
     )?;
@@ -132,14 +135,18 @@ fn spawn(job: Launch, slots: Option<&Slots>) -> io::Result<Started> {
     Ok(Started { pid, pidfd, cgroup })
 }
 
-/// The command's environment: the daemon's, then the service's `env`, then
-/// the peer's variables; a later one replaces an earlier one of the same name.
+/// The command's environment: the daemon's, then the request's (what the
+/// client sent: below what the operator set), then the service's `env`,
+/// then the peer's variables; a later one replaces an earlier one of the
+/// same name.
 fn environment(
     base: &[(OsString, OsString)],
+    request: &[(String, String)],
     service: &[(String, String)],
     peer: &Peer,
 ) -> Vec<(OsString, OsString)> {
     let mut env: BTreeMap<OsString, OsString> = base.iter().cloned().collect();
+    env.extend(request.iter().map(|(k, v)| (k.into(), v.into())));
     env.extend(service.iter().map(|(k, v)| (k.into(), v.into())));
     env.extend(peer.env().into_iter().map(|(k, v)| (k.into(), v.into())));
     env.into_iter().collect()

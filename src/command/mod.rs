@@ -140,13 +140,15 @@ impl Command {
     /// launcher thread (see `launch`).
     ///
     /// `base_env` is the daemon's environment as read at start, minus the
-    /// variables meant for the daemon alone. Every descriptor the daemon
+    /// variables meant for the daemon alone; `request_env` what the client's
+    /// request adds (a WebSocket upgrade's CGI variables). Every descriptor the daemon
     /// keeps is registered with the event loop here; if one cannot be, the
     /// command is ended and reaped, and the error says so.
     pub async fn spawn(
         service: &Arc<Service>,
         base_env: &Arc<[(OsString, OsString)]>,
         peer: &Peer,
+        request_env: Vec<(String, String)>,
         io: Io<'_>,
         cgroups: Option<&Tree>,
         tag: Tag,
@@ -156,6 +158,7 @@ impl Command {
             service: Arc::clone(service),
             base_env: Arc::clone(base_env),
             peer: peer.clone(),
+            request_env,
             theirs,
             cgroups: cgroups.cloned(),
             conn: tag.conn,

@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::locate::Locator;
-use super::raw::{Containment as RawContainment, RawConfig, RawService};
-use super::{defaults, Config, ConfigError, Containment, Service, StdinMode, Transfer};
+use super::raw::{Containment as RawContainment, Protocol as RawProtocol, RawConfig, RawService};
+use super::{
+    defaults, Config, ConfigError, Containment, Messages, Protocol, Service, StdinMode, Transfer,
+    WebSocket,
+};
 use crate::access::Rules;
 use crate::cgroup::{Limits, Offer};
 use crate::runas::{self, Limit};
@@ -67,12 +70,22 @@ type KeyError<'a> = &'a dyn Fn(&str, String) -> ConfigError;
 fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service, ConfigError> {
     let program = resolve_program(&s.command.0[0]).map_err(|m| err("command", m))?;
     let containment = containment(&s, cgroups).map_err(|(key, m)| err(key, m))?;
+    let transfer = s.transfer.unwrap_or(match (s.protocol, s.messages) {
+        // Binary messages are spliced from a pipe, each behind its header.
+        (Some(RawProtocol::WebSocket), Some(Messages::Binary)) => Transfer::Splice,
+        _ => defaults::TRANSFER,
+    });
+    let protocol = protocol(&s, transfer).map_err(|(key, m)| err(key, m))?;
     let working_directory = s
         .working_directory
         .map_or_else(|| PathBuf::from(defaults::WORKING_DIRECTORY), |p| p.0);
     is_directory(&working_directory).map_err(|m| err("working_directory", m))?;
-    let transfer = s.transfer.unwrap_or(defaults::TRANSFER);
-    let stdin = stdin(s.stdin, transfer).map_err(|m| err("stdin", m))?;
+    // A WebSocket client's messages are the command's input, as with websocketd.
+    let websocket = matches!(protocol, Protocol::WebSocket(_));
+    let stdin = match (s.stdin, websocket) {
+        (None, true) => StdinMode::Client,
+        (given, _) => stdin(given, transfer).map_err(|m| err("stdin", m))?,
+    };
     let max_bytes = s.max_bytes.map(|m| m.0);
     if max_bytes.is_some() && transfer == Transfer::Direct {
         return Err(err(
@@ -136,7 +149,62 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
         busy_message: s.busy_message.and_then(|m| m.0),
         run_as,
         containment,
+        protocol,
     })
+}
+
+/// Raw bytes, or WebSocket with its settings; the WebSocket keys apply to
+/// WebSocket services only.
+fn protocol(s: &RawService, transfer: Transfer) -> Result<Protocol, (&'static str, String)> {
+    let websocket_keys = [
+        ("messages", s.messages.is_some()),
+        ("allowed_origins", s.allowed_origins.is_some()),
+        ("paths", s.paths.is_some()),
+        ("ping_interval", s.ping_interval.is_some()),
+        ("max_message_size", s.max_message_size.is_some()),
+        ("console", s.console.is_some()),
+        ("handshake_timeout", s.handshake_timeout.is_some()),
+    ];
+    if s.protocol.unwrap_or(defaults::PROTOCOL) == RawProtocol::Raw {
+        return match websocket_keys.iter().find(|(_, given)| *given) {
+            Some((key, _)) => Err((key, r#"applies only with protocol = "websocket""#.into())),
+            None => Ok(Protocol::Raw),
+        };
+    }
+    if transfer == Transfer::Direct {
+        return Err((
+            "transfer",
+            r#""direct" does not apply with protocol = "websocket": the daemon frames the command's output"#.into(),
+        ));
+    }
+    if s.banner.is_some() {
+        return Err((
+            "banner",
+            r#"does not apply with protocol = "websocket": nothing may come before the handshake's answer"#.into(),
+        ));
+    }
+    Ok(Protocol::WebSocket(WebSocket {
+        messages: s.messages.unwrap_or(defaults::MESSAGES),
+        allowed_origins: s
+            .allowed_origins
+            .as_ref()
+            .map(|o| o.0.clone())
+            .unwrap_or_default(),
+        paths: s.paths.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+        ping_interval: s
+            .ping_interval
+            .as_ref()
+            .map_or(defaults::PING_INTERVAL, |p| p.0),
+        max_message_size: s
+            .max_message_size
+            .as_ref()
+            .map_or(defaults::MAX_MESSAGE_SIZE, |m| m.0),
+        console: s.console.unwrap_or(defaults::CONSOLE),
+        handshake_timeout: s
+            .handshake_timeout
+            .as_ref()
+            .map_or(defaults::HANDSHAKE_TIMEOUT, |t| t.0),
+    }))
 }
 
 /// A process group or a cgroup: what the service asks for, what its limits

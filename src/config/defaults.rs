@@ -27,3 +27,11 @@ pub const CONTAINMENT: super::raw::Containment = super::raw::Containment::Auto;
 /// range of `pipe_size`.
 pub const MAX_MESSAGE: usize = 64 * 1024;
 pub const PIPE_SIZE_RANGE: std::ops::RangeInclusive<usize> = 4096..=1 << 30;
+
+/// WebSocket services (`protocol = "websocket"`).
+pub const PROTOCOL: super::raw::Protocol = super::raw::Protocol::Raw;
+pub const MESSAGES: super::Messages = super::Messages::Text;
+pub const PING_INTERVAL: Duration = Duration::from_secs(30);
+pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
+pub const CONSOLE: bool = false;
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -85,8 +85,48 @@ pub struct Service {
     pub run_as: RunAs,
     /// A process group, or a cgroup with limits, per connection.
     pub containment: Containment,
+    /// What the client speaks: bytes, or WebSocket.
+    pub protocol: Protocol,
     /// `PATH:LINE:COL: service "NAME"`, for errors found after loading.
     pub position: String,
+}
+
+/// What a service's clients speak.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Protocol {
+    /// A byte stream both ways.
+    Raw,
+    /// WebSocket (RFC 6455): an HTTP upgrade, then messages.
+    WebSocket(WebSocket),
+}
+
+/// A WebSocket service's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebSocket {
+    /// Text (a line a message) or binary (output as it comes).
+    pub messages: Messages,
+    /// Origins accepted besides the service's own (cross-site requests).
+    pub allowed_origins: Vec<crate::websocket::Origin>,
+    /// The paths answered (empty: any); each also answers below it.
+    pub paths: Vec<String>,
+    /// How often the client is pinged, and how long it has to answer.
+    pub ping_interval: Duration,
+    /// The largest message either way, in bytes.
+    pub max_message_size: usize,
+    /// A plain GET of a path gets a page that connects back.
+    pub console: bool,
+    /// Longest time for the whole HTTP upgrade request.
+    pub handshake_timeout: Duration,
+}
+
+/// How a WebSocket service frames the command's streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Messages {
+    /// Each line of output is a text message; each message a line of input.
+    Text,
+    /// Output goes out as binary messages as it comes; messages go to the
+    /// command's stdin as they are, nothing added.
+    Binary,
 }
 
 /// How a service's commands are contained.

@@ -17,7 +17,7 @@ use serde::de::{self, Deserializer, Error as _, Visitor};
 use serde::Deserialize;
 
 use super::defaults;
-use super::{ListenAddr, StdinMode, Transfer};
+use super::{ListenAddr, Messages, StdinMode, Transfer};
 use crate::access::Cidr;
 
 #[derive(Deserialize)]
@@ -73,6 +73,14 @@ pub struct RawService {
     pub cpu_weight: Option<Weight>,
     pub tasks_max: Option<TasksMax>,
     pub io_weight: Option<Weight>,
+    pub protocol: Option<Protocol>,
+    pub messages: Option<Messages>,
+    pub allowed_origins: Option<Origins>,
+    pub paths: Option<Paths>,
+    pub ping_interval: Option<Positive>,
+    pub max_message_size: Option<AtLeastOne<usize>>,
+    pub console: Option<bool>,
+    pub handshake_timeout: Option<Positive>,
 }
 
 /// Declares a value type: `$inner` as serde reads it, then `$rule` turns it
@@ -522,6 +530,36 @@ pub enum Containment {
 }
 
 keywords!(Containment { "auto" => Auto, "cgroup" => Cgroup, "process-group" => ProcessGroup });
+
+/// What the service's clients speak, as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Raw,
+    WebSocket,
+}
+
+keywords!(Protocol { "raw" => Raw, "websocket" => WebSocket });
+keywords!(Messages { "text" => Text, "binary" => Binary });
+
+value_type!(
+    /// Origins a WebSocket service accepts besides its own:
+    /// `"https://example.com"`, `"example.com:8443"`, `"example.com"`.
+    Origins(Vec<crate::websocket::Origin>) from Vec<String>,
+    |v| v.iter().map(|t| t.parse()).collect()
+);
+
+value_type!(
+    /// The paths a WebSocket service answers: absolute, no query.
+    Paths(Vec<String>) from Vec<String>,
+    |v| {
+        for p in &v {
+            if !p.starts_with('/') || p.contains(['?', '#']) || p.chars().any(char::is_control) {
+                return Err(format!("{p:?}: a path starts with '/' and has no '?', '#' or control characters"));
+            }
+        }
+        Ok(v)
+    }
+);
 
 /// The keys of a struct as serde sees them: `deserialize_struct` is handed
 /// the field list, so a deserializer that stops there reveals it. The fuzz

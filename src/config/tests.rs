@@ -20,7 +20,8 @@ fn example_config_loads_with_the_documented_defaults() {
     assert_eq!(s.kill_grace, defaults::KILL_GRACE);
     assert_eq!(s.pipe_size, defaults::PIPE_SIZE);
     assert_eq!(s.stdin, StdinMode::Null);
-    assert_eq!(s.transfer, Transfer::Splice);
+    assert_eq!(s.transfer, defaults::TRANSFER);
+    assert_eq!(s.protocol, Protocol::Raw);
     assert_eq!(
         s.listen,
         vec![ListenAddr::Tcp("127.0.0.1:9009".parse().unwrap())]
@@ -40,6 +41,7 @@ fn example_config_with_every_option_uncommented_loads() {
     let root = nix::unistd::geteuid().is_root();
     let elsewhere = |key: &str| {
         ["user", "group"].contains(&key) && !root
+            || WEBSOCKET_KEYS.contains(&key)
             || [
                 "delegated_cgroup",
                 "memory_max",
@@ -82,6 +84,95 @@ fn example_config_with_every_option_uncommented_loads() {
     if root {
         assert!(s.run_as.credentials.is_some());
     }
+}
+
+/// The WebSocket keys of the example, which apply with protocol = "websocket".
+const WEBSOCKET_KEYS: [&str; 7] = [
+    "messages",
+    "allowed_origins",
+    "paths",
+    "ping_interval",
+    "max_message_size",
+    "console",
+    "handshake_timeout",
+];
+
+/// The example's WebSocket section, uncommented under protocol = "websocket",
+/// loads with the documented defaults and examples.
+#[test]
+fn example_websocket_section_loads() {
+    let text: String = EXAMPLE
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest
+                    .split_once(" = ")
+                    .is_some_and(|(k, _)| WEBSOCKET_KEYS.contains(&k)) =>
+            {
+                rest.to_owned()
+            }
+            _ => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("protocol = \"raw\"", "protocol = \"websocket\"");
+    let c = load_str("config.example.toml", &text).unwrap();
+    let s = &c.services[0];
+    let Protocol::WebSocket(ws) = &s.protocol else {
+        panic!("not a WebSocket service: {:?}", s.protocol);
+    };
+    assert_eq!(ws.messages, defaults::MESSAGES);
+    assert_eq!(ws.ping_interval, defaults::PING_INTERVAL);
+    assert_eq!(ws.max_message_size, defaults::MAX_MESSAGE_SIZE);
+    assert_eq!(ws.console, defaults::CONSOLE);
+    assert_eq!(ws.handshake_timeout, defaults::HANDSHAKE_TIMEOUT);
+    assert_eq!(ws.paths, ["/"]);
+    assert_eq!(ws.allowed_origins.len(), 1);
+}
+
+#[test]
+fn websocket_keys_are_checked() {
+    let svc = |extra: &str| {
+        load_str(
+            "t.toml",
+            &format!("[[service]]\nname = \"a\"\ncommand = [\"true\"]\n{extra}\n"),
+        )
+    };
+    let e = |extra: &str| svc(extra).unwrap_err().to_string();
+    assert_eq!(
+        e("console = true"),
+        r#"t.toml:4:11: service "a": console: applies only with protocol = "websocket""#
+    );
+    assert_eq!(
+        e("protocol = \"websocket\"\ntransfer = \"direct\""),
+        r#"t.toml:5:12: service "a": transfer: "direct" does not apply with protocol = "websocket": the daemon frames the command's output"#
+    );
+    assert_eq!(
+        e("protocol = \"websocket\"\nbanner = \"hi\""),
+        r#"t.toml:5:10: service "a": banner: does not apply with protocol = "websocket": nothing may come before the handshake's answer"#
+    );
+    assert!(e("protocol = \"websocket\"\npaths = [\"chat\"]")
+        .contains("paths: \"chat\": a path starts with '/'"));
+    assert!(
+        e("protocol = \"websocket\"\nallowed_origins = [\"https://x/y\"]")
+            .contains("expected an origin")
+    );
+    assert!(e("protocol = \"sctp\"").contains("protocol"));
+    let binary = svc("protocol = \"websocket\"\nmessages = \"binary\"").unwrap();
+    assert_eq!(
+        binary.services[0].transfer,
+        Transfer::Splice,
+        "binary frames are spliced"
+    );
+    let plain = svc("protocol = \"websocket\"").unwrap();
+    assert_eq!(
+        plain.services[0].stdin,
+        StdinMode::Client,
+        "messages are input"
+    );
+    let text = svc("protocol = \"websocket\"\nstdin = \"null\"").unwrap();
+    assert_eq!(text.services[0].transfer, defaults::TRANSFER);
+    assert_eq!(text.services[0].stdin, StdinMode::Null, "stdin as given");
 }
 
 #[test]

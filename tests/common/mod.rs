@@ -7,7 +7,9 @@
 //! - [`net`]: clients, alone or many at once;
 //! - [`procfs`]: what /proc says about processes, descriptors and sockets;
 //! - [`cgroup`]: cgroups delegated to the daemon under test, as systemd
-//!   delegates one with `Delegate=yes`.
+//!   delegates one with `Delegate=yes`;
+//! - [`ws`]: WebSocket clients: Python's and node's, and one that writes
+//!   frames by hand.
 //!
 //! Tests that need root are marked
 //! `#[cfg_attr(not(as_root), ignore = "needs root: …")]` and call
@@ -21,6 +23,7 @@ pub mod daemon;
 pub mod net;
 pub mod procfs;
 pub mod record;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -30,6 +33,7 @@ pub use daemon::*;
 pub use net::*;
 pub use procfs::*;
 pub use record::*;
+pub use ws::*;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_splice-relay");
 

@@ -10,7 +10,7 @@ const RECORD: &str = "connection ended: ";
 
 /// A record's fields, in the order the daemon writes them, and whether each
 /// is quoted (strings are; numbers and the peer are not).
-const FIELDS: [(&str, bool); 13] = [
+const FIELDS: [(&str, bool); 15] = [
     ("conn", false),
     ("service", true),
     ("peer", false),
@@ -24,6 +24,8 @@ const FIELDS: [(&str, bool); 13] = [
     ("memory_peak", true),
     ("tasks_peak", true),
     ("oom_kills", true),
+    ("messages_sent", true),
+    ("messages_received", true),
 ];
 
 /// The record the daemon logs when a connection ends.
@@ -49,6 +51,9 @@ pub struct Record {
     pub memory_peak: Option<u64>,
     pub tasks_peak: Option<u64>,
     pub oom_kills: Option<u64>,
+    /// WebSocket messages either way (None: "none", a raw connection).
+    pub messages_sent: Option<u64>,
+    pub messages_received: Option<u64>,
     /// The whole line, for messages.
     pub line: String,
 }
@@ -131,6 +136,8 @@ impl Record {
             memory_peak: maybe(10)?,
             tasks_peak: maybe(11)?,
             oom_kills: maybe(12)?,
+            messages_sent: maybe(13)?,
+            messages_received: maybe(14)?,
             line: line.to_owned(),
         })
     }

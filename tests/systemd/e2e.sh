@@ -168,6 +168,45 @@ EOF
         sr_in journalctl -u splice-relay --no-pager
 }
 
+# --- WebSocket: a browser's protocol on the same socket, contained the same -----------
+t_websocket() {
+    reconfigure <<'EOF' || return $(fail "reload")
+[[service]]
+name = "ws"
+protocol = "websocket"
+console = true
+command = ["sh", "-c", "echo hi; while read l; do echo got:$l; done"]
+EOF
+    local unit; unit=/sys/fs/cgroup$(show ControlGroup splice-relay)
+    local out
+    out=$(sr_in /usr/bin/python3 -c '
+import asyncio, sys, websockets
+async def main():
+    async with websockets.connect("ws://127.0.0.1:9009/") as ws:
+        first = await ws.recv()
+        await ws.send("x")
+        print(first, await ws.recv(), flush=True)
+        # The session is open: its command is in a cgroup of its own.
+        ls = await asyncio.create_subprocess_exec(
+            "sh", "-c", "ls -d " + sys.argv[1] + "/conn-*", stdout=asyncio.subprocess.PIPE)
+        print((await ls.communicate())[0].decode().strip())
+    print(ws.close_code)
+asyncio.run(main())' "$unit") || return $(fail "the Python client failed: $out")
+    [ "$(echo "$out" | sed -n 1p)" = "hi got:x" ] || fail "messages: $out" || return 1
+    [[ $(echo "$out" | sed -n 2p) == "$unit"/conn-* ]] || fail "no cgroup during the session: $out" || return 1
+    [ "$(echo "$out" | sed -n 3p)" = 1000 ] || fail "close code: $out" || return 1
+    eventually '"MESSAGES_RECEIVED":"1"' \
+        sr_in journalctl -u splice-relay SERVICE=ws REASON=client-closed -o json --no-pager || return 1
+    local rec; rec=$(sr_in journalctl -u splice-relay SERVICE=ws REASON=client-closed -o json --no-pager | tail -n1)
+    [[ $rec =~ \"MESSAGES_SENT\":\"2\" && $rec =~ \"CPU_USEC\":\"[0-9]+\" ]] || fail "record: $rec" || return 1
+    # The page, and a request that is not an upgrade: 405, and a refusal in the journal.
+    sr_in curl -fsS http://127.0.0.1:9009/ | grep -q '<title>splice-relay console</title>' \
+        || fail "no console page" || return 1
+    [ "$(sr_in curl -s -o /dev/null -w '%{http_code}' -X POST http://127.0.0.1:9009/)" = 405 ] \
+        || fail "POST not refused" || return 1
+    eventually 'answered 405: method POST' sr_in journalctl -u splice-relay --no-pager
+}
+
 # --- 5. reload ---------------------------------------------------------------------
 t_reload() {
     reconfigure <<'EOF' || return $(fail "reload")
@@ -361,7 +400,7 @@ t_remove() {
     return 0
 }
 
-for t in t_install t_units_verify_and_score t_activation t_status t_journal t_cgroups t_reload t_restart \
+for t in t_install t_units_verify_and_score t_activation t_status t_journal t_cgroups t_websocket t_reload t_restart \
          t_watchdog t_config_error t_controls t_named_sockets t_upgrade t_remove; do
     run "$t"
     [ "$t" = t_install ] && [ "$failed" -gt 0 ] && break
