@@ -11,7 +11,16 @@
 //!                                             the streams' line delays before and during
 //!                                             the burst, and how fast the burst was served
 //!
+//! The same over WebSocket (text messages for lines, binary ones for bulk):
+//!
+//!   bench-load wsbulk ADDR CLIENTS BYTES      binary payload, to the server's close
+//!   bench-load wsrate ADDR CONCURRENCY SECS   upgrade, one message "hello", the close
+//!   bench-load wsslow ADDR CLIENTS SECS [WARMUP]
+//!   bench-load wstext ADDR SECS               text messages on one connection for SECS
+//!
 //! ADDR is HOST:PORT (127.0.0.1 only).
+
+mod ws;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
@@ -29,14 +38,18 @@ fn main() {
             .expect("see the usage in the source")
     };
     match args[0].as_str() {
-        "bulk" => bulk(addr, num(2) as usize, num(3)),
-        "rate" => rate(addr, num(2) as usize, num(3)),
-        "slow" => slow(
+        "bulk" => bulk(addr, num(2) as usize, num(3), false),
+        "wsbulk" => bulk(addr, num(2) as usize, num(3), true),
+        "rate" => rate(addr, num(2) as usize, num(3), false),
+        "wsrate" => rate(addr, num(2) as usize, num(3), true),
+        "slow" | "wsslow" => slow(
             addr,
             num(2) as usize,
             num(3),
             args.get(4).map_or(0, |_| num(4)),
+            args[0] == "wsslow",
         ),
+        "wstext" => text(addr, num(2)),
         "ttfb" => ttfb(addr, num(2)),
         "burst" => burst(addr, num(2) as usize, num(3) as usize, num(4)),
         other => panic!("unknown mode {other}"),
@@ -49,25 +62,51 @@ fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-fn bulk(addr: SocketAddr, clients: usize, bytes: u64) {
+/// What one connection's lines are: lines of bytes, or text messages.
+fn lines(s: TcpStream, websocket: bool) -> Box<dyn Iterator<Item = std::io::Result<String>>> {
+    if websocket {
+        match ws::Ws::upgrade(s, "127.0.0.1") {
+            Ok(c) => Box::new(ws::Messages(c)),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        }
+    } else {
+        Box::new(BufReader::new(s).lines())
+    }
+}
+
+/// Reads a connection to its end; the bytes (payload, over WebSocket).
+fn drain(mut s: TcpStream, websocket: bool) -> u64 {
+    let mut got = 0u64;
+    if websocket {
+        let mut c = ws::Ws::upgrade(s, "127.0.0.1").expect("upgrade");
+        while let Some(frame) = c.next(None).expect("read") {
+            assert!(
+                [ws::BINARY, ws::CONTINUATION].contains(&frame.opcode),
+                "bulk comes in binary messages"
+            );
+            got += frame.len as u64;
+        }
+        return got;
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
+fn bulk(addr: SocketAddr, clients: usize, bytes: u64, websocket: bool) {
     let start = Arc::new(Barrier::new(clients + 1));
     let threads: Vec<_> = (0..clients)
         .map(|_| {
             let start = Arc::clone(&start);
             std::thread::spawn(move || {
                 start.wait();
-                let mut s = connect(addr).expect("connect");
-                let mut buf = vec![0u8; 1 << 20];
-                let mut got = 0u64;
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => got += n as u64,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => panic!("read: {e}"),
-                    }
-                }
-                got
+                drain(connect(addr).expect("connect"), websocket)
             })
         })
         .collect();
@@ -83,7 +122,7 @@ fn bulk(addr: SocketAddr, clients: usize, bytes: u64) {
     );
 }
 
-fn rate(addr: SocketAddr, concurrency: usize, secs: u64) {
+fn rate(addr: SocketAddr, concurrency: usize, secs: u64, websocket: bool) {
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -91,12 +130,12 @@ fn rate(addr: SocketAddr, concurrency: usize, secs: u64) {
         .map(|_| {
             let (ok, failed) = (Arc::clone(&ok), Arc::clone(&failed));
             std::thread::spawn(move || {
-                let mut buf = Vec::with_capacity(64);
                 while Instant::now() < deadline {
-                    buf.clear();
-                    let served = connect(addr).and_then(|mut s| s.read_to_end(&mut buf));
-                    match served {
-                        Ok(_) if buf == b"hello\n" => ok.fetch_add(1, Ordering::Relaxed),
+                    let got: Option<Vec<String>> = connect(addr)
+                        .ok()
+                        .and_then(|s| lines(s, websocket).collect::<Result<_, _>>().ok());
+                    match got.as_deref() {
+                        Some([hello]) if hello == "hello" => ok.fetch_add(1, Ordering::Relaxed),
                         _ => failed.fetch_add(1, Ordering::Relaxed),
                     };
                 }
@@ -129,7 +168,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn slow(addr: SocketAddr, clients: usize, secs: u64, warmup: u64) {
+fn slow(addr: SocketAddr, clients: usize, secs: u64, warmup: u64, websocket: bool) {
     let delays = Arc::new(Mutex::new(Vec::new()));
     let connected = Arc::new(Barrier::new(clients + 1));
     let deadline = Instant::now() + Duration::from_secs(secs) + Duration::from_secs(30);
@@ -146,7 +185,7 @@ fn slow(addr: SocketAddr, clients: usize, secs: u64, warmup: u64) {
                     // still be starting the other commands.
                     let counted_from = now_ns() + u128::from(warmup) * 1_000_000_000;
                     let mut mine = Vec::new();
-                    for line in BufReader::new(s).lines() {
+                    for line in lines(s, websocket) {
                         let Ok(line) = line else { return false };
                         let sent: u128 = line.trim().parse().unwrap_or(0);
                         let now = now_ns();
@@ -179,6 +218,30 @@ fn slow(addr: SocketAddr, clients: usize, secs: u64, warmup: u64) {
         percentile(&d, 0.5),
         percentile(&d, 0.99),
         d.last().copied().unwrap_or(f64::NAN)
+    );
+}
+
+/// Text messages on one connection for `secs`: how many a second.
+fn text(addr: SocketAddr, secs: u64) {
+    let mut c = ws::Ws::upgrade(connect(addr).expect("connect"), "127.0.0.1").expect("upgrade");
+    let t0 = Instant::now();
+    let until = t0 + Duration::from_secs(secs);
+    let (mut messages, mut bytes) = (0u64, 0u64);
+    while let Some(frame) = c.next(None).expect("read") {
+        assert!(frame.fin, "a line is one frame");
+        assert_eq!(frame.opcode, ws::TEXT, "lines come in text messages");
+        messages += 1;
+        bytes += frame.len as u64;
+        // One clock read per thousand messages, so the client stays cheap.
+        if messages % 1000 == 0 && Instant::now() >= until {
+            break;
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    c.close();
+    println!(
+        r#"{{"messages":{messages},"bytes":{bytes},"secs":{secs},"per_sec":{}}}"#,
+        messages as f64 / secs
     );
 }
 

@@ -5,6 +5,8 @@
 //!                                        (write(2) otherwise)
 //!   bench-producer ticks MS COUNT        COUNT lines "<unix time in ns>", one every MS
 //!   bench-producer hello                 one line, at once
+//!   bench-producer lines                 short numbered lines as fast as they are
+//!                                        taken, until the reader leaves
 //!   bench-producer exec PROGRAM ARGS…    runs PROGRAM in its place (a real producer:
 //!                                        cat, head, gzip), after the --cgroup move
 //!
@@ -32,6 +34,7 @@ fn main() {
         Some("vmsplice") => bulk(arg(1), true),
         Some("ticks") => ticks(arg(1), arg(2)),
         Some("hello") => println!("hello"),
+        Some("lines") => lines(),
         Some("exec") if args.len() > 1 => {
             use std::os::unix::process::CommandExt;
             let e = std::process::Command::new(&args[1]).args(&args[2..]).exec();
@@ -39,7 +42,7 @@ fn main() {
             std::process::exit(127);
         }
         _ => {
-            eprintln!("usage: bench-producer bulk BYTES | vmsplice BYTES | ticks MS COUNT | hello");
+            eprintln!("usage: bench-producer bulk BYTES | vmsplice BYTES | ticks MS COUNT | hello | lines");
             std::process::exit(2);
         }
     }
@@ -97,6 +100,15 @@ fn ticks(every_ms: u64, count: u64) {
             .unwrap()
             .as_nanos();
         if writeln!(out, "{now}").and_then(|()| out.flush()).is_err() {
+            return;
+        }
+    }
+}
+
+fn lines() {
+    let mut out = std::io::BufWriter::with_capacity(64 << 10, std::io::stdout().lock());
+    for i in 0u64.. {
+        if writeln!(out, "message {i}").is_err() {
             return;
         }
     }

@@ -48,6 +48,8 @@ class Contender:
 
     # The scenarios it takes part in (None: all).
     scenarios = None
+    # Whether its clients speak WebSocket.
+    ws = False
 
     def __init__(self, name, kind):
         self.name, self.kind = name, kind
@@ -114,6 +116,7 @@ class SpliceRelay(Contender):
         super().__init__(name + (" cgroups" if cgroups else ""), "relay")
         self.transfer = transfer
         self.cgroups = cgroups
+        self.extra = ""
         # The cgroup per connection is measured where its cost shows: the rate.
         if cgroups:
             self.scenarios = {"rate1", "rate32"}
@@ -132,9 +135,37 @@ class SpliceRelay(Contender):
             'log_level = "warn"\nmax_connections = 4096\n\n[[service]]\nname = "bench"\n'
             f'listen = "127.0.0.1:{port}"\ncommand = {json.dumps(command)}\n'
             + (f'transfer = "{self.transfer}"\n' if self.transfer else "")
-            + 'max_connections = 4096\n')
+            + 'max_connections = 4096\n' + self.extra)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "JOURNAL_"))}
         return [str(RELAY), "--config", str(cfg)], env
+
+
+WS_SCENARIOS = {"ws-rate1", "ws-rate32", "ws-text", "ws-bulk", "ws-bulk4", "ws-slow"}
+
+
+class SpliceRelayWs(SpliceRelay):
+    """A WebSocket service: text messages, or binary ones (spliced from the pipe)."""
+
+    def __init__(self, messages="text"):
+        super().__init__()
+        self.name = "splice-relay websocket" + (" binary" if messages == "binary" else "")
+        self.cgroup = CGROOT / self.name.replace(" ", "_")
+        self.extra = f'protocol = "websocket"\nmessages = "{messages}"\n'
+        self.ws = True
+        self.scenarios = WS_SCENARIOS
+
+
+class Websocketd(Contender):
+    def __init__(self, binary=False):
+        super().__init__("websocketd" + (" --binary" if binary else ""), "relay")
+        self.binary = binary
+        self.ws = True
+        self.scenarios = WS_SCENARIOS
+
+    def argv(self, port, command, tmp):
+        binary = ["--binary"] if self.binary else []
+        return ["websocketd", f"--port={port}", "--address=127.0.0.1", "--loglevel=error", *binary,
+                *command], None
 
 
 class Socat(Contender):
@@ -242,7 +273,7 @@ def bulk_bytes(smoke, clients):
 def scenario_bulk(c, smoke, clients, per=None):
     per = per or bulk_bytes(smoke, clients)
     cpu0 = c.cpu_seconds()
-    r = load("bulk", f"127.0.0.1:{c.port}", clients, per)
+    r = load("wsbulk" if c.ws else "bulk", f"127.0.0.1:{c.port}", clients, per)
     cpu = c.cpu_seconds() - cpu0
     if not r["ok"]:
         raise RuntimeError(f"{c.name}: bulk delivered {r['bytes']} bytes, not {clients * per}")
@@ -250,7 +281,7 @@ def scenario_bulk(c, smoke, clients, per=None):
 
 
 def scenario_rate(c, smoke, concurrency):
-    r = load("rate", f"127.0.0.1:{c.port}", concurrency, 1 if smoke else 5)
+    r = load("wsrate" if c.ws else "rate", f"127.0.0.1:{c.port}", concurrency, 1 if smoke else 5)
     if smoke and r["ok"] == 0:
         raise RuntimeError(f"{c.name}: no connection served")
     return {"conn/s": r["per_sec"], "failed": r["failed"]}
@@ -272,7 +303,8 @@ def scenario_slow(c, smoke, clients, window):
     commands together: a relay's commands write to a pipe, a direct one's to
     TCP), each line being one tick of one command."""
     warmup = 0 if smoke else 2
-    p = subprocess.Popen([str(LOAD), "slow", f"127.0.0.1:{c.port}", str(clients), str(window), str(warmup)],
+    mode = "wsslow" if c.ws else "slow"
+    p = subprocess.Popen([str(LOAD), mode, f"127.0.0.1:{c.port}", str(clients), str(window), str(warmup)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stderr.readline().strip() == "connected", f"{c.name}: slow clients did not connect"
     time.sleep(warmup)  # the server may still be starting commands; then measure a whole window
@@ -302,6 +334,16 @@ def scenario_burst(c, smoke, streams, burst, window):
             "before p99 ms": r["before_p99_ms"], "burst conn/s": r["burst_per_sec"]}
 
 
+def scenario_text(c, smoke):
+    """Text messages a second on one connection from a producer of short lines."""
+    cpu0 = c.cpu_seconds()
+    r = load("wstext", f"127.0.0.1:{c.port}", 1 if smoke else 5)
+    cpu = c.cpu_seconds() - cpu0
+    if r["messages"] == 0:
+        raise RuntimeError(f"{c.name}: no message")
+    return {"messages/s": r["per_sec"], "relay CPU µs/message": cpu / r["messages"] * 1e6}
+
+
 def scenario_latency(c, smoke):
     t = load("ttfb", f"127.0.0.1:{c.port}", 5 if smoke else 200)
     return {"TTFB p50 ms": t["p50_ms"], "TTFB p99 ms": t["p99_ms"]}
@@ -317,7 +359,8 @@ def scenario_lines(c, smoke):
 
 def contenders(names, scenario):
     all_ = [Direct(), SpliceRelay(), SpliceRelay(cgroups=True), SpliceRelay("splice"), SpliceRelay("copy"),
-            SpliceRelay("direct"), Socat(), Socat(1 << 20), TcpServer(), Xinetd()]
+            SpliceRelay("direct"), Socat(), Socat(1 << 20), TcpServer(), Xinetd(),
+            SpliceRelayWs(), SpliceRelayWs("binary"), Websocketd(), Websocketd(binary=True)]
     return [c for c in all_ if (names is None or c.name in names)
             and (c.scenarios is None or scenario in c.scenarios)]
 
@@ -405,8 +448,8 @@ def machine_line():
 
 
 def ensure_tools():
-    need = [p for p, exe in (("socat", "socat"), ("ucspi-tcp", "tcpserver"), ("xinetd", "xinetd"))
-            if not shutil.which(exe)]
+    need = [p for p, exe in (("socat", "socat"), ("ucspi-tcp", "tcpserver"), ("xinetd", "xinetd"),
+                             ("websocketd", "websocketd")) if not shutil.which(exe)]
     if need:
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *need], check=True)
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "splice-relay",
@@ -418,7 +461,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one round: it runs and the bytes are right")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", help="scenarios: bulk,bulk4,vmsplice,cat,cat4,head,head4,gzip,gzip4,"
-                    "rate1,rate32,slow,burst,latency,lines")
+                    "rate1,rate32,slow,burst,latency,lines,ws-rate1,ws-rate32,ws-text,ws-bulk,ws-bulk4,ws-slow")
     ap.add_argument("--contenders", help="comma-separated names (default: all)")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -450,6 +493,9 @@ def main():
         subprocess.run(["seq", "1", str(300_000 if smoke else 20_000_000)], stdout=f, check=True)
     gzip_size = len(subprocess.run(["gzip", "-1", "-c", str(text_file)], capture_output=True, check=True).stdout)
     real = ("direct", "splice-relay", "splice-relay splice", "socat -b1048576")
+    text_ws = ("splice-relay websocket", "websocketd")
+    binary_ws = ("splice-relay splice", "splice-relay websocket binary", "websocketd --binary")
+    ws_bulk = GIB // 4 if not smoke else 16 << 20
 
     def real_bulk(key, title, argv, per, clients):
         return (key, title, "direct", ("exec", *argv), lambda c: scenario_bulk(c, smoke, clients, per), real)
@@ -486,6 +532,21 @@ def main():
          ("ticks", 1000, 40 if not smoke else 10),
          lambda c: scenario_burst(c, smoke, slow_clients, 2 * slow_clients, window),
          ("direct", "splice-relay", "splice-relay splice", "splice-relay direct", "tcpserver")),
+        # WebSocket: websocketd and splice-relay's WebSocket services; the
+        # binary bulk rows against splice-relay's own raw splice path.
+        ("ws-rate1", "6. WebSocket: connection rate, concurrency 1 (one line)", "websocketd", ("hello",),
+         lambda c: scenario_rate(c, smoke, 1), text_ws),
+        ("ws-rate32", "6b. WebSocket: connection rate, concurrency 32 (one line)", "websocketd", ("hello",),
+         lambda c: scenario_rate(c, smoke, 32), text_ws),
+        ("ws-text", "6c. WebSocket: text messages on one connection (short lines)", "websocketd", ("lines",),
+         lambda c: scenario_text(c, smoke), text_ws),
+        ("ws-bulk", "6d. WebSocket: binary bulk, one client", "splice-relay splice", ("bulk", 4 * ws_bulk),
+         lambda c: scenario_bulk(c, smoke, 1, 4 * ws_bulk), binary_ws),
+        ("ws-bulk4", "6e. WebSocket: binary bulk, four clients at once (aggregate)", "splice-relay splice",
+         ("bulk", ws_bulk), lambda c: scenario_bulk(c, smoke, 4, ws_bulk), binary_ws),
+        ("ws-slow", f"6f. WebSocket: {slow_clients} connections ticking once a second; the server's RSS and CPU",
+         "websocketd", ("ticks", 1000, window + 5), lambda c: scenario_slow(c, smoke, slow_clients, window),
+         text_ws),
     ]
     results = []
     with tempfile.TemporaryDirectory(prefix="splice-relay-bench.") as tmpdir:
@@ -493,9 +554,9 @@ def main():
         for key, title, ref, cmd, measure, *who in plan:
             if only and key not in only:
                 continue
-            if smoke and key in ("bulk4", "rate32", "cat4", "head4", "gzip4"):
+            if smoke and key in ("bulk4", "rate32", "cat4", "head4", "gzip4", "ws-rate32", "ws-bulk4"):
                 continue  # the smoke checks that each scenario runs, once
-            if cmd[0] in ("bulk", "vmsplice"):
+            if cmd[0] in ("bulk", "vmsplice") and not key.startswith("ws-"):
                 cmd = (cmd[0], bulk_bytes(smoke, 4 if key == "bulk4" else 1))
             picks = [c for c in contenders(names, key) if not who or c.name in who[0]]
             results.append(run_scenario(title, ref, cmd, measure, picks, rounds, tmp, smoke))
