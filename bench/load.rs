@@ -18,9 +18,23 @@
 //!   bench-load wsslow ADDR CLIENTS SECS [WARMUP]
 //!   bench-load wstext ADDR SECS               text messages on one connection for SECS
 //!
+//! And over TLS (`$BENCH_TLS_CA` names the servers' CA; full handshakes):
+//!
+//!   bench-load tlsbulk ADDR CLIENTS BYTES
+//!   bench-load tlsrate ADDR CONCURRENCY SECS  a full handshake, "hello", the end
+//!
 //! ADDR is HOST:PORT (127.0.0.1 only).
 
+mod tls;
 mod ws;
+
+/// What the client speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Raw,
+    WebSocket,
+    Tls,
+}
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
@@ -38,16 +52,22 @@ fn main() {
             .expect("see the usage in the source")
     };
     match args[0].as_str() {
-        "bulk" => bulk(addr, num(2) as usize, num(3), false),
-        "wsbulk" => bulk(addr, num(2) as usize, num(3), true),
-        "rate" => rate(addr, num(2) as usize, num(3), false),
-        "wsrate" => rate(addr, num(2) as usize, num(3), true),
+        "bulk" => bulk(addr, num(2) as usize, num(3), Wire::Raw),
+        "wsbulk" => bulk(addr, num(2) as usize, num(3), Wire::WebSocket),
+        "tlsbulk" => bulk(addr, num(2) as usize, num(3), Wire::Tls),
+        "rate" => rate(addr, num(2) as usize, num(3), Wire::Raw),
+        "wsrate" => rate(addr, num(2) as usize, num(3), Wire::WebSocket),
+        "tlsrate" => rate(addr, num(2) as usize, num(3), Wire::Tls),
         "slow" | "wsslow" => slow(
             addr,
             num(2) as usize,
             num(3),
             args.get(4).map_or(0, |_| num(4)),
-            args[0] == "wsslow",
+            if args[0] == "wsslow" {
+                Wire::WebSocket
+            } else {
+                Wire::Raw
+            },
         ),
         "wstext" => text(addr, num(2)),
         "ttfb" => ttfb(addr, num(2)),
@@ -63,31 +83,39 @@ fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
 }
 
 /// What one connection's lines are: lines of bytes, or text messages.
-fn lines(s: TcpStream, websocket: bool) -> Box<dyn Iterator<Item = std::io::Result<String>>> {
-    if websocket {
-        match ws::Ws::upgrade(s, "127.0.0.1") {
+fn lines(s: TcpStream, wire: Wire) -> Box<dyn Iterator<Item = std::io::Result<String>>> {
+    match wire {
+        Wire::WebSocket => match ws::Ws::upgrade(s, "127.0.0.1") {
             Ok(c) => Box::new(ws::Messages(c)),
             Err(e) => Box::new(std::iter::once(Err(e))),
-        }
-    } else {
-        Box::new(BufReader::new(s).lines())
+        },
+        Wire::Tls => match tls::Tls::new(s) {
+            Ok(t) => Box::new(BufReader::new(t).lines()),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        },
+        Wire::Raw => Box::new(BufReader::new(s).lines()),
     }
 }
 
-/// Reads a connection to its end; the bytes (payload, over WebSocket).
-fn drain(mut s: TcpStream, websocket: bool) -> u64 {
+/// Reads a connection to its end; the bytes (payload, over WebSocket;
+/// plaintext, over TLS).
+fn drain(s: TcpStream, wire: Wire) -> u64 {
     let mut got = 0u64;
-    if websocket {
-        let mut c = ws::Ws::upgrade(s, "127.0.0.1").expect("upgrade");
-        while let Some(frame) = c.next(None).expect("read") {
-            assert!(
-                [ws::BINARY, ws::CONTINUATION].contains(&frame.opcode),
-                "bulk comes in binary messages"
-            );
-            got += frame.len as u64;
+    let mut s: Box<dyn Read> = match wire {
+        Wire::Raw => Box::new(s),
+        Wire::Tls => Box::new(tls::Tls::new(s).expect("TLS")),
+        Wire::WebSocket => {
+            let mut c = ws::Ws::upgrade(s, "127.0.0.1").expect("upgrade");
+            while let Some(frame) = c.next(None).expect("read") {
+                assert!(
+                    [ws::BINARY, ws::CONTINUATION].contains(&frame.opcode),
+                    "bulk comes in binary messages"
+                );
+                got += frame.len as u64;
+            }
+            return got;
         }
-        return got;
-    }
+    };
     let mut buf = vec![0u8; 1 << 20];
     loop {
         match s.read(&mut buf) {
@@ -99,14 +127,14 @@ fn drain(mut s: TcpStream, websocket: bool) -> u64 {
     }
 }
 
-fn bulk(addr: SocketAddr, clients: usize, bytes: u64, websocket: bool) {
+fn bulk(addr: SocketAddr, clients: usize, bytes: u64, wire: Wire) {
     let start = Arc::new(Barrier::new(clients + 1));
     let threads: Vec<_> = (0..clients)
         .map(|_| {
             let start = Arc::clone(&start);
             std::thread::spawn(move || {
                 start.wait();
-                drain(connect(addr).expect("connect"), websocket)
+                drain(connect(addr).expect("connect"), wire)
             })
         })
         .collect();
@@ -122,7 +150,7 @@ fn bulk(addr: SocketAddr, clients: usize, bytes: u64, websocket: bool) {
     );
 }
 
-fn rate(addr: SocketAddr, concurrency: usize, secs: u64, websocket: bool) {
+fn rate(addr: SocketAddr, concurrency: usize, secs: u64, wire: Wire) {
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -133,7 +161,7 @@ fn rate(addr: SocketAddr, concurrency: usize, secs: u64, websocket: bool) {
                 while Instant::now() < deadline {
                     let got: Option<Vec<String>> = connect(addr)
                         .ok()
-                        .and_then(|s| lines(s, websocket).collect::<Result<_, _>>().ok());
+                        .and_then(|s| lines(s, wire).collect::<Result<_, _>>().ok());
                     match got.as_deref() {
                         Some([hello]) if hello == "hello" => ok.fetch_add(1, Ordering::Relaxed),
                         _ => failed.fetch_add(1, Ordering::Relaxed),
@@ -168,7 +196,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn slow(addr: SocketAddr, clients: usize, secs: u64, warmup: u64, websocket: bool) {
+fn slow(addr: SocketAddr, clients: usize, secs: u64, warmup: u64, wire: Wire) {
     let delays = Arc::new(Mutex::new(Vec::new()));
     let connected = Arc::new(Barrier::new(clients + 1));
     let deadline = Instant::now() + Duration::from_secs(secs) + Duration::from_secs(30);
@@ -185,7 +213,7 @@ fn slow(addr: SocketAddr, clients: usize, secs: u64, warmup: u64, websocket: boo
                     // still be starting the other commands.
                     let counted_from = now_ns() + u128::from(warmup) * 1_000_000_000;
                     let mut mine = Vec::new();
-                    for line in lines(s, websocket) {
+                    for line in lines(s, wire) {
                         let Ok(line) = line else { return false };
                         let sent: u128 = line.trim().parse().unwrap_or(0);
                         let now = now_ns();

@@ -48,8 +48,9 @@ class Contender:
 
     # The scenarios it takes part in (None: all).
     scenarios = None
-    # Whether its clients speak WebSocket.
+    # Whether its clients speak WebSocket, or TLS.
     ws = False
+    tls = False
 
     def __init__(self, name, kind):
         self.name, self.kind = name, kind
@@ -155,6 +156,56 @@ class SpliceRelayWs(SpliceRelay):
         self.scenarios = WS_SCENARIOS
 
 
+TLS_SCENARIOS = {"tls-rate1", "tls-rate32", "tls-bulk", "tls-bulk4"}
+# The certificate every TLS contender serves (made by main()).
+TLS_FILES = {}
+
+
+class SpliceRelayTls(SpliceRelay):
+    def __init__(self, transfer=None):
+        super().__init__(transfer)
+        self.name = "splice-relay tls" + (f" {transfer}" if transfer else "")
+        self.cgroup = CGROOT / self.name.replace(" ", "_")
+        self.extra = f'tls_certificate = "{TLS_FILES["cert"]}"\ntls_key = "{TLS_FILES["key"]}"\n'
+        self.tls = True
+        self.scenarios = TLS_SCENARIOS
+
+
+class Stunnel(Contender):
+    def __init__(self):
+        super().__init__("stunnel", "relay")
+        self.tls = True
+        self.scenarios = TLS_SCENARIOS
+
+    def argv(self, port, command, tmp):
+        conf = tmp / "stunnel.conf"
+        conf.write_text(f"""foreground = yes
+pid =
+debug = 3
+[bench]
+accept = 127.0.0.1:{port}
+cert = {TLS_FILES["cert"]}
+key = {TLS_FILES["key"]}
+exec = {command[0]}
+execArgs = {" ".join(command)}
+""")
+        return ["stunnel4", str(conf)], None
+
+
+class SocatTls(Contender):
+    def __init__(self, buffer=None):
+        super().__init__("socat openssl" + (f" -b{buffer}" if buffer else ""), "relay")
+        self.buffer = buffer
+        self.tls = True
+        self.scenarios = TLS_SCENARIOS
+
+    def argv(self, port, command, tmp):
+        b = ["-b", str(self.buffer)] if self.buffer else []
+        return ["socat", *b, f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,"
+                f"cert={TLS_FILES['cert']},key={TLS_FILES['key']},verify=0",
+                "EXEC:" + " ".join(command)], None
+
+
 class Websocketd(Contender):
     def __init__(self, binary=False):
         super().__init__("websocketd" + (" --binary" if binary else ""), "relay")
@@ -252,6 +303,11 @@ def free_port():
 # --- measuring --------------------------------------------------------------------
 
 
+def wire(c):
+    """The prefix of bench-load's modes for what the contender's clients speak."""
+    return "ws" if c.ws else "tls" if c.tls else ""
+
+
 def load(*args, timeout=600):
     out = subprocess.run([str(LOAD), *map(str, args)], capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
@@ -273,7 +329,7 @@ def bulk_bytes(smoke, clients):
 def scenario_bulk(c, smoke, clients, per=None):
     per = per or bulk_bytes(smoke, clients)
     cpu0 = c.cpu_seconds()
-    r = load("wsbulk" if c.ws else "bulk", f"127.0.0.1:{c.port}", clients, per)
+    r = load(wire(c) + "bulk", f"127.0.0.1:{c.port}", clients, per)
     cpu = c.cpu_seconds() - cpu0
     if not r["ok"]:
         raise RuntimeError(f"{c.name}: bulk delivered {r['bytes']} bytes, not {clients * per}")
@@ -281,7 +337,7 @@ def scenario_bulk(c, smoke, clients, per=None):
 
 
 def scenario_rate(c, smoke, concurrency):
-    r = load("wsrate" if c.ws else "rate", f"127.0.0.1:{c.port}", concurrency, 1 if smoke else 5)
+    r = load(wire(c) + "rate", f"127.0.0.1:{c.port}", concurrency, 1 if smoke else 5)
     if smoke and r["ok"] == 0:
         raise RuntimeError(f"{c.name}: no connection served")
     return {"conn/s": r["per_sec"], "failed": r["failed"]}
@@ -360,7 +416,8 @@ def scenario_lines(c, smoke):
 def contenders(names, scenario):
     all_ = [Direct(), SpliceRelay(), SpliceRelay(cgroups=True), SpliceRelay("splice"), SpliceRelay("copy"),
             SpliceRelay("direct"), Socat(), Socat(1 << 20), TcpServer(), Xinetd(),
-            SpliceRelayWs(), SpliceRelayWs("binary"), Websocketd(), Websocketd(binary=True)]
+            SpliceRelayWs(), SpliceRelayWs("binary"), Websocketd(), Websocketd(binary=True),
+            SpliceRelayTls(), SpliceRelayTls("direct"), Stunnel(), SocatTls(), SocatTls(1 << 20)]
     return [c for c in all_ if (names is None or c.name in names)
             and (c.scenarios is None or scenario in c.scenarios)]
 
@@ -449,7 +506,8 @@ def machine_line():
 
 def ensure_tools():
     need = [p for p, exe in (("socat", "socat"), ("ucspi-tcp", "tcpserver"), ("xinetd", "xinetd"),
-                             ("websocketd", "websocketd")) if not shutil.which(exe)]
+                             ("websocketd", "websocketd"), ("stunnel4", "stunnel4"), ("openssl", "openssl"))
+            if not shutil.which(exe)]
     if need:
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *need], check=True)
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "splice-relay",
@@ -461,7 +519,8 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one round: it runs and the bytes are right")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", help="scenarios: bulk,bulk4,vmsplice,cat,cat4,head,head4,gzip,gzip4,"
-                    "rate1,rate32,slow,burst,latency,lines,ws-rate1,ws-rate32,ws-text,ws-bulk,ws-bulk4,ws-slow")
+                    "rate1,rate32,slow,burst,latency,lines,ws-rate1,ws-rate32,ws-text,ws-bulk,ws-bulk4,ws-slow,"
+                    "tls-rate1,tls-rate32,tls-bulk,tls-bulk4")
     ap.add_argument("--contenders", help="comma-separated names (default: all)")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -496,6 +555,10 @@ def main():
     text_ws = ("splice-relay websocket", "websocketd")
     binary_ws = ("splice-relay splice", "splice-relay websocket binary", "websocketd --binary")
     ws_bulk = GIB // 4 if not smoke else 16 << 20
+    tls_bulk = GIB if not smoke else 16 << 20
+    tls_who = ("splice-relay tls", "splice-relay tls direct", "stunnel", "socat openssl",
+               "socat openssl -b1048576")
+    make_certificate(files)
 
     def real_bulk(key, title, argv, per, clients):
         return (key, title, "direct", ("exec", *argv), lambda c: scenario_bulk(c, smoke, clients, per), real)
@@ -547,6 +610,15 @@ def main():
         ("ws-slow", f"6f. WebSocket: {slow_clients} connections ticking once a second; the server's RSS and CPU",
          "websocketd", ("ticks", 1000, window + 5), lambda c: scenario_slow(c, smoke, slow_clients, window),
          text_ws),
+        # TLS: stunnel and socat's OPENSSL-LISTEN, full handshakes, a producer of 1 MiB writes.
+        ("tls-rate1", "7. TLS: handshakes a second, concurrency 1 (one line)", "stunnel", ("hello",),
+         lambda c: scenario_rate(c, smoke, 1), tls_who),
+        ("tls-rate32", "7b. TLS: handshakes a second, concurrency 32 (one line)", "stunnel", ("hello",),
+         lambda c: scenario_rate(c, smoke, 32), tls_who),
+        ("tls-bulk", "7c. TLS: bulk, one client (1 MiB writes)", "stunnel", ("bulk", tls_bulk),
+         lambda c: scenario_bulk(c, smoke, 1, tls_bulk), tls_who),
+        ("tls-bulk4", "7d. TLS: bulk, four clients at once (aggregate)", "stunnel", ("bulk", tls_bulk // 2),
+         lambda c: scenario_bulk(c, smoke, 4, tls_bulk // 2), tls_who),
     ]
     results = []
     with tempfile.TemporaryDirectory(prefix="splice-relay-bench.") as tmpdir:
@@ -554,9 +626,10 @@ def main():
         for key, title, ref, cmd, measure, *who in plan:
             if only and key not in only:
                 continue
-            if smoke and key in ("bulk4", "rate32", "cat4", "head4", "gzip4", "ws-rate32", "ws-bulk4"):
+            if smoke and key in ("bulk4", "rate32", "cat4", "head4", "gzip4", "ws-rate32", "ws-bulk4",
+                                 "tls-rate32", "tls-bulk4"):
                 continue  # the smoke checks that each scenario runs, once
-            if cmd[0] in ("bulk", "vmsplice") and not key.startswith("ws-"):
+            if cmd[0] in ("bulk", "vmsplice") and not key.startswith(("ws-", "tls-")):
                 cmd = (cmd[0], bulk_bytes(smoke, 4 if key == "bulk4" else 1))
             picks = [c for c in contenders(names, key) if not who or c.name in who[0]]
             results.append(run_scenario(title, ref, cmd, measure, picks, rounds, tmp, smoke))
@@ -570,6 +643,27 @@ def main():
         return
     chart(results)
     print("\n" + markdown(results, machine_line(), rounds))
+
+
+def make_certificate(files):
+    """A CA, and an ECDSA P-256 certificate for localhost that it signed,
+    served by every TLS contender (the client trusts the CA)."""
+    ca_key, ca, key, csr, cert = (files / n for n in ("tls-ca-key.pem", "tls-ca.pem", "tls-key.pem",
+                                                      "tls.csr", "tls-cert.pem"))
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+
+    def openssl(*args):
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+    openssl("req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=bench CA")
+    openssl("req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=localhost")
+    ext = files / "tls.ext"
+    ext.write_text("subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n")
+    openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+            "-days", "2", "-extfile", ext)
+    key.chmod(0o644)
+    TLS_FILES.update(cert=cert, key=key)
+    os.environ["BENCH_TLS_CA"] = str(ca)
 
 
 def remove_cgroups(top):

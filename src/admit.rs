@@ -56,6 +56,9 @@ pub enum Refused {
     /// A WebSocket service's client sent no valid upgrade (it got the HTTP
     /// answer that says why, or left).
     Handshake(String),
+    /// A TLS service's client did not complete the TLS handshake: the
+    /// reason (`tls-timeout`, …) and what happened.
+    Tls(&'static str, String),
 }
 
 impl Refused {
@@ -65,6 +68,7 @@ impl Refused {
             Refused::ProxyHeader(_) => "proxy-header",
             Refused::ProxyUntrusted => "proxy-untrusted",
             Refused::Handshake(_) => "handshake",
+            Refused::Tls(reason, _) => reason,
         }
     }
 }
@@ -143,13 +147,23 @@ impl Admissions {
         self.note(service, peer, &Refused::Handshake(why));
     }
 
+    /// A TLS client whose handshake failed: counted and logged in episodes,
+    /// one kind per reason.
+    pub fn refused_tls(&self, service: &Service, peer: &Peer, refused: &crate::tls::Refused) {
+        self.note(
+            service,
+            peer,
+            &Refused::Tls(refused.reason(), refused.to_string()),
+        );
+    }
+
     /// Counts a refusal; logs it if it starts an episode.
     fn note(&self, service: &Service, peer: &Peer, refused: &Refused) {
         let now = Instant::now();
         let reason = refused.reason();
         let detail = match refused {
             Refused::Rule(r) => r.to_string(),
-            Refused::ProxyHeader(e) | Refused::Handshake(e) => e.clone(),
+            Refused::ProxyHeader(e) | Refused::Handshake(e) | Refused::Tls(_, e) => e.clone(),
             Refused::ProxyUntrusted => {
                 "not in proxy_from, so it may not send a PROXY header".into()
             }

@@ -18,15 +18,16 @@ use tokio::io::Interest;
 use crate::admit::Admissions;
 use crate::cgroup::Tree;
 use crate::command::{Command, Ended, Io, SpawnError, Streams, Tag};
-use crate::config::{Protocol, Service, StdinMode, Transfer, WebSocket};
+use crate::config::{Protocol, Service, Transfer, WebSocket};
 use crate::fdio;
 use crate::limit::Slot;
 use crate::peer::Peer;
 use crate::record::{End, Record, Stats, Traffic};
 use crate::shutdown::Watch;
 use crate::sys;
+use crate::tls::{self, Layer};
 use crate::transfer::{self, Limits, Relayed};
-use crate::websocket::{self, Input, Session, Upgraded};
+use crate::websocket::{self, Session, Upgraded};
 
 /// What every connection needs from the daemon, and nothing more.
 #[derive(Debug)]
@@ -127,29 +128,146 @@ async fn serve(
     };
     record.peer(&peer);
     let limits = Limits::new(service, record.started(), &context.shutdown);
-    let upgraded = match upgrade(service, &socket, &peer, &limits, context).await {
+    let Some(tls) = &service.tls else {
+        return exchange(
+            service,
+            Client::Plain(socket),
+            &peer,
+            record,
+            &limits,
+            context,
+            Vec::new(),
+        )
+        .await;
+    };
+
+    // TLS: the handshake, then the layer between the client and the rest.
+    let accepted = match tls::accept(&socket, tls, handshake_limit(service, &limits)).await {
+        Ok(accepted) => accepted,
+        Err(refused) => {
+            context.admissions.refused_tls(service, &peer, &refused);
+            return Served::Refused;
+        }
+    };
+    record.tls(format!("{} userspace", accepted.summary));
+    let layer = Layer::new(accepted.conn);
+    let env = accepted.env;
+    if service.protocol == Protocol::Raw && service.transfer != Transfer::Direct {
+        // A relay: the layer itself moves the command's streams.
+        let client = Client::Encrypted {
+            socket,
+            layer: Box::new(layer),
+        };
+        return exchange(service, client, &peer, record, &limits, context, env).await;
+    }
+    // A WebSocket session, or a command given the socket itself: they get
+    // one end of a pair, and the layer moves the other.
+    let (ours, theirs) = match Layer::pair().and_then(|(ours, theirs)| {
+        Ok((
+            ours,
+            fdio::register(theirs, Interest::READABLE | Interest::WRITABLE)?,
+        ))
+    }) {
+        Ok(pair) => pair,
+        Err(e) => return Served::Ended(None, End::Error(unregistered(&e))),
+    };
+    // With direct transfer the command writes to the pair: the layer counts.
+    let traffic = record.shared_traffic();
+    let counted = (service.transfer == Transfer::Direct).then_some(&*traffic);
+    let (served, outcome) = tokio::join!(
+        exchange(
+            service,
+            Client::Plain(theirs),
+            &peer,
+            record,
+            &limits,
+            context,
+            env
+        ),
+        layer.run(&socket, ours, counted, service.kill_grace),
+    );
+    match (served, outcome) {
+        // The layer saw what happened to the client; the rest, a closed pair.
+        (Served::Ended(ended, End::ClientGone(_)), tls::Outcome::ClientGone(e)) => {
+            Served::Ended(ended, End::ClientGone(e))
+        }
+        (Served::Ended(ended, end), tls::Outcome::Failed(why)) if !end.is_orderly() => {
+            Served::Ended(ended, End::Tls(why))
+        }
+        (served, _) => served,
+    }
+}
+
+/// What the rest of the pipeline talks to.
+enum Client {
+    /// A socket of plaintext: the client's, or a TLS layer's pair.
+    Plain(AsyncFd<OwnedFd>),
+    /// The client's socket and its TLS layer, which relays the command's
+    /// streams itself.
+    Encrypted {
+        socket: AsyncFd<OwnedFd>,
+        layer: Box<Layer>,
+    },
+}
+
+/// The longest a handshake may take: `handshake_timeout`, or what is left of
+/// `timeout` if that is less.
+fn handshake_limit(service: &Service, limits: &Limits) -> Duration {
+    limits
+        .remaining()
+        .map_or(service.handshake_timeout, |left| {
+            left.min(service.handshake_timeout)
+        })
+}
+
+/// The rest of the pipeline, on the client's socket (or, with TLS, the
+/// layer's plaintext end): upgrade → spawn → supervise the transfer → end.
+/// `tls_env` is what the command learns of the TLS session.
+async fn exchange(
+    service: &Arc<Service>,
+    client: Client,
+    peer: &Peer,
+    record: &mut Record,
+    limits: &Limits,
+    context: &Context,
+    tls_env: Vec<(String, String)>,
+) -> Served {
+    let (socket, mut layer) = match client {
+        Client::Plain(socket) => (socket, None),
+        Client::Encrypted { socket, layer } => (socket, Some(layer)),
+    };
+    let upgraded = match upgrade(service, &socket, peer, limits, context).await {
         Ok(upgraded) => upgraded,
         Err(served) => return served,
     };
     if let Some(banner) = &service.banner {
-        if let Err(end) = transfer::banner(&socket, banner, &limits, record.traffic()).await {
+        let sent = match &mut layer {
+            Some(layer) => {
+                layer.queue(banner);
+                record.traffic().sent(banner.len());
+                Ok(())
+            }
+            None => transfer::banner(&socket, banner, limits, record.traffic()).await,
+        };
+        if let Err(end) = sent {
             return Served::Ended(None, end);
         }
     }
 
     // Spawn.
     let direct = service.transfer == Transfer::Direct;
-    let request_env = upgraded.as_ref().map(|u| u.env.clone()).unwrap_or_default();
-    let (command, streams) =
-        match spawn(service, &socket, &peer, request_env, record, context).await {
-            Ok(spawned) => spawned,
-            Err(end) => {
-                if upgraded.is_some() {
-                    websocket::close_unserved(&socket, "the command could not be started");
-                }
-                return Served::Ended(None, end);
+    let mut request_env = tls_env;
+    request_env.extend(upgraded.iter().flat_map(|u| u.env.iter().cloned()));
+    let (command, streams) = match spawn(service, &socket, peer, request_env, record, context).await
+    {
+        Ok(spawned) => spawned,
+        Err(end) => {
+            if upgraded.is_some() {
+                websocket::close_unserved(&socket, "the command could not be started");
             }
-        };
+            return Served::Ended(None, end);
+        }
+    };
     record.command_started(command.pid());
     let traffic = record.traffic();
     if let (Some(upgraded), Protocol::WebSocket(ws)) = (upgraded, &service.protocol) {
@@ -158,7 +276,7 @@ async fn serve(
             socket: &socket,
             service,
             ws,
-            limits: &limits,
+            limits,
             traffic: record.traffic(),
         };
         let (ended, end) = conversation.run(command, streams, upgraded).await;
@@ -167,11 +285,37 @@ async fn serve(
 
     // Supervise the transfer. The command's stdout stays open until it has
     // ended: closed earlier, it would kill the command with SIGPIPE instead.
+    if let Some(mut layer) = layer {
+        let Some((output, stdin)) = streams.relayed() else {
+            // Not with TLS: the command gets the layer's pair instead.
+            let why = "a TLS relay needs the command's output relayed";
+            return Served::Ended(
+                Some(command.finish(Duration::ZERO).await),
+                End::Error(why.into()),
+            );
+        };
+        let relayed = Relayed {
+            socket: &socket,
+            command: &command,
+            service,
+            limits,
+            traffic,
+        };
+        let end = relayed
+            .encrypted(&mut layer, &output, stdin.input(&output))
+            .await;
+        let grace = service.kill_grace;
+        let (ended, ()) = tokio::join!(
+            command.finish(patience(&end, grace)),
+            layer.close(&socket, grace)
+        );
+        return Served::Ended(Some(ended), end);
+    }
     let relayed = |socket| Relayed {
         socket,
         command: &command,
         service,
-        limits: &limits,
+        limits,
         traffic,
     };
     let (socket, end, _stdout) = match streams {
@@ -192,7 +336,9 @@ async fn serve(
                     return Served::Ended(Some(ended), End::Error(unregistered(&e)));
                 }
             };
-            let end = transfer::direct(&socket, &command, &limits, record.started()).await;
+            // Behind a TLS layer the socket is the pair: the layer counts.
+            let layered = service.tls.is_some().then_some(traffic);
+            let end = transfer::direct(&socket, &command, limits, record.started(), layered).await;
             (socket, end, None)
         }
     };
@@ -215,10 +361,8 @@ async fn upgrade(
     let Protocol::WebSocket(ws) = &service.protocol else {
         return Ok(None);
     };
-    let limit = limits
-        .remaining()
-        .map_or(ws.handshake_timeout, |left| left.min(ws.handshake_timeout));
-    match websocket::handshake(socket, ws, false, limit).await {
+    let limit = handshake_limit(service, limits);
+    match websocket::handshake(socket, ws, service.tls.is_some(), limit).await {
         Ok(upgraded) => Ok(Some(upgraded)),
         Err(websocket::Refused::Page) => Err(Served::Ended(None, End::Page)),
         Err(websocket::Refused::Answered { status, why }) => {
@@ -246,22 +390,14 @@ impl Conversation<'_> {
     /// The session over the command's streams; then its close, beside the
     /// command's end (in the order `end_connection` gives a raw one).
     async fn run(self, command: Command, streams: Streams, upgraded: Upgraded) -> (Ended, End) {
-        let (output, pipe, pair) = match streams {
-            Streams::Pipes { stdout, stdin } => (stdout, stdin, None),
-            Streams::Socketpair { pair, stdin } => (pair, None, Some(stdin)),
-            Streams::Socket => {
-                // The configuration refuses transfer = "direct" for WebSocket.
-                let why = "a WebSocket session needs the command's output relayed";
-                return (command.finish(Duration::ZERO).await, End::Error(why.into()));
-            }
+        let Some((output, stdin)) = streams.relayed() else {
+            // The configuration refuses transfer = "direct" for WebSocket.
+            let why = "a WebSocket session needs the command's output relayed";
+            return (command.finish(Duration::ZERO).await, End::Error(why.into()));
         };
-        let input = match pair {
-            Some(StdinMode::Client) => Some(Input::Pair(&output)),
-            Some(StdinMode::Null) => None,
-            None => pipe.map(Input::Pipe),
-        };
+        let input = stdin.input(&output);
         let grace = self.service.kill_grace;
-        let splice = pair.is_none() && self.service.transfer == Transfer::Splice;
+        let splice = self.service.transfer == Transfer::Splice;
         let mut session = Session::new(
             self.socket,
             self.ws,
@@ -271,13 +407,21 @@ impl Conversation<'_> {
             self.service.max_bytes,
         );
         let end = session.exchange(input, &command, self.limits, grace).await;
-        let patience = if end.is_orderly() {
-            grace
-        } else {
-            Duration::ZERO
-        };
-        let (ended, ()) = tokio::join!(command.finish(patience), session.close(&end, grace));
+        let (ended, ()) = tokio::join!(
+            command.finish(patience(&end, grace)),
+            session.close(&end, grace)
+        );
         (ended, end)
+    }
+}
+
+/// How long a command gets to exit on its own after `end`: `kill_grace`
+/// once its output is complete, none after any other end.
+fn patience(end: &End, grace: Duration) -> Duration {
+    if end.is_orderly() {
+        grace
+    } else {
+        Duration::ZERO
     }
 }
 

@@ -156,6 +156,17 @@ pub fn socket_error(fd: &OwnedFd) -> Errno {
     }
 }
 
+/// Whether the other side of a pipe or socket is gone for good: no writer
+/// is left (POLLHUP), so what it holds is all there will be.
+pub fn hung_up(fd: impl AsFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLHUP))
+}
+
 /// Sets or clears O_NONBLOCK. The flag belongs to the open file description,
 /// so every duplicate of the descriptor shares it.
 pub fn set_nonblocking(fd: impl AsFd, on: bool) -> nix::Result<()> {
@@ -197,6 +208,15 @@ mod tests {
         assert_eq!(class(Errno::EMFILE), Class::Exhausted);
         assert_eq!(class(Errno::EBADF), Class::Other);
         assert_eq!(errno(&io::Error::other("x")), Errno::EIO);
+    }
+
+    #[test]
+    fn a_pipe_without_writers_is_hung_up() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        assert!(!hung_up(&r));
+        nix::unistd::write(&w, b"x").unwrap();
+        drop(w);
+        assert!(hung_up(&r), "with data left in it, too");
     }
 
     #[tokio::test]

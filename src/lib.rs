@@ -29,6 +29,8 @@
 //! - [`runas`]: the command's user, group, resource limits and nice value.
 //! - [`transfer`]: what moves the bytes, and what may end a connection first.
 //! - [`relay`]: the splice loop that moves the bytes.
+//! - [`tls`]: TLS on the client's connection: certificates and keys, the
+//!   handshake, the command's `SSL_*` variables, the encrypting layer.
 //! - [`websocket`]: `protocol = "websocket"`: the upgrade, messages both
 //!   ways, pings, the close, and the console page.
 //! - [`record`]: the connection's one record, and the daemon's figures.
@@ -59,6 +61,7 @@ pub mod runas;
 pub mod server;
 pub mod shutdown;
 mod sys;
+pub mod tls;
 pub mod transfer;
 pub mod websocket;
 

@@ -88,6 +88,10 @@ fn main() -> ExitCode {
         Err(e) => return fail(&format!("cannot set up the cgroup subtree: {e}")),
     };
 
+    if config.services.iter().any(|s| s.tls.is_some()) {
+        tracing::info!("{}", splice_relay::tls::kernel_line());
+    }
+
     // The launchers reserve their descriptors while the table is small.
     splice_relay::command::start_launchers();
 

@@ -19,6 +19,8 @@
 //! - `max-bytes`: `max_bytes` of output were sent, then end-of-file.
 //! - `shutdown`: the daemon is stopping and `shutdown_timeout` has passed.
 //! - `spawn-failed`: the command could not be started.
+//! - `tls-error`: a TLS client broke the record layer (a bad or forged
+//!   record, a fatal alert); the detail says how.
 //! - `error`: anything else; the detail says what.
 //!
 //! WebSocket services (`protocol = "websocket"`) add:
@@ -73,6 +75,9 @@ pub enum End {
     MaxBytes,
     Error(String),
     SpawnFailed(String),
+    /// TLS: the client broke the record layer (a bad or forged record, a
+    /// fatal alert).
+    Tls(String),
     /// WebSocket: the client sent a close frame, with this code if any.
     ClientClosed(Option<u16>),
     /// WebSocket: the client closed the connection without a close frame
@@ -102,6 +107,7 @@ impl End {
             End::MaxBytes => "max-bytes",
             End::Error(_) => "error",
             End::SpawnFailed(_) => "spawn-failed",
+            End::Tls(_) => "tls-error",
             End::ClientClosed(_) => "client-closed",
             End::ProtocolError(_) => "protocol-error",
             End::InvalidUtf8 => "invalid-utf8",
@@ -131,7 +137,11 @@ impl fmt::Display for End {
                 " (its output is held open by a process that left its process group; \
                  no longer waited for, kill_grace after the group was killed)",
             ),
-            End::Error(e) | End::SpawnFailed(e) | End::ProtocolError(e) | End::MessageTooBig(e) => {
+            End::Error(e)
+            | End::SpawnFailed(e)
+            | End::Tls(e)
+            | End::ProtocolError(e)
+            | End::MessageTooBig(e) => {
                 write!(f, " ({e})")
             }
             End::ClientClosed(Some(code)) => write!(f, " (close code {code})"),
@@ -250,11 +260,13 @@ pub struct Record {
     peer: String,
     started: Instant,
     pid: i32,
-    traffic: Traffic,
+    traffic: Arc<Traffic>,
     closed: Option<(Option<(Exit, Usage)>, End)>,
     refused: bool,
     /// A WebSocket connection: its record counts messages.
     framed: bool,
+    /// TLS: the version, the cipher and who encrypts ("none": plaintext).
+    tls: String,
 }
 
 impl Record {
@@ -268,10 +280,11 @@ impl Record {
             peer: "unknown".into(),
             started,
             pid: 0,
-            traffic: Traffic::new(started, stats),
+            traffic: Arc::new(Traffic::new(started, stats)),
             closed: None,
             refused: false,
             framed: false,
+            tls: "none".into(),
         }
     }
 
@@ -290,6 +303,18 @@ impl Record {
 
     pub fn traffic(&self) -> &Traffic {
         &self.traffic
+    }
+
+    /// The traffic, for a part of the connection that outlives a borrow of
+    /// the record (the TLS layer).
+    pub fn shared_traffic(&self) -> Arc<Traffic> {
+        Arc::clone(&self.traffic)
+    }
+
+    /// The client came over TLS: `how` is the version, the cipher and who
+    /// encrypts ("TLSv1.3 TLS_AES_128_GCM_SHA256 userspace").
+    pub fn tls(&mut self, how: String) {
+        self.tls = how;
     }
 
     /// Who the client is (from the socket, or from its PROXY header).
@@ -332,6 +357,7 @@ impl Record {
             None => ("none".to_owned(), Usage::default()),
         };
         let reason = end.reason();
+        let tls = &self.tls;
         let (messages_sent, messages_received) = match self.framed {
             true => {
                 let (s, r) = self.traffic.messages();
@@ -351,6 +377,7 @@ impl Record {
                 tracing::$level!(
                     conn, service, peer = %peer, pid, bytes, bytes_received, duration_ms, exit, reason,
                     cpu_usec, memory_peak, tasks_peak, oom_kills, messages_sent, messages_received,
+                    tls = tls.as_str(),
                     "connection ended: {end}, exit {exit}{oom}, {bytes} bytes sent in {duration_ms} ms"
                 )
             };

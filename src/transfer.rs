@@ -12,13 +12,14 @@ use nix::sys::socket::{shutdown, Shutdown as How};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use crate::command::Command;
+use crate::command::{Command, Input};
 use crate::config::{Service, StdinMode, Transfer};
 use crate::fdio::{self, Class};
 use crate::record::{End, Traffic};
 use crate::relay::{self, Count, Failed, Mode, Pumped, Side};
 use crate::shutdown::{Phase, Watch};
 use crate::sys;
+use crate::tls::{self, Layer};
 
 /// What bounds a connection whatever moves its bytes.
 pub struct Limits {
@@ -255,6 +256,44 @@ impl Relayed<'_> {
     }
 }
 
+impl Relayed<'_> {
+    /// With TLS: the layer moves the command's output from `output` to the
+    /// client itself (encrypting as it reads) and the client's bytes to
+    /// `input`; the rest as [`Relayed::run`]. `self.socket` is the client's.
+    pub async fn encrypted(
+        &self,
+        layer: &mut Layer,
+        output: &AsyncFd<OwnedFd>,
+        input: Option<Input<'_>>,
+    ) -> End {
+        let (service, traffic) = (self.service, self.traffic);
+        let max = service
+            .max_bytes
+            .map(|m| m.saturating_sub(traffic.bytes_sent()));
+        let work = async {
+            let mut input = input;
+            let pump = layer.pump(self.socket, output, &mut input, max, Some(traffic));
+            let leftovers = self.command.end_leftovers();
+            let abandon = abandon_when_drained(output, service.kill_grace);
+            tokio::pin!(pump, leftovers, abandon);
+            let mut abandoning = false;
+            loop {
+                tokio::select! {
+                    p = &mut pump => break match p {
+                        tls::Pumped::OutputEnded => End::OutputEnded,
+                        tls::Pumped::Limit => End::MaxBytes,
+                        tls::Pumped::ClientGone(e) => End::ClientGone(e),
+                        tls::Pumped::Failed(why) => End::Tls(why),
+                    },
+                    () = &mut leftovers, if !abandoning => abandoning = true,
+                    () = &mut abandon, if abandoning => break End::OutputHeld,
+                }
+            }
+        };
+        self.limits.watch(work, traffic).await
+    }
+}
+
 /// Whether an input pump stopped because the command closed its end (EPIPE
 /// writing to it; a socket pair also says ECONNRESET), not the client.
 fn commands_end(f: Failed) -> bool {
@@ -269,28 +308,35 @@ fn commands_end(f: Failed) -> bool {
 /// With a process group, once the command and its group are gone while its
 /// output is still open (a process that left the group holds it): resolves
 /// when what they wrote has been relayed (the pipe is empty), or after
-/// `grace` at most, so such a process cannot keep the connection.
+/// `grace` at most, so such a process cannot keep the connection. Never
+/// once no process holds the output: its end-of-file is on the way, however
+/// slowly the client takes what is left.
 pub async fn abandon_when_drained(stdout: &AsyncFd<OwnedFd>, grace: Duration) {
     const LOOK_EVERY: Duration = Duration::from_millis(20);
-    let drained = async {
-        loop {
-            tokio::time::sleep(LOOK_EVERY).await;
-            if sys::readable_bytes(stdout.get_ref().as_fd()).is_ok_and(|n| n == 0) {
-                return;
-            }
+    let deadline = Instant::now() + grace;
+    loop {
+        tokio::time::sleep(LOOK_EVERY).await;
+        let fd = stdout.get_ref().as_fd();
+        if fdio::hung_up(fd) {
+            return std::future::pending().await;
         }
-    };
-    let _ = tokio::time::timeout(grace, drained).await;
+        if sys::readable_bytes(fd).is_ok_and(|n| n == 0) || Instant::now() >= deadline {
+            return;
+        }
+    }
 }
 
 /// `transfer = "direct"`: the socket itself is the command's stdin and
 /// stdout, as with inetd. The daemon keeps a copy only to see a reset (it
 /// never reads it while the command runs) and waits for the command to exit.
+/// `layered`: behind a TLS layer the socket is the layer's pair, and the
+/// layer counts the traffic, which then says when the connection is idle.
 pub async fn direct(
     socket: &AsyncFd<OwnedFd>,
     command: &Command,
     limits: &Limits,
     started: Instant,
+    layered: Option<&Traffic>,
 ) -> End {
     let work = async {
         tokio::select! {
@@ -298,10 +344,11 @@ pub async fn direct(
             _ = socket.ready(Interest::ERROR) => End::ClientGone(fdio::socket_error(socket.get_ref())),
         }
     };
-    limits
-        .supervise(
-            work,
-            idle_direct(limits.idle_timeout, socket.get_ref(), started),
-        )
-        .await
+    match layered {
+        Some(traffic) => limits.watch(work, traffic).await,
+        None => {
+            let idle = idle_direct(limits.idle_timeout, socket.get_ref(), started);
+            limits.supervise(work, idle).await
+        }
+    }
 }

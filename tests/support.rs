@@ -17,7 +17,7 @@ const LINE: &str = "2026-11-30T11:19:08.111821Z ERROR connection ended: spawn-fa
     conn=2 service=\"bad\" peer=127.0.0.1:44898 pid=0 bytes=0 bytes_received=7 \
     duration_ms=4 exit=\"none\" reason=\"spawn-failed\" cpu_usec=\"8624\" \
     memory_peak=\"none\" tasks_peak=\"none\" oom_kills=\"none\" messages_sent=\"3\" \
-    messages_received=\"none\"";
+    messages_received=\"none\" tls=\"TLSv1.3 TLS_AES_128_GCM_SHA256 userspace\"";
 
 #[test]
 fn a_record_parses_into_typed_fields() {
@@ -43,6 +43,7 @@ fn a_record_parses_into_typed_fields() {
         (Some(8624), None, None, None)
     );
     assert_eq!((r.messages_sent, r.messages_received), (Some(3), None));
+    assert_eq!(r.tls, "TLSv1.3 TLS_AES_128_GCM_SHA256 userspace");
     assert_eq!(Record::from_line(LINE), Some(r));
 }
 
@@ -58,16 +59,8 @@ fn a_malformed_record_is_refused_with_the_reason() {
         ),
         (" pid=0", "", "expected pid="),
         ("duration_ms=4 exit", "exit", "expected duration_ms="),
-        (
-            "messages_received=\"none\"",
-            "messages_received=\"none\" extra=1",
-            "unexpected text",
-        ),
-        (
-            "messages_received=\"none\"",
-            "messages_received=\"none",
-            "messages_received: expected a quoted value",
-        ),
+        ("userspace\"", "userspace\" extra=1", "unexpected text"),
+        ("userspace\"", "userspace", "tls: expected a quoted value"),
         (
             "cpu_usec=\"8624\"",
             "cpu_usec=\"lots\"",

@@ -312,8 +312,10 @@ fn bad_upgrades_get_their_http_answer_and_no_command() {
         .parse::<usize>()
         .unwrap();
     assert_eq!(refused, cases.len() + 3, "{ended}");
+    // The episode's first refusal is logged with what it was answered (which
+    // one is first is the daemon's tasks' race).
     let first = d.wait_log(&["refused", "reason=\"handshake\"", "WARN"]);
-    assert!(first.contains("answered 405: method POST"), "{first}");
+    assert!(first.contains(": answered 4"), "{first}");
     assert!(!mark.exists(), "a refused client ran the command");
     assert!(d.records().is_empty(), "{:?}", d.records());
 
@@ -800,54 +802,7 @@ fn the_console_page_works_in_chromium() {
         &sh("echo ready; while read l; do echo you said: $l; done"),
         "console = true",
     );
-    let profile = tempfile::tempdir().unwrap();
-    let mut browser = Command::new("chromium")
-        .args([
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--remote-debugging-port=0",
-            "--window-size=900,520",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("about:blank")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("chromium (Debian's chromium package)");
-    let stderr = browser.stderr.take().unwrap();
-    let devtools = std::io::BufRead::lines(std::io::BufReader::new(stderr))
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("DevTools listening on ").map(str::to_owned))
-        .expect("chromium's DevTools address");
-    let port = devtools
-        .trim_start_matches("ws://127.0.0.1:")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
-    let artifacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .unwrap()
-        .join("test-artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
-    let shot = artifacts.join("console.png");
-    let out = Command::new(PYTHON)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/clients/console_cdp.py"
-        ))
-        .args([&port, &format!("http://{addr}/"), shot.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let _ = browser.kill();
-    let _ = browser.wait();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = json(text.lines().last().unwrap());
+    let (v, shot) = console_in_chromium(&format!("http://{addr}/"), "console.png", &[]);
     assert_eq!(
         v["out"],
         serde_json::json!(["ready", "you said: hello from the browser"]),

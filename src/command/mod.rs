@@ -56,7 +56,7 @@ use crate::sys;
 pub use launch::{base_env, start as start_launchers};
 use launch::{Launch, Started};
 use stderr::StderrLog;
-pub use stdio::{Io, Streams};
+pub use stdio::{Input, Io, Stdin, Streams};
 
 /// How a command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,12 +7,12 @@
 //! EAGAIN. The daemon's ends are nonblocking and join the event loop.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::LazyLock;
 use std::time::Duration;
 
 use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
-use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::sys::socket::{shutdown, socketpair, AddressFamily, Shutdown as How, SockFlag, SockType};
 use nix::sys::stat::Mode;
 use nix::unistd::pipe2;
 use tokio::io::unix::AsyncFd;
@@ -52,6 +52,47 @@ pub enum Streams {
     },
     /// The socket is the command's stdin and stdout; the daemon holds nothing.
     Socket,
+}
+
+/// How a relay reaches the command's stdin, beside its output.
+pub enum Stdin {
+    /// stdin is /dev/null.
+    None,
+    /// A pipe of its own.
+    Pipe(AsyncFd<OwnedFd>),
+    /// The socket pair the output comes from.
+    Pair,
+}
+
+impl Streams {
+    /// The command's output and its stdin, for a relay (None with the
+    /// socket itself as the command's stdin and stdout).
+    pub fn relayed(self) -> Option<(AsyncFd<OwnedFd>, Stdin)> {
+        match self {
+            Streams::Pipes { stdout, stdin } => {
+                Some((stdout, stdin.map_or(Stdin::None, Stdin::Pipe)))
+            }
+            Streams::Socketpair { pair, stdin } => Some((
+                pair,
+                match stdin {
+                    StdinMode::Client => Stdin::Pair,
+                    StdinMode::Null => Stdin::None,
+                },
+            )),
+            Streams::Socket => None,
+        }
+    }
+}
+
+impl Stdin {
+    /// Where the client's bytes go, `output` being the command's output.
+    pub fn input(self, output: &AsyncFd<OwnedFd>) -> Option<Input<'_>> {
+        match self {
+            Stdin::None => None,
+            Stdin::Pipe(pipe) => Some(Input::Pipe(pipe)),
+            Stdin::Pair => Some(Input::Pair(output)),
+        }
+    }
 }
 
 /// The command's ends, until the spawn.
@@ -218,6 +259,33 @@ fn set_pipe_size(fd: &OwnedFd, size: usize) {
                 error = %e.desc(),
                 "the kernel refuses pipes of pipe_size ({size} bytes; pipe-max-size or the per-user pipe quota); using smaller pipes ({got} bytes for this one); logged at most once a minute"
             );
+        }
+    }
+}
+
+/// The daemon's end of the command's stdin, where the client's bytes (or
+/// messages) go. Dropping it is the command's end-of-file.
+pub enum Input<'a> {
+    /// A pipe of its own, closed when dropped.
+    Pipe(AsyncFd<OwnedFd>),
+    /// The daemon's end of the command's socket pair, shut down for
+    /// writing when dropped.
+    Pair(&'a AsyncFd<OwnedFd>),
+}
+
+impl Input<'_> {
+    pub fn fd(&self) -> &AsyncFd<OwnedFd> {
+        match self {
+            Input::Pipe(fd) => fd,
+            Input::Pair(fd) => fd,
+        }
+    }
+}
+
+impl Drop for Input<'_> {
+    fn drop(&mut self) {
+        if let Input::Pair(pair) = self {
+            let _ = shutdown(pair.get_ref().as_raw_fd(), How::Write);
         }
     }
 }

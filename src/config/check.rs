@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::locate::Locator;
-use super::raw::{Containment as RawContainment, Protocol as RawProtocol, RawConfig, RawService};
+use super::raw::{
+    ClientAuth as RawClientAuth, Containment as RawContainment, Protocol as RawProtocol, RawConfig,
+    RawService,
+};
 use super::{
     defaults, Config, ConfigError, Containment, Messages, Protocol, Service, StdinMode, Transfer,
     WebSocket,
@@ -16,6 +19,7 @@ use super::{
 use crate::access::Rules;
 use crate::cgroup::{Limits, Offer};
 use crate::runas::{self, Limit};
+use crate::tls::ClientAuth;
 
 pub fn config(raw: RawConfig, loc: &Locator<'_>) -> Result<Config, ConfigError> {
     if raw.service.is_empty() {
@@ -76,6 +80,16 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
         _ => defaults::TRANSFER,
     });
     let protocol = protocol(&s, transfer).map_err(|(key, m)| err(key, m))?;
+    let tls = tls(&s).map_err(|(key, m)| err(key, m))?;
+    let handshake_timeout = match (&s.handshake_timeout, &protocol, &tls) {
+        (Some(_), Protocol::Raw, None) => {
+            return Err(err(
+                "handshake_timeout",
+                r#"applies only with protocol = "websocket" or tls_certificate"#.into(),
+            ))
+        }
+        (t, _, _) => t.as_ref().map_or(defaults::HANDSHAKE_TIMEOUT, |t| t.0),
+    };
     let working_directory = s
         .working_directory
         .map_or_else(|| PathBuf::from(defaults::WORKING_DIRECTORY), |p| p.0);
@@ -150,7 +164,43 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
         run_as,
         containment,
         protocol,
+        tls,
+        handshake_timeout,
     })
+}
+
+/// TLS, where the service has a certificate: the other TLS keys need one.
+fn tls(s: &RawService) -> Result<Option<Arc<crate::tls::Tls>>, (&'static str, String)> {
+    let Some(certificate) = &s.tls_certificate else {
+        let given = [
+            ("tls_key", s.tls_key.is_some()),
+            ("tls_client_ca", s.tls_client_ca.is_some()),
+            ("tls_client_auth", s.tls_client_auth.is_some()),
+        ];
+        return match given.iter().find(|(_, g)| *g) {
+            Some((key, _)) => Err((key, "applies only with tls_certificate".into())),
+            None => Ok(None),
+        };
+    };
+    let Some(key) = &s.tls_key else {
+        return Err((
+            "tls_certificate",
+            "needs tls_key, the certificate's private key".into(),
+        ));
+    };
+    // A CA for client certificates means they are asked for, unless said otherwise.
+    let client_auth = match (s.tls_client_auth, s.tls_client_ca.is_some()) {
+        (Some(RawClientAuth::None), _) | (None, false) => ClientAuth::None,
+        (Some(RawClientAuth::Optional), _) => ClientAuth::Optional,
+        (Some(RawClientAuth::Required), _) | (None, true) => ClientAuth::Required,
+    };
+    let sources = crate::tls::Sources {
+        certificate: &certificate.0,
+        key: &key.0,
+        client_ca: s.tls_client_ca.as_ref().map(|c| c.0.as_str()),
+        client_auth,
+    };
+    crate::tls::load(&sources).map(|t| Some(Arc::new(t)))
 }
 
 /// Raw bytes, or WebSocket with its settings; the WebSocket keys apply to
@@ -163,7 +213,6 @@ fn protocol(s: &RawService, transfer: Transfer) -> Result<Protocol, (&'static st
         ("ping_interval", s.ping_interval.is_some()),
         ("max_message_size", s.max_message_size.is_some()),
         ("console", s.console.is_some()),
-        ("handshake_timeout", s.handshake_timeout.is_some()),
     ];
     if s.protocol.unwrap_or(defaults::PROTOCOL) == RawProtocol::Raw {
         return match websocket_keys.iter().find(|(_, given)| *given) {
@@ -200,10 +249,6 @@ fn protocol(s: &RawService, transfer: Transfer) -> Result<Protocol, (&'static st
             .as_ref()
             .map_or(defaults::MAX_MESSAGE_SIZE, |m| m.0),
         console: s.console.unwrap_or(defaults::CONSOLE),
-        handshake_timeout: s
-            .handshake_timeout
-            .as_ref()
-            .map_or(defaults::HANDSHAKE_TIMEOUT, |t| t.0),
     }))
 }
 

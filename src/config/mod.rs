@@ -87,6 +87,10 @@ pub struct Service {
     pub containment: Containment,
     /// What the client speaks: bytes, or WebSocket.
     pub protocol: Protocol,
+    /// TLS on the client's connection, if the service has a certificate.
+    pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
+    /// Longest time for the TLS handshake, and for the WebSocket upgrade request.
+    pub handshake_timeout: Duration,
     /// `PATH:LINE:COL: service "NAME"`, for errors found after loading.
     pub position: String,
 }
@@ -115,8 +119,6 @@ pub struct WebSocket {
     pub max_message_size: usize,
     /// A plain GET of a path gets a page that connects back.
     pub console: bool,
-    /// Longest time for the whole HTTP upgrade request.
-    pub handshake_timeout: Duration,
 }
 
 /// How a WebSocket service frames the command's streams.

@@ -81,6 +81,10 @@ pub struct RawService {
     pub max_message_size: Option<AtLeastOne<usize>>,
     pub console: Option<bool>,
     pub handshake_timeout: Option<Positive>,
+    pub tls_certificate: Option<Source>,
+    pub tls_key: Option<Source>,
+    pub tls_client_ca: Option<Source>,
+    pub tls_client_auth: Option<ClientAuth>,
 }
 
 /// Declares a value type: `$inner` as serde reads it, then `$rule` turns it
@@ -539,6 +543,28 @@ pub enum Protocol {
 }
 
 keywords!(Protocol { "raw" => Raw, "websocket" => WebSocket });
+
+/// Whether TLS clients present a certificate, as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    None,
+    Optional,
+    Required,
+}
+
+keywords!(ClientAuth { "none" => None, "optional" => Optional, "required" => Required });
+
+value_type!(
+    /// A file for TLS: an absolute path, or a credential's name (no '/').
+    Source(String) from String,
+    |v| {
+        if v.starts_with('/') || (!v.is_empty() && !v.contains('/') && !v.chars().any(char::is_control)) {
+            Ok(v)
+        } else {
+            Err(format!("{v:?}: an absolute path, or the name of a systemd credential (LoadCredential=), expected"))
+        }
+    }
+);
 keywords!(Messages { "text" => Text, "binary" => Binary });
 
 value_type!(

@@ -42,6 +42,7 @@ fn example_config_with_every_option_uncommented_loads() {
     let elsewhere = |key: &str| {
         ["user", "group"].contains(&key) && !root
             || WEBSOCKET_KEYS.contains(&key)
+            || TLS_KEYS.contains(&key)
             || [
                 "delegated_cgroup",
                 "memory_max",
@@ -87,13 +88,22 @@ fn example_config_with_every_option_uncommented_loads() {
 }
 
 /// The WebSocket keys of the example, which apply with protocol = "websocket".
-const WEBSOCKET_KEYS: [&str; 7] = [
+const WEBSOCKET_KEYS: [&str; 6] = [
     "messages",
     "allowed_origins",
     "paths",
     "ping_interval",
     "max_message_size",
     "console",
+];
+
+/// The example's TLS keys, and `handshake_timeout` (with TLS or WebSocket):
+/// they need files (tls_keys_are_checked_where_they_stand loads them).
+const TLS_KEYS: [&str; 5] = [
+    "tls_certificate",
+    "tls_key",
+    "tls_client_ca",
+    "tls_client_auth",
     "handshake_timeout",
 ];
 
@@ -125,7 +135,7 @@ fn example_websocket_section_loads() {
     assert_eq!(ws.ping_interval, defaults::PING_INTERVAL);
     assert_eq!(ws.max_message_size, defaults::MAX_MESSAGE_SIZE);
     assert_eq!(ws.console, defaults::CONSOLE);
-    assert_eq!(ws.handshake_timeout, defaults::HANDSHAKE_TIMEOUT);
+    assert_eq!(s.handshake_timeout, defaults::HANDSHAKE_TIMEOUT);
     assert_eq!(ws.paths, ["/"]);
     assert_eq!(ws.allowed_origins.len(), 1);
 }
@@ -389,4 +399,83 @@ fn sizes_are_read_as_systemd_reads_them() {
         .unwrap() as u64;
     assert_eq!(half % page, 0, "a percentage is rounded to pages");
     assert!(parse_size("0").is_err() && parse_size("101%").is_err() && parse_size("5X").is_err());
+}
+
+/// A fixture's absolute path (src/config/fixtures).
+fn fixture(name: &str) -> String {
+    format!("{}/src/config/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn tls_keys_are_checked_where_they_stand() {
+    let svc = |extra: &str| {
+        load_str(
+            "t.toml",
+            &format!("[[service]]\nname = \"a\"\ncommand = [\"true\"]\n{extra}\n"),
+        )
+    };
+    let e = |extra: &str| svc(extra).unwrap_err().to_string();
+    let (cert, key, other) = (
+        fixture("tls-cert.pem"),
+        fixture("tls-key.pem"),
+        fixture("tls-other-key.pem"),
+    );
+    let good = svc(&format!(
+        "tls_certificate = \"{cert}\"\ntls_key = \"{key}\""
+    ))
+    .unwrap();
+    let tls = good.services[0].tls.as_ref().expect("TLS");
+    assert_eq!(tls.client_auth, crate::tls::ClientAuth::None);
+    assert_eq!(
+        good.services[0].handshake_timeout,
+        defaults::HANDSHAKE_TIMEOUT
+    );
+
+    assert_eq!(
+        e(&format!("tls_key = \"{key}\"")),
+        r#"t.toml:4:11: service "a": tls_key: applies only with tls_certificate"#
+    );
+    assert!(e(&format!("tls_certificate = \"{cert}\"")).contains("tls_certificate: needs tls_key"));
+    assert!(
+        e("tls_certificate = \"/nonexistent.pem\"\ntls_key = \"/k\"")
+            .contains("tls_certificate: /nonexistent.pem: No such file or directory")
+    );
+    assert!(
+        e(&format!("tls_certificate = \"{key}\"\ntls_key = \"{key}\""))
+            .contains("no certificate in it")
+    );
+    assert!(
+        e(&format!(
+            "tls_certificate = \"{cert}\"\ntls_key = \"{cert}\""
+        ))
+        .contains("tls_key: ")
+            && e(&format!(
+                "tls_certificate = \"{cert}\"\ntls_key = \"{cert}\""
+            ))
+            .contains("no private key in it")
+    );
+    assert!(e(&format!(
+        "tls_certificate = \"{cert}\"\ntls_key = \"{other}\""
+    ))
+    .contains("does not go with tls_certificate"));
+    assert!(e(&format!(
+        "tls_certificate = \"{cert}\"\ntls_key = \"{key}\"\ntls_client_auth = \"optional\""
+    ))
+    .contains("tls_client_auth: needs tls_client_ca"));
+    assert!(e("tls_certificate = \"certs/x.pem\"")
+        .contains("an absolute path, or the name of a systemd credential"));
+    assert!(e("handshake_timeout = 3").contains(
+        r#"handshake_timeout: applies only with protocol = "websocket" or tls_certificate"#
+    ));
+    // A CA for client certificates asks for them unless told otherwise.
+    let with_ca = svc(&format!(
+        "tls_certificate = \"{cert}\"\ntls_key = \"{key}\"\ntls_client_ca = \"{cert}\"\nhandshake_timeout = \"2s\""
+    ))
+    .unwrap();
+    let s = &with_ca.services[0];
+    assert_eq!(
+        s.tls.as_ref().unwrap().client_auth,
+        crate::tls::ClientAuth::Required
+    );
+    assert_eq!(s.handshake_timeout, Duration::from_secs(2));
 }

@@ -434,7 +434,6 @@ mod tests {
             ping_interval: Duration::from_secs(30),
             max_message_size: 1 << 20,
             console,
-            handshake_timeout: Duration::from_secs(10),
         }
     }
 

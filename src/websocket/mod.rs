@@ -22,7 +22,7 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use handshake::{handshake, Refused, Upgraded};
-pub use session::{Input, Session};
+pub use session::Session;
 
 /// After the upgrade, when no session can follow (the command did not
 /// start): a close frame with 1011 and `reason`, best effort, without

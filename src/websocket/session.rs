@@ -30,7 +30,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Message, Role, WebSocketConfig, WebSocketContext};
 
 use super::frames::{clamp, retry, Lines, Wire, KEEP};
-use crate::command::Command;
+use crate::command::{Command, Input};
 use crate::config::{Messages, WebSocket};
 use crate::fdio::{self, Class};
 use crate::record::{End, Traffic};
@@ -47,33 +47,6 @@ const OUTBOX_HIGH: usize = 16 * 1024;
 const BINARY_READ: usize = 64 * 1024;
 /// Messages read from the client in one go before others get a turn.
 const BATCH: usize = 64;
-
-/// Where the client's messages go: the command's stdin. Closing it is the
-/// command's end-of-file.
-pub enum Input<'a> {
-    /// A pipe of its own, closed when dropped.
-    Pipe(AsyncFd<OwnedFd>),
-    /// The daemon's end of the command's socket pair, shut down for
-    /// writing when dropped.
-    Pair(&'a AsyncFd<OwnedFd>),
-}
-
-impl Input<'_> {
-    fn fd(&self) -> &AsyncFd<OwnedFd> {
-        match self {
-            Input::Pipe(fd) => fd,
-            Input::Pair(fd) => fd,
-        }
-    }
-}
-
-impl Drop for Input<'_> {
-    fn drop(&mut self) {
-        if let Input::Pair(pair) = self {
-            let _ = shutdown(pair.get_ref().as_raw_fd(), How::Write);
-        }
-    }
-}
 
 /// A session in progress.
 pub struct Session<'a> {
@@ -485,6 +458,7 @@ fn close_code(end: &End) -> Option<(CloseCode, &'static str)> {
         End::MessageTooBig(_) => (CloseCode::Size, "message too big"),
         End::Error(_) | End::SpawnFailed(_) => (CloseCode::Error, "internal error"),
         End::ClientGone(_)
+        | End::Tls(_)
         | End::LeftUnserved(_)
         | End::Unannounced
         | End::PingTimeout

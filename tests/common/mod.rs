@@ -8,6 +8,7 @@
 //! - [`procfs`]: what /proc says about processes, descriptors and sockets;
 //! - [`cgroup`]: cgroups delegated to the daemon under test, as systemd
 //!   delegates one with `Delegate=yes`;
+//! - [`certs`]: certificates for the TLS tests, made with openssl;
 //! - [`ws`]: WebSocket clients: Python's and node's, and one that writes
 //!   frames by hand.
 //!
@@ -18,6 +19,7 @@
 // Each test target uses a part of this.
 #![allow(dead_code, unused_imports)]
 
+pub mod certs;
 pub mod cgroup;
 pub mod daemon;
 pub mod net;
@@ -28,6 +30,7 @@ pub mod ws;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+pub use certs::*;
 pub use cgroup::*;
 pub use daemon::*;
 pub use net::*;

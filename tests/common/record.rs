@@ -10,7 +10,7 @@ const RECORD: &str = "connection ended: ";
 
 /// A record's fields, in the order the daemon writes them, and whether each
 /// is quoted (strings are; numbers and the peer are not).
-const FIELDS: [(&str, bool); 15] = [
+const FIELDS: [(&str, bool); 16] = [
     ("conn", false),
     ("service", true),
     ("peer", false),
@@ -26,6 +26,7 @@ const FIELDS: [(&str, bool); 15] = [
     ("oom_kills", true),
     ("messages_sent", true),
     ("messages_received", true),
+    ("tls", true),
 ];
 
 /// The record the daemon logs when a connection ends.
@@ -54,6 +55,8 @@ pub struct Record {
     /// WebSocket messages either way (None: "none", a raw connection).
     pub messages_sent: Option<u64>,
     pub messages_received: Option<u64>,
+    /// "none", or the TLS version, cipher and who encrypts.
+    pub tls: String,
     /// The whole line, for messages.
     pub line: String,
 }
@@ -138,6 +141,7 @@ impl Record {
             oom_kills: maybe(12)?,
             messages_sent: maybe(13)?,
             messages_received: maybe(14)?,
+            tls: values[15].clone(),
             line: line.to_owned(),
         })
     }

@@ -259,3 +259,61 @@ pub fn encode(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>, rsv:
     }
     out
 }
+
+/// Opens the console page at `url` in headless Chromium (with `flags`) and
+/// drives it over the DevTools protocol (tests/clients/console_cdp.py):
+/// the command's first line, a typed line and its answer, a screenshot
+/// kept as target/test-artifacts/`shot`, the close. Returns what the script
+/// printed (the rows shown, the close row) and the screenshot's path.
+pub fn console_in_chromium(
+    url: &str,
+    shot: &str,
+    flags: &[&str],
+) -> (serde_json::Value, std::path::PathBuf) {
+    let profile = tempfile::tempdir().unwrap();
+    let mut browser = Command::new("chromium")
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--remote-debugging-port=0",
+        ])
+        .arg("--window-size=900,520")
+        .args(flags)
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("about:blank")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("chromium (Debian's chromium package)");
+    let stderr = browser.stderr.take().unwrap();
+    let devtools = std::io::BufRead::lines(std::io::BufReader::new(stderr))
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("DevTools listening on ").map(str::to_owned))
+        .expect("chromium's DevTools address");
+    let port = devtools
+        .trim_start_matches("ws://127.0.0.1:")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let artifacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join(shot);
+    let out = Command::new(PYTHON)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/console_cdp.py"
+        ))
+        .args([&port, url, shot.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = browser.kill();
+    let _ = browser.wait();
+    let stdout = succeeded("console_cdp.py", url, out);
+    let last = stdout.lines().last().unwrap_or_default();
+    let v = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    (v, shot)
+}

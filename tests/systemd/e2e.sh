@@ -207,6 +207,44 @@ asyncio.run(main())' "$unit") || return $(fail "the Python client failed: $out")
     eventually 'answered 405: method POST' sr_in journalctl -u splice-relay --no-pager
 }
 
+# --- TLS: the key as a systemd credential, as the README's drop-in gives it ---------
+t_tls() {
+    sr_in sh -c 'mkdir -p /etc/relay-tls && cd /etc/relay-tls &&
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem \
+            -days 2 -subj "/CN=e2e CA" 2>/dev/null &&
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout relay.key -out relay.csr \
+            -subj "/CN=localhost" 2>/dev/null &&
+        printf "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n" > relay.ext &&
+        openssl x509 -req -in relay.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+            -extfile relay.ext -out relay.pem 2>/dev/null && chmod 600 relay.key' || return $(fail "certificates")
+    # Only root may read the key: the service gets it as a credential.
+    sr_in sh -c 'mkdir -p /etc/systemd/system/splice-relay.service.d && cat > /etc/systemd/system/splice-relay.service.d/tls.conf' <<'EOF'
+[Service]
+LoadCredential=splice-relay.key:/etc/relay-tls/relay.key
+LoadCredential=splice-relay.crt:/etc/relay-tls/relay.pem
+EOF
+    config <<'EOF'
+[[service]]
+name = "tls"
+tls_certificate = "splice-relay.crt"
+tls_key = "splice-relay.key"
+command = ["sh", "-c", "printf 'HTTP/1.0 200 OK\\r\\n\\r\\n'; echo secret $SSL_PROTOCOL"]
+EOF
+    sr_in systemctl daemon-reload
+    sr_in systemctl restart splice-relay || return $(fail "restart with the credentials")
+    local out
+    out=$(sr_in curl -sS --cacert /etc/relay-tls/ca.pem --resolve localhost:9009:127.0.0.1 https://localhost:9009/) \
+        || return $(fail "curl: $out")
+    [ "$out" = "secret TLSv1.3" ] || fail "over TLS: $out" || return 1
+    eventually 'userspace' sr_in journalctl -u splice-relay SERVICE=tls REASON=output-ended -o verbose --no-pager || return 1
+    eventually 'records are encrypted in the daemon' sr_in journalctl -u splice-relay --no-pager || return 1
+    # Plaintext on the TLS port: refused before any command, said in the journal.
+    sr_in curl -s -m 5 http://127.0.0.1:9009/ >/dev/null && { fail "plaintext was served"; return 1; }
+    eventually 'plaintext HTTP' sr_in journalctl -u splice-relay --no-pager || return 1
+    sr_in rm -f /etc/systemd/system/splice-relay.service.d/tls.conf
+    sr_in systemctl daemon-reload
+}
+
 # --- 5. reload ---------------------------------------------------------------------
 t_reload() {
     reconfigure <<'EOF' || return $(fail "reload")
@@ -400,7 +438,7 @@ t_remove() {
     return 0
 }
 
-for t in t_install t_units_verify_and_score t_activation t_status t_journal t_cgroups t_websocket t_reload t_restart \
+for t in t_install t_units_verify_and_score t_activation t_status t_journal t_cgroups t_websocket t_tls t_reload t_restart \
          t_watchdog t_config_error t_controls t_named_sockets t_upgrade t_remove; do
     run "$t"
     [ "$t" = t_install ] && [ "$failed" -gt 0 ] && break

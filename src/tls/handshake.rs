@@ -1,0 +1,262 @@
+//! The TLS handshake, after admission and before any command: bounded in
+//! time, and read one record at a time, so that nothing the client sends
+//! after its last handshake message is read early (the kernel, or the
+//! layer, gets it whole).
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use rustls::{CertificateError, Error as TlsError, ServerConnection};
+use tokio::io::unix::AsyncFd;
+
+use super::{names, Tls};
+use crate::fdio;
+
+/// The largest record a client may send: 2^14 bytes of plaintext and the
+/// most a cipher may add (RFC 8446 5.2, RFC 5246 6.2.3).
+const MAX_RECORD: usize = (1 << 14) + 2048;
+const HEADER: usize = 5;
+
+/// A client that completed its handshake.
+pub struct Accepted {
+    pub conn: ServerConnection,
+    /// `SSL_PROTOCOL`, `SSL_CIPHER`, … for the command.
+    pub env: Vec<(String, String)>,
+    /// "TLSv1.3 TLS_AES_128_GCM_SHA256", for the log.
+    pub summary: String,
+}
+
+/// Why a client's handshake failed. No command runs.
+#[derive(Debug)]
+pub enum Refused {
+    /// What came first is not a TLS handshake (plaintext HTTP, say).
+    NotTls(String),
+    /// The handshake did not complete within the limit.
+    Timeout(Duration),
+    /// A client certificate was required and missing, or did not verify.
+    ClientCertificate(String),
+    /// Anything else: no shared version or cipher, a malformed or truncated
+    /// message, the client's alert, a client that left.
+    Handshake(String),
+}
+
+impl Refused {
+    /// The refusal's reason in the log's episodes.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refused::NotTls(_) => "tls-not-tls",
+            Refused::Timeout(_) => "tls-timeout",
+            Refused::ClientCertificate(_) => "tls-client-certificate",
+            Refused::Handshake(_) => "tls-handshake",
+        }
+    }
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refused::NotTls(what) => write!(f, "not a TLS handshake: {what}"),
+            Refused::Timeout(limit) => {
+                write!(
+                    f,
+                    "no complete TLS handshake within {} ms",
+                    limit.as_millis()
+                )
+            }
+            Refused::ClientCertificate(why) => write!(f, "client certificate: {why}"),
+            Refused::Handshake(why) => write!(f, "TLS handshake: {why}"),
+        }
+    }
+}
+
+/// Runs the server's side of the handshake on `socket` within `limit`.
+pub async fn accept(
+    socket: &AsyncFd<OwnedFd>,
+    tls: &Tls,
+    limit: Duration,
+) -> Result<Accepted, Refused> {
+    let mut conn = ServerConnection::new(Arc::clone(&tls.config))
+        .map_err(|e| Refused::Handshake(e.to_string()))?;
+    match tokio::time::timeout(limit, drive(socket, &mut conn)).await {
+        Err(_) => Err(Refused::Timeout(limit)),
+        Ok(Err(refused)) => Err(refused),
+        Ok(Ok(())) => Ok(Accepted {
+            env: names::environment(&conn),
+            summary: names::summary(&conn),
+            conn,
+        }),
+    }
+}
+
+async fn drive(socket: &AsyncFd<OwnedFd>, conn: &mut ServerConnection) -> Result<(), Refused> {
+    let mut record = Vec::with_capacity(HEADER + MAX_RECORD);
+    let mut first = true;
+    loop {
+        flush(socket, conn).await?;
+        if !conn.is_handshaking() {
+            return Ok(());
+        }
+        read_record(socket, &mut record, first).await?;
+        first = false;
+        let mut rest = record.as_slice();
+        while !rest.is_empty() {
+            conn.read_tls(&mut rest)
+                .map_err(|e| Refused::Handshake(e.to_string()))?;
+        }
+        if let Err(e) = conn.process_new_packets() {
+            // The alert that says why, if the socket takes it now.
+            let _ = conn.write_tls(&mut Fd(socket.get_ref()));
+            return Err(classify(e));
+        }
+    }
+}
+
+/// Writes what rustls has for the client.
+async fn flush(socket: &AsyncFd<OwnedFd>, conn: &mut ServerConnection) -> Result<(), Refused> {
+    while conn.wants_write() {
+        fdio::write_with(socket, |fd| {
+            conn.write_tls(&mut Fd(fd)).map_err(|e| fdio::errno(&e))
+        })
+        .await
+        .map_err(|e| Refused::Handshake(format!("the client left: {}", e.desc())))?;
+    }
+    Ok(())
+}
+
+/// Reads exactly one record into `record`: its header, then its body.
+async fn read_record(
+    socket: &AsyncFd<OwnedFd>,
+    record: &mut Vec<u8>,
+    first: bool,
+) -> Result<(), Refused> {
+    record.clear();
+    record.resize(HEADER, 0);
+    fill(socket, record, 0, first).await?;
+    let (kind, major) = (record[0], record[1]);
+    let len = usize::from(u16::from_be_bytes([record[3], record[4]]));
+    if first && kind != 22 {
+        return Err(Refused::NotTls(describe_start(record)));
+    }
+    if !(20..=23).contains(&kind) || major != 3 || len > MAX_RECORD {
+        return Err(Refused::Handshake(format!(
+            "a malformed record (type {kind}, version {major}.{}, {len} bytes)",
+            record[2]
+        )));
+    }
+    record.resize(HEADER + len, 0);
+    fill(socket, record, HEADER, false).await
+}
+
+/// Reads until `buf[from..]` is full.
+async fn fill(
+    socket: &AsyncFd<OwnedFd>,
+    buf: &mut [u8],
+    from: usize,
+    first: bool,
+) -> Result<(), Refused> {
+    let mut at = from;
+    while at < buf.len() {
+        let n = fdio::read_with(socket, |fd| nix::unistd::read(fd, &mut buf[at..]))
+            .await
+            .map_err(|e| Refused::Handshake(format!("the client left: {}", e.desc())))?;
+        if n == 0 {
+            return Err(if first && at == 0 {
+                Refused::Handshake("the client closed without a word".into())
+            } else {
+                Refused::Handshake(
+                    "the client closed in the middle of a handshake message (truncated)".into(),
+                )
+            });
+        }
+        at += n;
+    }
+    Ok(())
+}
+
+/// What a client that does not speak TLS sent, in a few words.
+fn describe_start(start: &[u8]) -> String {
+    let text: String = start
+        .iter()
+        .map(|&b| {
+            if b.is_ascii_graphic() || b == b' ' {
+                b as char
+            } else {
+                '.'
+            }
+        })
+        .collect();
+    if [&b"GET "[..], b"POST", b"HEAD", b"PUT ", b"PRI "]
+        .iter()
+        .any(|m| start.starts_with(m))
+    {
+        format!("plaintext HTTP ({text:?}…) on a TLS port")
+    } else {
+        format!("it starts with {text:?}")
+    }
+}
+
+fn classify(e: TlsError) -> Refused {
+    match e {
+        TlsError::NoCertificatesPresented => {
+            Refused::ClientCertificate("none presented, and tls_client_auth requires one".into())
+        }
+        TlsError::InvalidCertificate(c) => Refused::ClientCertificate(match c {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired".into(),
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not valid yet".into()
+            }
+            CertificateError::UnknownIssuer => "not issued by tls_client_ca".into(),
+            CertificateError::Revoked => "revoked".into(),
+            c => format!("{c:?}"),
+        }),
+        TlsError::PeerIncompatible(p) => {
+            Refused::Handshake(format!("nothing in common with the client: {p:?}"))
+        }
+        TlsError::AlertReceived(alert) => {
+            Refused::Handshake(format!("the client ended it with the alert {alert:?}"))
+        }
+        other => Refused::Handshake(other.to_string()),
+    }
+}
+
+/// A descriptor as rustls' reader and writer: nonblocking, EAGAIN as WouldBlock.
+pub struct Fd<'a>(pub &'a OwnedFd);
+
+impl Read for Fd<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match nix::unistd::read(self.0, buf) {
+                Err(Errno::EINTR) => {}
+                r => return r.map_err(io::Error::from),
+            }
+        }
+    }
+}
+
+impl Write for Fd<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match nix::unistd::write(self.0, buf) {
+                Err(Errno::EINTR) => {}
+                r => return r.map_err(io::Error::from),
+            }
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        loop {
+            match nix::sys::uio::writev(self.0, bufs) {
+                Err(Errno::EINTR) => {}
+                r => return r.map_err(io::Error::from),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

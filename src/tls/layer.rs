@@ -1,0 +1,390 @@
+//! TLS in the daemon, after the handshake: the client's socket carries
+//! records, and the layer encrypts and decrypts between it and plaintext
+//! descriptors.
+//!
+//! Two ways to use it:
+//! - [`Layer::pump`] between the client and the command's own streams (its
+//!   stdout and stdin pipes, or its socket pair): the relay of a raw
+//!   service, with one copy each way, as without TLS;
+//! - [`Layer::run`] between the client and one end of a socket pair whose
+//!   other end the rest of the connection takes for the client (a WebSocket
+//!   session; a command given the socket itself, with `transfer = "direct"`).
+//!
+//! Either way each direction keeps its meaning: the end of the output
+//! becomes a close_notify and a shutdown of the client's socket; the
+//! client's close_notify or end-of-file becomes the end of the command's
+//! input. Nothing is read from one side while the other cannot take it, so
+//! a client or a command that stops reading holds the layer to a record or
+//! two.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::socket::{shutdown, socketpair, AddressFamily, Shutdown as How, SockFlag, SockType};
+use rustls::ServerConnection;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
+use tokio::io::Interest;
+
+use super::handshake::Fd;
+use crate::command::Input;
+use crate::fdio::{self, Class};
+use crate::record::Traffic;
+
+/// One read of plaintext (a record's worth), on the stack of a plain function.
+const CHUNK: usize = 16 * 1024;
+/// Reads of plaintext per turn before the records are written out.
+const CHUNKS_PER_TURN: usize = 4;
+
+/// How [`Layer::pump`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pumped {
+    /// The output reached end-of-file and every record of it is written.
+    OutputEnded,
+    /// The budget (`max_bytes`) is spent and written.
+    Limit,
+    /// The client's socket failed (a reset, say).
+    ClientGone(Errno),
+    /// The client broke the record layer (a bad or forged record, a fatal
+    /// alert); the detail says how.
+    Failed(String),
+}
+
+/// How [`Layer::run`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Closed in order, or after `grace` once the other side was done.
+    Closed,
+    ClientGone(Errno),
+    Failed(String),
+}
+
+/// The encrypting end of a connection.
+pub struct Layer {
+    conn: ServerConnection,
+    /// Decrypted client bytes the command has not taken yet.
+    pending: Vec<u8>,
+    /// The output has ended (or its budget is spent): no more is read.
+    output_done: bool,
+    /// Output bytes the budget still allows.
+    left: u64,
+    /// The client still sends (no close_notify or end-of-file yet).
+    client_sends: bool,
+}
+
+impl Layer {
+    /// The layer for a connection whose handshake is complete.
+    pub fn new(mut conn: ServerConnection) -> Layer {
+        // The layer bounds what waits itself: it reads no plaintext while
+        // records wait for the client, and a turn reads CHUNKS_PER_TURN.
+        conn.set_buffer_limit(None);
+        Layer {
+            conn,
+            pending: Vec::new(),
+            output_done: false,
+            left: u64::MAX,
+            client_sends: true,
+        }
+    }
+
+    /// Queues `bytes` (a banner) before anything else is sent.
+    pub fn queue(&mut self, bytes: &[u8]) {
+        let _ = self.conn.writer().write_all(bytes);
+    }
+
+    /// Moves plaintext from `output` to the client as records, at most
+    /// `max` bytes, and the client's plaintext to `input` (dropped without
+    /// one, and dropped for good once the command stops taking it). The
+    /// client's end closes `input`. `counted`: where the bytes are counted,
+    /// if the layer counts them. Safe to cancel: what was read is kept in
+    /// the layer.
+    pub async fn pump(
+        &mut self,
+        tcp: &AsyncFd<OwnedFd>,
+        output: &AsyncFd<OwnedFd>,
+        input: &mut Option<Input<'_>>,
+        max: Option<u64>,
+        counted: Option<&Traffic>,
+    ) -> Pumped {
+        if let Some(max) = max {
+            self.left = self.left.min(max);
+        }
+        loop {
+            if self.output_done && !self.conn.wants_write() {
+                return if self.left == 0 {
+                    Pumped::Limit
+                } else {
+                    Pumped::OutputEnded
+                };
+            }
+            if input.is_none() {
+                self.pending.clear();
+            }
+            if !self.client_sends && self.pending.is_empty() {
+                // The client sent all it will: the command's end-of-file.
+                *input = None;
+            }
+            let writing = self.conn.wants_write();
+            let reading = !self.output_done && !writing;
+            let receiving = self.client_sends && self.pending.is_empty();
+            let taken = input.is_some();
+            let feeding = input.as_ref().filter(|_| !self.pending.is_empty());
+            let step = tokio::select! {
+                r = tcp.writable(), if writing => self.write_records(r),
+                r = output.readable(), if reading => self.encrypt(r, counted),
+                r = tcp.readable(), if receiving => self.read_records(r, counted, taken),
+                r = writable(feeding) => {
+                    let gone = self.feed(r);
+                    if gone {
+                        *input = None;
+                    }
+                    Ok(())
+                }
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Between the client and the daemon's end of a socket pair, whose
+    /// other end (`Layer::pair`) the rest of the connection takes for the
+    /// client; until both sides are done, at most `grace` after the pair's.
+    pub async fn run(
+        mut self,
+        tcp: &AsyncFd<OwnedFd>,
+        plain: AsyncFd<OwnedFd>,
+        counted: Option<&Traffic>,
+        grace: Duration,
+    ) -> Outcome {
+        let mut input = Some(Input::Pair(&plain));
+        match self.pump(tcp, &plain, &mut input, None, counted).await {
+            Pumped::OutputEnded | Pumped::Limit => {
+                drop(input);
+                self.close(tcp, grace).await;
+                Outcome::Closed
+            }
+            Pumped::ClientGone(e) => Outcome::ClientGone(e),
+            Pumped::Failed(why) => Outcome::Failed(why),
+        }
+    }
+
+    /// A socket pair for [`Layer::run`]: the layer's end, registered, and
+    /// the other end (nonblocking) for the rest of the connection.
+    pub fn pair() -> io::Result<(AsyncFd<OwnedFd>, OwnedFd)> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        )?;
+        Ok((
+            fdio::register(ours, Interest::READABLE | Interest::WRITABLE)?,
+            theirs,
+        ))
+    }
+
+    /// Ends the session in order: the close_notify after what is left, our
+    /// side shut down, and the client's close awaited (its bytes dropped),
+    /// all within `grace`.
+    pub async fn close(mut self, tcp: &AsyncFd<OwnedFd>, grace: Duration) {
+        self.conn.send_close_notify();
+        let closing = async {
+            while self.conn.wants_write() {
+                if self.write_records(tcp.writable().await).is_err() {
+                    return;
+                }
+            }
+            let _ = shutdown(tcp.get_ref().as_raw_fd(), How::Write);
+            while self.client_sends {
+                let Ok(mut ready) = tcp.readable().await else {
+                    return;
+                };
+                match self.conn.read_tls(&mut Fd(ready.get_inner())) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        ready.clear_ready();
+                        continue;
+                    }
+                    Err(_) => return,
+                }
+                match self.conn.process_new_packets() {
+                    Ok(state) if state.peer_has_closed() => return,
+                    Ok(state) => {
+                        let mut sink = vec![0u8; state.plaintext_bytes_to_read()];
+                        let _ = self.conn.reader().read(&mut sink);
+                    }
+                    Err(_) => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(grace, closing).await;
+    }
+
+    /// Writes records to the client until it takes no more.
+    fn write_records(&mut self, ready: Ready<'_>) -> Result<(), Pumped> {
+        let mut ready = ready.map_err(|e| Pumped::ClientGone(fdio::errno(&e)))?;
+        while self.conn.wants_write() {
+            match self.conn.write_tls(&mut Fd(ready.get_inner())) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready.clear_ready();
+                    return Ok(());
+                }
+                Err(e) => return Err(Pumped::ClientGone(fdio::errno(&e))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads plaintext from the output into records (rustls encrypts as it
+    /// takes it), a few reads a turn.
+    fn encrypt(&mut self, ready: Ready<'_>, counted: Option<&Traffic>) -> Result<(), Pumped> {
+        let mut ready = ready.map_err(|e| Pumped::Failed(format!("the command's output: {e}")))?;
+        for _ in 0..CHUNKS_PER_TURN {
+            let want = usize::try_from(self.left).unwrap_or(usize::MAX).min(CHUNK);
+            match seal_chunk(ready.get_inner(), &mut self.conn, want) {
+                Ok(0) => {
+                    self.output_done = true;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    if let Some(t) = counted {
+                        t.sent(n);
+                    }
+                    self.left -= n as u64;
+                    if self.left == 0 {
+                        self.output_done = true;
+                        return Ok(());
+                    }
+                    if n < want {
+                        // Drained for now (a newer readiness survives the clear).
+                        ready.clear_ready();
+                        return Ok(());
+                    }
+                }
+                Err(Errno::EAGAIN) => {
+                    ready.clear_ready();
+                    return Ok(());
+                }
+                // A socket pair the command closed with input unread.
+                Err(e) if fdio::class(e) == Class::Disconnect => {
+                    self.output_done = true;
+                    return Ok(());
+                }
+                Err(e) => {
+                    return Err(Pumped::Failed(format!(
+                        "reading the command's output: {}",
+                        e.desc()
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads records from the client and decrypts them; counted as received,
+    /// or as dropped when the command does not take them.
+    fn read_records(
+        &mut self,
+        ready: Ready<'_>,
+        counted: Option<&Traffic>,
+        taken: bool,
+    ) -> Result<(), Pumped> {
+        let mut ready = ready.map_err(|e| Pumped::ClientGone(fdio::errno(&e)))?;
+        match self.conn.read_tls(&mut Fd(ready.get_inner())) {
+            Ok(0) => self.client_sends = false,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                ready.clear_ready();
+                return Ok(());
+            }
+            Err(e) => return Err(Pumped::ClientGone(fdio::errno(&e))),
+        }
+        let state = match self.conn.process_new_packets() {
+            Ok(state) => state,
+            Err(e) => {
+                // The alert that says why, if the socket takes it now.
+                let _ = self.conn.write_tls(&mut Fd(ready.get_inner()));
+                return Err(Pumped::Failed(e.to_string()));
+            }
+        };
+        let want = state.plaintext_bytes_to_read();
+        if want > 0 {
+            let at = self.pending.len();
+            self.pending.resize(at + want, 0);
+            let n = self
+                .conn
+                .reader()
+                .read(&mut self.pending[at..])
+                .unwrap_or(0);
+            self.pending.truncate(at + n);
+            match counted {
+                Some(t) if taken => t.received(n),
+                Some(t) => t.dropped(n as u64),
+                None => {}
+            }
+        }
+        if state.peer_has_closed() {
+            self.client_sends = false;
+        }
+        Ok(())
+    }
+
+    /// Gives the command the client's bytes. True when the command no
+    /// longer takes them.
+    fn feed(&mut self, ready: Ready<'_>) -> bool {
+        let Ok(mut ready) = ready else {
+            return true;
+        };
+        match retry(|| nix::unistd::write(ready.get_inner(), &self.pending)) {
+            Ok(n) => {
+                self.pending.drain(..n);
+                if self.pending.capacity() > 4 * CHUNK {
+                    self.pending.shrink_to_fit();
+                }
+                false
+            }
+            Err(Errno::EAGAIN) => {
+                ready.clear_ready();
+                false
+            }
+            Err(_) => true,
+        }
+    }
+}
+
+type Ready<'a> = io::Result<AsyncFdReadyGuard<'a, OwnedFd>>;
+
+/// Waits until `input` (if any) takes bytes; never without one.
+async fn writable<'f>(input: Option<&'f Input<'_>>) -> Ready<'f> {
+    match input {
+        Some(input) => input.fd().writable().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One read of plaintext, of at most `want` bytes, handed to rustls. Ok(0)
+/// at end-of-file.
+fn seal_chunk(fd: &OwnedFd, conn: &mut ServerConnection, want: usize) -> Result<usize, Errno> {
+    let mut buf = [0u8; CHUNK];
+    let n = retry(|| nix::unistd::read(fd, &mut buf[..want]))?;
+    if n > 0 {
+        // Without a buffer limit rustls takes everything, encrypted as it goes.
+        conn.writer()
+            .write_all(&buf[..n])
+            .map_err(|e| fdio::errno(&e))?;
+    }
+    Ok(n)
+}
+
+fn retry<R>(mut op: impl FnMut() -> nix::Result<R>) -> nix::Result<R> {
+    loop {
+        match op() {
+            Err(Errno::EINTR) => {}
+            other => return other,
+        }
+    }
+}
