@@ -232,19 +232,22 @@ impl Limits {
     }
 }
 
-/// Sets up what `config` asks for: with a delegated subtree, the daemon
-/// moves into its leaf there and enables the controllers the services'
-/// limits need. Returns the subtree (None: process groups) and the one
-/// start-up line that says which containment the daemon uses, and why.
-pub fn set_up(config: &crate::config::Config) -> Result<(Option<Tree>, String), SetupError> {
-    let (root, by) = match &config.cgroups {
+/// Sets up what the configuration asks for: with a delegated subtree
+/// (`offer`), the daemon moves into its leaf there and enables the
+/// `controllers` the services' limits need. Returns the subtree (None:
+/// process groups) and the one start-up line that says which containment
+/// the daemon uses, and why.
+pub fn set_up(
+    offer: &Offer,
+    controllers: &[&'static str],
+) -> Result<(Option<Tree>, String), SetupError> {
+    let (root, by) = match offer {
         Offer::None(why) => return Ok((None, format!("containment: process groups ({why})"))),
         Offer::Delegated { root, by, .. } => (root, by),
     };
     crate::sys::probe_clone3();
     let tree = Tree::set_up(root)?;
-    let controllers = config.controllers();
-    tree.enable(&controllers)?;
+    tree.enable(controllers)?;
     let limits = match controllers.is_empty() {
         true => "no limits set".to_owned(),
         false => format!("controllers for limits: {}", controllers.join(" ")),

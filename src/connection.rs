@@ -1,17 +1,18 @@
-//! One connection, as a pipeline: admit → (upgrade, for WebSocket) → spawn →
-//! supervise the transfer → end → one record. [`Handler::run`] reads top to bottom in that order; each
-//! step is a call into the module that owns it.
+//! One connection, as a pipeline: admit → (TLS) → (upgrade, for WebSocket)
+//! → spawn → supervise the transfer → end → one record. `serve` and
+//! `Steps::exchange` read top to bottom in that order; each step is a call
+//! into the module that owns it.
 //!
 //! The [`Record`] is opened by the accept loop and travels with the
 //! connection; every early return closes it with its reason, and one that
 //! does not is still written when it is dropped.
 
 use std::ffi::OsString;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::socket::{setsockopt, shutdown, sockopt, Shutdown as How};
+use nix::sys::socket::{setsockopt, sockopt};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
@@ -104,7 +105,8 @@ impl Handler {
     }
 }
 
-/// The pipeline: admit → (upgrade) → spawn → supervise the transfer → end.
+/// The pipeline: admit → (TLS) → (upgrade) → spawn → supervise the
+/// transfer → end.
 async fn serve(
     service: &Arc<Service>,
     socket: OwnedFd,
@@ -128,74 +130,28 @@ async fn serve(
     };
     record.peer(&peer);
     let limits = Limits::new(service, record.started(), &context.shutdown);
-    let Some(tls) = &service.tls else {
-        return exchange(
-            service,
-            Client::Plain(socket),
-            &peer,
-            record,
-            &limits,
-            context,
-            Vec::new(),
-        )
-        .await;
+    let steps = Steps {
+        service,
+        peer: &peer,
+        limits: &limits,
+        context,
     };
+    match &service.tls {
+        None => {
+            steps
+                .exchange(Client::Plain(socket), record, Vec::new())
+                .await
+        }
+        Some(tls) => steps.encrypted(tls, socket, record).await,
+    }
+}
 
-    // TLS: the handshake, then the layer between the client and the rest.
-    let accepted = match tls::accept(&socket, tls, handshake_limit(service, &limits)).await {
-        Ok(accepted) => accepted,
-        Err(refused) => {
-            context.admissions.refused_tls(service, &peer, &refused);
-            return Served::Refused;
-        }
-    };
-    record.tls(format!("{} userspace", accepted.summary));
-    let layer = Layer::new(accepted.conn);
-    let env = accepted.env;
-    if service.protocol == Protocol::Raw && service.transfer != Transfer::Direct {
-        // A relay: the layer itself moves the command's streams.
-        let client = Client::Encrypted {
-            socket,
-            layer: Box::new(layer),
-        };
-        return exchange(service, client, &peer, record, &limits, context, env).await;
-    }
-    // A WebSocket session, or a command given the socket itself: they get
-    // one end of a pair, and the layer moves the other.
-    let (ours, theirs) = match Layer::pair().and_then(|(ours, theirs)| {
-        Ok((
-            ours,
-            fdio::register(theirs, Interest::READABLE | Interest::WRITABLE)?,
-        ))
-    }) {
-        Ok(pair) => pair,
-        Err(e) => return Served::Ended(None, End::Error(unregistered(&e))),
-    };
-    // With direct transfer the command writes to the pair: the layer counts.
-    let traffic = record.shared_traffic();
-    let counted = (service.transfer == Transfer::Direct).then_some(&*traffic);
-    let (served, outcome) = tokio::join!(
-        exchange(
-            service,
-            Client::Plain(theirs),
-            &peer,
-            record,
-            &limits,
-            context,
-            env
-        ),
-        layer.run(&socket, ours, counted, service.kill_grace),
-    );
-    match (served, outcome) {
-        // The layer saw what happened to the client; the rest, a closed pair.
-        (Served::Ended(ended, End::ClientGone(_)), tls::Outcome::ClientGone(e)) => {
-            Served::Ended(ended, End::ClientGone(e))
-        }
-        (Served::Ended(ended, end), tls::Outcome::Failed(why)) if !end.is_orderly() => {
-            Served::Ended(ended, End::Tls(why))
-        }
-        (served, _) => served,
-    }
+/// What every step after admission needs.
+struct Steps<'a> {
+    service: &'a Arc<Service>,
+    peer: &'a Peer,
+    limits: &'a Limits,
+    context: &'a Context,
 }
 
 /// What the rest of the pipeline talks to.
@@ -210,6 +166,178 @@ enum Client {
     },
 }
 
+impl Steps<'_> {
+    /// TLS: the handshake, then the kernel's TLS where it has it (the rest
+    /// runs on the socket as on a plaintext one), else the layer between
+    /// the client and the rest: a raw relay is the layer's own work; a
+    /// WebSocket session, or a command given the socket itself, gets one end
+    /// of a socket pair and the layer moves the other.
+    async fn encrypted(
+        &self,
+        tls: &crate::config::Tls,
+        socket: AsyncFd<OwnedFd>,
+        record: &mut Record,
+    ) -> Served {
+        let service = self.service;
+        let limit = handshake_limit(service, self.limits);
+        let accepted = match tls::accept(&socket, tls, limit).await {
+            Ok(accepted) => accepted,
+            Err(refused) => {
+                self.context
+                    .admissions
+                    .refused_tls(service, self.peer, &refused);
+                return Served::Refused;
+            }
+        };
+        // The kernel's TLS where it has it: then the rest runs on the socket.
+        let conn = match tls::hand_off(socket.get_ref().as_fd(), accepted.conn) {
+            Ok(()) => {
+                record.tls(format!("{} kernel", accepted.summary));
+                return self
+                    .exchange(Client::Plain(socket), record, accepted.env)
+                    .await;
+            }
+            Err(conn) => conn,
+        };
+        record.tls(format!("{} userspace", accepted.summary));
+        let layer = Layer::new(*conn);
+        if service.protocol == Protocol::Raw && service.transfer != Transfer::Direct {
+            let layer = Box::new(layer);
+            return self
+                .exchange(Client::Encrypted { socket, layer }, record, accepted.env)
+                .await;
+        }
+        let pair = Layer::pair().and_then(|(ours, theirs)| {
+            Ok((
+                ours,
+                fdio::register(theirs, Interest::READABLE | Interest::WRITABLE)?,
+            ))
+        });
+        let (ours, theirs) = match pair {
+            Ok(pair) => pair,
+            Err(e) => return Served::Ended(None, End::Error(unregistered(&e))),
+        };
+        // With direct transfer the command writes to the pair: the layer counts.
+        let traffic = record.shared_traffic();
+        let counted = (service.transfer == Transfer::Direct).then_some(&*traffic);
+        let (served, outcome) = tokio::join!(
+            self.exchange(Client::Plain(theirs), record, accepted.env),
+            layer.run(&socket, ours, counted, service.kill_grace),
+        );
+        match (served, outcome) {
+            // The layer saw what happened to the client; the rest, a closed pair.
+            (Served::Ended(ended, End::ClientGone(_)), tls::Outcome::ClientGone(e)) => {
+                Served::Ended(ended, End::gone(e))
+            }
+            (Served::Ended(ended, end), tls::Outcome::Failed(why)) if !end.is_orderly() => {
+                Served::Ended(ended, End::Tls(why))
+            }
+            (served, _) => served,
+        }
+    }
+
+    /// The rest of the pipeline: upgrade → spawn → supervise the transfer →
+    /// end. `tls_env` is what the command learns of the TLS session.
+    async fn exchange(
+        &self,
+        client: Client,
+        record: &mut Record,
+        tls_env: Vec<(String, String)>,
+    ) -> Served {
+        let (service, limits) = (self.service, self.limits);
+        let (socket, mut layer) = match client {
+            Client::Plain(socket) => (socket, None),
+            Client::Encrypted { socket, layer } => (socket, Some(layer)),
+        };
+        let upgraded = match self.upgrade(&socket).await {
+            Ok(upgraded) => upgraded,
+            Err(served) => return served,
+        };
+        if let Some(banner) = &service.banner {
+            let traffic = record.traffic();
+            if let Err(end) =
+                send_banner(&socket, layer.as_deref_mut(), banner, limits, traffic).await
+            {
+                return Served::Ended(None, end);
+            }
+        }
+
+        // Spawn.
+        let mut request_env = tls_env;
+        request_env.extend(upgraded.iter().flat_map(|(_, u)| u.env.iter().cloned()));
+        let spawned = spawn(
+            service,
+            &socket,
+            self.peer,
+            request_env,
+            record,
+            self.context,
+        )
+        .await;
+        let (command, streams) = match spawned {
+            Ok(spawned) => spawned,
+            Err(end) => {
+                if upgraded.is_some() {
+                    websocket::close_unserved(&socket, "the command could not be started");
+                }
+                return Served::Ended(None, end);
+            }
+        };
+        record.command_started(command.pid());
+
+        // Supervise the transfer, then end. The command's stdout stays open
+        // until it has ended: closed earlier, it would kill the command with
+        // SIGPIPE instead.
+        let (ended, end) = match (upgraded, layer) {
+            (Some((ws, upgraded)), _) => {
+                record.framed();
+                let conversation = Conversation {
+                    socket: &socket,
+                    service,
+                    ws,
+                    limits,
+                    traffic: record.traffic(),
+                };
+                conversation.run(command, streams, upgraded).await
+            }
+            (None, Some(layer)) => {
+                let traffic = record.traffic();
+                relay_encrypted(&socket, *layer, command, streams, service, limits, traffic).await
+            }
+            (None, None) => relay(socket, command, streams, service, limits, record).await,
+        };
+        Served::Ended(Some(ended), end)
+    }
+
+    /// A WebSocket service's upgrade (None for a raw service). A client that
+    /// sends no valid upgrade is refused as admission refuses, in episodes;
+    /// one that asks for the console page gets it, and its connection a record.
+    async fn upgrade(
+        &self,
+        socket: &AsyncFd<OwnedFd>,
+    ) -> Result<Option<(&WebSocket, Upgraded)>, Served> {
+        let service = self.service;
+        let Protocol::WebSocket(ws) = &service.protocol else {
+            return Ok(None);
+        };
+        let limit = handshake_limit(service, self.limits);
+        let refused = |why| {
+            self.context
+                .admissions
+                .refused_handshake(service, self.peer, why);
+            Served::Refused
+        };
+        match websocket::handshake(socket, ws, service.tls.is_some(), limit).await {
+            Ok(upgraded) => Ok(Some((ws, upgraded))),
+            Err(websocket::Refused::Page) => Err(Served::Ended(None, End::Page)),
+            Err(websocket::Refused::Answered { status, why }) => {
+                Err(refused(format!("answered {status}: {why}")))
+            }
+            Err(websocket::Refused::Gone(why)) => Err(refused(why)),
+        }
+    }
+}
+
 /// The longest a handshake may take: `handshake_timeout`, or what is left of
 /// `timeout` if that is less.
 fn handshake_limit(service: &Service, limits: &Limits) -> Duration {
@@ -220,97 +348,35 @@ fn handshake_limit(service: &Service, limits: &Limits) -> Duration {
         })
 }
 
-/// The rest of the pipeline, on the client's socket (or, with TLS, the
-/// layer's plaintext end): upgrade → spawn → supervise the transfer → end.
-/// `tls_env` is what the command learns of the TLS session.
-async fn exchange(
-    service: &Arc<Service>,
-    client: Client,
-    peer: &Peer,
-    record: &mut Record,
+/// The service's banner: through the TLS layer where there is one.
+async fn send_banner(
+    socket: &AsyncFd<OwnedFd>,
+    layer: Option<&mut Layer>,
+    banner: &[u8],
     limits: &Limits,
-    context: &Context,
-    tls_env: Vec<(String, String)>,
-) -> Served {
-    let (socket, mut layer) = match client {
-        Client::Plain(socket) => (socket, None),
-        Client::Encrypted { socket, layer } => (socket, Some(layer)),
-    };
-    let upgraded = match upgrade(service, &socket, peer, limits, context).await {
-        Ok(upgraded) => upgraded,
-        Err(served) => return served,
-    };
-    if let Some(banner) = &service.banner {
-        let sent = match &mut layer {
-            Some(layer) => {
-                layer.queue(banner);
-                record.traffic().sent(banner.len());
-                Ok(())
-            }
-            None => transfer::banner(&socket, banner, limits, record.traffic()).await,
-        };
-        if let Err(end) = sent {
-            return Served::Ended(None, end);
+    traffic: &Traffic,
+) -> Result<(), End> {
+    match layer {
+        Some(layer) => {
+            layer.queue(banner);
+            traffic.sent(banner.len());
+            Ok(())
         }
+        None => transfer::banner(socket, banner, limits, traffic).await,
     }
+}
 
-    // Spawn.
-    let direct = service.transfer == Transfer::Direct;
-    let mut request_env = tls_env;
-    request_env.extend(upgraded.iter().flat_map(|u| u.env.iter().cloned()));
-    let (command, streams) = match spawn(service, &socket, peer, request_env, record, context).await
-    {
-        Ok(spawned) => spawned,
-        Err(end) => {
-            if upgraded.is_some() {
-                websocket::close_unserved(&socket, "the command could not be started");
-            }
-            return Served::Ended(None, end);
-        }
-    };
-    record.command_started(command.pid());
+/// A raw connection's transfer (the relay, or the command on the socket
+/// itself), then its end.
+async fn relay(
+    socket: AsyncFd<OwnedFd>,
+    command: Command,
+    streams: Streams,
+    service: &Service,
+    limits: &Limits,
+    record: &Record,
+) -> (Ended, End) {
     let traffic = record.traffic();
-    if let (Some(upgraded), Protocol::WebSocket(ws)) = (upgraded, &service.protocol) {
-        record.framed();
-        let conversation = Conversation {
-            socket: &socket,
-            service,
-            ws,
-            limits,
-            traffic: record.traffic(),
-        };
-        let (ended, end) = conversation.run(command, streams, upgraded).await;
-        return Served::Ended(Some(ended), end);
-    }
-
-    // Supervise the transfer. The command's stdout stays open until it has
-    // ended: closed earlier, it would kill the command with SIGPIPE instead.
-    if let Some(mut layer) = layer {
-        let Some((output, stdin)) = streams.relayed() else {
-            // Not with TLS: the command gets the layer's pair instead.
-            let why = "a TLS relay needs the command's output relayed";
-            return Served::Ended(
-                Some(command.finish(Duration::ZERO).await),
-                End::Error(why.into()),
-            );
-        };
-        let relayed = Relayed {
-            socket: &socket,
-            command: &command,
-            service,
-            limits,
-            traffic,
-        };
-        let end = relayed
-            .encrypted(&mut layer, &output, stdin.input(&output))
-            .await;
-        let grace = service.kill_grace;
-        let (ended, ()) = tokio::join!(
-            command.finish(patience(&end, grace)),
-            layer.close(&socket, grace)
-        );
-        return Served::Ended(Some(ended), end);
-    }
     let relayed = |socket| Relayed {
         socket,
         command: &command,
@@ -333,7 +399,7 @@ async fn exchange(
                 Ok(s) => s,
                 Err(e) => {
                     let ended = command.finish(Duration::ZERO).await;
-                    return Served::Ended(Some(ended), End::Error(unregistered(&e)));
+                    return (ended, End::Error(unregistered(&e)));
                 }
             };
             // Behind a TLS layer the socket is the pair: the layer counts.
@@ -342,39 +408,41 @@ async fn exchange(
             (socket, end, None)
         }
     };
-
-    // End.
+    let direct = service.transfer == Transfer::Direct;
     let ended = end_connection(socket, command, &end, service, direct, traffic).await;
-    Served::Ended(Some(ended), end)
+    (ended, end)
 }
 
-/// A WebSocket service's upgrade (None for a raw service). A client that
-/// sends no valid upgrade is refused as admission refuses, in episodes; one
-/// that asks for the console page gets it, and its connection a record.
-async fn upgrade(
-    service: &Service,
+/// A raw connection over TLS: the layer relays the command's streams, then
+/// closes the session beside the command's end.
+async fn relay_encrypted(
     socket: &AsyncFd<OwnedFd>,
-    peer: &Peer,
+    mut layer: Layer,
+    command: Command,
+    streams: Streams,
+    service: &Service,
     limits: &Limits,
-    context: &Context,
-) -> Result<Option<Upgraded>, Served> {
-    let Protocol::WebSocket(ws) = &service.protocol else {
-        return Ok(None);
+    traffic: &Traffic,
+) -> (Ended, End) {
+    let Some((output, stdin)) = streams.relayed() else {
+        // Not with TLS: the command gets the layer's pair instead.
+        let why = "a TLS relay needs the command's output relayed";
+        return (command.finish(Duration::ZERO).await, End::Error(why.into()));
     };
-    let limit = handshake_limit(service, limits);
-    match websocket::handshake(socket, ws, service.tls.is_some(), limit).await {
-        Ok(upgraded) => Ok(Some(upgraded)),
-        Err(websocket::Refused::Page) => Err(Served::Ended(None, End::Page)),
-        Err(websocket::Refused::Answered { status, why }) => {
-            let why = format!("answered {status}: {why}");
-            context.admissions.refused_handshake(service, peer, why);
-            Err(Served::Refused)
-        }
-        Err(websocket::Refused::Gone(why)) => {
-            context.admissions.refused_handshake(service, peer, why);
-            Err(Served::Refused)
-        }
-    }
+    let relayed = Relayed {
+        socket,
+        command: &command,
+        service,
+        limits,
+        traffic,
+    };
+    let end = relayed
+        .encrypted(&mut layer, &output, stdin.input(&output))
+        .await;
+    let grace = service.kill_grace;
+    let closing = layer.close(socket, grace);
+    let (ended, ()) = tokio::join!(command.finish(patience(&end, grace)), closing);
+    (ended, end)
 }
 
 /// A WebSocket connection, once upgraded and its command started.
@@ -505,7 +573,7 @@ async fn end_connection(
     let linger = async {
         match &socket {
             Some(s) if lingering => {
-                let _ = shutdown(s.get_ref().as_raw_fd(), How::Write);
+                fdio::end_output(s.get_ref());
                 linger(s, grace, traffic).await
             }
             _ => false,

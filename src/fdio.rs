@@ -10,7 +10,7 @@
 //! blocked; see `relay`.)
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -47,6 +47,8 @@ pub fn class(e: Errno) -> Class {
         // accept(2) passes these on from the pending connection (its man
         // page asks callers to treat them like EAGAIN): its own failure.
         | Errno::EPROTO
+        // A TLS record that does not verify, from the kernel's TLS.
+        | Errno::EBADMSG
         | Errno::ENOPROTOOPT
         | Errno::EOPNOTSUPP
         | Errno::EPERM => Class::Disconnect,
@@ -111,6 +113,86 @@ async fn when_ready<R>(
     }
 }
 
+/// One read(2), where a client's socket may be the kernel's TLS (kTLS): a
+/// record that is not data makes the read say EIO, and is then read and
+/// taken for what it means. The client's close_notify is end-of-file;
+/// another alert is its end (ECONNRESET); a handshake message (a TLS 1.3
+/// KeyUpdate, which these kernels cannot take) is answered with an alert
+/// and ends the connection (EPROTO), with a warning that says why.
+pub fn read(fd: &OwnedFd, buf: &mut [u8]) -> nix::Result<usize> {
+    match nix::unistd::read(fd, buf) {
+        Err(Errno::EIO) => match control_record(fd.as_fd()) {
+            Ok(Control::CloseNotify) => Ok(0),
+            Ok(Control::Alert) => Err(Errno::ECONNRESET),
+            Ok(Control::Handshake) => {
+                tracing::warn!(
+                    "a TLS client sent a handshake message (a key update), which the kernel's TLS \
+                     cannot take before Linux 6.14: its connection is ended"
+                );
+                Err(Errno::EPROTO)
+            }
+            Err(e) => Err(e),
+        },
+        other => other,
+    }
+}
+
+/// A kTLS record that is not data.
+enum Control {
+    CloseNotify,
+    Alert,
+    Handshake,
+}
+
+/// After a read of a kTLS socket said EIO: reads the record that is not
+/// data and says what it was. Err(EIO) when there is none (a real I/O
+/// error, or not a kTLS socket).
+fn control_record(fd: BorrowedFd<'_>) -> Result<Control, Errno> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, TlsGetRecordType};
+    let mut payload = [0u8; 64];
+    let mut iov = [io::IoSliceMut::new(&mut payload)];
+    let mut space = nix::cmsg_space!(u8);
+    let (kind, len) = {
+        let msg = recvmsg::<()>(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(|_| Errno::EIO)?;
+        let kind = msg.cmsgs().ok().and_then(|mut c| {
+            c.find_map(|m| match m {
+                ControlMessageOwned::TlsGetRecordType(t) => Some(t),
+                _ => None,
+            })
+        });
+        (kind, msg.bytes)
+    };
+    match kind {
+        Some(TlsGetRecordType::Alert) if len >= 2 && payload[1] == 0 => Ok(Control::CloseNotify),
+        Some(TlsGetRecordType::Alert) if len >= 2 => Ok(Control::Alert),
+        Some(TlsGetRecordType::Handshake) => {
+            // A fatal unexpected_message: this kernel cannot rekey.
+            let _ = crate::sys::send_alert(fd, 2, 10);
+            Ok(Control::Handshake)
+        }
+        _ => Err(Errno::EIO),
+    }
+}
+
+/// Shuts our side of a client's socket down for writing; on a kTLS socket,
+/// after the close_notify that the kernel does not send itself.
+pub fn end_output(fd: impl AsFd) {
+    let fd = fd.as_fd();
+    if crate::sys::is_ktls(fd) {
+        let _ = crate::sys::send_alert(fd, 1, 0);
+    }
+    let _ = nix::sys::socket::shutdown(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        nix::sys::socket::Shutdown::Write,
+    );
+}
+
 /// Writes all of `bytes`, calling `sent` after each write with its length.
 pub async fn write_all(
     fd: &AsyncFd<OwnedFd>,
@@ -143,7 +225,7 @@ pub async fn discard(fd: &AsyncFd<OwnedFd>, mut counted: impl FnMut(usize)) -> R
 /// future: every idle connection's future would otherwise carry it.
 fn read_and_drop(fd: &OwnedFd) -> nix::Result<usize> {
     let mut buf = [0u8; 4096];
-    nix::unistd::read(fd, &mut buf)
+    read(fd, &mut buf)
 }
 
 /// The pending error of a socket (SO_ERROR); `ECONNRESET` when none is

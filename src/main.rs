@@ -80,7 +80,7 @@ fn main() -> ExitCode {
 
     // 4. Containment: the daemon's own leaf in a delegated cgroup subtree,
     // before any other thread or command exists.
-    let cgroups = match cgroup::set_up(&config) {
+    let cgroups = match cgroup::set_up(&config.cgroups, &config.controllers()) {
         Ok((tree, line)) => {
             tracing::info!("{line}");
             tree

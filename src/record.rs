@@ -43,6 +43,7 @@ use nix::errno::Errno;
 
 use crate::cgroup::Usage;
 use crate::command::{Ended, Exit};
+use crate::fdio::{self, Class};
 use crate::peer::Peer;
 
 /// The daemon's figures for STATUS= and the logs.
@@ -96,6 +97,23 @@ pub enum End {
 }
 
 impl End {
+    /// The client's socket said `e`: it is gone, or, on the kernel's TLS,
+    /// it sent a record that does not verify (`EBADMSG`).
+    pub fn gone(e: Errno) -> End {
+        match e {
+            Errno::EBADMSG => End::Tls("a record that does not verify (the kernel's TLS)".into()),
+            e => End::ClientGone(e),
+        }
+    }
+
+    /// What an errno on the client's side means, `doing` what.
+    pub fn client_error(e: Errno, doing: &str) -> End {
+        match fdio::class(e) {
+            Class::Disconnect => End::gone(e),
+            _ => End::Error(format!("{doing}: {}", e.desc())),
+        }
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             End::OutputEnded => "output-ended",

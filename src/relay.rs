@@ -207,6 +207,10 @@ async fn splice_loop(
             Err(Errno::EINVAL) => {
                 return Spliced::Fallback("splice(2) refused this pair of descriptors")
             }
+            // The kernel's TLS met a record that is not data: read(2) takes it.
+            Err(Errno::EIO) => {
+                return Spliced::Fallback("splice(2) met a TLS record that is not data")
+            }
             Err(e) => return Spliced::Done(Err(Failed::at(Side::Either)(e))),
         }
     }
@@ -304,7 +308,7 @@ async fn copy_loop(
         };
         let want = budget.ask(buf.len());
         let read = ready.try_io(|fd| loop {
-            match nix::unistd::read(fd.get_ref(), &mut buf[..want]) {
+            match fdio::read(fd.get_ref(), &mut buf[..want]) {
                 Err(Errno::EINTR) => continue,
                 other => break other.map_err(std::io::Error::from),
             }
@@ -351,7 +355,7 @@ enum Small {
 fn copy_small(src: &OwnedFd, dst: &OwnedFd, ask: usize) -> Result<Small, Failed> {
     let mut buf = [0u8; COPY_SMALL];
     let read = loop {
-        match nix::unistd::read(src, &mut buf[..ask]) {
+        match fdio::read(src, &mut buf[..ask]) {
             Ok(0) => return Ok(Small::EndOfFile),
             Ok(n) => break n,
             Err(Errno::EINTR) => {}

@@ -109,14 +109,6 @@ async fn idle_direct(limit: Option<Duration>, socket: &OwnedFd, started: Instant
     }
 }
 
-/// What an errno on the client's side means for the record.
-fn client_error(e: Errno, doing: &str) -> End {
-    match fdio::class(e) {
-        Class::Disconnect => End::ClientGone(e),
-        _ => End::Error(format!("{doing}: {}", e.desc())),
-    }
-}
-
 /// Sends the service's banner, bounded like the rest of the connection: by
 /// `timeout`, `idle_timeout` (a client that reads nothing) and the stop.
 pub async fn banner(
@@ -128,7 +120,7 @@ pub async fn banner(
     let send = async {
         match fdio::write_all(socket, banner, |n| traffic.sent(n)).await {
             Ok(()) => End::OutputEnded,
-            Err(e) => client_error(e, "sending the banner"),
+            Err(e) => End::client_error(e, "sending the banner"),
         }
     };
     match limits.watch(send, traffic).await {
@@ -241,11 +233,11 @@ impl Relayed<'_> {
                         // The command's side: a socket pair it closed with
                         // input left unread says ECONNRESET, not end-of-file.
                         Err(f) if f.side == Side::Source && fdio::class(f.errno) == Class::Disconnect => End::OutputEnded,
-                        Err(f) => client_error(f.errno, "relaying output"),
+                        Err(f) => End::client_error(f.errno, "relaying output"),
                     },
                     r = &mut input, if input_open => match r {
                         Ok(()) => input_open = false,
-                        Err(e) => break client_error(e, "reading from the client"),
+                        Err(e) => break End::client_error(e, "reading from the client"),
                     },
                     () = &mut leftovers, if !abandoning => abandoning = true,
                     () = &mut abandon, if abandoning => break End::OutputHeld,
@@ -341,7 +333,7 @@ pub async fn direct(
     let work = async {
         tokio::select! {
             () = command.exited() => End::CommandExited,
-            _ = socket.ready(Interest::ERROR) => End::ClientGone(fdio::socket_error(socket.get_ref())),
+            _ = socket.ready(Interest::ERROR) => End::gone(fdio::socket_error(socket.get_ref())),
         }
     };
     match layered {

@@ -13,13 +13,12 @@ use super::raw::{
     RawService,
 };
 use super::{
-    defaults, Config, ConfigError, Containment, Messages, Protocol, Service, StdinMode, Transfer,
-    WebSocket,
+    defaults, tls, ClientAuth, Config, ConfigError, Containment, Messages, Protocol, Service,
+    StdinMode, Tls, Transfer, WebSocket,
 };
 use crate::access::Rules;
 use crate::cgroup::{Limits, Offer};
 use crate::runas::{self, Limit};
-use crate::tls::ClientAuth;
 
 pub fn config(raw: RawConfig, loc: &Locator<'_>) -> Result<Config, ConfigError> {
     if raw.service.is_empty() {
@@ -80,7 +79,7 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
         _ => defaults::TRANSFER,
     });
     let protocol = protocol(&s, transfer).map_err(|(key, m)| err(key, m))?;
-    let tls = tls(&s).map_err(|(key, m)| err(key, m))?;
+    let tls = encryption(&s).map_err(|(key, m)| err(key, m))?;
     let handshake_timeout = match (&s.handshake_timeout, &protocol, &tls) {
         (Some(_), Protocol::Raw, None) => {
             return Err(err(
@@ -170,7 +169,7 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
 }
 
 /// TLS, where the service has a certificate: the other TLS keys need one.
-fn tls(s: &RawService) -> Result<Option<Arc<crate::tls::Tls>>, (&'static str, String)> {
+fn encryption(s: &RawService) -> Result<Option<Arc<Tls>>, (&'static str, String)> {
     let Some(certificate) = &s.tls_certificate else {
         let given = [
             ("tls_key", s.tls_key.is_some()),
@@ -194,13 +193,13 @@ fn tls(s: &RawService) -> Result<Option<Arc<crate::tls::Tls>>, (&'static str, St
         (Some(RawClientAuth::Optional), _) => ClientAuth::Optional,
         (Some(RawClientAuth::Required), _) | (None, true) => ClientAuth::Required,
     };
-    let sources = crate::tls::Sources {
+    let sources = tls::Sources {
         certificate: &certificate.0,
         key: &key.0,
         client_ca: s.tls_client_ca.as_ref().map(|c| c.0.as_str()),
         client_auth,
     };
-    crate::tls::load(&sources).map(|t| Some(Arc::new(t)))
+    tls::load(&sources).map(|t| Some(Arc::new(t)))
 }
 
 /// Raw bytes, or WebSocket with its settings; the WebSocket keys apply to

@@ -11,9 +11,11 @@ pub mod defaults;
 #[cfg(test)]
 mod fuzz;
 mod locate;
+mod origin;
 mod raw;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -26,7 +28,9 @@ use toml::de::DeTable;
 use crate::access::{Cidr, Rules};
 use crate::runas::RunAs;
 use locate::Locator;
+pub use origin::{split_host_port, Origin};
 pub use raw::parse_duration;
+pub use tls::{ClientAuth, Tls};
 
 /// Where the daemon looks for its configuration without `--config`.
 pub const DEFAULT_PATH: &str = "/etc/splice-relay.toml";
@@ -88,7 +92,7 @@ pub struct Service {
     /// What the client speaks: bytes, or WebSocket.
     pub protocol: Protocol,
     /// TLS on the client's connection, if the service has a certificate.
-    pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
+    pub tls: Option<std::sync::Arc<Tls>>,
     /// Longest time for the TLS handshake, and for the WebSocket upgrade request.
     pub handshake_timeout: Duration,
     /// `PATH:LINE:COL: service "NAME"`, for errors found after loading.
@@ -110,7 +114,7 @@ pub struct WebSocket {
     /// Text (a line a message) or binary (output as it comes).
     pub messages: Messages,
     /// Origins accepted besides the service's own (cross-site requests).
-    pub allowed_origins: Vec<crate::websocket::Origin>,
+    pub allowed_origins: Vec<Origin>,
     /// The paths answered (empty: any); each also answers below it.
     pub paths: Vec<String>,
     /// How often the client is pinged, and how long it has to answer.

@@ -570,7 +570,7 @@ keywords!(Messages { "text" => Text, "binary" => Binary });
 value_type!(
     /// Origins a WebSocket service accepts besides its own:
     /// `"https://example.com"`, `"example.com:8443"`, `"example.com"`.
-    Origins(Vec<crate::websocket::Origin>) from Vec<String>,
+    Origins(Vec<super::Origin>) from Vec<String>,
     |v| v.iter().map(|t| t.parse()).collect()
 );
 

@@ -425,7 +425,7 @@ fn tls_keys_are_checked_where_they_stand() {
     ))
     .unwrap();
     let tls = good.services[0].tls.as_ref().expect("TLS");
-    assert_eq!(tls.client_auth, crate::tls::ClientAuth::None);
+    assert_eq!(tls.client_auth, ClientAuth::None);
     assert_eq!(
         good.services[0].handshake_timeout,
         defaults::HANDSHAKE_TIMEOUT
@@ -473,9 +473,6 @@ fn tls_keys_are_checked_where_they_stand() {
     ))
     .unwrap();
     let s = &with_ca.services[0];
-    assert_eq!(
-        s.tls.as_ref().unwrap().client_auth,
-        crate::tls::ClientAuth::Required
-    );
+    assert_eq!(s.tls.as_ref().unwrap().client_auth, ClientAuth::Required);
     assert_eq!(s.handshake_timeout, Duration::from_secs(2));
 }

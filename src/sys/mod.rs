@@ -4,16 +4,19 @@
 //!
 //! - `fd`: inherited and accepted descriptors, the event loop's
 //!   registrations, TCP_INFO, and process-wide descriptor hygiene.
+//! - `ktls`: whether a socket has the kernel's TLS, and sending an alert on it.
 //! - `spawn`: the clone that starts a command, and its child until exec.
 #![allow(unsafe_code)]
 
 mod fd;
+mod ktls;
 mod spawn;
 
 pub use fd::{
     accept, adopt_inherited_fd, cloexec_from_3, default_sigchld, getxattr, readable_bytes,
     register, tcp_bytes, tcp_quiet, wait,
 };
+pub use ktls::{is_ktls, send_alert};
 pub use spawn::{
     cgroup_spawn_method, commands_get_nofile, probe_clone3, spawn, Exec, Place, Slots, Stage,
 };

@@ -13,7 +13,8 @@ use nix::errno::Errno;
 use rustls::{CertificateError, Error as TlsError, ServerConnection};
 use tokio::io::unix::AsyncFd;
 
-use super::{names, Tls};
+use super::names;
+use crate::config::Tls;
 use crate::fdio;
 
 /// The largest record a client may send: 2^14 bytes of plaintext and the
@@ -23,7 +24,7 @@ const HEADER: usize = 5;
 
 /// A client that completed its handshake.
 pub struct Accepted {
-    pub conn: ServerConnection,
+    pub conn: Box<ServerConnection>,
     /// `SSL_PROTOCOL`, `SSL_CIPHER`, … for the command.
     pub env: Vec<(String, String)>,
     /// "TLSv1.3 TLS_AES_128_GCM_SHA256", for the log.
@@ -87,7 +88,7 @@ pub async fn accept(
         Ok(Ok(())) => Ok(Accepted {
             env: names::environment(&conn),
             summary: names::summary(&conn),
-            conn,
+            conn: Box::new(conn),
         }),
     }
 }

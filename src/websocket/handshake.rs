@@ -3,10 +3,9 @@
 //! and no command; a plain GET gets the console page where the service has
 //! one. The accepted request becomes the command's CGI-style environment.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use nix::sys::socket::{shutdown, Shutdown as How};
 use tokio::io::unix::AsyncFd;
 
 use super::Browser;
@@ -114,7 +113,7 @@ async fn read_request(socket: &AsyncFd<OwnedFd>) -> Result<(Vec<u8>, usize), Unr
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut len = 0;
     loop {
-        let n = fdio::read_with(socket, |fd| nix::unistd::read(fd, &mut buf[len..]))
+        let n = fdio::read_with(socket, |fd| fdio::read(fd, &mut buf[len..]))
             .await
             .map_err(|e| Unreadable::Gone(format!("reading the request: {}", e.desc())))?;
         if n == 0 {
@@ -371,7 +370,10 @@ fn origin_allowed(r: &Request, ws: &WebSocket, origin: &str) -> bool {
     let same = r
         .host()
         .is_some_and(|(host, port)| host == browser.host && port == browser.port);
-    same || ws.allowed_origins.iter().any(|o| o.matches(&browser))
+    same || ws
+        .allowed_origins
+        .iter()
+        .any(|o| super::matches(o, &browser))
 }
 
 /// A plain HTTP error, and the connection closed.
@@ -411,10 +413,10 @@ async fn answer(
 /// close does not become a reset that destroys the answer in flight.
 pub(super) fn close_gently(socket: &AsyncFd<OwnedFd>) {
     let fd = socket.get_ref();
-    let _ = shutdown(fd.as_raw_fd(), How::Write);
+    fdio::end_output(fd);
     let mut buf = [0u8; 4096];
     for _ in 0..16 {
-        match nix::unistd::read(fd, &mut buf) {
+        match fdio::read(fd, &mut buf) {
             Ok(n) if n > 0 => {}
             _ => break,
         }

@@ -18,8 +18,7 @@ mod frames;
 mod handshake;
 mod session;
 
-use std::fmt;
-use std::str::FromStr;
+use crate::config::{split_host_port, Origin};
 
 pub use handshake::{handshake, Refused, Upgraded};
 pub use session::Session;
@@ -36,67 +35,11 @@ pub fn close_unserved(socket: &tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>, r
     handshake::close_gently(socket);
 }
 
-/// An origin a service accepts: `scheme://host[:port]`, or `host[:port]`
-/// for any scheme; without a port, any port.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
-    scheme: Option<String>,
-    host: String,
-    port: Option<u16>,
-}
-
-impl FromStr for Origin {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Origin, String> {
-        let bad = || {
-            format!(
-                "{text:?}: expected an origin like \"https://example.com\", \"example.com:8443\" or \"example.com\""
-            )
-        };
-        let (scheme, rest) = match text.split_once("://") {
-            Some((s, r))
-                if !s.is_empty()
-                    && s.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
-            {
-                (Some(s.to_ascii_lowercase()), r)
-            }
-            Some(_) => return Err(bad()),
-            None => (None, text),
-        };
-        let (host, port) = split_host_port(rest).ok_or_else(bad)?;
-        if host.is_empty() || rest.contains(['/', '?', '#', '@']) {
-            return Err(bad());
-        }
-        Ok(Origin {
-            scheme,
-            host: host.to_ascii_lowercase(),
-            port,
-        })
-    }
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(s) = &self.scheme {
-            write!(f, "{s}://")?;
-        }
-        f.write_str(&self.host)?;
-        if let Some(p) = self.port {
-            write!(f, ":{p}")?;
-        }
-        Ok(())
-    }
-}
-
-impl Origin {
-    /// Whether a browser's `Origin` header value names this origin.
-    fn matches(&self, origin: &Browser) -> bool {
-        self.scheme.as_ref().is_none_or(|s| *s == origin.scheme)
-            && self.host == origin.host
-            && self.port.is_none_or(|p| p == origin.port)
-    }
+/// Whether a browser's `Origin` header value names `origin`.
+fn matches(origin: &Origin, browser: &Browser) -> bool {
+    origin.scheme.as_ref().is_none_or(|s| *s == browser.scheme)
+        && origin.host == browser.host
+        && origin.port.is_none_or(|p| p == browser.port)
 }
 
 /// An `Origin` header's value, parsed: scheme, host and port (the scheme's
@@ -126,23 +69,6 @@ impl Browser {
     }
 }
 
-/// `host`, `host:port`, `[v6]` or `[v6]:port`; None for a bad port.
-fn split_host_port(text: &str) -> Option<(&str, Option<u16>)> {
-    if let Some(rest) = text.strip_prefix('[') {
-        let (host, after) = rest.split_once(']')?;
-        return match after.strip_prefix(':') {
-            Some(p) => Some((host, Some(p.parse().ok()?))),
-            None if after.is_empty() => Some((host, None)),
-            None => None,
-        };
-    }
-    match text.rsplit_once(':') {
-        Some((host, p)) if !host.contains(':') => Some((host, Some(p.parse().ok()?))),
-        Some(_) => None,
-        None => Some((text, None)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,13 +79,13 @@ mod tests {
         let exact: Origin = "https://example.com:8443".parse().unwrap();
         let https: Origin = "https://Example.com".parse().unwrap();
         let b = |v| Browser::parse(v).unwrap();
-        assert!(any_port.matches(&b("http://example.com:8080")));
-        assert!(any_port.matches(&b("https://example.com")));
-        assert!(!any_port.matches(&b("https://evil.example")));
-        assert!(exact.matches(&b("https://example.com:8443")));
-        assert!(!exact.matches(&b("https://example.com")));
-        assert!(https.matches(&b("https://example.com")), "{https}");
-        assert!(!https.matches(&b("http://example.com")));
+        assert!(matches(&any_port, &b("http://example.com:8080")));
+        assert!(matches(&any_port, &b("https://example.com")));
+        assert!(!matches(&any_port, &b("https://evil.example")));
+        assert!(matches(&exact, &b("https://example.com:8443")));
+        assert!(!matches(&exact, &b("https://example.com")));
+        assert!(matches(&https, &b("https://example.com")), "{https}");
+        assert!(!matches(&https, &b("http://example.com")));
         assert_eq!(b("http://[::1]:9").port, 9);
         for bad in ["https://", "ex ample.com/x", "a://b/c", "://x", "x:port"] {
             assert!(bad.parse::<Origin>().is_err(), "{bad}");

@@ -18,12 +18,11 @@
 //! behind the header's room.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{shutdown, Shutdown as How};
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -180,7 +179,7 @@ impl<'a> Session<'a> {
     /// control frames. Returns once the socket is full or nothing is left.
     fn send(&mut self, ready: io::Result<AsyncFdReadyGuard<'_, OwnedFd>>) -> Result<(), End> {
         let mut ready =
-            ready.map_err(|e| client_error(fdio::errno(&e), "writing to the client"))?;
+            ready.map_err(|e| End::client_error(fdio::errno(&e), "writing to the client"))?;
         loop {
             if self.wire.is_empty() {
                 if self.outbox.is_empty() {
@@ -195,7 +194,7 @@ impl<'a> Session<'a> {
                     ready.clear_ready();
                     return Ok(());
                 }
-                Err(e) => return Err(client_error(e, "writing to the client")),
+                Err(e) => return Err(End::client_error(e, "writing to the client")),
             }
         }
     }
@@ -263,7 +262,7 @@ impl<'a> Session<'a> {
     /// keep the session alive, a close ends it.
     fn receive(&mut self, ready: io::Result<AsyncFdReadyGuard<'_, OwnedFd>>) -> Result<(), End> {
         let mut ready =
-            ready.map_err(|e| client_error(fdio::errno(&e), "reading from the client"))?;
+            ready.map_err(|e| End::client_error(fdio::errno(&e), "reading from the client"))?;
         for _ in 0..BATCH {
             let mut io = Outbox {
                 socket: self.socket.get_ref(),
@@ -409,7 +408,7 @@ impl<'a> Session<'a> {
             if await_reply && !matches!(end, End::ClientClosed(_)) {
                 self.await_close().await;
             }
-            let _ = shutdown(socket.get_ref().as_raw_fd(), How::Write);
+            fdio::end_output(socket.get_ref());
             let _ = fdio::discard(socket, |n| traffic.dropped(n as u64)).await;
         };
         let _ = tokio::time::timeout(grace, closing).await;
@@ -469,20 +468,13 @@ fn close_code(end: &End) -> Option<(CloseCode, &'static str)> {
 /// What a reading error from tungstenite means for the record.
 fn failed(e: WsError) -> End {
     match e {
-        WsError::Io(e) => client_error(fdio::errno(&e), "reading from the client"),
+        WsError::Io(e) => End::client_error(fdio::errno(&e), "reading from the client"),
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Unannounced,
         WsError::Protocol(p) => End::ProtocolError(p.to_string()),
         WsError::Utf8(_) => End::InvalidUtf8,
         WsError::Capacity(c) => End::MessageTooBig(c.to_string()),
         WsError::ConnectionClosed | WsError::AlreadyClosed => End::ClientClosed(None),
         other => End::Error(other.to_string()),
-    }
-}
-
-fn client_error(e: Errno, doing: &str) -> End {
-    match fdio::class(e) {
-        Class::Disconnect => End::ClientGone(e),
-        _ => End::Error(format!("{doing}: {}", e.desc())),
     }
 }
 
@@ -520,7 +512,7 @@ struct Outbox<'b> {
 
 impl Read for Outbox<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        retry(|| nix::unistd::read(self.socket, buf)).map_err(io::Error::from)
+        retry(|| fdio::read(self.socket, buf)).map_err(io::Error::from)
     }
 }
 

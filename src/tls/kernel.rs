@@ -1,0 +1,231 @@
+//! The kernel's TLS (kTLS): after the handshake, where the kernel has the
+//! TLS ULP and the negotiated cipher, the session's keys go to the kernel,
+//! which then encrypts what is written to the socket and decrypts what is
+//! read from it. The connection's pipeline runs on the socket itself, so
+//! the splice path splices into it and a command given the socket
+//! (`transfer = "direct"`) writes plaintext that the kernel encrypts.
+//!
+//! What the kernel leaves to user space, and what the daemon does with it:
+//! - records that are not data: a read meets them as EIO, and `fdio::read`
+//!   reads the record and its type: the client's close_notify is its
+//!   end-of-file, another alert its end, and a TLS 1.3 KeyUpdate (which the
+//!   kernels Debian ships cannot take: rekeying came in 6.14) ends the
+//!   connection with an alert and a warning that says so;
+//! - the close_notify at the end of the output: the kernel never sends one,
+//!   so `fdio::end_output` does, before the shutdown;
+//! - session tickets: rustls sends them with the end of the handshake, which
+//!   is written out before the keys are taken.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::OnceLock;
+
+use nix::errno::Errno;
+use nix::sys::socket::sockopt::{TcpTlsRx, TcpTlsTx, TcpUlp, TlsCryptoInfo};
+use nix::sys::socket::{setsockopt, shutdown, Shutdown as How};
+use rustls::{CipherSuite, ConnectionTrafficSecrets, ProtocolVersion, ServerConnection};
+
+/// The ciphers the kernel takes (libc's TLS_CIPHER_* numbers), probed once.
+#[derive(Debug, Clone)]
+pub struct Offer {
+    ciphers: Vec<u16>,
+}
+
+/// Whether the kernel offers kTLS, and for which ciphers; or why not.
+pub fn offer() -> &'static Result<Offer, String> {
+    static OFFER: OnceLock<Result<Offer, String>> = OnceLock::new();
+    OFFER.get_or_init(probe)
+}
+
+/// Tries the ULP and each cipher's keys on loopback connections of its own.
+fn probe() -> Result<Offer, String> {
+    let mut ciphers = Vec::new();
+    for cipher in [
+        libc::TLS_CIPHER_AES_GCM_128,
+        libc::TLS_CIPHER_AES_GCM_256,
+        libc::TLS_CIPHER_CHACHA20_POLY1305,
+    ] {
+        let (socket, _peer) = connected().map_err(|e| format!("cannot probe kTLS: {e}"))?;
+        match setsockopt(&socket, TcpUlp::default(), b"tls") {
+            Ok(()) => {}
+            Err(Errno::ENOENT) => return Err("the kernel has no TLS ULP (the tls module)".into()),
+            Err(e) => return Err(format!("TCP_ULP tls: {}", e.desc())),
+        }
+        let info = crypto_info(cipher, libc::TLS_1_3_VERSION, &[0; 32], &[0; 12], 0);
+        let both = info.and_then(|info| {
+            setsockopt(&socket, TcpTlsTx, &info).ok()?;
+            setsockopt(&socket, TcpTlsRx, &info).ok()
+        });
+        if both.is_some() {
+            ciphers.push(cipher);
+        }
+    }
+    if ciphers.is_empty() {
+        return Err(
+            "the kernel's TLS takes none of the ciphers (AES-GCM, ChaCha20-Poly1305)".into(),
+        );
+    }
+    Ok(Offer { ciphers })
+}
+
+/// Both ends of a loopback TCP connection: kTLS takes only an established
+/// one, so the peer is kept open beside the end that is probed.
+fn connected() -> io::Result<(OwnedFd, std::net::TcpStream)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let client = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let (server, _) = listener.accept()?;
+    Ok((server.into(), client))
+}
+
+/// What the start-up log says of the kernel's TLS.
+pub fn describe() -> String {
+    match offer() {
+        Ok(offer) => {
+            let names: Vec<&str> = offer
+                .ciphers
+                .iter()
+                .map(|c| match *c {
+                    libc::TLS_CIPHER_AES_GCM_128 => "AES-128-GCM",
+                    libc::TLS_CIPHER_AES_GCM_256 => "AES-256-GCM",
+                    _ => "ChaCha20-Poly1305",
+                })
+                .collect();
+            format!(
+                "the kernel encrypts after the handshake (kTLS: {})",
+                names.join(", ")
+            )
+        }
+        Err(why) => format!("records are encrypted in the daemon (rustls): no kTLS, {why}"),
+    }
+}
+
+/// Hands the session to the kernel, if it takes the negotiated cipher.
+/// Err gives the connection back, untouched, for the layer in user space.
+pub fn hand_off(
+    socket: BorrowedFd<'_>,
+    mut conn: Box<ServerConnection>,
+) -> Result<(), Box<ServerConnection>> {
+    let Ok(offer) = offer() else {
+        return Err(conn);
+    };
+    let version = match conn.protocol_version() {
+        Some(ProtocolVersion::TLSv1_3) => libc::TLS_1_3_VERSION,
+        Some(ProtocolVersion::TLSv1_2) => libc::TLS_1_2_VERSION,
+        _ => return Err(conn),
+    };
+    let cipher = match conn.negotiated_cipher_suite().map(|s| s.suite()) {
+        Some(
+            CipherSuite::TLS13_AES_128_GCM_SHA256
+            | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+            | CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        ) => libc::TLS_CIPHER_AES_GCM_128,
+        Some(
+            CipherSuite::TLS13_AES_256_GCM_SHA384
+            | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+            | CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        ) => libc::TLS_CIPHER_AES_GCM_256,
+        Some(
+            CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+            | CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+            | CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+        ) => libc::TLS_CIPHER_CHACHA20_POLY1305,
+        _ => return Err(conn),
+    };
+    // Anything rustls still holds (to write, or decrypted past the
+    // handshake; reading it one record at a time leaves none) would be lost
+    // to the kernel.
+    let held = conn.process_new_packets().map_or(true, |s| {
+        s.plaintext_bytes_to_read() > 0 || s.tls_bytes_to_write() > 0
+    });
+    if !offer.ciphers.contains(&cipher) || held {
+        return Err(conn);
+    }
+    if setsockopt(&socket, TcpUlp::default(), b"tls").is_err() {
+        return Err(conn);
+    }
+    // From here the session is the kernel's or nobody's: rustls' state is
+    // given up for the keys.
+    let Ok(secrets) = conn.dangerous_extract_secrets() else {
+        let _ = shutdown(socket.as_raw_fd(), How::Both);
+        return Ok(());
+    };
+    let tx = info_of(version, secrets.tx);
+    let rx = info_of(version, secrets.rx);
+    let installed = match (tx, rx) {
+        (Some(tx), Some(rx)) => {
+            setsockopt(&socket, TcpTlsTx, &tx).and_then(|()| setsockopt(&socket, TcpTlsRx, &rx))
+        }
+        _ => Err(Errno::EINVAL),
+    };
+    if let Err(e) = installed {
+        // The probe said this cipher works; a failure now leaves a socket
+        // that can only be closed.
+        tracing::warn!(error = %e.desc(), "kTLS refused a session's keys; the connection is closed");
+        let _ = shutdown(socket.as_raw_fd(), How::Both);
+    }
+    Ok(())
+}
+
+fn info_of(version: u16, (seq, secrets): (u64, ConnectionTrafficSecrets)) -> Option<TlsCryptoInfo> {
+    let (cipher, key, iv) = match &secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
+            (libc::TLS_CIPHER_AES_GCM_128, key.as_ref(), iv.as_ref())
+        }
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
+            (libc::TLS_CIPHER_AES_GCM_256, key.as_ref(), iv.as_ref())
+        }
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (
+            libc::TLS_CIPHER_CHACHA20_POLY1305,
+            key.as_ref(),
+            iv.as_ref(),
+        ),
+        _ => return None,
+    };
+    crypto_info(cipher, version, key, iv, seq)
+}
+
+/// The kernel's crypto_info for `cipher`: for GCM the first 4 bytes of the
+/// 12-byte IV are the salt and the rest the IV; ChaCha20 takes all 12.
+fn crypto_info(
+    cipher: u16,
+    version: u16,
+    key: &[u8],
+    iv: &[u8],
+    seq: u64,
+) -> Option<TlsCryptoInfo> {
+    let info = libc::tls_crypto_info {
+        version,
+        cipher_type: cipher,
+    };
+    let rec_seq = seq.to_be_bytes();
+    Some(match cipher {
+        libc::TLS_CIPHER_AES_GCM_128 => {
+            TlsCryptoInfo::Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128 {
+                info,
+                iv: iv.get(4..12)?.try_into().ok()?,
+                key: key.get(..16)?.try_into().ok()?,
+                salt: iv.get(..4)?.try_into().ok()?,
+                rec_seq,
+            })
+        }
+        libc::TLS_CIPHER_AES_GCM_256 => {
+            TlsCryptoInfo::Aes256Gcm(libc::tls12_crypto_info_aes_gcm_256 {
+                info,
+                iv: iv.get(4..12)?.try_into().ok()?,
+                key: key.get(..32)?.try_into().ok()?,
+                salt: iv.get(..4)?.try_into().ok()?,
+                rec_seq,
+            })
+        }
+        libc::TLS_CIPHER_CHACHA20_POLY1305 => {
+            TlsCryptoInfo::Chacha20Poly1305(libc::tls12_crypto_info_chacha20_poly1305 {
+                info,
+                iv: iv.get(..12)?.try_into().ok()?,
+                key: key.get(..32)?.try_into().ok()?,
+                salt: [],
+                rec_seq,
+            })
+        }
+        _ => return None,
+    })
+}

@@ -1,0 +1,258 @@
+//! The kernel's TLS (kTLS): where the kernel has the TLS ULP, the session's
+//! keys go to it after the handshake, and the connection goes on as if it
+//! were plaintext. These tests need such a kernel; the machines here have
+//! none, so `tests/ktls/run.sh` boots Debian's own kernel in a VM (QEMU)
+//! and runs them there (`.ci/run` does). Elsewhere they show as ignored.
+
+mod common;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+fn tls_serve(pki: &Pki, command: &str, extra: &str) -> (Daemon, SocketAddr) {
+    let lines = format!(
+        "tls_certificate = \"{}\"\ntls_key = \"{}\"\n{extra}",
+        pki.file("server.pem"),
+        pki.file("server-key.pem")
+    );
+    let (d, addr) = serve(command, &lines);
+    let said = d.wait_log(&["tls: "]);
+    assert!(said.contains("the kernel encrypts after the handshake (kTLS: AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305)"), "{said}");
+    (d, addr)
+}
+
+/// Runs a Python script with ssl and socket imported, port and CA file as
+/// `port` and `ca`.
+fn python(addr: SocketAddr, pki: &Pki, body: &str) -> String {
+    let script = format!(
+        "import hashlib, socket, ssl, sys, time\nport, ca = int(sys.argv[1]), sys.argv[2]\n{body}"
+    );
+    let out = Command::new(PYTHON)
+        .arg("-c")
+        .arg(&script)
+        .arg(addr.port().to_string())
+        .arg(pki.file("ca.pem"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// 8 MB of random bytes, and their sha256.
+fn data(pki: &Pki) -> (std::path::PathBuf, String) {
+    let file = pki.path("data");
+    let status = Command::new("head")
+        .args(["-c", "8000000", "/dev/urandom"])
+        .stdout(std::fs::File::create(&file).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = Command::new("sha256sum").arg(&file).output().unwrap();
+    (
+        file,
+        String::from_utf8(out.stdout).unwrap()[..64].to_owned(),
+    )
+}
+
+const READ_ALL: &str = r#"ctx = ssl.create_default_context(cafile=ca)
+with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost") as s:
+    h, n = hashlib.sha256(), 0
+    while True:
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            break
+        h.update(chunk)
+        n += len(chunk)
+print(n, h.hexdigest())"#;
+
+/// Output spliced into the kernel's TLS, copied, and written by a command
+/// given the socket itself: all of it arrives, and the record says the
+/// kernel encrypted it.
+#[test]
+#[ignore = "needs the kernel's TLS: tests/ktls/run.sh runs these in a VM"]
+fn output_goes_through_the_kernel_on_every_transfer() {
+    let pki = Pki::new();
+    let (file, want) = data(&pki);
+    for transfer in ["splice", "socketpair", "direct"] {
+        let (d, addr) = tls_serve(
+            &pki,
+            &format!(r#"["cat", "{}"]"#, file.display()),
+            &format!("transfer = \"{transfer}\""),
+        );
+        let out = python(addr, &pki, READ_ALL);
+        assert_eq!(
+            out.split_whitespace().take(2).collect::<Vec<_>>(),
+            ["8000000", want.as_str()],
+            "{transfer}"
+        );
+        let r = d.wait_record_where(|r| r.reason == "output-ended" || r.reason == "command-exited");
+        assert!(r.tls.ends_with(" kernel"), "{transfer}: {r}");
+    }
+}
+
+/// The kernel never sends a close_notify; the daemon does, so a client that
+/// insists on one (curl with OpenSSL 3) sees a clean end.
+#[test]
+#[ignore = "needs the kernel's TLS: tests/ktls/run.sh runs these in a VM"]
+fn the_end_of_output_carries_a_close_notify() {
+    let pki = Pki::new();
+    let (d, addr) = tls_serve(
+        &pki,
+        &sh(r"printf 'HTTP/1.0 200 OK\\r\\n\\r\\n'; echo over the kernel"),
+        "",
+    );
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60", "--cacert", &pki.file("ca.pem")])
+        .args(["--resolve", &format!("localhost:{}:127.0.0.1", addr.port())])
+        .arg(format!("https://localhost:{}/", addr.port()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "over the kernel\n");
+    let r = d.wait_record_where(|r| r.reason == "output-ended");
+    assert!(r.tls.ends_with(" kernel"), "{r}");
+}
+
+/// The client's close_notify reaches the command as end-of-file (the kernel
+/// hands it to the daemon as a record that is not data).
+#[test]
+#[ignore = "needs the kernel's TLS: tests/ktls/run.sh runs these in a VM"]
+fn the_clients_close_notify_is_end_of_file() {
+    let pki = Pki::new();
+    let got = pki.path("got");
+    let (d, addr) = tls_serve(
+        &pki,
+        // No output after the end-of-file: Python's unwrap() takes none
+        // between its close_notify and the daemon's.
+        &sh(&format!("cat > {}", got.display())),
+        "stdin = \"client\"",
+    );
+    python(
+        addr,
+        &pki,
+        r#"ctx = ssl.create_default_context(cafile=ca)
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost")
+s.sendall(b"hello over the kernel\n")
+raw = s.unwrap()  # sends close_notify, then waits for the daemon's
+raw.settimeout(60)
+while raw.recv(65536):
+    pass"#,
+    );
+    let r = d.wait_record_where(|r| r.reason == "output-ended" || r.reason == "client-gone");
+    assert_eq!(
+        std::fs::read_to_string(&got).unwrap(),
+        "hello over the kernel\n",
+        "{r}"
+    );
+    assert_eq!(r.exit, "0", "cat saw end-of-file, not an error: {r}");
+}
+
+/// A TLS 1.3 key update, which these kernels cannot take, ends the
+/// connection with an alert and a warning that says why.
+#[test]
+#[ignore = "needs the kernel's TLS: tests/ktls/run.sh runs these in a VM"]
+fn a_key_update_is_refused_cleanly() {
+    let pki = Pki::new();
+    let (d, addr) = tls_serve(&pki, &sh("echo ready; cat"), "stdin = \"client\"");
+    let mut client = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            "localhost",
+        ])
+        .args(["-CAfile", &pki.file("ca.pem")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = client.stdin.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(client.stdout.take().unwrap()));
+    assert!(lines.any(|l| l.unwrap() == "ready"));
+    // s_client's interactive command for a KeyUpdate.
+    stdin.write_all(b"k\n").unwrap();
+    let said = d.wait_log(&["key update", "cannot take before Linux 6.14"]);
+    assert!(said.contains("WARN"), "{said}");
+    let r = d.wait_record_where(|r| r.reason == "client-gone");
+    assert!(r.message.contains("Protocol error"), "{r}");
+    drop(stdin);
+    let _ = client.kill();
+    let _ = client.wait();
+}
+
+/// A WebSocket service over the kernel's TLS: binary frames spliced into it.
+#[test]
+#[ignore = "needs the kernel's TLS: tests/ktls/run.sh runs these in a VM"]
+fn websocket_binary_frames_are_spliced_into_the_kernel() {
+    let pki = Pki::new();
+    let (file, want) = data(&pki);
+    let (d, addr) = tls_serve(
+        &pki,
+        &format!(r#"["cat", "{}"]"#, file.display()),
+        "protocol = \"websocket\"\nmessages = \"binary\"",
+    );
+    let out = python_ws(
+        &format!("wss://localhost:{}/", addr.port()),
+        &format!(
+            "import hashlib, ssl\nctx = ssl.create_default_context(cafile={:?})\nh, n = hashlib.sha256(), 0\n\
+             async with websockets.connect(url, ssl=ctx, max_size=None) as ws:\n    async for m in ws:\n        \
+             h.update(m)\n        n += len(m)\nprint(n, h.hexdigest())",
+            pki.file("ca.pem")
+        ),
+    );
+    assert_eq!(out.trim(), format!("8000000 {want}"));
+    let r = d.wait_record_where(|r| r.reason == "output-ended");
+    assert!(r.tls.ends_with(" kernel"), "{r}");
+}
+
+/// A record that does not verify: the kernel refuses it (EBADMSG), and the
+/// connection ends as a TLS error. The kernel still holds the bad record
+/// unread, so the client sees a reset rather than an alert.
+#[test]
+#[ignore = "needs the kernel's TLS: tests/ktls/run.sh runs these in a VM"]
+fn a_forged_record_ends_the_connection_as_a_tls_error() {
+    let pki = Pki::new();
+    let (d, addr) = tls_serve(&pki, &sh("echo ready; exec sleep 60"), "");
+    python(
+        addr,
+        &pki,
+        r#"import os
+ctx = ssl.create_default_context(cafile=ca)
+raw = socket.create_connection(("127.0.0.1", port))
+incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+while True:
+    try:
+        obj.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        raw.sendall(outgoing.read())
+        incoming.write(raw.recv(65536))
+raw.sendall(outgoing.read())
+raw.sendall(bytes([23, 3, 3, 0, 40]) + os.urandom(40))
+raw.settimeout(60)
+try:
+    while raw.recv(65536):
+        pass
+except ConnectionResetError:
+    pass"#,
+    );
+    let r = d.wait_record_where(|r| r.reason == "tls-error");
+    assert!(r.message.contains("does not verify"), "{r}");
+    assert_eq!(r.exit, "SIGTERM", "{r}");
+    assert!(r.tls.ends_with(" kernel"), "{r}");
+}
