@@ -251,7 +251,7 @@ impl Relayed<'_> {
 impl Relayed<'_> {
     /// With TLS: the layer moves the command's output from `output` to the
     /// client itself (encrypting as it reads) and the client's bytes to
-    /// `input`; the rest as [`Relayed::run`]. `self.socket` is the client's.
+    /// `input`; the rest as `Relayed::run`. `self.socket` is the client's.
     pub async fn encrypted(
         &self,
         layer: &mut Layer,
