@@ -20,7 +20,10 @@ fn tls_serve(pki: &Pki, command: &str, extra: &str) -> (Daemon, SocketAddr) {
     );
     let (d, addr) = serve(command, &lines);
     let said = d.wait_log(&["tls: "]);
-    assert!(said.contains("the kernel encrypts after the handshake (kTLS: AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305)"), "{said}");
+    assert!(
+        said.contains("the kernel encrypts after the handshake (kTLS: the tls module is loaded)"),
+        "{said}"
+    );
     (d, addr)
 }
 
@@ -255,4 +258,58 @@ except ConnectionResetError:
     assert!(r.message.contains("does not verify"), "{r}");
     assert_eq!(r.exit, "SIGTERM", "{r}");
     assert!(r.tls.ends_with(" kernel"), "{r}");
+}
+
+/// Each cipher and both versions reach the kernel: TLS 1.3 with AES-128-GCM
+/// and ChaCha20-Poly1305 (curl), TLS 1.2 with AES-GCM.
+#[test]
+#[ignore = "needs the kernel's TLS: tests/ktls/run.sh runs these in a VM"]
+fn every_cipher_and_version_goes_through_the_kernel() {
+    let pki = Pki::new();
+    let (d, addr) = tls_serve(
+        &pki,
+        &sh(r"printf 'HTTP/1.0 200 OK\\r\\n\\r\\n'; head -c 300000 /dev/zero | tr '\\0' x"),
+        "",
+    );
+    let url = format!("https://localhost:{}/", addr.port());
+    let resolve = format!("localhost:{}:127.0.0.1", addr.port());
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--tls13-ciphers", "TLS_AES_128_GCM_SHA256"],
+            "TLSv1.3 TLS_AES_128_GCM_SHA256 kernel",
+        ),
+        (
+            &["--tls13-ciphers", "TLS_CHACHA20_POLY1305_SHA256"],
+            "TLSv1.3 TLS_CHACHA20_POLY1305_SHA256 kernel",
+        ),
+        (
+            &[
+                "--tls-max",
+                "1.2",
+                "--ciphers",
+                "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384",
+            ],
+            "TLSv1.2 ",
+        ),
+    ];
+    for (n, (args, want)) in cases.iter().enumerate() {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "60", "--cacert", &pki.file("ca.pem")])
+            .args(["--resolve", &resolve])
+            .args(*args)
+            .arg(&url)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout.len(), 300_000, "{args:?}");
+        let r = d.wait_record_where(|r| r.conn == n as u64 + 1 && r.reason == "output-ended");
+        assert!(
+            r.tls.starts_with(want) && r.tls.ends_with(" kernel"),
+            "{args:?}: {r}"
+        );
+    }
 }

@@ -15,9 +15,15 @@
 //!   so `fdio::end_output` does, before the shutdown;
 //! - session tickets: rustls sends them with the end of the handshake, which
 //!   is written out before the keys are taken.
+//!
+//! Whether the kernel offers it is read once, from `tcp_available_ulp`: the
+//! daemon under the shipped unit cannot load the module itself (no
+//! CAP_NET_ADMIN), nor make a connection of its own to try it. A cipher the
+//! kernel refuses keys for (its crypto module missing) costs the one
+//! connection that found out; later sessions with it stay in user space.
 
-use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use nix::errno::Errno;
@@ -25,76 +31,37 @@ use nix::sys::socket::sockopt::{TcpTlsRx, TcpTlsTx, TcpUlp, TlsCryptoInfo};
 use nix::sys::socket::{setsockopt, shutdown, Shutdown as How};
 use rustls::{CipherSuite, ConnectionTrafficSecrets, ProtocolVersion, ServerConnection};
 
-/// The ciphers the kernel takes (libc's TLS_CIPHER_* numbers), probed once.
-#[derive(Debug, Clone)]
-pub struct Offer {
-    ciphers: Vec<u16>,
+/// Where the kernel lists the TCP ULPs it has loaded.
+const AVAILABLE_ULP: &str = "/proc/sys/net/ipv4/tcp_available_ulp";
+
+/// Whether the kernel offers kTLS (its `tls` ULP is loaded), or why not.
+/// Read once, from a file: the shipped unit may make no connection of its
+/// own (`IPAddressDeny=`), and has no CAP_NET_ADMIN to load the module.
+pub fn offer() -> &'static Result<(), String> {
+    static OFFER: OnceLock<Result<(), String>> = OnceLock::new();
+    OFFER.get_or_init(|| match std::fs::read_to_string(AVAILABLE_ULP) {
+        Ok(list) if list.split_whitespace().any(|u| u == "tls") => Ok(()),
+        Ok(list) => Err(format!(
+            "the kernel's tls module is not loaded ({AVAILABLE_ULP}: {:?}; load it with `modprobe tls`, \
+             at boot through modules-load.d)",
+            list.trim()
+        )),
+        Err(e) => Err(format!("{AVAILABLE_ULP}: {}", crate::fdio::reason(&e))),
+    })
 }
 
-/// Whether the kernel offers kTLS, and for which ciphers; or why not.
-pub fn offer() -> &'static Result<Offer, String> {
-    static OFFER: OnceLock<Result<Offer, String>> = OnceLock::new();
-    OFFER.get_or_init(probe)
-}
+/// The ciphers (libc's TLS_CIPHER_* numbers) the kernel refused keys for:
+/// a session with one of those stays in user space.
+static REFUSED: AtomicU32 = AtomicU32::new(0);
 
-/// Tries the ULP and each cipher's keys on loopback connections of its own.
-fn probe() -> Result<Offer, String> {
-    let mut ciphers = Vec::new();
-    for cipher in [
-        libc::TLS_CIPHER_AES_GCM_128,
-        libc::TLS_CIPHER_AES_GCM_256,
-        libc::TLS_CIPHER_CHACHA20_POLY1305,
-    ] {
-        let (socket, _peer) = connected().map_err(|e| format!("cannot probe kTLS: {e}"))?;
-        match setsockopt(&socket, TcpUlp::default(), b"tls") {
-            Ok(()) => {}
-            Err(Errno::ENOENT) => return Err("the kernel has no TLS ULP (the tls module)".into()),
-            Err(e) => return Err(format!("TCP_ULP tls: {}", e.desc())),
-        }
-        let info = crypto_info(cipher, libc::TLS_1_3_VERSION, &[0; 32], &[0; 12], 0);
-        let both = info.and_then(|info| {
-            setsockopt(&socket, TcpTlsTx, &info).ok()?;
-            setsockopt(&socket, TcpTlsRx, &info).ok()
-        });
-        if both.is_some() {
-            ciphers.push(cipher);
-        }
-    }
-    if ciphers.is_empty() {
-        return Err(
-            "the kernel's TLS takes none of the ciphers (AES-GCM, ChaCha20-Poly1305)".into(),
-        );
-    }
-    Ok(Offer { ciphers })
-}
-
-/// Both ends of a loopback TCP connection: kTLS takes only an established
-/// one, so the peer is kept open beside the end that is probed.
-fn connected() -> io::Result<(OwnedFd, std::net::TcpStream)> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let client = std::net::TcpStream::connect(listener.local_addr()?)?;
-    let (server, _) = listener.accept()?;
-    Ok((server.into(), client))
+fn bit(cipher: u16) -> u32 {
+    1 << (cipher & 31)
 }
 
 /// What the start-up log says of the kernel's TLS.
 pub fn describe() -> String {
     match offer() {
-        Ok(offer) => {
-            let names: Vec<&str> = offer
-                .ciphers
-                .iter()
-                .map(|c| match *c {
-                    libc::TLS_CIPHER_AES_GCM_128 => "AES-128-GCM",
-                    libc::TLS_CIPHER_AES_GCM_256 => "AES-256-GCM",
-                    _ => "ChaCha20-Poly1305",
-                })
-                .collect();
-            format!(
-                "the kernel encrypts after the handshake (kTLS: {})",
-                names.join(", ")
-            )
-        }
+        Ok(()) => "the kernel encrypts after the handshake (kTLS: the tls module is loaded)".into(),
         Err(why) => format!("records are encrypted in the daemon (rustls): no kTLS, {why}"),
     }
 }
@@ -105,9 +72,9 @@ pub fn hand_off(
     socket: BorrowedFd<'_>,
     mut conn: Box<ServerConnection>,
 ) -> Result<(), Box<ServerConnection>> {
-    let Ok(offer) = offer() else {
+    if offer().is_err() {
         return Err(conn);
-    };
+    }
     let version = match conn.protocol_version() {
         Some(ProtocolVersion::TLSv1_3) => libc::TLS_1_3_VERSION,
         Some(ProtocolVersion::TLSv1_2) => libc::TLS_1_2_VERSION,
@@ -137,7 +104,7 @@ pub fn hand_off(
     let held = conn.process_new_packets().map_or(true, |s| {
         s.plaintext_bytes_to_read() > 0 || s.tls_bytes_to_write() > 0
     });
-    if !offer.ciphers.contains(&cipher) || held {
+    if REFUSED.load(Ordering::Relaxed) & bit(cipher) != 0 || held {
         return Err(conn);
     }
     if setsockopt(&socket, TcpUlp::default(), b"tls").is_err() {
@@ -158,9 +125,15 @@ pub fn hand_off(
         _ => Err(Errno::EINVAL),
     };
     if let Err(e) = installed {
-        // The probe said this cipher works; a failure now leaves a socket
-        // that can only be closed.
-        tracing::warn!(error = %e.desc(), "kTLS refused a session's keys; the connection is closed");
+        // The session's keys are out of rustls: this connection can only be
+        // closed. Sessions with this cipher stay in user space from now on.
+        REFUSED.fetch_or(bit(cipher), Ordering::Relaxed);
+        tracing::warn!(
+            error = %e.desc(),
+            "the kernel's TLS refused a session's keys ({}): that connection is closed, and later \
+             ones with its cipher are encrypted in the daemon",
+            cipher_name(cipher)
+        );
         let _ = shutdown(socket.as_raw_fd(), How::Both);
     }
     Ok(())
@@ -228,4 +201,12 @@ fn crypto_info(
         }
         _ => return None,
     })
+}
+
+fn cipher_name(cipher: u16) -> &'static str {
+    match cipher {
+        libc::TLS_CIPHER_AES_GCM_128 => "AES-128-GCM",
+        libc::TLS_CIPHER_AES_GCM_256 => "AES-256-GCM",
+        _ => "ChaCha20-Poly1305",
+    }
 }
