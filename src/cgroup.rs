@@ -286,6 +286,11 @@ impl Tree {
     /// before any thread but the main one exists, and before any command.
     pub fn set_up(root: &Path) -> Result<Tree, SetupError> {
         let leaf = root.join(DAEMON_LEAF);
+        // A leaf an earlier run left is made anew where it can be (it is
+        // empty once that run is gone): after a cgroup.kill of the subtree,
+        // Linux (seen on 6.18) SIGKILLs every child a process in the old
+        // leaf clones into a new cgroup, so each command would die at once.
+        let _ = fs::remove_dir(&leaf);
         match fs::create_dir(&leaf) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}

@@ -193,6 +193,27 @@ fn the_daemon_lives_in_a_leaf_and_says_which_containment_it_uses() {
     cgroup.wait_no_connections();
 }
 
+/// A daemon started again in a subtree that was ended with cgroup.kill (as
+/// a stop that kills the unit's cgroup does) serves its commands: it does
+/// not reuse the leaf of the run before.
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
+fn a_second_run_after_a_cgroup_kill_serves_its_commands() {
+    require_root();
+    let cgroup = TestCgroup::delegated();
+    let config = one_service(&sh("echo served"), "");
+    let (mut d, addr) = start_in(&cgroup, &config);
+    assert_eq!(fetch_text(addr), "served\n");
+    d.wait_record(1);
+    d.signal(Signal::SIGTERM);
+    d.wait_exit();
+    std::fs::write(cgroup.path.join("cgroup.kill"), "1").unwrap();
+    let (d, addr) = start_in(&cgroup, &config);
+    assert_eq!(fetch_text(addr), "served\n");
+    d.wait_record(1).assert_ended("output-ended", "0");
+    cgroup.wait_no_connections();
+}
+
 #[test]
 #[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
 fn without_delegation_it_uses_process_groups_and_takes_nothing_over() {
