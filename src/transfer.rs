@@ -204,6 +204,12 @@ impl Relayed<'_> {
         fdio::discard(self.socket, |n| self.traffic.dropped(n as u64)).await
     }
 
+    /// What `max_bytes` leaves of the output (the banner counts).
+    fn bytes_left(&self) -> Option<u64> {
+        let sent = self.traffic.bytes_sent();
+        self.service.max_bytes.map(|m| m.saturating_sub(sent))
+    }
+
     /// Moves the output from `source` beside `input`, until the output ends
     /// (or a limit, the client, or the stop ends the connection).
     async fn run(
@@ -213,9 +219,7 @@ impl Relayed<'_> {
         input: impl Future<Output = Result<(), Errno>>,
     ) -> End {
         let (service, traffic) = (self.service, self.traffic);
-        let max = service
-            .max_bytes
-            .map(|m| m.saturating_sub(traffic.bytes_sent()));
+        let max = self.bytes_left();
         let work = async {
             let counted = (max, Count::Writes);
             let out = relay::pump(source, self.socket, mode, service.pipe_size, counted, |n| {
@@ -259,9 +263,7 @@ impl Relayed<'_> {
         input: Option<Input<'_>>,
     ) -> End {
         let (service, traffic) = (self.service, self.traffic);
-        let max = service
-            .max_bytes
-            .map(|m| m.saturating_sub(traffic.bytes_sent()));
+        let max = self.bytes_left();
         let work = async {
             let mut input = input;
             let pump = layer.pump(self.socket, output, &mut input, max, Some(traffic));

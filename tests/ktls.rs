@@ -27,28 +27,6 @@ fn tls_serve(pki: &Pki, command: &str, extra: &str) -> (Daemon, SocketAddr) {
     (d, addr)
 }
 
-/// Runs a Python script with ssl and socket imported, port and CA file as
-/// `port` and `ca`.
-fn python(addr: SocketAddr, pki: &Pki, body: &str) -> String {
-    let script = format!(
-        "import hashlib, socket, ssl, sys, time\nport, ca = int(sys.argv[1]), sys.argv[2]\n{body}"
-    );
-    let out = Command::new(PYTHON)
-        .arg("-c")
-        .arg(&script)
-        .arg(addr.port().to_string())
-        .arg(pki.file("ca.pem"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{script}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// 8 MB of random bytes, and their sha256.
 fn data(pki: &Pki) -> (std::path::PathBuf, String) {
     let file = pki.path("data");
@@ -90,7 +68,7 @@ fn output_goes_through_the_kernel_on_every_transfer() {
             &format!(r#"["cat", "{}"]"#, file.display()),
             &format!("transfer = \"{transfer}\""),
         );
-        let out = python(addr, &pki, READ_ALL);
+        let out = python_tls(addr, &pki, READ_ALL);
         assert_eq!(
             out.split_whitespace().take(2).collect::<Vec<_>>(),
             ["8000000", want.as_str()],
@@ -142,7 +120,7 @@ fn the_clients_close_notify_is_end_of_file() {
         &sh(&format!("cat > {}", got.display())),
         "stdin = \"client\"",
     );
-    python(
+    python_tls(
         addr,
         &pki,
         r#"ctx = ssl.create_default_context(cafile=ca)
@@ -230,29 +208,16 @@ fn websocket_binary_frames_are_spliced_into_the_kernel() {
 fn a_forged_record_ends_the_connection_as_a_tls_error() {
     let pki = Pki::new();
     let (d, addr) = tls_serve(&pki, &sh("echo ready; exec sleep 60"), "");
-    python(
+    python_tls(
         addr,
         &pki,
-        r#"import os
-ctx = ssl.create_default_context(cafile=ca)
-raw = socket.create_connection(("127.0.0.1", port))
-incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
-while True:
-    try:
-        obj.do_handshake()
-        break
-    except ssl.SSLWantReadError:
-        raw.sendall(outgoing.read())
-        incoming.write(raw.recv(65536))
-raw.sendall(outgoing.read())
-raw.sendall(bytes([23, 3, 3, 0, 40]) + os.urandom(40))
-raw.settimeout(60)
+        &(FORGED_RECORD.to_owned()
+            + r#"raw.settimeout(60)
 try:
     while raw.recv(65536):
         pass
 except ConnectionResetError:
-    pass"#,
+    pass"#),
     );
     let r = d.wait_record_where(|r| r.reason == "tls-error");
     assert!(r.message.contains("does not verify"), "{r}");

@@ -51,24 +51,6 @@ fn curl(addr: SocketAddr, pki: &Pki, args: &[&str]) -> Output {
         .arg(format!("https://localhost:{}/", addr.port())))
 }
 
-/// Runs a Python script (with ssl, socket, json, sys imported) that gets
-/// the port, the CA file and the PKI directory as sys.argv[1:4].
-fn python(addr: SocketAddr, pki: &Pki, body: &str) -> String {
-    let script = format!("import json, os, socket, ssl, sys, time\nport, ca, pki = int(sys.argv[1]), sys.argv[2], sys.argv[3]\n{body}");
-    let out = run(Command::new(PYTHON)
-        .arg("-c")
-        .arg(&script)
-        .arg(addr.port().to_string())
-        .arg(pki.file("ca.pem"))
-        .arg(pki.dir.path()));
-    assert!(
-        out.status.success(),
-        "{script}\n--- stderr\n{}",
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
 /// Whether the record names who encrypted as the start-up line does: the
 /// daemon (rustls) on a kernel without kTLS, like the machines here, or the
 /// kernel (tests/ktls.rs).
@@ -232,7 +214,7 @@ fn output_arrives_whole_on_every_transfer() {
                 pki.file("ca.pem")
             ),
         );
-        let out = python(
+        let out = python_tls(
             addr,
             &pki,
             r#"import hashlib
@@ -290,7 +272,7 @@ fn failed_handshakes_start_no_command() {
     );
 
     // A ClientHello cut short: the start of a real one, then the close.
-    python(
+    python_tls(
         addr,
         &pki,
         r#"ctx = ssl.create_default_context(cafile=ca)
@@ -333,7 +315,7 @@ with socket.create_connection(("127.0.0.1", port)) as s:
     }
 
     // One byte a second: the handshake's time runs out.
-    let hello = python(
+    let hello = python_tls(
         addr,
         &pki,
         r#"ctx = ssl.create_default_context(cafile=ca)
@@ -387,26 +369,13 @@ sys.stdout.write(outgoing.read().hex())"#,
 fn a_forged_record_ends_the_connection() {
     let pki = Pki::new();
     let (d, addr) = tls_serve(&pki, &sh("echo ready; exec sleep 60"), "");
-    python(
+    python_tls(
         addr,
         &pki,
-        r#"ctx = ssl.create_default_context(cafile=ca)
-raw = socket.create_connection(("127.0.0.1", port))
-incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
-while True:
-    try:
-        obj.do_handshake()
-        break
-    except ssl.SSLWantReadError:
-        raw.sendall(outgoing.read())
-        incoming.write(raw.recv(65536))
-raw.sendall(outgoing.read())
-# An application-data record of garbage: its tag cannot verify.
-raw.sendall(bytes([23, 3, 3, 0, 40]) + os.urandom(40))
-raw.settimeout(20)
+        &(FORGED_RECORD.to_owned()
+            + r#"raw.settimeout(20)
 while raw.recv(65536):
-    pass"#,
+    pass"#),
     );
     let r = d.wait_record_where(|r| r.reason == "tls-error");
     assert_eq!(r.exit, "SIGTERM", "{r}");
@@ -527,7 +496,7 @@ fn keys_can_be_systemd_credentials() {
 fn limits_hold_over_tls() {
     let pki = Pki::new();
     let (d, addr) = tls_serve(&pki, r#"["yes", "a line"]"#, "max_bytes = 100000");
-    let out = python(
+    let out = python_tls(
         addr,
         &pki,
         r#"ctx = ssl.create_default_context(cafile=ca)
@@ -546,7 +515,7 @@ print(n)"#,
 
     let (d, addr) = tls_serve(&pki, &sh("echo hi; exec sleep 60"), "timeout = \"300ms\"");
     let started = std::time::Instant::now();
-    let out = python(
+    let out = python_tls(
         addr,
         &pki,
         r#"ctx = ssl.create_default_context(cafile=ca)
@@ -581,7 +550,7 @@ fn a_flood_of_handshakes_is_served_within_max_connections() {
         )),
         "max_connections = 20",
     );
-    let out = python(
+    let out = python_tls(
         addr,
         &pki,
         r#"import concurrent.futures

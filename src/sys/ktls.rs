@@ -5,12 +5,26 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The record type of an alert.
 const ALERT: u8 = 21;
 
+/// Whether any socket has been handed to the kernel's TLS: until one has,
+/// no socket is one, and the end of a connection costs no system call to
+/// find out.
+static IN_USE: AtomicBool = AtomicBool::new(false);
+
+/// Notes that a socket was handed to the kernel's TLS.
+pub fn ktls_in_use() {
+    IN_USE.store(true, Ordering::Relaxed);
+}
+
 /// Whether the socket's writes go through the kernel's TLS (its TLS_TX is set).
 pub fn is_ktls(fd: BorrowedFd<'_>) -> bool {
+    if !IN_USE.load(Ordering::Relaxed) {
+        return false;
+    }
     // Large enough for any of the crypto_info structs (56 bytes at most).
     let mut info = [0u8; 64];
     let mut len = info.len() as libc::socklen_t;

@@ -16,7 +16,7 @@ pub use fd::{
     accept, adopt_inherited_fd, cloexec_from_3, default_sigchld, getxattr, readable_bytes,
     register, tcp_bytes, tcp_quiet, wait,
 };
-pub use ktls::{is_ktls, send_alert};
+pub use ktls::{is_ktls, ktls_in_use, send_alert};
 pub use spawn::{
     cgroup_spawn_method, commands_get_nofile, probe_clone3, spawn, Exec, Place, Slots, Stage,
 };

@@ -26,7 +26,6 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
-use nix::errno::Errno;
 use nix::sys::socket::sockopt::{TcpTlsRx, TcpTlsTx, TcpUlp, TlsCryptoInfo};
 use nix::sys::socket::{setsockopt, shutdown, Shutdown as How};
 use rustls::{CipherSuite, ConnectionTrafficSecrets, ProtocolVersion, ServerConnection};
@@ -112,29 +111,31 @@ pub fn hand_off(
     }
     // From here the session is the kernel's or nobody's: rustls' state is
     // given up for the keys.
-    let Ok(secrets) = conn.dangerous_extract_secrets() else {
-        let _ = shutdown(socket.as_raw_fd(), How::Both);
-        return Ok(());
-    };
-    let tx = info_of(version, secrets.tx);
-    let rx = info_of(version, secrets.rx);
-    let installed = match (tx, rx) {
-        (Some(tx), Some(rx)) => {
-            setsockopt(&socket, TcpTlsTx, &tx).and_then(|()| setsockopt(&socket, TcpTlsRx, &rx))
-        }
-        _ => Err(Errno::EINVAL),
-    };
-    if let Err(e) = installed {
-        // The session's keys are out of rustls: this connection can only be
-        // closed. Sessions with this cipher stay in user space from now on.
-        REFUSED.fetch_or(bit(cipher), Ordering::Relaxed);
-        tracing::warn!(
-            error = %e.desc(),
-            "the kernel's TLS refused a session's keys ({}): that connection is closed, and later \
-             ones with its cipher are encrypted in the daemon",
-            cipher_name(cipher)
+    let installed = conn
+        .dangerous_extract_secrets()
+        .map_err(|e| e.to_string())
+        .and_then(
+            |secrets| match (info_of(version, secrets.tx), info_of(version, secrets.rx)) {
+                (Some(tx), Some(rx)) => setsockopt(&socket, TcpTlsTx, &tx)
+                    .and_then(|()| setsockopt(&socket, TcpTlsRx, &rx))
+                    .map_err(|e| e.desc().to_owned()),
+                _ => Err("keys of an unexpected form".to_owned()),
+            },
         );
-        let _ = shutdown(socket.as_raw_fd(), How::Both);
+    match installed {
+        Ok(()) => crate::sys::ktls_in_use(),
+        Err(why) => {
+            // This connection can only be closed. Sessions with this cipher
+            // stay in user space from now on.
+            REFUSED.fetch_or(bit(cipher), Ordering::Relaxed);
+            tracing::warn!(
+                error = %why,
+                "the kernel's TLS refused a session's keys ({}): that connection is closed, and \
+                 later ones with its cipher are encrypted in the daemon",
+                cipher_name(cipher)
+            );
+            let _ = shutdown(socket.as_raw_fd(), How::Both);
+        }
     }
     Ok(())
 }

@@ -3,8 +3,9 @@
 //! it, client certificates (good, from another CA, expired), and a
 //! renewed server certificate.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 /// The files of one test's PKI, in a temporary directory.
 pub struct Pki {
@@ -204,3 +205,47 @@ pub fn x509(cert: &str, what: &[&str]) -> String {
         .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
+
+/// Runs a Python script with hashlib, json, os, socket, ssl, sys and time
+/// imported, the daemon's port, the CA file and the PKI directory as
+/// `port`, `ca` and `pki`; returns what it printed. Fails the test if the
+/// script fails.
+pub fn python_tls(addr: SocketAddr, pki: &Pki, body: &str) -> String {
+    let script = format!(
+        "import hashlib, json, os, socket, ssl, sys, time\n\
+         port, ca, pki = int(sys.argv[1]), sys.argv[2], sys.argv[3]\n{body}"
+    );
+    let out = Command::new(super::ws::PYTHON)
+        .arg("-c")
+        .arg(&script)
+        .arg(addr.port().to_string())
+        .arg(pki.file("ca.pem"))
+        .arg(pki.dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// For [`python_tls`]: completes a handshake on a raw socket `raw` (through
+/// memory BIOs), then sends an application-data record of garbage, whose
+/// tag cannot verify.
+pub const FORGED_RECORD: &str = r#"ctx = ssl.create_default_context(cafile=ca)
+raw = socket.create_connection(("127.0.0.1", port))
+incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+while True:
+    try:
+        obj.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        raw.sendall(outgoing.read())
+        incoming.write(raw.recv(65536))
+raw.sendall(outgoing.read())
+raw.sendall(bytes([23, 3, 3, 0, 40]) + os.urandom(40))
+"#;
