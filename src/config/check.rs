@@ -17,7 +17,7 @@ use super::{
     StdinMode, Tls, Transfer, WebSocket,
 };
 use crate::access::Rules;
-use crate::cgroup::{Limits, Offer};
+use crate::cgroup::{Offer, Resources};
 use crate::runas::{self, Limit};
 
 pub fn config(raw: RawConfig, loc: &Locator<'_>) -> Result<Config, ConfigError> {
@@ -255,7 +255,7 @@ fn protocol(s: &RawService, transfer: Transfer) -> Result<Protocol, (&'static st
 /// need, and what the daemon was given. A limit is never silently not
 /// applied: one that cannot be enforced is an error.
 fn containment(s: &RawService, cgroups: &Offer) -> Result<Containment, (&'static str, String)> {
-    let limits = Limits {
+    let limits = Resources {
         memory_max: s.memory_max.as_ref().and_then(|b| b.0),
         memory_high: s.memory_high.as_ref().and_then(|b| b.0),
         cpu_quota: s.cpu_quota.as_ref().map(|q| q.0),

@@ -141,7 +141,7 @@ pub enum Containment {
     /// Each command leads a process group of its own.
     ProcessGroup,
     /// Each connection's command in a cgroup of its own, with these limits.
-    Cgroup(crate::cgroup::Limits),
+    Cgroup(crate::cgroup::Resources),
 }
 
 impl Config {
