@@ -14,6 +14,17 @@ want=$(cat <<'LIST'
 /usr/lib/systemd/system/splice-relay.socket
 /usr/share/doc/splice-relay/README.md
 /usr/share/doc/splice-relay/config.example.toml
+/usr/share/doc/splice-relay/docs/configuration.md
+/usr/share/doc/splice-relay/docs/console.png
+/usr/share/doc/splice-relay/docs/containment.md
+/usr/share/doc/splice-relay/docs/hostile-clients.md
+/usr/share/doc/splice-relay/docs/how-it-works.md
+/usr/share/doc/splice-relay/docs/logging.md
+/usr/share/doc/splice-relay/docs/performance.md
+/usr/share/doc/splice-relay/docs/systemd.md
+/usr/share/doc/splice-relay/docs/testing.md
+/usr/share/doc/splice-relay/docs/tls.md
+/usr/share/doc/splice-relay/docs/websocket.md
 /usr/share/man/man5/splice-relay.toml.5
 /usr/share/man/man8/splice-relay.8
 LIST

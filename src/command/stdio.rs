@@ -156,7 +156,7 @@ pub fn open_streams(io: Io<'_>) -> io::Result<(Theirs, Ours)> {
             fdio::set_nonblocking(&ours, true)?;
             // The kernel's default buffer (net.core.wmem_default) is kept:
             // measured, a larger one holds more data in flight than the
-            // caches do, and every copy after it is slower (bench/, README).
+            // caches do, and every copy after it is slower (bench/, docs/performance.md).
             let streams = Unregistered::Socketpair { pair: ours, stdin };
             match stdin {
                 StdinMode::Null => (dev_null()?, Some(theirs), streams),

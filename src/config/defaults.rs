@@ -13,7 +13,7 @@ pub const SERVICE_MAX_CONNECTIONS: usize = 64;
 pub const WORKING_DIRECTORY: &str = "/";
 pub const STDIN: StdinMode = StdinMode::Null;
 /// Measured the fastest relayed path for bulk output, at about the CPU of
-/// splice (bench/results/latest.md; README, Performance).
+/// splice (bench/results/latest.md; docs/performance.md).
 pub const TRANSFER: Transfer = Transfer::Socketpair;
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
 pub const PIPE_SIZE: usize = 1 << 20;

@@ -118,28 +118,3 @@ fn the_key_list_comes_from_the_schema() {
         assert!(keys.contains(&key), "{key} missing from {keys:?}");
     }
 }
-
-/// Every key of the schema is documented: in the example config (set or
-/// commented out) and in splice-relay.toml(5).
-#[test]
-fn every_key_is_documented() {
-    let man = include_str!("../../packaging/man/splice-relay.toml.5");
-    for key in raw::keys::<raw::RawService>()
-        .iter()
-        .chain(raw::keys::<raw::RawConfig>())
-    {
-        // The one table among the keys, written as a table header.
-        let (line, term) = match *key {
-            "service" => ("[[service]]".to_owned(), "[[service]]"),
-            key => (format!("{key} ="), key),
-        };
-        let set = EXAMPLE
-            .lines()
-            .any(|l| l.trim_start_matches("# ").starts_with(&line));
-        assert!(set, "{key} is not in config.example.toml");
-        assert!(
-            man.contains(&format!("\\fB\\%{term}\\fR")),
-            "{key} is not in splice-relay.toml(5)"
-        );
-    }
-}

@@ -207,7 +207,7 @@ asyncio.run(main())' "$unit") || return $(fail "the Python client failed: $out")
     eventually 'answered 405: method POST' sr_in journalctl -u splice-relay --no-pager
 }
 
-# --- TLS: the key as a systemd credential, as the README's drop-in gives it ---------
+# --- TLS: the key as a systemd credential, as docs/tls.md's drop-in gives it --------
 t_tls() {
     sr_in sh -c 'mkdir -p /etc/relay-tls && cd /etc/relay-tls &&
         openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem \
@@ -359,7 +359,7 @@ t_controls() {
     eventually 'user: running commands as user "nobody" (uid 65534) needs CAP_SETUID and CAP_SETGID' \
         sr_in journalctl -u splice-relay --no-pager || return 1
     [ "$(sr_in socat -u TCP:127.0.0.1:9009 -)" = fixed ] || fail "the previous config is not serving" || return 1
-    # The README's drop-in grants them.
+    # The drop-in of docs/systemd.md (and splice-relay(8)) grants them.
     sr_in mkdir -p /etc/systemd/system/splice-relay.service.d
     sr_in sh -c 'cat > /etc/systemd/system/splice-relay.service.d/user.conf' <<'EOF'
 [Service]
