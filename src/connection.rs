@@ -1,7 +1,9 @@
-//! One connection, as a pipeline: admit → (TLS) → (upgrade, for WebSocket)
-//! → spawn → supervise the transfer → end → one record. `serve` and
-//! `Steps::exchange` read top to bottom in that order; each step is a call
-//! into the module that owns it.
+//! One connection, as a pipeline: admit → secure (TLS) → open (the
+//! protocol's opening: a WebSocket upgrade) → banner → spawn → supervise the
+//! transfer → end, by the one end policy → one record. [`pipeline`] reads
+//! top to bottom in that order; each step is a call into the module that
+//! owns it, and none knows which transport or protocol the client has: the
+//! [`Client`] does.
 //!
 //! The [`Record`] is opened by the accept loop and travels with the
 //! connection; every early return closes it with its reason, and one that
@@ -18,17 +20,18 @@ use tokio::io::Interest;
 
 use crate::admit::Admissions;
 use crate::cgroup::Tree;
-use crate::command::{Command, Ended, Io, SpawnError, Streams, Tag};
-use crate::config::{Protocol, Service, Transfer, WebSocket};
+use crate::client::{Client, Opening, Transport};
+use crate::command::{Command, Ended, Input, SpawnError, Streams, Tag};
+use crate::config::{Protocol, Service, Transfer};
+use crate::end::{End, Ending};
 use crate::fdio;
 use crate::limit::Slot;
 use crate::peer::Peer;
-use crate::record::{End, Record, Stats, Traffic};
+use crate::record::{Record, Stats};
 use crate::shutdown::Watch;
-use crate::sys;
-use crate::tls::{self, Layer};
-use crate::transfer::{self, Limits, Relayed};
-use crate::websocket::{self, Session, Upgraded};
+use crate::supervise::{supervise, Bounds, Idle};
+use crate::tls::{self, HandOff, Layer};
+use crate::websocket;
 
 /// What every connection needs from the daemon, and nothing more.
 #[derive(Debug)]
@@ -63,14 +66,15 @@ pub struct Places {
     pub daemon: Slot,
 }
 
-/// How the pipeline ended; the record is written from it once everything
-/// the connection held (descriptors, places, the command) is released, so a
-/// client that sees the record can connect again at once.
-enum Served {
+/// How a pipeline that ran no command ended. (One that did returns the
+/// command's end and the connection's.) The record is written from either
+/// once everything the connection held (descriptors, places, the command)
+/// is released, so a client that sees the record can connect again at once.
+enum Early {
     /// Admission refused the client: no record of its own.
     Refused,
-    /// The command's end (None if none ran), and why the connection ended.
-    Ended(Option<Ended>, End),
+    /// The connection ended before its command ran, or could not start it.
+    Ended(End),
 }
 
 impl Handler {
@@ -83,19 +87,17 @@ impl Handler {
             places,
             context,
         } = self;
-        match serve(
-            &service,
-            socket,
-            peer,
-            &mut record,
-            places.service,
-            &context,
-        )
-        .await
-        {
-            Served::Refused => record.refused(),
-            Served::Ended(None, end) => record.close(None, end),
-            Served::Ended(Some(ended), end) => {
+        let conn = Conn {
+            service: &service,
+            context: &context,
+        };
+        let served = pipeline(&conn, socket, peer, &mut record).await;
+        // The connection's descriptors are closed: its place is free.
+        drop(places.service);
+        match served {
+            Err(Early::Refused) => record.refused(),
+            Err(Early::Ended(end)) => record.close(None, end),
+            Ok((ended, end)) => {
                 record.close(Some(&ended), end);
                 // Off the client's path: the record is out, the client gone.
                 ended.remove_cgroup().await;
@@ -105,439 +107,277 @@ impl Handler {
     }
 }
 
-/// The pipeline: admit → (TLS) → (upgrade) → spawn → supervise the
-/// transfer → end.
-async fn serve(
-    service: &Arc<Service>,
+/// The pipeline, step by step. Each step either hands the next what it
+/// needs or ends the connection (`Err`). Returns how the command ended and
+/// why the connection did.
+async fn pipeline(
+    conn: &Conn<'_>,
     socket: OwnedFd,
     peer: Peer,
     record: &mut Record,
-    _place: Slot,
-    context: &Context,
-) -> Served {
-    if matches!(peer, Peer::Tcp { .. }) {
-        // Each splice is sent at once; a short line must not wait for Nagle.
-        let _ = setsockopt(&socket, sockopt::TcpNoDelay, &true);
-    }
-    let socket = match fdio::register(socket, Interest::READABLE | Interest::WRITABLE) {
-        Ok(s) => s,
-        Err(e) => return Served::Ended(None, End::Error(unregistered(&e))),
-    };
-
-    // Admit. Held until the connection ends: the client's place in max_per_source.
-    let Ok((peer, _source)) = context.admissions.admit(service, &socket, peer).await else {
-        return Served::Refused;
-    };
+) -> Result<(Ended, End), Early> {
+    let socket = conn.register(socket, &peer)?;
+    let (peer, _source) = conn.admit(&socket, peer).await?;
     record.peer(&peer);
-    let limits = Limits::new(service, record.started(), &context.shutdown);
-    let steps = Steps {
-        service,
-        peer: &peer,
-        limits: &limits,
-        context,
-    };
-    match &service.tls {
-        None => {
-            steps
-                .exchange(Client::Plain(socket), record, Vec::new())
-                .await
-        }
-        Some(tls) => steps.encrypted(tls, socket, record).await,
-    }
+    let bounds = conn.bounds(record);
+    let (mut transport, tls_env) = conn.secure(socket, &peer, &bounds, record).await?;
+    let exchanged = exchange(conn, &mut transport, &peer, tls_env, &bounds, record).await;
+    // An answer that ended the exchange early (a page, an HTTP error, a
+    // close frame) still gets through the TLS layer.
+    let clean = exchanged.as_ref().map_or(true, |(_, _, clean)| *clean);
+    transport.close(clean).await;
+    exchanged.map(|(ended, end, _)| (ended, end))
 }
 
-/// What every step after admission needs.
-struct Steps<'a> {
+/// The rest of the pipeline, on the client's transport: open → banner →
+/// spawn → supervise the transfer → end. Also says whether the client's
+/// side ended its output in order.
+async fn exchange(
+    conn: &Conn<'_>,
+    transport: &mut Transport,
+    peer: &Peer,
+    tls_env: Vec<(String, String)>,
+    bounds: &Bounds,
+    record: &mut Record,
+) -> Result<(Ended, End, bool), Early> {
+    let (opening, request_env) = conn.open(transport, bounds, peer, record).await?;
+    conn.banner(transport, bounds, record).await?;
+    let env = [tls_env, request_env].concat();
+    let (command, streams) = conn.spawn(transport, peer, env, &opening, record).await?;
+
+    let (output, input) = match streams {
+        Some(Streams { output, input }) => (Some(output), input),
+        None => (None, Input::Null),
+    };
+    let (service, traffic) = (conn.service, record.traffic());
+    let transport = &*transport;
+    let mut client = Client::new(
+        opening,
+        transport,
+        (output.as_ref(), input),
+        service,
+        traffic,
+    );
+    let idle = client.idle(record.started());
+    let command_side = async {
+        match &output {
+            Some(output) => {
+                command.held(output).await;
+                End::OutputHeld
+            }
+            None => {
+                command.exited().await;
+                End::CommandExited
+            }
+        }
+    };
+    let end = supervise(bounds, idle, client.pump(), transport.lost(), command_side).await;
+    let end = transport.explain(end);
+    let (ended, clean) = finish(client, command, &end, service.kill_grace).await;
+    // The command has ended: its output may close now without a SIGPIPE.
+    drop(output);
+    Ok((ended, end, clean))
+}
+
+/// The end policy at work, the same for every transport and protocol: the
+/// command and the client's side end together, as [`Ending::after`] says.
+/// Returns the command's end once it is reaped, and whether the client's
+/// side ended its output in order.
+async fn finish(client: Client<'_>, command: Command, end: &End, grace: Duration) -> (Ended, bool) {
+    let ending = Ending::after(end, grace);
+    tokio::join!(command.finish(ending.patience), client.close(end, &ending))
+}
+
+/// One connection's service and the daemon's context: what each step needs.
+struct Conn<'a> {
     service: &'a Arc<Service>,
-    peer: &'a Peer,
-    limits: &'a Limits,
     context: &'a Context,
 }
 
-/// What the rest of the pipeline talks to.
-enum Client {
-    /// A socket of plaintext: the client's, or a TLS layer's pair.
-    Plain(AsyncFd<OwnedFd>),
-    /// The client's socket and its TLS layer, which relays the command's
-    /// streams itself.
-    Encrypted {
-        socket: AsyncFd<OwnedFd>,
-        layer: Box<Layer>,
-    },
-}
-
-impl Steps<'_> {
-    /// TLS: the handshake, then the kernel's TLS where it has it (the rest
-    /// runs on the socket as on a plaintext one), else the layer between
-    /// the client and the rest: a raw relay is the layer's own work; a
-    /// WebSocket session, or a command given the socket itself, gets one end
-    /// of a socket pair and the layer moves the other.
-    async fn encrypted(
-        &self,
-        tls: &crate::config::Tls,
-        socket: AsyncFd<OwnedFd>,
-        record: &mut Record,
-    ) -> Served {
-        let service = self.service;
-        let limit = handshake_limit(service, self.limits);
-        let accepted = match tls::accept(&socket, tls, limit).await {
-            Ok(accepted) => accepted,
-            Err(refused) => {
-                self.context
-                    .admissions
-                    .refused_tls(service, self.peer, &refused);
-                return Served::Refused;
-            }
-        };
-        // The kernel's TLS where it has it: then the rest runs on the socket.
-        let conn = match tls::hand_off(socket.get_ref().as_fd(), accepted.conn) {
-            Ok(()) => {
-                record.tls(format!("{} kernel", accepted.summary));
-                return self
-                    .exchange(Client::Plain(socket), record, accepted.env)
-                    .await;
-            }
-            Err(conn) => conn,
-        };
-        record.tls(format!("{} userspace", accepted.summary));
-        let layer = Layer::new(*conn);
-        if service.protocol == Protocol::Raw && service.transfer != Transfer::Direct {
-            let layer = Box::new(layer);
-            return self
-                .exchange(Client::Encrypted { socket, layer }, record, accepted.env)
-                .await;
+impl Conn<'_> {
+    /// The socket joins the event loop.
+    fn register(&self, socket: OwnedFd, peer: &Peer) -> Result<AsyncFd<OwnedFd>, Early> {
+        if let Peer::Tcp { .. } = peer {
+            // Each write is sent at once: a short line must not wait for Nagle.
+            let _ = setsockopt(&socket, sockopt::TcpNoDelay, &true);
         }
-        let pair = Layer::pair().and_then(|(ours, theirs)| {
-            Ok((
-                ours,
-                fdio::register(theirs, Interest::READABLE | Interest::WRITABLE)?,
-            ))
-        });
-        let (ours, theirs) = match pair {
-            Ok(pair) => pair,
-            Err(e) => return Served::Ended(None, End::Error(unregistered(&e))),
-        };
-        // With direct transfer the command writes to the pair: the layer counts.
-        let traffic = record.shared_traffic();
-        let counted = (service.transfer == Transfer::Direct).then_some(&*traffic);
-        let (served, outcome) = tokio::join!(
-            self.exchange(Client::Plain(theirs), record, accepted.env),
-            layer.run(&socket, ours, counted, service.kill_grace),
-        );
-        match (served, outcome) {
-            // The layer saw what happened to the client; the rest, a closed pair.
-            (Served::Ended(ended, End::ClientGone(_)), tls::Outcome::ClientGone(e)) => {
-                Served::Ended(ended, End::gone(e))
-            }
-            (Served::Ended(ended, end), tls::Outcome::Failed(why)) if !end.is_orderly() => {
-                Served::Ended(ended, End::Tls(why))
-            }
-            (served, _) => served,
-        }
+        fdio::register(socket, Interest::READABLE | Interest::WRITABLE)
+            .map_err(|e| Early::Ended(End::Error(unregistered(&e))))
     }
 
-    /// The rest of the pipeline: upgrade → spawn → supervise the transfer →
-    /// end. `tls_env` is what the command learns of the TLS session.
-    async fn exchange(
-        &self,
-        client: Client,
-        record: &mut Record,
-        tls_env: Vec<(String, String)>,
-    ) -> Served {
-        let (service, limits) = (self.service, self.limits);
-        let (socket, mut layer) = match client {
-            Client::Plain(socket) => (socket, None),
-            Client::Encrypted { socket, layer } => (socket, Some(layer)),
-        };
-        let upgraded = match self.upgrade(&socket).await {
-            Ok(upgraded) => upgraded,
-            Err(served) => return served,
-        };
-        if let Some(banner) = &service.banner {
-            let traffic = record.traffic();
-            if let Err(end) =
-                send_banner(&socket, layer.as_deref_mut(), banner, limits, traffic).await
-            {
-                return Served::Ended(None, end);
-            }
-        }
-
-        // Spawn.
-        let mut request_env = tls_env;
-        request_env.extend(upgraded.iter().flat_map(|(_, u)| u.env.iter().cloned()));
-        let spawned = spawn(
-            service,
-            &socket,
-            self.peer,
-            request_env,
-            record,
-            self.context,
-        )
-        .await;
-        let (command, streams) = match spawned {
-            Ok(spawned) => spawned,
-            Err(end) => {
-                if upgraded.is_some() {
-                    websocket::close_unserved(&socket, "the command could not be started");
-                }
-                return Served::Ended(None, end);
-            }
-        };
-        record.command_started(command.pid());
-
-        // Supervise the transfer, then end. The command's stdout stays open
-        // until it has ended: closed earlier, it would kill the command with
-        // SIGPIPE instead.
-        let (ended, end) = match (upgraded, layer) {
-            (Some((ws, upgraded)), _) => {
-                record.framed();
-                let conversation = Conversation {
-                    socket: &socket,
-                    service,
-                    ws,
-                    limits,
-                    traffic: record.traffic(),
-                };
-                conversation.run(command, streams, upgraded).await
-            }
-            (None, Some(layer)) => {
-                let traffic = record.traffic();
-                relay_encrypted(&socket, *layer, command, streams, service, limits, traffic).await
-            }
-            (None, None) => relay(socket, command, streams, service, limits, record).await,
-        };
-        Served::Ended(Some(ended), end)
-    }
-
-    /// A WebSocket service's upgrade (None for a raw service). A client that
-    /// sends no valid upgrade is refused as admission refuses, in episodes;
-    /// one that asks for the console page gets it, and its connection a record.
-    async fn upgrade(
+    /// Admission: the PROXY header, the rules, the limits. Returns the peer
+    /// to use and the client's place in `max_per_source`, held until the
+    /// connection ends.
+    async fn admit(
         &self,
         socket: &AsyncFd<OwnedFd>,
-    ) -> Result<Option<(&WebSocket, Upgraded)>, Served> {
+        peer: Peer,
+    ) -> Result<(Peer, crate::access::SourceGuard), Early> {
+        let admissions = &self.context.admissions;
+        admissions
+            .admit(self.service, socket, peer)
+            .await
+            .map_err(|_| Early::Refused)
+    }
+
+    /// The connection's bounds in time, from its acceptance.
+    fn bounds(&self, record: &Record) -> Bounds {
+        let s = self.service;
+        Bounds::new(
+            s.timeout,
+            s.idle_timeout,
+            record.started(),
+            &self.context.shutdown,
+        )
+    }
+
+    /// TLS: the handshake, then the kernel's TLS where it takes the session
+    /// (the rest runs on the socket as on a plaintext one), else the layer
+    /// in the daemon. Returns the transport and what the command learns of
+    /// the session (`SSL_*`).
+    async fn secure(
+        &self,
+        socket: AsyncFd<OwnedFd>,
+        peer: &Peer,
+        bounds: &Bounds,
+        record: &mut Record,
+    ) -> Result<(Transport, Vec<(String, String)>), Early> {
+        let service = self.service;
+        let Some(tls) = &service.tls else {
+            return Ok((Transport::socket(socket), Vec::new()));
+        };
+        let limit = bounds.within(service.handshake_timeout);
+        let accepted = tls::accept(&socket, tls, limit).await.map_err(|refused| {
+            let admissions = &self.context.admissions;
+            admissions.refused_tls(service, peer, &refused);
+            Early::Refused
+        })?;
+        let summary = &accepted.summary;
+        let transport = match tls::hand_off(socket.get_ref().as_fd(), accepted.conn) {
+            HandOff::Kernel => {
+                record.tls(format!("{summary} kernel"));
+                Transport::socket(socket)
+            }
+            HandOff::Declined(conn) => {
+                record.tls(format!("{summary} userspace"));
+                // A command given the layer's pair writes to it itself: the layer counts.
+                let counted =
+                    (service.transfer == Transfer::Direct).then(|| record.shared_traffic());
+                Transport::encrypted(socket, Layer::new(*conn), counted, service.kill_grace)
+                    .map_err(|e| Early::Ended(End::Error(unregistered(&e))))?
+            }
+            HandOff::Lost(why) => {
+                record.tls(format!("{summary} kernel-refused"));
+                return Err(Early::Ended(End::Tls(why)));
+            }
+        };
+        Ok((transport, accepted.env))
+    }
+
+    /// The protocol's opening: a WebSocket service's upgrade (None for raw).
+    /// A client that sends no valid upgrade is refused as admission refuses,
+    /// in episodes; one that asks for the console page gets it, and its
+    /// connection a record. Returns the opening and the request's variables.
+    async fn open(
+        &self,
+        transport: &Transport,
+        bounds: &Bounds,
+        peer: &Peer,
+        record: &mut Record,
+    ) -> Result<(Opening<'_>, Vec<(String, String)>), Early> {
         let service = self.service;
         let Protocol::WebSocket(ws) = &service.protocol else {
-            return Ok(None);
+            return Ok((Opening::Raw, Vec::new()));
         };
-        let limit = handshake_limit(service, self.limits);
+        let limit = bounds.within(service.handshake_timeout);
         let refused = |why| {
-            self.context
-                .admissions
-                .refused_handshake(service, self.peer, why);
-            Served::Refused
+            let admissions = &self.context.admissions;
+            admissions.refused_handshake(service, peer, why);
+            Early::Refused
         };
-        match websocket::handshake(socket, ws, service.tls.is_some(), limit).await {
-            Ok(upgraded) => Ok(Some((ws, upgraded))),
-            Err(websocket::Refused::Page) => Err(Served::Ended(None, End::Page)),
+        let tls = service.tls.is_some();
+        match websocket::handshake(transport.plain(), ws, tls, limit).await {
+            Ok(mut upgraded) => {
+                record.framed();
+                let env = std::mem::take(&mut upgraded.env);
+                Ok((Opening::WebSocket(ws, upgraded), env))
+            }
+            Err(websocket::Refused::Page) => Err(Early::Ended(End::Page)),
             Err(websocket::Refused::Answered { status, why }) => {
                 Err(refused(format!("answered {status}: {why}")))
             }
             Err(websocket::Refused::Gone(why)) => Err(refused(why)),
         }
     }
-}
 
-/// The longest a handshake may take: `handshake_timeout`, or what is left of
-/// `timeout` if that is less.
-fn handshake_limit(service: &Service, limits: &Limits) -> Duration {
-    limits
-        .remaining()
-        .map_or(service.handshake_timeout, |left| {
-            left.min(service.handshake_timeout)
-        })
-}
-
-/// The service's banner: through the TLS layer where there is one.
-async fn send_banner(
-    socket: &AsyncFd<OwnedFd>,
-    layer: Option<&mut Layer>,
-    banner: &[u8],
-    limits: &Limits,
-    traffic: &Traffic,
-) -> Result<(), End> {
-    match layer {
-        Some(layer) => {
-            layer.queue(banner);
-            traffic.sent(banner.len());
-            Ok(())
-        }
-        None => transfer::banner(socket, banner, limits, traffic).await,
-    }
-}
-
-/// A raw connection's transfer (the relay, or the command on the socket
-/// itself), then its end.
-async fn relay(
-    socket: AsyncFd<OwnedFd>,
-    command: Command,
-    streams: Streams,
-    service: &Service,
-    limits: &Limits,
-    record: &Record,
-) -> (Ended, End) {
-    let traffic = record.traffic();
-    let relayed = |socket| Relayed {
-        socket,
-        command: &command,
-        service,
-        limits,
-        traffic,
-    };
-    let (socket, end, _stdout) = match streams {
-        Streams::Pipes { stdout, stdin } => {
-            let end = relayed(&socket).pipes(&stdout, stdin).await;
-            (socket, end, Some(stdout))
-        }
-        Streams::Socketpair { pair, stdin } => {
-            let end = relayed(&socket).pair(&pair, stdin).await;
-            (socket, end, Some(pair))
-        }
-        Streams::Socket => {
-            // The command reads and writes the socket: watch it for errors only.
-            let socket = match fdio::register(socket.into_inner(), Interest::ERROR) {
-                Ok(s) => s,
-                Err(e) => {
-                    let ended = command.finish(Duration::ZERO).await;
-                    return (ended, End::Error(unregistered(&e)));
-                }
-            };
-            // Behind a TLS layer the socket is the pair: the layer counts.
-            let layered = service.tls.is_some().then_some(traffic);
-            let end = transfer::direct(&socket, &command, limits, record.started(), layered).await;
-            (socket, end, None)
-        }
-    };
-    let direct = service.transfer == Transfer::Direct;
-    let ended = end_connection(socket, command, &end, service, direct, traffic).await;
-    (ended, end)
-}
-
-/// A raw connection over TLS: the layer relays the command's streams, then
-/// closes the session beside the command's end.
-async fn relay_encrypted(
-    socket: &AsyncFd<OwnedFd>,
-    mut layer: Layer,
-    command: Command,
-    streams: Streams,
-    service: &Service,
-    limits: &Limits,
-    traffic: &Traffic,
-) -> (Ended, End) {
-    let Some((output, stdin)) = streams.relayed() else {
-        // Not with TLS: the command gets the layer's pair instead.
-        let why = "a TLS relay needs the command's output relayed";
-        return (command.finish(Duration::ZERO).await, End::Error(why.into()));
-    };
-    let relayed = Relayed {
-        socket,
-        command: &command,
-        service,
-        limits,
-        traffic,
-    };
-    let end = relayed
-        .encrypted(&mut layer, &output, stdin.input(&output))
-        .await;
-    let grace = service.kill_grace;
-    let closing = layer.close(socket, grace);
-    let (ended, ()) = tokio::join!(command.finish(patience(&end, grace)), closing);
-    (ended, end)
-}
-
-/// A WebSocket connection, once upgraded and its command started.
-struct Conversation<'a> {
-    socket: &'a AsyncFd<OwnedFd>,
-    service: &'a Service,
-    ws: &'a WebSocket,
-    limits: &'a Limits,
-    traffic: &'a Traffic,
-}
-
-impl Conversation<'_> {
-    /// The session over the command's streams; then its close, beside the
-    /// command's end (in the order `end_connection` gives a raw one).
-    async fn run(self, command: Command, streams: Streams, upgraded: Upgraded) -> (Ended, End) {
-        let Some((output, stdin)) = streams.relayed() else {
-            // The configuration refuses transfer = "direct" for WebSocket.
-            let why = "a WebSocket session needs the command's output relayed";
-            return (command.finish(Duration::ZERO).await, End::Error(why.into()));
+    /// The service's banner, bounded like the rest of the connection.
+    async fn banner(
+        &self,
+        transport: &Transport,
+        bounds: &Bounds,
+        record: &Record,
+    ) -> Result<(), Early> {
+        let Some(banner) = &self.service.banner else {
+            return Ok(());
         };
-        let input = stdin.input(&output);
-        let grace = self.service.kill_grace;
-        let splice = self.service.transfer == Transfer::Splice;
-        let mut session = Session::new(
-            self.socket,
-            self.ws,
-            self.traffic,
-            upgraded.leftover,
-            (&output, splice),
-            self.service.max_bytes,
-        );
-        let end = session.exchange(input, &command, self.limits, grace).await;
-        let (ended, ()) = tokio::join!(
-            command.finish(patience(&end, grace)),
-            session.close(&end, grace)
-        );
-        (ended, end)
+        let traffic = record.traffic();
+        let send = async {
+            fdio::write_all(transport.plain(), banner, |n| traffic.sent(n))
+                .await
+                .map_err(|e| End::client_error(e, "sending the banner"))
+        };
+        bounds
+            .watch(send, Idle::Traffic(traffic))
+            .await
+            .map_err(Early::Ended)
     }
-}
 
-/// How long a command gets to exit on its own after `end`: `kill_grace`
-/// once its output is complete, none after any other end.
-fn patience(end: &End, grace: Duration) -> Duration {
-    if end.is_orderly() {
-        grace
-    } else {
-        Duration::ZERO
-    }
-}
-
-/// Starts the command, with the socket, pipes or a socket pair as its stdin
-/// and stdout.
-async fn spawn(
-    service: &Arc<Service>,
-    socket: &AsyncFd<OwnedFd>,
-    peer: &Peer,
-    request_env: Vec<(String, String)>,
-    record: &Record,
-    context: &Context,
-) -> Result<(Command, Streams), End> {
-    let io = match service.transfer {
-        Transfer::Direct => {
-            // Programs expect blocking stdin and stdout. The flag belongs to
-            // the open file description, shared with our copy, which is only polled.
-            fdio::set_nonblocking(socket.get_ref(), false)
-                .map_err(|e| End::Error(e.desc().into()))?;
-            Io::Socket(socket.get_ref())
+    /// Starts the command, with the socket, pipes or a socket pair as its
+    /// stdin and stdout. A WebSocket client whose command cannot start is
+    /// told so with a close frame.
+    async fn spawn(
+        &self,
+        transport: &mut Transport,
+        peer: &Peer,
+        request_env: Vec<(String, String)>,
+        opening: &Opening<'_>,
+        record: &mut Record,
+    ) -> Result<(Command, Option<Streams>), Early> {
+        let service = self.service;
+        let direct = service.transfer == Transfer::Direct;
+        if direct {
+            transport
+                .watch_errors_only()
+                .map_err(|e| Early::Ended(End::Error(unregistered(&e))))?;
         }
-        Transfer::Splice | Transfer::Copy => Io::Pipes {
-            stdin: service.stdin,
-            size: service.pipe_size,
-        },
-        Transfer::Socketpair => Io::Socketpair {
-            stdin: service.stdin,
-        },
-    };
-    let tag = Tag {
-        conn: record.conn(),
-        service: Arc::clone(record.service()),
-    };
-    let cgroups = context.cgroups.as_ref();
-    Command::spawn(
-        service,
-        &context.base_env,
-        peer,
-        request_env,
-        io,
-        cgroups,
-        tag,
-    )
-    .await
-    .map_err(|e| match e {
-        SpawnError::Start(_) => End::SpawnFailed(e.to_string()),
-        SpawnError::Unwatched(_) => End::Error(e.to_string()),
-    })
+        let tag = Tag {
+            conn: record.conn(),
+            service: Arc::clone(record.service()),
+        };
+        let cgroups = self.context.cgroups.as_ref();
+        let socket = transport.plain().get_ref();
+        let base_env = &self.context.base_env;
+        let spawned =
+            Command::spawn(service, base_env, peer, request_env, socket, cgroups, tag).await;
+        match spawned {
+            Ok((command, streams)) => {
+                record.command_started(command.pid());
+                Ok((command, streams))
+            }
+            Err(e) => {
+                if let Opening::WebSocket(..) = opening {
+                    websocket::close_unserved(
+                        transport.plain(),
+                        "the command could not be started",
+                    );
+                }
+                Err(Early::Ended(match e {
+                    SpawnError::Start(_) => End::SpawnFailed(e.to_string()),
+                    SpawnError::Unwatched(_) => End::Error(e.to_string()),
+                }))
+            }
+        }
+    }
 }
 
 fn unregistered(e: &std::io::Error) -> String {
@@ -545,61 +385,6 @@ fn unregistered(e: &std::io::Error) -> String {
         "cannot register the connection with the event loop: {}",
         fdio::reason(e)
     )
-}
-
-/// Ends the connection in one order for every transfer: after an orderly end
-/// (the output is complete) the socket is shut down for writing, so the
-/// client sees end-of-file once everything queued has arrived, and the daemon
-/// lingers until the client closes too (at most `kill_grace`); meanwhile the
-/// command ends as `command` documents. After any other end the client is
-/// closed at once. Returns once the socket is closed and the command reaped.
-async fn end_connection(
-    socket: AsyncFd<OwnedFd>,
-    command: Command,
-    end: &End,
-    service: &Service,
-    direct: bool,
-    traffic: &Traffic,
-) -> Ended {
-    let grace = service.kill_grace;
-    let patience = match end {
-        End::OutputEnded => grace,
-        _ => Duration::ZERO,
-    };
-    // With direct transfer the command's exit is the end of the output; our
-    // copy of the socket is kept to the end for the byte counts.
-    let lingering = end.is_orderly() && (!direct || fdio::set_nonblocking(&socket, true).is_ok());
-    let socket = (lingering || direct).then_some(socket);
-    let linger = async {
-        match &socket {
-            Some(s) if lingering => {
-                fdio::end_output(s.get_ref());
-                linger(s, grace, traffic).await
-            }
-            _ => false,
-        }
-    };
-    let (ended, client_closed) = tokio::join!(command.finish(patience), linger);
-    if direct {
-        if let Some((acked, received)) = socket
-            .as_ref()
-            .and_then(|s| sys::tcp_bytes(s.get_ref().as_fd()))
-        {
-            // Counted last, when the client has acknowledged all it got. After
-            // an orderly close both FINs count in the sequence numbers.
-            let fin = u64::from(client_closed);
-            traffic.counted_by_kernel(acked.saturating_sub(fin), received.saturating_sub(fin));
-        }
-    }
-    ended
-}
-
-/// After shutting down our side, reads until the client closes too (for at
-/// most `limit`). Closing with unread input would send a reset, which can
-/// destroy output still in flight to the client. True when the client closed.
-async fn linger(socket: &AsyncFd<OwnedFd>, limit: Duration, traffic: &Traffic) -> bool {
-    let read = fdio::discard(socket, |n| traffic.dropped(n as u64));
-    matches!(tokio::time::timeout(limit, read).await, Ok(Ok(())))
 }
 
 #[cfg(test)]

@@ -43,9 +43,11 @@
 pub mod access;
 pub mod admit;
 pub mod cgroup;
+pub mod client;
 pub mod command;
 pub mod config;
 pub mod connection;
+pub mod end;
 pub mod episode;
 pub mod fdio;
 pub mod limit;
@@ -60,9 +62,9 @@ pub mod reload;
 pub mod runas;
 pub mod server;
 pub mod shutdown;
+pub mod supervise;
 mod sys;
 pub mod tls;
-pub mod transfer;
 pub mod websocket;
 
 pub use sys::{cloexec_from_3, commands_get_nofile};

@@ -34,16 +34,13 @@
 //! and count the messages either way (`messages_sent`, `messages_received`;
 //! `none` on raw connections). Their `bytes` are the messages' payloads.
 
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
-
 use crate::cgroup::Usage;
 use crate::command::{Ended, Exit};
-use crate::fdio::{self, Class};
+pub use crate::end::End;
 use crate::peer::Peer;
 
 /// The daemon's figures for STATUS= and the logs.
@@ -57,117 +54,6 @@ pub struct Stats {
     pub refused: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
-}
-
-/// Why a connection ended: its record's `REASON` and the detail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum End {
-    OutputEnded,
-    CommandExited,
-    /// The command exited, and a process outside its process group kept its
-    /// output open (`command-exited`).
-    OutputHeld,
-    ClientGone(Errno),
-    /// The client reset while it waited in the backlog (`client-gone`).
-    LeftUnserved(Errno),
-    Shutdown,
-    Timeout,
-    IdleTimeout,
-    MaxBytes,
-    Error(String),
-    SpawnFailed(String),
-    /// TLS: the client broke the record layer (a bad or forged record, a
-    /// fatal alert).
-    Tls(String),
-    /// WebSocket: the client sent a close frame, with this code if any.
-    ClientClosed(Option<u16>),
-    /// WebSocket: the client closed the connection without a close frame
-    /// (`client-gone`).
-    Unannounced,
-    /// WebSocket: an invalid frame (closed with 1002).
-    ProtocolError(String),
-    /// WebSocket: a text message that is not UTF-8 (closed with 1007).
-    InvalidUtf8,
-    /// WebSocket: a message over `max_message_size` (closed with 1009).
-    MessageTooBig(String),
-    /// WebSocket: no pong within `ping_interval`.
-    PingTimeout,
-    /// WebSocket: a plain GET got the console page.
-    Page,
-}
-
-impl End {
-    /// The client's socket said `e`: it is gone, or, on the kernel's TLS,
-    /// it sent a record that does not verify (`EBADMSG`).
-    pub fn gone(e: Errno) -> End {
-        match e {
-            Errno::EBADMSG => End::Tls("a record that does not verify (the kernel's TLS)".into()),
-            e => End::ClientGone(e),
-        }
-    }
-
-    /// What an errno on the client's side means, `doing` what.
-    pub fn client_error(e: Errno, doing: &str) -> End {
-        match fdio::class(e) {
-            Class::Disconnect => End::gone(e),
-            _ => End::Error(format!("{doing}: {}", e.desc())),
-        }
-    }
-
-    pub fn reason(&self) -> &'static str {
-        match self {
-            End::OutputEnded => "output-ended",
-            End::CommandExited | End::OutputHeld => "command-exited",
-            End::ClientGone(_) | End::LeftUnserved(_) | End::Unannounced => "client-gone",
-            End::Shutdown => "shutdown",
-            End::Timeout => "timeout",
-            End::IdleTimeout => "idle-timeout",
-            End::MaxBytes => "max-bytes",
-            End::Error(_) => "error",
-            End::SpawnFailed(_) => "spawn-failed",
-            End::Tls(_) => "tls-error",
-            End::ClientClosed(_) => "client-closed",
-            End::ProtocolError(_) => "protocol-error",
-            End::InvalidUtf8 => "invalid-utf8",
-            End::MessageTooBig(_) => "message-too-big",
-            End::PingTimeout => "ping-timeout",
-            End::Page => "page",
-        }
-    }
-
-    /// The output is complete: the client gets end-of-file after what was
-    /// sent, rather than a close while bytes may be in flight.
-    pub fn is_orderly(&self) -> bool {
-        matches!(
-            self,
-            End::OutputEnded | End::CommandExited | End::OutputHeld | End::MaxBytes
-        )
-    }
-}
-
-impl fmt::Display for End {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.reason())?;
-        match self {
-            End::ClientGone(e) => write!(f, " ({})", e.desc()),
-            End::LeftUnserved(e) => write!(f, " (left before it was served: {})", e.desc()),
-            End::OutputHeld => f.write_str(
-                " (its output is held open by a process that left its process group; \
-                 no longer waited for, kill_grace after the group was killed)",
-            ),
-            End::Error(e)
-            | End::SpawnFailed(e)
-            | End::Tls(e)
-            | End::ProtocolError(e)
-            | End::MessageTooBig(e) => {
-                write!(f, " ({e})")
-            }
-            End::ClientClosed(Some(code)) => write!(f, " (close code {code})"),
-            End::ClientClosed(None) => f.write_str(" (no close code)"),
-            End::Unannounced => f.write_str(" (closed the connection without a close frame)"),
-            _ => Ok(()),
-        }
-    }
 }
 
 /// What a connection has moved, counted as it moves (for the record, the

@@ -12,14 +12,13 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use nix::unistd::Pid;
 use tokio::sync::oneshot;
 
-use super::stdio::Theirs;
 use crate::cgroup::{Cgroup, Tree};
 use crate::config::{Containment, Service};
 use crate::peer::Peer;
@@ -33,7 +32,8 @@ pub struct Launch {
     pub peer: Peer,
     /// Variables from the client's request (a WebSocket upgrade's CGI set).
     pub request_env: Vec<(String, String)>,
-    pub theirs: Theirs,
+    /// The command's descriptors 0, 1 and 2.
+    pub child: [OwnedFd; 3],
     /// The daemon's subtree, for a service contained by cgroups.
     pub cgroups: Option<Tree>,
     pub conn: u64,
@@ -107,7 +107,7 @@ fn spawn(job: Launch, slots: Option<&Slots>) -> io::Result<Started> {
         base_env,
         peer,
         request_env,
-        theirs,
+        child,
         cgroups,
         conn,
     } = job;
@@ -127,10 +127,16 @@ fn spawn(job: Launch, slots: Option<&Slots>) -> io::Result<Started> {
         &service.run_as,
     )?;
     let place = cgroup.as_ref().map_or(Place::Here, Cgroup::place);
-    let started = sys::spawn(&exec, theirs.fds(), place, slots);
+    let [stdin, stdout, stderr] = &child;
+    let started = sys::spawn(
+        &exec,
+        [stdin.as_fd(), stdout.as_fd(), stderr.as_fd()],
+        place,
+        slots,
+    );
     // Our copies of the command's ends close now, or its stdout would never
     // report end-of-file.
-    drop(theirs);
+    drop(child);
     let (pid, pidfd) = started.map_err(|(stage, e)| spawn_error(&service, stage, e))?;
     Ok(Started { pid, pidfd, cgroup })
 }

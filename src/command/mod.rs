@@ -13,8 +13,10 @@
 //!
 //! The same order for every transfer mode, in [`Command::finish`]:
 //!
-//! 1. it gets `patience` to exit on its own: `kill_grace` once its output has
-//!    ended, none after any other end (the client left, a limit, the stop);
+//! 1. it gets `patience` to exit on its own, as the end policy
+//!    ([`crate::end::Ending`]) says: `kill_grace` once its output has ended,
+//!    none after any other end (a limit, `max_bytes` included, the client
+//!    left, the stop);
 //! 2. then SIGTERM to every process it contains, and `kill_grace` for all of
 //!    them to end (with a process group, for the command to exit);
 //! 3. then SIGKILL to what is left: `cgroup.kill`, or the process group
@@ -25,7 +27,7 @@
 //! 5. its stderr logger logs what is already written, and stops;
 //! 6. after the record, its cgroup is removed.
 //!
-//! While the output is relayed, [`Command::end_leftovers`] does steps 2 and
+//! While the output is relayed, [`Command::held`] does steps 2 and
 //! 3 early when the command exits first, so a background process holding
 //! its stdout cannot keep the connection open. With a process group, a
 //! process that left it cannot be reached; the relay then stops waiting for
@@ -38,7 +40,7 @@ mod stdio;
 use std::ffi::OsString;
 use std::fmt;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,7 +58,7 @@ use crate::sys;
 pub use launch::{base_env, start as start_launchers};
 use launch::{Launch, Started};
 use stderr::StderrLog;
-pub use stdio::{Input, Io, Stdin, Streams};
+pub use stdio::{Input, Streams};
 
 /// How a command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +85,8 @@ impl fmt::Display for Exit {
 pub enum SpawnError {
     /// It could not be started (the record's `spawn-failed`).
     Start(io::Error),
-    /// It started, but the daemon could not watch it, so it was ended.
+    /// The event loop refused one of the descriptors the daemon would watch
+    /// it by; it was not started, or was ended at once.
     Unwatched(io::Error),
 }
 
@@ -137,29 +140,33 @@ impl Ended {
 
 impl Command {
     /// Spawns `service`'s command for a connection from `peer`, on a
-    /// launcher thread (see `launch`).
+    /// launcher thread (see `launch`), with its streams as the service's
+    /// `transfer` and `stdin` say; `socket` is the client's plaintext
+    /// socket, which the command itself gets with `transfer = "direct"`
+    /// (then there are no [`Streams`]).
     ///
     /// `base_env` is the daemon's environment as read at start, minus the
     /// variables meant for the daemon alone; `request_env` what the client's
-    /// request adds (a WebSocket upgrade's CGI variables). Every descriptor the daemon
-    /// keeps is registered with the event loop here; if one cannot be, the
-    /// command is ended and reaped, and the error says so.
+    /// request adds (a WebSocket upgrade's CGI variables, TLS's `SSL_*`).
+    /// Every descriptor the daemon keeps is registered with the event loop
+    /// as it is made; if one cannot be, nothing is started.
+    #[allow(clippy::too_many_arguments)]
     pub async fn spawn(
         service: &Arc<Service>,
         base_env: &Arc<[(OsString, OsString)]>,
         peer: &Peer,
         request_env: Vec<(String, String)>,
-        io: Io<'_>,
+        socket: &OwnedFd,
         cgroups: Option<&Tree>,
         tag: Tag,
-    ) -> Result<(Command, Streams), SpawnError> {
-        let (theirs, ours) = stdio::open_streams(io).map_err(SpawnError::Start)?;
+    ) -> Result<(Command, Option<Streams>), SpawnError> {
+        let opened = stdio::open(service, socket)?;
         let started = launch::launch(Launch {
             service: Arc::clone(service),
             base_env: Arc::clone(base_env),
             peer: peer.clone(),
             request_env,
-            theirs,
+            child: opened.child,
             cgroups: cgroups.cloned(),
             conn: tag.conn,
         })
@@ -169,21 +176,17 @@ impl Command {
         // Until it is watched, an early return must not leave the command
         // running unsupervised (the cgroup, dropped, kills what is in it).
         let unwatched = Unwatched(pid);
-        let pidfd = fdio::register(pidfd, Interest::READABLE);
-        let (pidfd, (stderr, streams)) = match (pidfd, ours.register()) {
-            (Ok(pidfd), Ok(registered)) => (pidfd, registered),
-            (Err(e), _) | (_, Err(e)) => return Err(SpawnError::Unwatched(e)),
-        };
+        let pidfd = fdio::register(pidfd, Interest::READABLE).map_err(SpawnError::Unwatched)?;
         unwatched.disarm();
         let command = Command {
             pid,
             pidfd,
             grace: service.kill_grace,
-            stderr: Some(StderrLog::start(stderr, tag, pid.as_raw())),
+            stderr: Some(StderrLog::start(opened.stderr, tag, pid.as_raw())),
             cgroup,
             reaped: false,
         };
-        Ok((command, streams))
+        Ok((command, opened.streams))
     }
 
     pub fn pid(&self) -> i32 {
@@ -196,12 +199,23 @@ impl Command {
         let _ = self.pidfd.readable().await;
     }
 
+    /// Resolves when the daemon should stop waiting for the command's
+    /// `output`: once the command has exited and what is left of it has
+    /// been ended (steps 2 and 3 of the ending order, early), and what they
+    /// wrote is relayed. Never with a cgroup: its end closes the output.
+    /// Run it beside the transfer, so a background process holding the
+    /// output cannot keep the connection open.
+    pub async fn held(&self, output: &AsyncFd<OwnedFd>) {
+        self.end_leftovers().await;
+        abandon_when_drained(output, self.grace).await;
+    }
+
     /// Once the command has exited, ends what is left of it: SIGTERM now,
-    /// SIGKILL after `kill_grace`. Run it beside the relay. Resolves when
-    /// the relay should stop waiting for more output: never with a cgroup
-    /// (its end closes the output), and after the SIGKILL with a process
-    /// group, since a process that left the group may hold the output open.
-    pub async fn end_leftovers(&self) {
+    /// SIGKILL after `kill_grace`. Resolves when the relay should stop
+    /// waiting for more output: never with a cgroup (its end closes the
+    /// output), and after the SIGKILL with a process group, since a process
+    /// that left the group may hold the output open.
+    async fn end_leftovers(&self) {
         self.exited().await;
         match &self.cgroup {
             Some(cgroup) => {
@@ -336,5 +350,26 @@ impl Drop for Unwatched {
     fn drop(&mut self) {
         let _ = killpg(self.0, Signal::SIGKILL);
         let _ = waitpid(self.0, None);
+    }
+}
+
+/// With a process group, once the command and its group are gone while its
+/// output is still open (a process that left the group holds it): resolves
+/// when what they wrote has been relayed (the output is empty), or after
+/// `grace` at most, so such a process cannot keep the connection. Never
+/// once no process holds the output: its end-of-file is on the way, however
+/// slowly the client takes what is left.
+async fn abandon_when_drained(output: &AsyncFd<OwnedFd>, grace: Duration) {
+    const LOOK_EVERY: Duration = Duration::from_millis(20);
+    let deadline = std::time::Instant::now() + grace;
+    loop {
+        tokio::time::sleep(LOOK_EVERY).await;
+        let fd = output.get_ref().as_fd();
+        if fdio::hung_up(fd) {
+            return std::future::pending().await;
+        }
+        if sys::readable_bytes(fd).is_ok_and(|n| n == 0) || std::time::Instant::now() >= deadline {
+            return;
+        }
     }
 }

@@ -1,214 +1,143 @@
 //! The command's standard streams: what it gets as descriptors 0, 1 and 2,
-//! and the daemon's ends of them.
+//! and the daemon's ends of them ([`Streams`]).
 //!
 //! Every end is close-on-exec: the child's dup2 onto 0/1/2 clears the flag on
 //! the copy the command gets, and no other connection's command inherits
 //! them. The command's ends stay blocking: a plain write(2) must never see
-//! EAGAIN. The daemon's ends are nonblocking and join the event loop.
+//! EAGAIN. The daemon's ends are nonblocking and join the event loop as they
+//! are made.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::socket::{shutdown, socketpair, AddressFamily, Shutdown as How, SockFlag, SockType};
 use nix::sys::stat::Mode;
 use nix::unistd::pipe2;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use crate::config::StdinMode;
+use super::SpawnError;
+use crate::config::{Service, StdinMode, Transfer};
 use crate::episode::Throttle;
 use crate::fdio;
 
-/// What the command's stdin and stdout are.
-#[derive(Clone, Copy)]
-pub enum Io<'a> {
-    /// stdout a pipe the daemon splices from (of `size` bytes); stdin
-    /// /dev/null, or a pipe the daemon feeds the client's bytes into.
-    Pipes { stdin: StdinMode, size: usize },
-    /// stdout one end of a socket pair (and stdin too, with `stdin =
-    /// "client"`, as inetd gives one socket for both), whose other end the
-    /// daemon relays to and from the client.
-    Socketpair { stdin: StdinMode },
-    /// The client's socket itself (`transfer = "direct"`), already blocking.
-    Socket(&'a OwnedFd),
+/// The daemon's ends of a relayed command's stdout and stdin.
+pub struct Streams {
+    /// Where the command's output comes from: the read end of its stdout
+    /// pipe, or the daemon's end of its socket pair. Kept open until the
+    /// command has ended: closed earlier, it would kill the command with
+    /// SIGPIPE rather than the signals the end policy sends.
+    pub output: AsyncFd<OwnedFd>,
+    /// Where the client's bytes go.
+    pub input: Input,
 }
 
-/// The daemon's ends of the command's standard streams, registered with the
-/// event loop.
-pub enum Streams {
-    /// The read end of stdout, and with `stdin = "client"` the write end of stdin.
-    Pipes {
-        stdout: AsyncFd<OwnedFd>,
-        stdin: Option<AsyncFd<OwnedFd>>,
-    },
-    /// The daemon's end of the socket pair: the command's output comes from
-    /// it, and with `stdin = "client"` its input goes to it.
-    Socketpair {
-        pair: AsyncFd<OwnedFd>,
-        stdin: StdinMode,
-    },
-    /// The socket is the command's stdin and stdout; the daemon holds nothing.
-    Socket,
-}
-
-/// How a relay reaches the command's stdin, beside its output.
-pub enum Stdin {
-    /// stdin is /dev/null.
-    None,
-    /// A pipe of its own.
+/// Where the client's bytes go, until the command's input ends.
+pub enum Input {
+    /// Nowhere: the command's stdin is /dev/null (or its input has ended).
+    Null,
+    /// The write end of the command's stdin pipe.
     Pipe(AsyncFd<OwnedFd>),
-    /// The socket pair the output comes from.
+    /// The socket pair the output comes from, as inetd gives one socket for
+    /// both.
     Pair,
 }
 
-impl Streams {
-    /// The command's output and its stdin, for a relay (None with the
-    /// socket itself as the command's stdin and stdout).
-    pub fn relayed(self) -> Option<(AsyncFd<OwnedFd>, Stdin)> {
+impl Input {
+    /// The descriptor the client's bytes are written to, `output` being the
+    /// command's output; None when nothing takes them.
+    pub fn fd<'a>(&'a self, output: &'a AsyncFd<OwnedFd>) -> Option<&'a AsyncFd<OwnedFd>> {
         match self {
-            Streams::Pipes { stdout, stdin } => {
-                Some((stdout, stdin.map_or(Stdin::None, Stdin::Pipe)))
-            }
-            Streams::Socketpair { pair, stdin } => Some((
-                pair,
-                match stdin {
-                    StdinMode::Client => Stdin::Pair,
-                    StdinMode::Null => Stdin::None,
-                },
-            )),
-            Streams::Socket => None,
+            Input::Null => None,
+            Input::Pipe(pipe) => Some(pipe),
+            Input::Pair => Some(output),
         }
+    }
+
+    /// The command's input ends (the client half-closed, or the command
+    /// closed its stdin): its pipe is closed, or the pair shut down for
+    /// writing, so the command reads end-of-file.
+    pub fn close(&mut self, output: &AsyncFd<OwnedFd>) {
+        if let Input::Pair = self {
+            let _ = shutdown(output.get_ref().as_raw_fd(), How::Write);
+        }
+        *self = Input::Null;
     }
 }
 
-impl Stdin {
-    /// Where the client's bytes go, `output` being the command's output.
-    pub fn input(self, output: &AsyncFd<OwnedFd>) -> Option<Input<'_>> {
-        match self {
-            Stdin::None => None,
-            Stdin::Pipe(pipe) => Some(Input::Pipe(pipe)),
-            Stdin::Pair => Some(Input::Pair(output)),
+/// A command's streams, made: the command's descriptors 0, 1 and 2, the
+/// daemon's end of its stderr, and the daemon's ends of the rest (None with
+/// `transfer = "direct"`: the command has the client's socket).
+pub(super) struct Opened {
+    pub child: [OwnedFd; 3],
+    pub stderr: AsyncFd<OwnedFd>,
+    pub streams: Option<Streams>,
+}
+
+/// Makes `service`'s streams. `socket` is the client's (plaintext) socket,
+/// given to the command itself with `transfer = "direct"`: it is made
+/// blocking, as programs expect (the flag belongs to the open file
+/// description, shared with the daemon's copy, which is only polled).
+pub(super) fn open(service: &Service, socket: &OwnedFd) -> Result<Opened, SpawnError> {
+    let start = SpawnError::Start;
+    let (err_r, err_w) = pipe().map_err(start)?;
+    let stderr = registered(err_r, Interest::READABLE)?;
+    let (stdin, stdout, streams) = match service.transfer {
+        Transfer::Direct => {
+            fdio::set_nonblocking(socket, false).map_err(|e| start(e.into()))?;
+            let copy = || socket.try_clone().map_err(start);
+            (copy()?, copy()?, None)
         }
-    }
-}
-
-/// The command's ends, until the spawn.
-pub struct Theirs {
-    stdin: OwnedFd,
-    /// None when stdout is the same descriptor as stdin.
-    stdout: Option<OwnedFd>,
-    stderr: OwnedFd,
-}
-
-/// The daemon's ends, before they join the event loop.
-pub struct Ours {
-    stderr: OwnedFd,
-    streams: Unregistered,
-}
-
-enum Unregistered {
-    Pipes {
-        stdout: OwnedFd,
-        stdin: Option<OwnedFd>,
-    },
-    Socketpair {
-        pair: OwnedFd,
-        stdin: StdinMode,
-    },
-    Socket,
-}
-
-/// Opens the command's streams for `io`.
-pub fn open_streams(io: Io<'_>) -> io::Result<(Theirs, Ours)> {
-    let (err_r, err_w) = pipe()?;
-    fdio::set_nonblocking(&err_r, true)?;
-    let (theirs_in, theirs_out, streams) = match io {
-        Io::Socket(socket) => (socket.try_clone()?, None, Unregistered::Socket),
-        Io::Pipes { stdin, size } => {
-            let (out_r, out_w) = pipe()?;
-            set_pipe_size(&out_w, size);
-            fdio::set_nonblocking(&out_r, true)?;
-            let (theirs, ours) = match stdin {
-                StdinMode::Null => (dev_null()?, None),
+        Transfer::Splice | Transfer::Copy => {
+            let (out_r, out_w) = pipe().map_err(start)?;
+            set_pipe_size(&out_w, service.pipe_size);
+            let (stdin, input) = match service.stdin {
+                StdinMode::Null => (dev_null().map_err(start)?, Input::Null),
                 StdinMode::Client => {
-                    let (r, w) = pipe()?;
-                    fdio::set_nonblocking(&w, true)?;
-                    (r, Some(w))
+                    let (r, w) = pipe().map_err(start)?;
+                    (r, Input::Pipe(registered(w, Interest::WRITABLE)?))
                 }
             };
-            let streams = Unregistered::Pipes {
-                stdout: out_r,
-                stdin: ours,
-            };
-            (theirs, Some(out_w), streams)
+            let output = registered(out_r, Interest::READABLE)?;
+            (stdin, out_w, Some(Streams { output, input }))
         }
-        Io::Socketpair { stdin } => {
+        Transfer::Socketpair => {
             let (ours, theirs) = socketpair(
                 AddressFamily::Unix,
                 SockType::Stream,
                 None,
                 SockFlag::SOCK_CLOEXEC,
             )
-            .map_err(|e| described(e, "cannot create the command's socket pair"))?;
-            fdio::set_nonblocking(&ours, true)?;
+            .map_err(|e| start(described(e, "cannot create the command's socket pair")))?;
             // The kernel's default buffer (net.core.wmem_default) is kept:
             // measured, a larger one holds more data in flight than the
             // caches do, and every copy after it is slower (bench/, docs/performance.md).
-            let streams = Unregistered::Socketpair { pair: ours, stdin };
-            match stdin {
-                StdinMode::Null => (dev_null()?, Some(theirs), streams),
-                StdinMode::Client => (theirs, None, streams),
-            }
+            let output = registered(ours, Interest::READABLE | Interest::WRITABLE)?;
+            let (stdin, input) = match service.stdin {
+                StdinMode::Null => (dev_null().map_err(start)?, Input::Null),
+                StdinMode::Client => (theirs.try_clone().map_err(start)?, Input::Pair),
+            };
+            (stdin, theirs, Some(Streams { output, input }))
         }
     };
-    let theirs = Theirs {
-        stdin: theirs_in,
-        stdout: theirs_out,
-        stderr: err_w,
-    };
-    Ok((
-        theirs,
-        Ours {
-            stderr: err_r,
-            streams,
-        },
-    ))
+    Ok(Opened {
+        child: [stdin, stdout, err_w],
+        stderr,
+        streams,
+    })
 }
 
-impl Theirs {
-    /// Descriptors 0, 1 and 2 of the command.
-    pub fn fds(&self) -> [BorrowedFd<'_>; 3] {
-        let stdout = self.stdout.as_ref().unwrap_or(&self.stdin);
-        [self.stdin.as_fd(), stdout.as_fd(), self.stderr.as_fd()]
-    }
-}
-
-impl Ours {
-    /// Registers the daemon's ends with the event loop: stderr, and the streams.
-    pub fn register(self) -> io::Result<(AsyncFd<OwnedFd>, Streams)> {
-        let stderr = fdio::register(self.stderr, Interest::READABLE)?;
-        let streams = match self.streams {
-            Unregistered::Pipes { stdout, stdin } => Streams::Pipes {
-                stdout: fdio::register(stdout, Interest::READABLE)?,
-                stdin: stdin
-                    .map(|fd| fdio::register(fd, Interest::WRITABLE))
-                    .transpose()?,
-            },
-            Unregistered::Socketpair { pair, stdin } => Streams::Socketpair {
-                pair: fdio::register(pair, Interest::READABLE | Interest::WRITABLE)?,
-                stdin,
-            },
-            Unregistered::Socket => Streams::Socket,
-        };
-        Ok((stderr, streams))
-    }
+/// The daemon's end of a stream, nonblocking, in the event loop.
+fn registered(fd: OwnedFd, interest: Interest) -> Result<AsyncFd<OwnedFd>, SpawnError> {
+    fdio::set_nonblocking(&fd, true).map_err(|e| SpawnError::Start(e.into()))?;
+    fdio::register(fd, interest).map_err(SpawnError::Unwatched)
 }
 
 fn dev_null() -> io::Result<OwnedFd> {
-    open(
+    nix::fcntl::open(
         "/dev/null",
         OFlag::O_RDONLY | OFlag::O_CLOEXEC,
         Mode::empty(),
@@ -259,33 +188,6 @@ fn set_pipe_size(fd: &OwnedFd, size: usize) {
                 error = %e.desc(),
                 "the kernel refuses pipes of pipe_size ({size} bytes; pipe-max-size or the per-user pipe quota); using smaller pipes ({got} bytes for this one); logged at most once a minute"
             );
-        }
-    }
-}
-
-/// The daemon's end of the command's stdin, where the client's bytes (or
-/// messages) go. Dropping it is the command's end-of-file.
-pub enum Input<'a> {
-    /// A pipe of its own, closed when dropped.
-    Pipe(AsyncFd<OwnedFd>),
-    /// The daemon's end of the command's socket pair, shut down for
-    /// writing when dropped.
-    Pair(&'a AsyncFd<OwnedFd>),
-}
-
-impl Input<'_> {
-    pub fn fd(&self) -> &AsyncFd<OwnedFd> {
-        match self {
-            Input::Pipe(fd) => fd,
-            Input::Pair(fd) => fd,
-        }
-    }
-}
-
-impl Drop for Input<'_> {
-    fn drop(&mut self) {
-        if let Input::Pair(pair) = self {
-            let _ = shutdown(pair.get_ref().as_raw_fd(), How::Write);
         }
     }
 }

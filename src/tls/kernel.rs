@@ -65,19 +65,30 @@ pub fn describe() -> String {
     }
 }
 
+/// What became of a session offered to the kernel.
+pub enum HandOff {
+    /// The kernel encrypts and decrypts from now on: the connection goes on
+    /// as if it were plaintext.
+    Kernel,
+    /// The kernel does not take this session (no ULP, a cipher or version
+    /// it lacks, data rustls still holds): it is given back, untouched, for
+    /// the layer in user space.
+    Declined(Box<ServerConnection>),
+    /// The kernel refused the keys after rustls gave them up: the session
+    /// cannot go on, and the socket is shut down. Why, for the record.
+    Lost(String),
+}
+
 /// Hands the session to the kernel, if it takes the negotiated cipher.
-/// Err gives the connection back, untouched, for the layer in user space.
-pub fn hand_off(
-    socket: BorrowedFd<'_>,
-    mut conn: Box<ServerConnection>,
-) -> Result<(), Box<ServerConnection>> {
+pub fn hand_off(socket: BorrowedFd<'_>, mut conn: Box<ServerConnection>) -> HandOff {
+    use HandOff::Declined;
     if offer().is_err() {
-        return Err(conn);
+        return Declined(conn);
     }
     let version = match conn.protocol_version() {
         Some(ProtocolVersion::TLSv1_3) => libc::TLS_1_3_VERSION,
         Some(ProtocolVersion::TLSv1_2) => libc::TLS_1_2_VERSION,
-        _ => return Err(conn),
+        _ => return Declined(conn),
     };
     let cipher = match conn.negotiated_cipher_suite().map(|s| s.suite()) {
         Some(
@@ -95,7 +106,7 @@ pub fn hand_off(
             | CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
             | CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
         ) => libc::TLS_CIPHER_CHACHA20_POLY1305,
-        _ => return Err(conn),
+        _ => return Declined(conn),
     };
     // Anything rustls still holds (to write, or decrypted past the
     // handshake; reading it one record at a time leaves none) would be lost
@@ -104,10 +115,10 @@ pub fn hand_off(
         s.plaintext_bytes_to_read() > 0 || s.tls_bytes_to_write() > 0
     });
     if REFUSED.load(Ordering::Relaxed) & bit(cipher) != 0 || held {
-        return Err(conn);
+        return Declined(conn);
     }
     if setsockopt(&socket, TcpUlp::default(), b"tls").is_err() {
-        return Err(conn);
+        return Declined(conn);
     }
     // From here the session is the kernel's or nobody's: rustls' state is
     // given up for the keys.
@@ -123,7 +134,10 @@ pub fn hand_off(
             },
         );
     match installed {
-        Ok(()) => crate::sys::ktls_in_use(),
+        Ok(()) => {
+            crate::sys::ktls_in_use();
+            HandOff::Kernel
+        }
         Err(why) => {
             // This connection can only be closed. Sessions with this cipher
             // stay in user space from now on.
@@ -135,9 +149,12 @@ pub fn hand_off(
                 cipher_name(cipher)
             );
             let _ = shutdown(socket.as_raw_fd(), How::Both);
+            HandOff::Lost(format!(
+                "the kernel refused the session's keys ({}): {why}",
+                cipher_name(cipher)
+            ))
         }
     }
-    Ok(())
 }
 
 fn info_of(version: u16, (seq, secrets): (u64, ConnectionTrafficSecrets)) -> Option<TlsCryptoInfo> {

@@ -1,21 +1,15 @@
-//! TLS in the daemon, after the handshake: the client's socket carries
-//! records, and the layer encrypts and decrypts between it and plaintext
-//! descriptors.
+//! TLS in the daemon, after the handshake, where the kernel does not take
+//! the session: the layer moves records between the client's socket and one
+//! end of a socket pair, encrypting and decrypting; the rest of the
+//! connection takes the pair's other end for the client, as if it were a
+//! plaintext socket (see `client::Transport`).
 //!
-//! Two ways to use it:
-//! - [`Layer::pump`] between the client and the command's own streams (its
-//!   stdout and stdin pipes, or its socket pair): the relay of a raw
-//!   service, with one copy each way, as without TLS;
-//! - [`Layer::run`] between the client and one end of a socket pair whose
-//!   other end the rest of the connection takes for the client (a WebSocket
-//!   session; a command given the socket itself, with `transfer = "direct"`).
-//!
-//! Either way each direction keeps its meaning: the end of the output
-//! becomes a close_notify and a shutdown of the client's socket; the
-//! client's close_notify or end-of-file becomes the end of the command's
-//! input. Nothing is read from one side while the other cannot take it, so
-//! a client or a command that stops reading holds the layer to a record or
-//! two.
+//! Each direction keeps its meaning: the end of the output (the pair's
+//! end-of-file) becomes a close_notify and a shutdown of the client's
+//! socket; the client's close_notify or end-of-file becomes the pair's
+//! shutdown for writing. Nothing is read from one side while the other
+//! cannot take it, so a client or a command that stops reading holds the
+//! layer to a record or two.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -28,7 +22,6 @@ use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::io::Interest;
 
 use super::handshake::Fd;
-use crate::command::Input;
 use crate::fdio::{self, Class};
 use crate::record::Traffic;
 
@@ -39,11 +32,9 @@ const CHUNKS_PER_TURN: usize = 4;
 
 /// How [`Layer::pump`] ended.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Pumped {
-    /// The output reached end-of-file and every record of it is written.
+enum Pumped {
+    /// The pair reached end-of-file and every record of it is written.
     OutputEnded,
-    /// The budget (`max_bytes`) is spent and written.
-    Limit,
     /// The client's socket failed (a reset, say).
     ClientGone(Errno),
     /// The client broke the record layer (a bad or forged record, a fatal
@@ -52,7 +43,7 @@ pub enum Pumped {
 }
 
 /// How [`Layer::run`] ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Closed in order, or after `grace` once the other side was done.
     Closed,
@@ -65,12 +56,12 @@ pub struct Layer {
     conn: ServerConnection,
     /// Decrypted client bytes the command has not taken yet.
     pending: Vec<u8>,
-    /// The output has ended (or its budget is spent): no more is read.
+    /// The pair has reached end-of-file: no more is read from it.
     output_done: bool,
-    /// Output bytes the budget still allows.
-    left: u64,
     /// The client still sends (no close_notify or end-of-file yet).
     client_sends: bool,
+    /// The pair still takes the client's bytes.
+    feeding: bool,
 }
 
 impl Layer {
@@ -83,62 +74,44 @@ impl Layer {
             conn,
             pending: Vec::new(),
             output_done: false,
-            left: u64::MAX,
             client_sends: true,
+            feeding: true,
         }
     }
 
-    /// Queues `bytes` (a banner) before anything else is sent.
-    pub fn queue(&mut self, bytes: &[u8]) {
-        let _ = self.conn.writer().write_all(bytes);
-    }
-
-    /// Moves plaintext from `output` to the client as records, at most
-    /// `max` bytes, and the client's plaintext to `input` (dropped without
-    /// one, and dropped for good once the command stops taking it). The
-    /// client's end closes `input`. `counted`: where the bytes are counted,
-    /// if the layer counts them. Safe to cancel: what was read is kept in
-    /// the layer.
-    pub async fn pump(
+    /// Moves the pair's plaintext to the client as records, and the
+    /// client's plaintext to the pair (until the pair stops taking it); the
+    /// client's end shuts the pair down for writing. `counted`: where the
+    /// bytes are counted, if the layer counts them (a command that writes to
+    /// the pair itself). Safe to cancel: what was read is kept in the layer.
+    async fn pump(
         &mut self,
         tcp: &AsyncFd<OwnedFd>,
-        output: &AsyncFd<OwnedFd>,
-        input: &mut Option<Input<'_>>,
-        max: Option<u64>,
+        plain: &AsyncFd<OwnedFd>,
         counted: Option<&Traffic>,
     ) -> Pumped {
-        if let Some(max) = max {
-            self.left = self.left.min(max);
-        }
         loop {
             if self.output_done && !self.conn.wants_write() {
-                return if self.left == 0 {
-                    Pumped::Limit
-                } else {
-                    Pumped::OutputEnded
-                };
+                return Pumped::OutputEnded;
             }
-            if input.is_none() {
+            if !self.feeding {
                 self.pending.clear();
             }
-            if !self.client_sends && self.pending.is_empty() {
-                // The client sent all it will: the command's end-of-file.
-                *input = None;
+            if self.feeding && !self.client_sends && self.pending.is_empty() {
+                // The client sent all it will: the pair's end-of-file.
+                let _ = shutdown(plain.get_ref().as_raw_fd(), How::Write);
+                self.feeding = false;
             }
             let writing = self.conn.wants_write();
             let reading = !self.output_done && !writing;
             let receiving = self.client_sends && self.pending.is_empty();
-            let taken = input.is_some();
-            let feeding = input.as_ref().filter(|_| !self.pending.is_empty());
+            let feeding = self.feeding && !self.pending.is_empty();
             let step = tokio::select! {
                 r = tcp.writable(), if writing => self.write_records(r),
-                r = output.readable(), if reading => self.encrypt(r, counted),
-                r = tcp.readable(), if receiving => self.read_records(r, counted, taken),
-                r = writable(feeding) => {
-                    let gone = self.feed(r);
-                    if gone {
-                        *input = None;
-                    }
+                r = plain.readable(), if reading => self.encrypt(r, counted),
+                r = tcp.readable(), if receiving => self.read_records(r, counted),
+                r = plain.writable(), if feeding => {
+                    self.feed(r);
                     Ok(())
                 }
             };
@@ -148,7 +121,7 @@ impl Layer {
         }
     }
 
-    /// Between the client and the daemon's end of a socket pair, whose
+    /// Between the client and the layer's end of a socket pair, whose
     /// other end (`Layer::pair`) the rest of the connection takes for the
     /// client; until both sides are done, at most `grace` after the pair's.
     pub async fn run(
@@ -158,10 +131,9 @@ impl Layer {
         counted: Option<&Traffic>,
         grace: Duration,
     ) -> Outcome {
-        let mut input = Some(Input::Pair(&plain));
-        match self.pump(tcp, &plain, &mut input, None, counted).await {
-            Pumped::OutputEnded | Pumped::Limit => {
-                drop(input);
+        match self.pump(tcp, &plain, counted).await {
+            Pumped::OutputEnded => {
+                let _ = shutdown(plain.get_ref().as_raw_fd(), How::Write);
                 self.close(tcp, grace).await;
                 Outcome::Closed
             }
@@ -188,7 +160,7 @@ impl Layer {
     /// Ends the session in order: the close_notify after what is left, our
     /// side shut down, and the client's close awaited (its bytes dropped),
     /// all within `grace`.
-    pub async fn close(mut self, tcp: &AsyncFd<OwnedFd>, grace: Duration) {
+    async fn close(mut self, tcp: &AsyncFd<OwnedFd>, grace: Duration) {
         self.conn.send_close_notify();
         let closing = async {
             while self.conn.wants_write() {
@@ -239,13 +211,12 @@ impl Layer {
         Ok(())
     }
 
-    /// Reads plaintext from the output into records (rustls encrypts as it
+    /// Reads plaintext from the pair into records (rustls encrypts as it
     /// takes it), a few reads a turn.
     fn encrypt(&mut self, ready: Ready<'_>, counted: Option<&Traffic>) -> Result<(), Pumped> {
-        let mut ready = ready.map_err(|e| Pumped::Failed(format!("the command's output: {e}")))?;
+        let mut ready = ready.map_err(|e| Pumped::Failed(format!("the plaintext side: {e}")))?;
         for _ in 0..CHUNKS_PER_TURN {
-            let want = usize::try_from(self.left).unwrap_or(usize::MAX).min(CHUNK);
-            match seal_chunk(ready.get_inner(), &mut self.conn, want) {
+            match seal_chunk(ready.get_inner(), &mut self.conn) {
                 Ok(0) => {
                     self.output_done = true;
                     return Ok(());
@@ -254,12 +225,7 @@ impl Layer {
                     if let Some(t) = counted {
                         t.sent(n);
                     }
-                    self.left -= n as u64;
-                    if self.left == 0 {
-                        self.output_done = true;
-                        return Ok(());
-                    }
-                    if n < want {
+                    if n < CHUNK {
                         // Drained for now (a newer readiness survives the clear).
                         ready.clear_ready();
                         return Ok(());
@@ -269,14 +235,14 @@ impl Layer {
                     ready.clear_ready();
                     return Ok(());
                 }
-                // A socket pair the command closed with input unread.
+                // The other end closed with input unread.
                 Err(e) if fdio::class(e) == Class::Disconnect => {
                     self.output_done = true;
                     return Ok(());
                 }
                 Err(e) => {
                     return Err(Pumped::Failed(format!(
-                        "reading the command's output: {}",
+                        "reading the plaintext side: {}",
                         e.desc()
                     )))
                 }
@@ -287,12 +253,8 @@ impl Layer {
 
     /// Reads records from the client and decrypts them; counted as received,
     /// or as dropped when the command does not take them.
-    fn read_records(
-        &mut self,
-        ready: Ready<'_>,
-        counted: Option<&Traffic>,
-        taken: bool,
-    ) -> Result<(), Pumped> {
+    fn read_records(&mut self, ready: Ready<'_>, counted: Option<&Traffic>) -> Result<(), Pumped> {
+        let taken = self.feeding;
         let mut ready = ready.map_err(|e| Pumped::ClientGone(fdio::errno(&e)))?;
         match self.conn.read_tls(&mut Fd(ready.get_inner())) {
             Ok(0) => self.client_sends = false,
@@ -333,11 +295,12 @@ impl Layer {
         Ok(())
     }
 
-    /// Gives the command the client's bytes. True when the command no
-    /// longer takes them.
-    fn feed(&mut self, ready: Ready<'_>) -> bool {
+    /// Gives the pair the client's bytes; once it no longer takes them,
+    /// they are dropped.
+    fn feed(&mut self, ready: Ready<'_>) {
         let Ok(mut ready) = ready else {
-            return true;
+            self.feeding = false;
+            return;
         };
         match retry(|| nix::unistd::write(ready.get_inner(), &self.pending)) {
             Ok(n) => {
@@ -345,32 +308,19 @@ impl Layer {
                 if self.pending.capacity() > 4 * CHUNK {
                     self.pending.shrink_to_fit();
                 }
-                false
             }
-            Err(Errno::EAGAIN) => {
-                ready.clear_ready();
-                false
-            }
-            Err(_) => true,
+            Err(Errno::EAGAIN) => ready.clear_ready(),
+            Err(_) => self.feeding = false,
         }
     }
 }
 
 type Ready<'a> = io::Result<AsyncFdReadyGuard<'a, OwnedFd>>;
 
-/// Waits until `input` (if any) takes bytes; never without one.
-async fn writable<'f>(input: Option<&'f Input<'_>>) -> Ready<'f> {
-    match input {
-        Some(input) => input.fd().writable().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// One read of plaintext, of at most `want` bytes, handed to rustls. Ok(0)
-/// at end-of-file.
-fn seal_chunk(fd: &OwnedFd, conn: &mut ServerConnection, want: usize) -> Result<usize, Errno> {
+/// One read of plaintext handed to rustls. Ok(0) at end-of-file.
+fn seal_chunk(fd: &OwnedFd, conn: &mut ServerConnection) -> Result<usize, Errno> {
     let mut buf = [0u8; CHUNK];
-    let n = retry(|| nix::unistd::read(fd, &mut buf[..want]))?;
+    let n = retry(|| nix::unistd::read(fd, &mut buf))?;
     if n > 0 {
         // Without a buffer limit rustls takes everything, encrypted as it goes.
         conn.writer()

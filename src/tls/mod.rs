@@ -11,11 +11,9 @@
 //! - `kernel`: after the handshake, where the kernel has the TLS ULP and the
 //!   negotiated cipher, the keys go to the kernel (kTLS) and the connection
 //!   goes on as if it were plaintext: splice, and `transfer = "direct"`, too;
-//! - `layer`: otherwise the daemon encrypts and decrypts: between
-//!   the client and the command's own streams for a relayed raw service
-//!   (one copy each way, as without TLS), or between the client and one end
-//!   of a socket pair that the rest of the connection (a WebSocket session,
-//!   a command given the socket itself) takes for the client.
+//! - `layer`: otherwise the daemon encrypts and decrypts, between the
+//!   client and one end of a socket pair that the rest of the connection
+//!   takes for the client (`client::Transport`).
 
 mod handshake;
 mod kernel;
@@ -23,8 +21,8 @@ mod layer;
 mod names;
 
 pub use handshake::{accept, Accepted, Refused};
-pub use kernel::hand_off;
-pub use layer::{Layer, Outcome, Pumped};
+pub use kernel::{hand_off, HandOff};
+pub use layer::{Layer, Outcome};
 
 /// What the start-up log says of TLS: who encrypts after the handshake.
 pub fn kernel_line() -> String {

@@ -19,7 +19,6 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -29,12 +28,12 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Message, Role, WebSocketConfig, WebSocketContext};
 
 use super::frames::{clamp, retry, Lines, Wire, KEEP};
-use crate::command::{Command, Input};
+use crate::command::Input;
 use crate::config::{Messages, WebSocket};
+use crate::end::{End, Ending, Farewell};
 use crate::fdio::{self, Class};
-use crate::record::{End, Traffic};
+use crate::record::Traffic;
 use crate::sys;
-use crate::transfer::{abandon_when_drained, Limits};
 
 /// How much client input may wait for the command's stdin, and how many
 /// control frames for the client, before the client is no longer read:
@@ -56,6 +55,10 @@ pub struct Session<'a> {
     /// The command's stdout, and whether binary messages are spliced from it.
     output: &'a AsyncFd<OwnedFd>,
     splice: bool,
+    /// The command's stdin (taken out while the session pumps).
+    input: Input,
+    /// Whether the command still takes input.
+    feeding: bool,
     wire: Wire,
     /// Control frames (pongs, pings, the close) waiting for a frame boundary.
     outbox: Vec<u8>,
@@ -64,8 +67,6 @@ pub struct Session<'a> {
     /// Client messages on their way to the command's stdin.
     inbox: Vec<u8>,
     inbox_at: usize,
-    /// Whether the command still takes input.
-    feeding: bool,
     output_open: bool,
     /// Payload `max_bytes` still allows.
     budget: u64,
@@ -76,13 +77,14 @@ pub struct Session<'a> {
 impl<'a> Session<'a> {
     /// A session on `socket`, whose client already sent `leftover` after its
     /// request; the command's output comes from `output`, spliced from it in
-    /// binary mode when `splice` (it is a pipe).
+    /// binary mode when `splice` (it is a pipe), and its `input` takes the
+    /// client's messages.
     pub fn new(
         socket: &'a AsyncFd<OwnedFd>,
         ws: &'a WebSocket,
         traffic: &'a Traffic,
         leftover: Vec<u8>,
-        (output, splice): (&'a AsyncFd<OwnedFd>, bool),
+        (output, splice, input): (&'a AsyncFd<OwnedFd>, bool, Input),
         max_bytes: Option<u64>,
     ) -> Session<'a> {
         let config = WebSocketConfig::default()
@@ -97,12 +99,13 @@ impl<'a> Session<'a> {
             reader: WebSocketContext::from_partially_read(leftover, Role::Server, Some(config)),
             output,
             splice: splice && ws.messages == Messages::Binary,
+            feeding: !matches!(input, Input::Null),
+            input,
             wire: Wire::default(),
             outbox: Vec::new(),
             partial: Vec::new(),
             inbox: Vec::new(),
             inbox_at: 0,
-            feeding: false,
             output_open: true,
             budget: max_bytes.unwrap_or(u64::MAX),
             awaiting_pong: false,
@@ -111,54 +114,43 @@ impl<'a> Session<'a> {
     }
 
     /// Moves messages both ways until the output ends, the client closes
-    /// or fails, or a limit or the stop ends the session. `input` is closed
-    /// when this returns.
-    pub async fn exchange(
-        &mut self,
-        input: Option<Input<'_>>,
-        command: &Command,
-        limits: &Limits,
-        grace: Duration,
-    ) -> End {
-        let traffic = self.traffic;
-        let work = async {
-            self.feeding = input.is_some();
-            let (socket, output) = (self.socket, self.output);
-            let every = self.ws.ping_interval;
-            let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let leftovers = command.end_leftovers();
-            let abandon = abandon_when_drained(output, grace);
-            tokio::pin!(leftovers, abandon);
-            let mut abandoning = false;
-            loop {
-                if let Some(end) = self.finished() {
-                    return end;
-                }
-                let writing = !self.wire.is_empty() || !self.outbox.is_empty();
-                let producing = !writing && self.output_open && self.budget > 0;
-                let receiving = self.inbox.len() < INBOX_HIGH && self.outbox.len() < OUTBOX_HIGH;
-                let stdin = input
-                    .as_ref()
-                    .filter(|_| self.feeding && !self.inbox.is_empty());
-                let step = tokio::select! {
-                    r = socket.writable(), if writing => self.send(r),
-                    r = output.readable(), if producing => self.produce(r),
-                    r = socket.readable(), if receiving => self.receive(r),
-                    r = writable(stdin) => self.feed(r),
-                    _ = ping.tick() => self.ping(),
-                    () = &mut leftovers, if !abandoning => {
-                        abandoning = true;
-                        Ok(())
+    /// or fails, or `max_bytes` of output has gone.
+    pub async fn pump(&mut self) -> End {
+        let (socket, output) = (self.socket, self.output);
+        let every = self.ws.ping_interval;
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut input = std::mem::replace(&mut self.input, Input::Null);
+        let end = loop {
+            if let Some(end) = self.finished() {
+                break end;
+            }
+            let writing = !self.wire.is_empty() || !self.outbox.is_empty();
+            let producing = !writing && self.output_open && self.budget > 0;
+            let receiving = self.inbox.len() < INBOX_HIGH && self.outbox.len() < OUTBOX_HIGH;
+            let stdin = input.fd(output).filter(|_| !self.inbox.is_empty());
+            let step = tokio::select! {
+                r = socket.writable(), if writing => self.send(r),
+                r = output.readable(), if producing => self.produce(r),
+                r = socket.readable(), if receiving => self.receive(r),
+                r = writable(stdin) => self.feed(r).map(|taken| {
+                    if !taken {
+                        input.close(output);
                     }
-                    () = &mut abandon, if abandoning => Err(End::OutputHeld),
-                };
-                if let Err(end) = step {
-                    return end;
-                }
+                }),
+                _ = ping.tick() => self.ping(),
+            };
+            if let Err(end) = step {
+                break end;
             }
         };
-        limits.watch(work, traffic).await
+        self.input = input;
+        end
+    }
+
+    /// Where the session counts what it moves.
+    pub fn traffic(&self) -> &'a Traffic {
+        self.traffic
     }
 
     /// The session's own ends: all output sent, or `max_bytes` of it.
@@ -319,40 +311,47 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Writes waiting input to the command's stdin.
-    fn feed(&mut self, ready: io::Result<AsyncFdReadyGuard<'_, OwnedFd>>) -> Result<(), End> {
+    /// Writes waiting input to the command's stdin; false once the command
+    /// takes no more (it closed its stdin).
+    fn feed(&mut self, ready: io::Result<AsyncFdReadyGuard<'_, OwnedFd>>) -> Result<bool, End> {
         let written = match ready {
             Ok(mut ready) => {
                 let fd = ready.get_inner();
                 match retry(|| nix::unistd::write(fd, &self.inbox[self.inbox_at..])) {
                     Err(Errno::EAGAIN) => {
                         ready.clear_ready();
-                        return Ok(());
+                        return Ok(true);
                     }
                     other => other,
                 }
             }
             Err(e) => Err(fdio::errno(&e)),
         };
-        match written {
-            Ok(n) => self.inbox_at += n,
+        let taken = match written {
+            Ok(n) => {
+                self.inbox_at += n;
+                true
+            }
             // The command closed its stdin: what the client sends is dropped.
-            Err(e) if fdio::class(e) == Class::Disconnect => self.feeding = false,
+            Err(e) if fdio::class(e) == Class::Disconnect => {
+                self.feeding = false;
+                false
+            }
             Err(e) => {
                 return Err(End::Error(format!(
                     "writing to the command's stdin: {}",
                     e.desc()
                 )))
             }
-        }
-        if self.inbox_at == self.inbox.len() || !self.feeding {
+        };
+        if self.inbox_at == self.inbox.len() || !taken {
             self.inbox_at = 0;
             self.inbox.clear();
             if self.inbox.capacity() > KEEP {
                 self.inbox = Vec::new();
             }
         }
-        Ok(())
+        Ok(taken)
     }
 
     /// Pings the client; a client that did not answer the last ping is gone.
@@ -372,13 +371,15 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Closes the session after `end`: the frame in progress is finished,
-    /// the close frame with the code that fits sent, the client's close
-    /// awaited, and the socket shut down, all within `grace`. After a
-    /// disconnect or a ping timeout nothing is sent.
-    pub async fn close(mut self, end: &End, grace: Duration) {
+    /// Closes the session after `end`, as `ending` says: the frame in
+    /// progress is finished, the close frame with the code that fits sent,
+    /// the client's close awaited (not after an abrupt end), and the socket
+    /// shut down, all within `kill_grace`. After a disconnect or a ping
+    /// timeout nothing is sent. True when a close frame went out.
+    pub async fn close(mut self, end: &End, ending: &Ending) -> bool {
+        self.input.close(self.output);
         let Some((code, reason)) = close_code(end) else {
-            return;
+            return false;
         };
         let mut io = Outbox {
             socket: self.socket.get_ref(),
@@ -391,12 +392,6 @@ impl<'a> Session<'a> {
             };
             let _ = self.reader.close(&mut io, Some(frame));
         }
-        // After a failure the client is not waited for: it broke the protocol.
-        let await_reply = matches!(end, End::ClientClosed(_))
-            || !matches!(
-                code,
-                CloseCode::Protocol | CloseCode::Invalid | CloseCode::Size
-            );
         let socket = self.socket;
         let traffic = self.traffic;
         let closing = async {
@@ -405,13 +400,14 @@ impl<'a> Session<'a> {
                     return;
                 }
             }
-            if await_reply && !matches!(end, End::ClientClosed(_)) {
+            if ending.farewell != Farewell::Abrupt {
                 self.await_close().await;
             }
             fdio::end_output(socket.get_ref());
             let _ = fdio::discard(socket, |n| traffic.dropped(n as u64)).await;
         };
-        let _ = tokio::time::timeout(grace, closing).await;
+        let _ = tokio::time::timeout(ending.grace, closing).await;
+        true
     }
 
     /// Reads the client's frames until its close (messages are dropped now).
@@ -435,9 +431,9 @@ impl<'a> Session<'a> {
 }
 
 /// Waits until `input` (if any) takes bytes; never without one.
-async fn writable<'f>(input: Option<&'f Input<'_>>) -> io::Result<AsyncFdReadyGuard<'f, OwnedFd>> {
+async fn writable(input: Option<&AsyncFd<OwnedFd>>) -> io::Result<AsyncFdReadyGuard<'_, OwnedFd>> {
     match input {
-        Some(input) => input.fd().writable().await,
+        Some(input) => input.writable().await,
         None => std::future::pending().await,
     }
 }

@@ -1,0 +1,134 @@
+//! The client's side of a connection: what carries its bytes (a
+//! [`Transport`]: its socket, the kernel's TLS, or TLS in the daemon, which
+//! looks like a plaintext socket to the rest), and what it speaks over it (a
+//! protocol: raw bytes, or WebSocket messages; or, with `transfer =
+//! "direct"`, whatever the command speaks on the socket itself).
+//!
+//! Every protocol makes the same two moves, and the pipeline knows no
+//! other: [`Client::pump`] moves the bytes until the transfer ends, and
+//! [`Client::close`] ends the client's side the way the end policy
+//! ([`crate::end::Ending`]) says. A new protocol is one more implementation
+//! of these two, whatever transport carries it.
+//!
+//! - `transport`: the socket, or the TLS layer's task and its socket pair;
+//! - `raw`: raw bytes, moved by the relay's loops;
+//! - `direct`: the command has the socket; the daemon watches;
+//! - WebSocket sessions are `websocket::Session`.
+
+mod direct;
+mod raw;
+mod transport;
+
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+use tokio::io::unix::AsyncFd;
+
+use crate::command::Input;
+use crate::config::{Service, Transfer, WebSocket};
+use crate::end::{End, Ending};
+use crate::record::Traffic;
+use crate::relay::Mode;
+use crate::supervise::Idle;
+use crate::websocket::{Session, Upgraded};
+use direct::Direct;
+use raw::Raw;
+pub use transport::Transport;
+
+/// A client, over its transport, in the middle of a transfer.
+pub enum Client<'a> {
+    Raw(Raw<'a>),
+    WebSocket(Box<Session<'a>>),
+    Direct(Direct<'a>),
+}
+
+/// What the protocol's opening left for the transfer.
+pub enum Opening<'a> {
+    /// Raw bytes: nothing to open.
+    Raw,
+    /// A WebSocket upgrade, done.
+    WebSocket(&'a WebSocket, Upgraded),
+}
+
+impl<'a> Client<'a> {
+    /// The client for a command whose output comes from `output` and whose
+    /// stdin is `input` (no output: the command has the socket itself).
+    pub fn new(
+        opening: Opening<'a>,
+        transport: &'a Transport,
+        (output, input): (Option<&'a AsyncFd<OwnedFd>>, Input),
+        service: &'a Service,
+        traffic: &'a Traffic,
+    ) -> Client<'a> {
+        let socket = transport.plain();
+        let mode = match service.transfer {
+            Transfer::Splice => Mode::Splice,
+            Transfer::Copy | Transfer::Socketpair | Transfer::Direct => Mode::Copy,
+        };
+        let Some(output) = output else {
+            // The configuration allows "direct" for raw services only.
+            return Client::Direct(Direct {
+                socket,
+                kernel: transport.kernel_socket(),
+                traffic,
+            });
+        };
+        match opening {
+            Opening::Raw => Client::Raw(Raw {
+                socket,
+                output,
+                input,
+                mode,
+                chunk: service.pipe_size,
+                // The banner counts.
+                budget: service
+                    .max_bytes
+                    .map(|m| m.saturating_sub(traffic.bytes_sent())),
+                traffic,
+            }),
+            Opening::WebSocket(ws, upgraded) => Client::WebSocket(Box::new(Session::new(
+                socket,
+                ws,
+                traffic,
+                upgraded.leftover,
+                (output, mode == Mode::Splice, input),
+                service.max_bytes,
+            ))),
+        }
+    }
+
+    /// Moves the bytes until the transfer ends: the output ended, the client
+    /// closed or failed, or `max_bytes` of output went.
+    pub async fn pump(&mut self) -> End {
+        match self {
+            Client::Raw(raw) => raw.pump().await,
+            Client::WebSocket(session) => session.pump().await,
+            Client::Direct(direct) => direct.pump().await,
+        }
+    }
+
+    /// Ends the client's side after `end`, as `ending` says. True when the
+    /// protocol ended its output in order (the transport may then end in
+    /// order too).
+    pub async fn close(self, end: &End, ending: &Ending) -> bool {
+        match self {
+            Client::Raw(raw) => raw.close(ending).await,
+            Client::WebSocket(session) => session.close(end, ending).await,
+            Client::Direct(direct) => direct.close(ending).await,
+        }
+    }
+
+    /// What tells that this client is idle.
+    pub fn idle(&self, started: Instant) -> Idle<'a> {
+        match self {
+            Client::Direct(Direct {
+                kernel: Some(socket),
+                ..
+            }) => Idle::Kernel { socket, started },
+            Client::Raw(Raw { traffic, .. }) | Client::Direct(Direct { traffic, .. }) => {
+                Idle::Traffic(traffic)
+            }
+            Client::WebSocket(session) => Idle::Traffic(session.traffic()),
+        }
+    }
+}
