@@ -149,7 +149,12 @@ impl Admissions {
 
     /// A TLS client whose handshake failed: counted and logged in episodes,
     /// one kind per reason.
-    pub fn refused_tls(&self, service: &Service, peer: &Peer, refused: &crate::tls::Refused) {
+    pub fn refused_tls(
+        &self,
+        service: &Service,
+        peer: &Peer,
+        refused: &crate::tls::HandshakeError,
+    ) {
         self.note(
             service,
             peer,

@@ -1,6 +1,6 @@
 //! One connection, as a pipeline: admit → secure (TLS) → open (the
 //! protocol's opening: a WebSocket upgrade) → banner → spawn → supervise the
-//! transfer → end, by the one end policy → one record. [`pipeline`] reads
+//! transfer → end, by the one end policy → one record. `pipeline` reads
 //! top to bottom in that order; each step is a call into the module that
 //! owns it, and none knows which transport or protocol the client has: the
 //! [`Client`] does.
@@ -25,8 +25,8 @@ use crate::command::{Command, Ended, Input, SpawnError, Streams, Tag};
 use crate::config::{Protocol, Service, Transfer};
 use crate::end::{End, Ending};
 use crate::fdio;
-use crate::limit::Slot;
 use crate::peer::Peer;
+use crate::places::Place;
 use crate::record::{Record, Stats};
 use crate::shutdown::Watch;
 use crate::supervise::{supervise, Bounds, Idle};
@@ -62,8 +62,8 @@ pub struct Handler {
 /// the connection's descriptors, before the record; the daemon's after it,
 /// so that the stop, which waits for every place, waits for every record.
 pub struct Places {
-    pub service: Slot,
-    pub daemon: Slot,
+    pub service: Place,
+    pub daemon: Place,
 }
 
 /// How a pipeline that ran no command ended. (One that did returns the
@@ -302,11 +302,11 @@ impl Conn<'_> {
                 let env = std::mem::take(&mut upgraded.env);
                 Ok((Opening::WebSocket(ws, upgraded), env))
             }
-            Err(websocket::Refused::Page) => Err(Early::Ended(End::Page)),
-            Err(websocket::Refused::Answered { status, why }) => {
+            Err(websocket::NoSession::Page) => Err(Early::Ended(End::Page)),
+            Err(websocket::NoSession::Answered { status, why }) => {
                 Err(refused(format!("answered {status}: {why}")))
             }
-            Err(websocket::Refused::Gone(why)) => Err(refused(why)),
+            Err(websocket::NoSession::Gone(why)) => Err(refused(why)),
         }
     }
 
@@ -393,7 +393,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::limit::Gate;
+    use crate::places::Gate;
     use crate::shutdown::Shutdown;
 
     /// Log lines, captured for the test that writes them.

@@ -1,17 +1,19 @@
 //! splice-relay: a socket-activated daemon that runs a command for each
-//! connection and moves the command's output to the client with splice(2).
+//! connection and moves the command's output to the client, with splice(2)
+//! or through a buffer, from one event loop.
 //!
 //! # Layout
 //!
 //! Start-up, in `main.rs`: inherited sockets → config → logging → listeners →
 //! READY=1 → serve. Then each connection is a pipeline (`connection`):
-//! admit → (WebSocket upgrade) → spawn → supervise the transfer → end → one record.
+//! admit → secure (TLS) → open (a WebSocket upgrade) → banner → spawn →
+//! supervise the transfer → end, by one policy → one record.
 //!
 //! The daemon:
 //! - [`config`]: the TOML file: its schema, defaults, checks and error positions.
 //! - [`listen`]: sockets adopted from systemd or bound from the config.
-//! - [`server`]: accept loops, limits, reload, status, watchdog, stop.
-//! - [`limit`]: the counted limits the accept loops wait on.
+//! - [`server`]: accept loops, reload, status, watchdog, stop.
+//! - [`places`]: connection places (`max_connections`), which the accept loops wait for.
 //! - [`notify`]: sd_notify messages to systemd.
 //! - [`reload`]: how `systemctl reload` waits until a file is applied.
 //! - [`shutdown`]: the phases of stopping.
@@ -24,15 +26,19 @@
 //! - [`access`]: the rules themselves: address ranges, per-source counts, token buckets.
 //! - [`proxy`]: the PROXY protocol v1/v2 header.
 //! - [`peer`]: who is connected, for the log and the command's environment.
-//! - [`command`]: the command: spawn, standard streams, stderr log, ending, reaping.
-//! - [`cgroup`]: the connection's cgroup, its limits and what it used.
-//! - [`runas`]: the command's user, group, resource limits and nice value.
-//! - [`transfer`]: what moves the bytes, and what may end a connection first.
-//! - [`relay`]: the splice loop that moves the bytes.
 //! - [`tls`]: TLS on the client's connection: certificates and keys, the
-//!   handshake, the command's `SSL_*` variables, the encrypting layer.
+//!   handshake, the command's `SSL_*` variables, the kernel's TLS, the layer.
 //! - [`websocket`]: `protocol = "websocket"`: the upgrade, messages both
 //!   ways, pings, the close, and the console page.
+//! - [`client`]: the client's side: its transport (socket, kernel TLS, the
+//!   TLS layer) and its protocol (raw, WebSocket, direct), each with one
+//!   `pump` and one `close`.
+//! - [`command`]: the command: spawn, standard streams, stderr log, ending, reaping.
+//! - [`cgroup`]: the connection's cgroup, its resources and what it used.
+//! - [`runas`]: the command's user, group, rlimits and nice value.
+//! - [`supervise`]: the one loop that runs a transfer beside what may end it first.
+//! - [`end`]: why a connection ended, and the one policy for how it ends.
+//! - [`relay`]: the loops that move bytes: splice(2), and copying through a buffer.
 //! - [`record`]: the connection's one record, and the daemon's figures.
 //!
 //! Shared by the rest:
@@ -50,11 +56,11 @@ pub mod connection;
 pub mod end;
 pub mod episode;
 pub mod fdio;
-pub mod limit;
 pub mod listen;
 pub mod log;
 pub mod notify;
 pub mod peer;
+pub mod places;
 pub mod proxy;
 pub mod record;
 pub mod relay;

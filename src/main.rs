@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use splice_relay::config::{self, Config, ConfigError};
-use splice_relay::reload::Refused;
+use splice_relay::reload::ReloadError;
 use splice_relay::server::Server;
 use splice_relay::{cgroup, exit, listen, log, notify};
 
@@ -130,13 +130,13 @@ fn main() -> ExitCode {
 fn request_reload(pid: i32) -> ExitCode {
     match splice_relay::reload::request(pid) {
         Ok(()) => ExitCode::from(exit::OK),
-        Err(Refused::Config(message)) => {
+        Err(ReloadError::Config(message)) => {
             eprintln!(
                 "splice-relay: reload refused; the previous configuration stays in use: {message}"
             );
             ExitCode::from(exit::CONFIG)
         }
-        Err(Refused::Failed(message)) => {
+        Err(ReloadError::Failed(message)) => {
             eprintln!("splice-relay: reload: {message}");
             ExitCode::from(exit::FAILURE)
         }

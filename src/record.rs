@@ -251,38 +251,40 @@ impl Record {
         self.closed = Some((ended.map(|e| (e.exit, e.usage)), end));
     }
 
+    /// Logs the record. Fields that are not known (no command ran, no
+    /// cgroup, not WebSocket, not TLS) are left out, in the readable line
+    /// and in the journal alike.
     fn write(&self, exit: Option<&(Exit, Usage)>, end: &End) {
         let (conn, service, peer, pid) = (self.conn, &*self.service, &self.peer, self.pid);
         let bytes = self.traffic.bytes_sent();
         let bytes_received = self.traffic.bytes_received();
         let duration_ms = self.started.elapsed().as_millis() as u64;
-        let (exit, usage) = match exit {
-            Some((exit, usage)) => (exit.to_string(), *usage),
-            None => ("none".to_owned(), Usage::default()),
-        };
+        let usage = exit.map(|(_, usage)| *usage).unwrap_or_default();
+        let exit = exit.map(|(exit, _)| exit.to_string());
         let reason = end.reason();
-        let tls = &self.tls;
-        let (messages_sent, messages_received) = match self.framed {
-            true => {
-                let (s, r) = self.traffic.messages();
-                (s.to_string(), r.to_string())
-            }
-            false => ("none".to_owned(), "none".to_owned()),
-        };
-        let known = |v: Option<u64>| v.map_or_else(|| "none".to_owned(), |v| v.to_string());
-        let (cpu_usec, memory_peak) = (known(usage.cpu_usec), known(usage.memory_peak));
-        let (tasks_peak, oom_kills) = (known(usage.tasks_peak), known(usage.oom_kills));
-        let oom = match usage.oom_kills {
+        let tls = (self.tls != "none").then_some(self.tls.as_str());
+        let messages = self.framed.then(|| self.traffic.messages());
+        let (messages_sent, messages_received) = (messages.map(|m| m.0), messages.map(|m| m.1));
+        let Usage {
+            cpu_usec,
+            memory_peak,
+            tasks_peak,
+            oom_kills,
+        } = usage;
+        let exit_text = exit
+            .as_deref()
+            .map_or_else(String::new, |e| format!(", exit {e}"));
+        let oom = match oom_kills {
             Some(n) if n > 0 => format!(" ({n} process(es) ended by the OOM killer at memory_max)"),
             _ => String::new(),
         };
+        let exit = exit.as_deref();
         macro_rules! ended {
             ($level:ident) => {
                 tracing::$level!(
                     conn, service, peer = %peer, pid, bytes, bytes_received, duration_ms, exit, reason,
-                    cpu_usec, memory_peak, tasks_peak, oom_kills, messages_sent, messages_received,
-                    tls = tls.as_str(),
-                    "connection ended: {end}, exit {exit}{oom}, {bytes} bytes sent in {duration_ms} ms"
+                    cpu_usec, memory_peak, tasks_peak, oom_kills, messages_sent, messages_received, tls,
+                    "connection ended: {end}{exit_text}{oom}, {bytes} bytes sent in {duration_ms} ms"
                 )
             };
         }

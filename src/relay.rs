@@ -291,9 +291,12 @@ async fn copy_loop(
             match copy_small(src.get_ref(), dst.get_ref(), ask)? {
                 Small::EndOfFile => return Ok(Pumped::EndOfFile),
                 Small::Dry => ready.clear_ready(),
-                Small::Copied { read, rest } => {
+                Small::Copied { read, rest, failed } => {
                     budget.read(read);
                     budget.spend(read - rest.len());
+                    if let Some(errno) = failed {
+                        return Err(writing(errno));
+                    }
                     write_all(dst, &rest, budget).await.map_err(&writing)?;
                     if read == ask && ask == COPY_SMALL {
                         bulk = Some(vec![0u8; COPY_BULK]);
@@ -343,10 +346,12 @@ enum Small {
     EndOfFile,
     /// Nothing to read (EAGAIN).
     Dry,
-    /// `read` bytes were read; `rest` of them could not be written yet.
+    /// `read` bytes were read; `rest` of them could not be written yet,
+    /// or at all (`failed`: the destination's error, once they are counted).
     Copied {
         read: usize,
         rest: Vec<u8>,
+        failed: Option<Errno>,
     },
 }
 
@@ -363,18 +368,22 @@ fn copy_small(src: &OwnedFd, dst: &OwnedFd, ask: usize) -> Result<Small, Failed>
             Err(e) => return Err(Failed::at(Side::Source)(e)),
         }
     };
-    let mut written = 0;
+    let (mut written, mut failed) = (0, None);
     while written < read {
         match nix::unistd::write(dst, &buf[written..read]) {
             Ok(n) => written += n,
             Err(Errno::EINTR) => {}
             Err(Errno::EAGAIN) => break,
-            Err(e) => return Err(Failed::at(Side::Destination)(e)),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
         }
     }
     Ok(Small::Copied {
         read,
         rest: buf[written..read].to_vec(),
+        failed,
     })
 }
 

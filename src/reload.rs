@@ -78,7 +78,7 @@ fn read(file: &Path) -> Option<(u64, Result<(), String>)> {
 }
 
 /// Why `--reload` did not confirm a reload.
-pub enum Refused {
+pub enum ReloadError {
     /// The daemon refused the file; its message.
     Config(String),
     /// The request itself failed.
@@ -86,8 +86,8 @@ pub enum Refused {
 }
 
 /// The `ExecReload=` side: SIGHUP to `pid`, then wait for its answer.
-pub fn request(pid: i32) -> Result<(), Refused> {
-    let failed = |what: String| Refused::Failed(what);
+pub fn request(pid: i32) -> Result<(), ReloadError> {
+    let failed = |what: String| ReloadError::Failed(what);
     let dir = runtime_dir().ok_or_else(|| {
         failed("--reload needs RUNTIME_DIRECTORY (RuntimeDirectory= in the unit); use kill -HUP without it".into())
     })?;
@@ -108,7 +108,7 @@ pub fn request(pid: i32) -> Result<(), Refused> {
     loop {
         if let Some((generation, outcome)) = read(&file) {
             if generation > before {
-                return outcome.map_err(Refused::Config);
+                return outcome.map_err(ReloadError::Config);
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());

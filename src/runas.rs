@@ -10,7 +10,7 @@ use nix::unistd::{getegid, geteuid, getgroups, Gid, Group, Uid, User};
 
 /// The resources a service may limit (`rlimit_as`, … in the config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
+pub enum Rlimit {
     /// Address space, bytes.
     As,
     /// Open descriptors.
@@ -21,21 +21,21 @@ pub enum Limit {
     Cpu,
 }
 
-impl Limit {
-    pub const ALL: [(Limit, &'static str); 4] = [
-        (Limit::As, "rlimit_as"),
-        (Limit::Nofile, "rlimit_nofile"),
-        (Limit::Nproc, "rlimit_nproc"),
-        (Limit::Cpu, "rlimit_cpu"),
+impl Rlimit {
+    pub const ALL: [(Rlimit, &'static str); 4] = [
+        (Rlimit::As, "rlimit_as"),
+        (Rlimit::Nofile, "rlimit_nofile"),
+        (Rlimit::Nproc, "rlimit_nproc"),
+        (Rlimit::Cpu, "rlimit_cpu"),
     ];
 
     pub fn resource(self) -> nix::sys::resource::Resource {
         use nix::sys::resource::Resource;
         match self {
-            Limit::As => Resource::RLIMIT_AS,
-            Limit::Nofile => Resource::RLIMIT_NOFILE,
-            Limit::Nproc => Resource::RLIMIT_NPROC,
-            Limit::Cpu => Resource::RLIMIT_CPU,
+            Rlimit::As => Resource::RLIMIT_AS,
+            Rlimit::Nofile => Resource::RLIMIT_NOFILE,
+            Rlimit::Nproc => Resource::RLIMIT_NPROC,
+            Rlimit::Cpu => Resource::RLIMIT_CPU,
         }
     }
 }
@@ -57,7 +57,7 @@ pub struct Credentials {
 pub struct RunAs {
     pub credentials: Option<Credentials>,
     /// Each sets the soft and the hard limit.
-    pub rlimits: Vec<(Limit, u64)>,
+    pub rlimits: Vec<(Rlimit, u64)>,
     pub nice: Option<i32>,
 }
 
@@ -109,16 +109,16 @@ fn has_capability(cap: u32) -> bool {
 pub fn resolve(
     user: Option<&str>,
     group: Option<&str>,
-    rlimits: &[(Limit, u64)],
+    rlimits: &[(Rlimit, u64)],
     nice: Option<i32>,
 ) -> Result<RunAs, KeyError> {
     let credentials = credentials(user, group)?;
     for &(limit, value) in rlimits {
-        let key = Limit::ALL
+        let key = Rlimit::ALL
             .iter()
             .find(|(l, _)| *l == limit)
             .map_or("rlimit", |(_, k)| k);
-        if limit == Limit::Cpu && value == 0 {
+        if limit == Rlimit::Cpu && value == 0 {
             return Err(key_error(key, "must be at least 1 second"));
         }
         let (_, hard) = nix::sys::resource::getrlimit(limit.resource()).map_err(|e| {

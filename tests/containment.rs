@@ -398,7 +398,7 @@ fn stop_and_reload_while_escapers_run_leave_nothing() {
     assert_eq!(cgroup.connections().len(), 20);
     d.signal(Signal::SIGHUP);
     d.wait_note("READY=1");
-    assert_eq!(processes_with(&mark).len(), 20, "a reload ends nothing");
+    assert_eq!(group_leaders_with(&mark).len(), 20, "a reload ends nothing");
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit().code(), Some(0));
     assert_eq!(processes_with(&mark), Vec::<i32>::new());

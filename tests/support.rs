@@ -15,9 +15,8 @@ use common::*;
 const LINE: &str = "2026-11-30T11:19:08.111821Z ERROR connection ended: spawn-failed \
     (failed to spawn /tmp/x: No such file or directory), exit none, 0 bytes sent in 4 ms \
     conn=2 service=\"bad\" peer=127.0.0.1:44898 pid=0 bytes=0 bytes_received=7 \
-    duration_ms=4 exit=\"none\" reason=\"spawn-failed\" cpu_usec=\"8624\" \
-    memory_peak=\"none\" tasks_peak=\"none\" oom_kills=\"none\" messages_sent=\"3\" \
-    messages_received=\"none\" tls=\"TLSv1.3 TLS_AES_128_GCM_SHA256 userspace\"";
+    duration_ms=4 reason=\"spawn-failed\" cpu_usec=8624 messages_sent=3 \
+    tls=\"TLSv1.3 TLS_AES_128_GCM_SHA256 userspace\"";
 
 #[test]
 fn a_record_parses_into_typed_fields() {
@@ -53,18 +52,24 @@ fn a_malformed_record_is_refused_with_the_reason() {
         ("pid=0", "pid=x", "pid=\"x\""),
         (" bytes=0", " bytes=-1", "bytes=\"-1\""),
         (
+            "4 reason",
+            "4 exit=\"none\" reason",
+            "exit=none: an unknown value is left out",
+        ),
+        (
             "service=\"bad\"",
             "service=bad",
             "service: expected a quoted value",
         ),
         (" pid=0", "", "expected pid="),
-        ("duration_ms=4 exit", "exit", "expected duration_ms="),
+        ("duration_ms=4 reason", "reason", "expected duration_ms="),
         ("userspace\"", "userspace\" extra=1", "unexpected text"),
         ("userspace\"", "userspace", "tls: expected a quoted value"),
+        ("cpu_usec=8624", "cpu_usec=lots", "cpu_usec=\"lots\""),
         (
+            "cpu_usec=8624",
             "cpu_usec=\"8624\"",
-            "cpu_usec=\"lots\"",
-            "cpu_usec=\"lots\"",
+            "cpu_usec=\"\\\"8624\\\"\"",
         ),
         (" conn=2", " conn=", "conn=\"\""),
     ];

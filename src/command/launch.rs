@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use crate::cgroup::{Cgroup, Tree};
 use crate::config::{Containment, Service};
 use crate::peer::Peer;
-use crate::runas::Limit;
+use crate::runas::Rlimit;
 use crate::sys::{self, Place, Slots, Stage};
 
 /// What a launcher needs to start one command.
@@ -197,7 +197,7 @@ fn spawn_error(service: &Service, stage: Stage, e: io::Error) -> io::Error {
             .run_as
             .rlimits
             .iter()
-            .any(|(l, _)| *l == Limit::Nproc);
+            .any(|(l, _)| *l == Rlimit::Nproc);
     let hint = if at_nproc {
         " (the user is at rlimit_nproc)"
     } else {

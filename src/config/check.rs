@@ -18,7 +18,7 @@ use super::{
 };
 use crate::access::Rules;
 use crate::cgroup::{Offer, Resources};
-use crate::runas::{self, Limit};
+use crate::runas::{self, Rlimit};
 
 pub fn config(raw: RawConfig, loc: &Locator<'_>) -> Result<Config, ConfigError> {
     if raw.service.is_empty() {
@@ -115,9 +115,9 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
             "applies only with proxy_protocol = true".into(),
         ));
     }
-    let rlimits: Vec<(Limit, u64)> = [s.rlimit_as, s.rlimit_nofile, s.rlimit_nproc, s.rlimit_cpu]
+    let rlimits: Vec<(Rlimit, u64)> = [s.rlimit_as, s.rlimit_nofile, s.rlimit_nproc, s.rlimit_cpu]
         .into_iter()
-        .zip(Limit::ALL)
+        .zip(Rlimit::ALL)
         .filter_map(|(v, (limit, _))| v.map(|v| (limit, v)))
         .collect();
     let run_as = runas::resolve(

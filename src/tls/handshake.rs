@@ -33,7 +33,7 @@ pub struct Accepted {
 
 /// Why a client's handshake failed. No command runs.
 #[derive(Debug)]
-pub enum Refused {
+pub enum HandshakeError {
     /// What came first is not a TLS handshake (plaintext HTTP, say).
     NotTls(String),
     /// The handshake did not complete within the limit.
@@ -45,31 +45,31 @@ pub enum Refused {
     Handshake(String),
 }
 
-impl Refused {
+impl HandshakeError {
     /// The refusal's reason in the log's episodes.
     pub fn reason(&self) -> &'static str {
         match self {
-            Refused::NotTls(_) => "tls-not-tls",
-            Refused::Timeout(_) => "tls-timeout",
-            Refused::ClientCertificate(_) => "tls-client-certificate",
-            Refused::Handshake(_) => "tls-handshake",
+            HandshakeError::NotTls(_) => "tls-not-tls",
+            HandshakeError::Timeout(_) => "tls-timeout",
+            HandshakeError::ClientCertificate(_) => "tls-client-certificate",
+            HandshakeError::Handshake(_) => "tls-handshake",
         }
     }
 }
 
-impl fmt::Display for Refused {
+impl fmt::Display for HandshakeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Refused::NotTls(what) => write!(f, "not a TLS handshake: {what}"),
-            Refused::Timeout(limit) => {
+            HandshakeError::NotTls(what) => write!(f, "not a TLS handshake: {what}"),
+            HandshakeError::Timeout(limit) => {
                 write!(
                     f,
                     "no complete TLS handshake within {} ms",
                     limit.as_millis()
                 )
             }
-            Refused::ClientCertificate(why) => write!(f, "client certificate: {why}"),
-            Refused::Handshake(why) => write!(f, "TLS handshake: {why}"),
+            HandshakeError::ClientCertificate(why) => write!(f, "client certificate: {why}"),
+            HandshakeError::Handshake(why) => write!(f, "TLS handshake: {why}"),
         }
     }
 }
@@ -79,11 +79,11 @@ pub async fn accept(
     socket: &AsyncFd<OwnedFd>,
     tls: &Tls,
     limit: Duration,
-) -> Result<Accepted, Refused> {
+) -> Result<Accepted, HandshakeError> {
     let mut conn = ServerConnection::new(Arc::clone(&tls.config))
-        .map_err(|e| Refused::Handshake(e.to_string()))?;
+        .map_err(|e| HandshakeError::Handshake(e.to_string()))?;
     match tokio::time::timeout(limit, drive(socket, &mut conn)).await {
-        Err(_) => Err(Refused::Timeout(limit)),
+        Err(_) => Err(HandshakeError::Timeout(limit)),
         Ok(Err(refused)) => Err(refused),
         Ok(Ok(())) => Ok(Accepted {
             env: names::environment(&conn),
@@ -93,7 +93,10 @@ pub async fn accept(
     }
 }
 
-async fn drive(socket: &AsyncFd<OwnedFd>, conn: &mut ServerConnection) -> Result<(), Refused> {
+async fn drive(
+    socket: &AsyncFd<OwnedFd>,
+    conn: &mut ServerConnection,
+) -> Result<(), HandshakeError> {
     let mut record = Vec::with_capacity(HEADER + MAX_RECORD);
     let mut first = true;
     loop {
@@ -106,7 +109,7 @@ async fn drive(socket: &AsyncFd<OwnedFd>, conn: &mut ServerConnection) -> Result
         let mut rest = record.as_slice();
         while !rest.is_empty() {
             conn.read_tls(&mut rest)
-                .map_err(|e| Refused::Handshake(e.to_string()))?;
+                .map_err(|e| HandshakeError::Handshake(e.to_string()))?;
         }
         if let Err(e) = conn.process_new_packets() {
             // The alert that says why, if the socket takes it now.
@@ -117,13 +120,16 @@ async fn drive(socket: &AsyncFd<OwnedFd>, conn: &mut ServerConnection) -> Result
 }
 
 /// Writes what rustls has for the client.
-async fn flush(socket: &AsyncFd<OwnedFd>, conn: &mut ServerConnection) -> Result<(), Refused> {
+async fn flush(
+    socket: &AsyncFd<OwnedFd>,
+    conn: &mut ServerConnection,
+) -> Result<(), HandshakeError> {
     while conn.wants_write() {
         fdio::write_with(socket, |fd| {
             conn.write_tls(&mut Fd(fd)).map_err(|e| fdio::errno(&e))
         })
         .await
-        .map_err(|e| Refused::Handshake(format!("the client left: {}", e.desc())))?;
+        .map_err(|e| HandshakeError::Handshake(format!("the client left: {}", e.desc())))?;
     }
     Ok(())
 }
@@ -133,17 +139,17 @@ async fn read_record(
     socket: &AsyncFd<OwnedFd>,
     record: &mut Vec<u8>,
     first: bool,
-) -> Result<(), Refused> {
+) -> Result<(), HandshakeError> {
     record.clear();
     record.resize(HEADER, 0);
     fill(socket, record, 0, first).await?;
     let (kind, major) = (record[0], record[1]);
     let len = usize::from(u16::from_be_bytes([record[3], record[4]]));
     if first && kind != 22 {
-        return Err(Refused::NotTls(describe_start(record)));
+        return Err(HandshakeError::NotTls(describe_start(record)));
     }
     if !(20..=23).contains(&kind) || major != 3 || len > MAX_RECORD {
-        return Err(Refused::Handshake(format!(
+        return Err(HandshakeError::Handshake(format!(
             "a malformed record (type {kind}, version {major}.{}, {len} bytes)",
             record[2]
         )));
@@ -158,17 +164,17 @@ async fn fill(
     buf: &mut [u8],
     from: usize,
     first: bool,
-) -> Result<(), Refused> {
+) -> Result<(), HandshakeError> {
     let mut at = from;
     while at < buf.len() {
         let n = fdio::read_with(socket, |fd| nix::unistd::read(fd, &mut buf[at..]))
             .await
-            .map_err(|e| Refused::Handshake(format!("the client left: {}", e.desc())))?;
+            .map_err(|e| HandshakeError::Handshake(format!("the client left: {}", e.desc())))?;
         if n == 0 {
             return Err(if first && at == 0 {
-                Refused::Handshake("the client closed without a word".into())
+                HandshakeError::Handshake("the client closed without a word".into())
             } else {
-                Refused::Handshake(
+                HandshakeError::Handshake(
                     "the client closed in the middle of a handshake message (truncated)".into(),
                 )
             });
@@ -200,12 +206,12 @@ fn describe_start(start: &[u8]) -> String {
     }
 }
 
-fn classify(e: TlsError) -> Refused {
+fn classify(e: TlsError) -> HandshakeError {
     match e {
-        TlsError::NoCertificatesPresented => {
-            Refused::ClientCertificate("none presented, and tls_client_auth requires one".into())
-        }
-        TlsError::InvalidCertificate(c) => Refused::ClientCertificate(match c {
+        TlsError::NoCertificatesPresented => HandshakeError::ClientCertificate(
+            "none presented, and tls_client_auth requires one".into(),
+        ),
+        TlsError::InvalidCertificate(c) => HandshakeError::ClientCertificate(match c {
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired".into(),
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 "not valid yet".into()
@@ -215,12 +221,12 @@ fn classify(e: TlsError) -> Refused {
             c => format!("{c:?}"),
         }),
         TlsError::PeerIncompatible(p) => {
-            Refused::Handshake(format!("nothing in common with the client: {p:?}"))
+            HandshakeError::Handshake(format!("nothing in common with the client: {p:?}"))
         }
         TlsError::AlertReceived(alert) => {
-            Refused::Handshake(format!("the client ended it with the alert {alert:?}"))
+            HandshakeError::Handshake(format!("the client ended it with the alert {alert:?}"))
         }
-        other => Refused::Handshake(other.to_string()),
+        other => HandshakeError::Handshake(other.to_string()),
     }
 }
 

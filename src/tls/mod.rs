@@ -20,7 +20,7 @@ mod kernel;
 mod layer;
 mod names;
 
-pub use handshake::{accept, Accepted, Refused};
+pub use handshake::{accept, Accepted, HandshakeError};
 pub use kernel::{hand_off, HandOff};
 pub use layer::{Layer, Outcome};
 

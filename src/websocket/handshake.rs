@@ -32,7 +32,7 @@ pub struct Upgraded {
 
 /// Why no WebSocket session began.
 #[derive(Debug)]
-pub enum Refused {
+pub enum NoSession {
     /// Not a valid upgrade: answered with `status`, and `why` for the log.
     Answered { status: u16, why: String },
     /// A plain GET got the console page.
@@ -48,11 +48,11 @@ pub async fn handshake(
     ws: &WebSocket,
     tls: bool,
     limit: Duration,
-) -> Result<Upgraded, Refused> {
+) -> Result<Upgraded, NoSession> {
     let read = tokio::time::timeout(limit, read_request(socket)).await;
     let (buf, end) = match read {
         Ok(Ok(read)) => read,
-        Ok(Err(Unreadable::Gone(why))) => return Err(Refused::Gone(why)),
+        Ok(Err(Unreadable::Gone(why))) => return Err(NoSession::Gone(why)),
         Ok(Err(Unreadable::Bad(why))) => return Err(answer(socket, 400, why, &[]).await),
         Err(_) => {
             let why = format!("no complete request within {} ms", limit.as_millis());
@@ -73,7 +73,7 @@ pub async fn handshake(
             fdio::write_all(socket, response.as_bytes(), |_| {})
                 .await
                 .map_err(|e| {
-                    Refused::Gone(format!("writing the handshake's answer: {}", e.desc()))
+                    NoSession::Gone(format!("writing the handshake's answer: {}", e.desc()))
                 })?;
             Ok(Upgraded {
                 env: request.environment(ws),
@@ -92,7 +92,7 @@ pub async fn handshake(
             let _ = fdio::write_all(socket, head.as_bytes(), |_| {}).await;
             let _ = fdio::write_all(socket, page.as_bytes(), |_| {}).await;
             close_gently(socket);
-            Err(Refused::Page)
+            Err(NoSession::Page)
         }
         Decision::Refuse {
             status,
@@ -382,7 +382,7 @@ async fn answer(
     status: u16,
     why: String,
     headers: &[(&str, &str)],
-) -> Refused {
+) -> NoSession {
     let reason = match status {
         400 => "Bad Request",
         403 => "Forbidden",
@@ -406,7 +406,7 @@ async fn answer(
     // waited for.
     let _ = nix::unistd::write(socket.get_ref(), response.as_bytes());
     close_gently(socket);
-    Refused::Answered { status, why }
+    NoSession::Answered { status, why }
 }
 
 /// Shuts our side down and reads what the client already sent, so that the

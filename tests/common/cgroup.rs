@@ -132,3 +132,12 @@ pub fn processes_with(marker: &str) -> Vec<i32> {
     }
     out
 }
+
+/// The process-group leaders among [`processes_with`]: a loop's children,
+/// which carry the loop's command line from fork until their exec, are not.
+pub fn group_leaders_with(marker: &str) -> Vec<i32> {
+    processes_with(marker)
+        .into_iter()
+        .filter(|&pid| super::stat(pid).is_some_and(|s| s.pgrp == pid))
+        .collect()
+}

@@ -8,25 +8,26 @@ use std::net::SocketAddr;
 /// What a record's message starts with (src/record.rs, `Record::write`).
 const RECORD: &str = "connection ended: ";
 
-/// A record's fields, in the order the daemon writes them, and whether each
-/// is quoted (strings are; numbers and the peer are not).
-const FIELDS: [(&str, bool); 16] = [
-    ("conn", false),
-    ("service", true),
-    ("peer", false),
-    ("pid", false),
-    ("bytes", false),
-    ("bytes_received", false),
-    ("duration_ms", false),
-    ("exit", true),
-    ("reason", true),
-    ("cpu_usec", true),
-    ("memory_peak", true),
-    ("tasks_peak", true),
-    ("oom_kills", true),
-    ("messages_sent", true),
-    ("messages_received", true),
-    ("tls", true),
+/// A record's fields, in the order the daemon writes them: whether each is
+/// quoted (strings are; numbers and the peer are not), and whether it is
+/// always there (the others are left out when not known).
+const FIELDS: [(&str, bool, bool); 16] = [
+    ("conn", false, true),
+    ("service", true, true),
+    ("peer", false, true),
+    ("pid", false, true),
+    ("bytes", false, true),
+    ("bytes_received", false, true),
+    ("duration_ms", false, true),
+    ("exit", true, false),
+    ("reason", true, true),
+    ("cpu_usec", false, false),
+    ("memory_peak", false, false),
+    ("tasks_peak", false, false),
+    ("oom_kills", false, false),
+    ("messages_sent", false, false),
+    ("messages_received", false, false),
+    ("tls", true, false),
 ];
 
 /// The record the daemon logs when a connection ends.
@@ -44,18 +45,19 @@ pub struct Record {
     pub bytes: u64,
     pub bytes_received: u64,
     pub duration_ms: u64,
-    /// "0", another exit code, a signal name ("SIGTERM") or "none".
+    /// "0", another exit code, a signal name ("SIGTERM"), or "none" when no
+    /// command ran (the field is then left out).
     pub exit: String,
     pub reason: String,
-    /// What the command used (None: "none", not known here).
+    /// What the command used (None: left out, not known here).
     pub cpu_usec: Option<u64>,
     pub memory_peak: Option<u64>,
     pub tasks_peak: Option<u64>,
     pub oom_kills: Option<u64>,
-    /// WebSocket messages either way (None: "none", a raw connection).
+    /// WebSocket messages either way (None: left out, a raw connection).
     pub messages_sent: Option<u64>,
     pub messages_received: Option<u64>,
-    /// "none", or the TLS version, cipher and who encrypts.
+    /// The TLS version, cipher and who encrypts; "none" (left out) without TLS.
     pub tls: String,
     /// The whole line, for messages.
     pub line: String,
@@ -86,62 +88,69 @@ impl Record {
         // The message is free text; the fields are the last " conn=" on.
         let at = text.rfind(" conn=").ok_or("no conn= field")?;
         let (message, mut rest) = (&text[..at], &text[at + 1..]);
-        let mut values = Vec::with_capacity(FIELDS.len());
-        for (i, (key, quoted)) in FIELDS.iter().enumerate() {
-            rest = rest
-                .strip_prefix(key)
-                .and_then(|r| r.strip_prefix('='))
-                .ok_or_else(|| format!("expected {key}= at {rest:?}"))?;
-            let (value, after) = if *quoted {
-                unquote(rest)
-                    .ok_or_else(|| format!("{key}: expected a quoted value at {rest:?}"))?
+        let mut values: Vec<Option<String>> = Vec::with_capacity(FIELDS.len());
+        let mut first = true;
+        for (key, quoted, always) in FIELDS {
+            let at_key = if first {
+                Some(rest)
             } else {
-                let end = rest.find(' ').unwrap_or(rest.len());
-                (rest[..end].to_owned(), &rest[end..])
-            };
-            rest = if i + 1 < FIELDS.len() {
-                after
-                    .strip_prefix(' ')
-                    .ok_or_else(|| format!("{key}: expected a space after the value"))?
-            } else if after.is_empty() {
-                after
-            } else {
-                return Err(format!("unexpected text after the fields: {after:?}"));
-            };
-            values.push(value);
-        }
-        let number = |i: usize| -> Result<u64, String> {
-            values[i]
-                .parse()
-                .map_err(|e| format!("{}={:?}: {e}", FIELDS[i].0, values[i]))
-        };
-        let maybe = |i: usize| -> Result<Option<u64>, String> {
-            match values[i].as_str() {
-                "none" => Ok(None),
-                _ => number(i).map(Some),
+                rest.strip_prefix(' ')
             }
+            .and_then(|r| r.strip_prefix(key))
+            .and_then(|r| r.strip_prefix('='));
+            let Some(after_key) = at_key else {
+                if always {
+                    return Err(format!("expected {key}= at {rest:?}"));
+                }
+                values.push(None);
+                continue;
+            };
+            first = false;
+            let (value, after) = if quoted {
+                unquote(after_key)
+                    .ok_or_else(|| format!("{key}: expected a quoted value at {after_key:?}"))?
+            } else {
+                let end = after_key.find(' ').unwrap_or(after_key.len());
+                (after_key[..end].to_owned(), &after_key[end..])
+            };
+            if value == "none" {
+                return Err(format!("{key}=none: an unknown value is left out"));
+            }
+            rest = after;
+            values.push(Some(value));
+        }
+        if !rest.is_empty() {
+            return Err(format!("unexpected text after the fields: {rest:?}"));
+        }
+        let text = |i: usize| values[i].clone().unwrap_or_else(|| "none".to_owned());
+        let maybe = |i: usize| -> Result<Option<u64>, String> {
+            values[i]
+                .as_deref()
+                .map(|v| v.parse().map_err(|e| format!("{}={v:?}: {e}", FIELDS[i].0)))
+                .transpose()
         };
+        let number = |i: usize| -> Result<u64, String> { maybe(i).map(|v| v.unwrap_or(0)) };
         Ok(Record {
             level: level.to_owned(),
             message: message.to_owned(),
             conn: number(0)?,
-            service: values[1].clone(),
-            peer: values[2].clone(),
-            pid: values[3]
+            service: text(1),
+            peer: text(2),
+            pid: text(3)
                 .parse()
-                .map_err(|e| format!("pid={:?}: {e}", values[3]))?,
+                .map_err(|e| format!("pid={:?}: {e}", text(3)))?,
             bytes: number(4)?,
             bytes_received: number(5)?,
             duration_ms: number(6)?,
-            exit: values[7].clone(),
-            reason: values[8].clone(),
+            exit: text(7),
+            reason: text(8),
             cpu_usec: maybe(9)?,
             memory_peak: maybe(10)?,
             tasks_peak: maybe(11)?,
             oom_kills: maybe(12)?,
             messages_sent: maybe(13)?,
             messages_received: maybe(14)?,
-            tls: values[15].clone(),
+            tls: text(15),
             line: line.to_owned(),
         })
     }

@@ -103,7 +103,7 @@ impl Exec {
 /// The limits the child sets: the service's `rlimit_*`, and the daemon's
 /// original RLIMIT_NOFILE where the service sets none.
 fn rlimits(run_as: &crate::runas::RunAs) -> Vec<(libc::__rlimit_resource_t, libc::rlimit)> {
-    use crate::runas::Limit;
+    use crate::runas::Rlimit;
     let both = |soft, hard| libc::rlimit {
         rlim_cur: soft,
         rlim_max: hard,
@@ -113,10 +113,10 @@ fn rlimits(run_as: &crate::runas::RunAs) -> Vec<(libc::__rlimit_resource_t, libc
         .iter()
         .map(|&(limit, value)| {
             let resource = match limit {
-                Limit::As => libc::RLIMIT_AS,
-                Limit::Nofile => libc::RLIMIT_NOFILE,
-                Limit::Nproc => libc::RLIMIT_NPROC,
-                Limit::Cpu => libc::RLIMIT_CPU,
+                Rlimit::As => libc::RLIMIT_AS,
+                Rlimit::Nofile => libc::RLIMIT_NOFILE,
+                Rlimit::Nproc => libc::RLIMIT_NPROC,
+                Rlimit::Cpu => libc::RLIMIT_CPU,
             };
             (resource, both(value, value))
         })
@@ -124,7 +124,7 @@ fn rlimits(run_as: &crate::runas::RunAs) -> Vec<(libc::__rlimit_resource_t, libc
     let nofile = COMMAND_NOFILE
         .each_ref()
         .map(|a| a.load(std::sync::atomic::Ordering::Relaxed));
-    if nofile[0] != 0 && !run_as.rlimits.iter().any(|(l, _)| *l == Limit::Nofile) {
+    if nofile[0] != 0 && !run_as.rlimits.iter().any(|(l, _)| *l == Rlimit::Nofile) {
         rlimits.push((libc::RLIMIT_NOFILE, both(nofile[0], nofile[1])));
     }
     rlimits

@@ -1,5 +1,6 @@
-//! Connection limits: a [`Gate`] counts the connections of a service (or of the
-//! whole daemon) and makes the accept loop wait while it is full.
+//! Connection places: a [`Gate`] counts the connections of a service (or of
+//! the whole daemon) against `max_connections`, and makes the accept loop
+//! wait while it is full; each connection holds a [`Place`].
 //!
 //! A semaphore would do, but limits change on reload, and a gate whose maximum
 //! can shrink below the number already in use is simpler to get right by hand.
@@ -23,7 +24,7 @@ struct State {
 
 /// One place in a [`Gate`], given back on drop.
 #[derive(Debug)]
-pub struct Slot(Arc<Gate>);
+pub struct Place(Arc<Gate>);
 
 impl Gate {
     pub fn new(max: usize) -> Arc<Gate> {
@@ -34,16 +35,16 @@ impl Gate {
     }
 
     /// Takes a place if one is free.
-    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Place> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         (s.active < s.max).then(|| {
             s.active += 1;
-            Slot(Arc::clone(self))
+            Place(Arc::clone(self))
         })
     }
 
     /// Waits for a free place and takes it.
-    pub async fn acquire(self: &Arc<Self>) -> Slot {
+    pub async fn acquire(self: &Arc<Self>) -> Place {
         loop {
             // Register for the wake-up before looking, so a place freed
             // between the look and the wait is not missed.
@@ -81,7 +82,7 @@ impl Gate {
     }
 }
 
-impl Drop for Slot {
+impl Drop for Place {
     fn drop(&mut self) {
         self.0
             .state
