@@ -38,7 +38,8 @@
 //! - [`runas`]: the command's user, group, rlimits and nice value.
 //! - [`supervise`]: the one loop that runs a transfer beside what may end it first.
 //! - [`end`]: why a connection ended, and the one policy for how it ends.
-//! - [`relay`]: the loops that move bytes: splice(2), and copying through a buffer.
+//! - [`relay`]: the loops that move bytes: `relay/splice.rs` (splice(2)) and
+//!   `relay/copy.rs` (through a buffer).
 //! - [`record`]: the connection's one record, and the daemon's figures.
 //!
 //! Shared by the rest:

@@ -278,3 +278,59 @@ fn every_cipher_and_version_goes_through_the_kernel() {
         );
     }
 }
+
+/// When the kernel refuses a session's keys after rustls has given them up
+/// (here: its ChaCha20-Poly1305 is unloaded, which the start-up probe of
+/// the ULP cannot see), that connection can only be closed: it is recorded
+/// as a TLS error, no command is started for its dead socket, and later
+/// sessions with that cipher are encrypted in the daemon. The module cannot
+/// come back in the guest, so `tests/ktls/run.sh` runs this test last.
+#[test]
+#[ignore = "needs the kernel's TLS: tests/ktls/run.sh runs it last in a VM"]
+fn zz_a_session_the_kernel_refuses_is_closed_and_its_cipher_stays_in_user_space() {
+    let removed = Command::new("rmmod").arg("chacha20poly1305").status();
+    assert!(
+        removed.as_ref().is_ok_and(|s| s.success()),
+        "rmmod chacha20poly1305: {removed:?}"
+    );
+    let pki = Pki::new();
+    let ledger = pki.path("started");
+    let (d, addr) = tls_serve(
+        &pki,
+        &sh(&format!("echo started >> {}; echo hello", ledger.display())),
+        "",
+    );
+    let curl = |n: u64| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "60", "--cacert", &pki.file("ca.pem")])
+            .args(["--resolve", &format!("localhost:{}:127.0.0.1", addr.port())])
+            .args([
+                "--tls13-ciphers",
+                "TLS_CHACHA20_POLY1305_SHA256",
+                "--http0.9",
+            ])
+            .arg(format!("https://localhost:{}/", addr.port()))
+            .output()
+            .unwrap();
+        (out, d.wait_record(n))
+    };
+    let (out, r) = curl(1);
+    assert!(!out.status.success(), "the refused session went on: {r}");
+    assert_eq!(r.reason, "tls-error", "{r}");
+    assert!(
+        r.message.contains("the kernel refused the session's keys"),
+        "{r}"
+    );
+    assert!(r.tls.ends_with(" kernel-refused"), "{r}");
+    assert_eq!(r.pid, 0, "a command was started for a dead socket: {r}");
+    assert!(!ledger.exists(), "a command was started for a dead socket");
+    let (out, r) = curl(2);
+    assert!(out.status.success(), "{r}");
+    assert_eq!(out.stdout, b"hello\n");
+    assert_eq!(
+        r.tls, "TLSv1.3 TLS_CHACHA20_POLY1305_SHA256 userspace",
+        "{r}"
+    );
+    let warned = d.log_lines(&["the kernel's TLS refused a session's keys"]);
+    assert_eq!(warned.len(), 1, "{warned:?}");
+}

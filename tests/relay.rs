@@ -68,6 +68,67 @@ fn a_gibibyte_arrives_intact_through_splice() {
     checksum_over("splice", "seq 1 120000000", 1 << 30);
 }
 
+/// The splice loop never blocks a worker: a command that has written
+/// exactly what one splice asks and then stays quiet leaves the event loop
+/// free (the next splice finds the pipe empty and must say EAGAIN, from
+/// SPLICE_F_NONBLOCK or the descriptors' O_NONBLOCK). With one worker
+/// thread, a blocked splice would leave every other connection unserved
+/// until that command wrote again.
+#[test]
+fn a_quiet_command_never_holds_up_the_event_loop() {
+    let (quiet, quiet_addr) = pass_tcp("quiet");
+    let (other, other_addr) = pass_tcp("other");
+    let config = format!(
+        "[[service]]\nname = \"quiet\"\ncommand = {}\ntransfer = \"splice\"\npipe_size = 4096\n\
+         [[service]]\nname = \"other\"\ncommand = {}\n",
+        sh("head -c 4096 /dev/zero; exec sleep 60"),
+        sh("echo hello")
+    );
+    let _d = Daemon::spawn(
+        &config,
+        vec![quiet, other],
+        Options::env(&[("TOKIO_WORKER_THREADS", "1")]),
+    );
+    // One splice moves the 4096 bytes, asked for and got: the pipe is empty.
+    let mut first = connect(quiet_addr);
+    let mut block = [0u8; 4096];
+    first.read_exact(&mut block).unwrap();
+    let second = connect(other_addr);
+    second
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = String::new();
+    let read = BufReader::new(second).read_line(&mut answer);
+    assert!(
+        read.is_ok() && answer == "hello\n",
+        "the other service did not answer while a quiet command held the splice loop: {read:?} {answer:?}"
+    );
+}
+
+/// A splice that ends at the end of the output is an end, not a reason to
+/// fall back to copying: no warning at a normal end.
+#[test]
+fn a_normal_end_of_a_splice_logs_no_fallback() {
+    let (d, addr) = serve(&sh("seq 1 1000"), "transfer = \"splice\"");
+    for conn in 1..=3 {
+        assert_eq!(fetch(addr).len(), expected_len("seq 1 1000"));
+        d.wait_record(conn).assert_ended("output-ended", "0");
+    }
+    let fallbacks = d.log_lines(&["copying through a buffer"]);
+    assert!(fallbacks.is_empty(), "{fallbacks:?}");
+}
+
+/// How many bytes `sh -c script` prints, computed without the daemon.
+fn expected_len(script: &str) -> usize {
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap()
+        .stdout
+        .len()
+}
+
 #[test]
 fn a_gibibyte_arrives_intact_through_the_socket_pair() {
     checksum_over("socketpair", "seq 1 120000000", 1 << 30);

@@ -16,5 +16,7 @@ for line in sys.stdin:
         print(m["executable"])')
 [ -x "$bin" ] || { echo "ktls: no test binary built" >&2; exit 1; }
 echo "ktls: running $bin in a VM with Debian's kernel"
-# One test at a time: the guest's CPUs are emulated, and slow.
-exec bash tests/ktls/vm.sh "$bin" --ignored --test-threads=1
+# One test at a time: the guest's CPUs are emulated, and slow. The test
+# that unloads a cipher module (which cannot come back in the guest) last.
+last=zz_a_session_the_kernel_refuses_is_closed_and_its_cipher_stays_in_user_space
+exec bash tests/ktls/vm.sh bash -c '"$0" --ignored --test-threads=1 --skip "$1" && "$0" --ignored --exact "$1"' "$bin" "$last"

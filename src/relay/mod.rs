@@ -1,0 +1,138 @@
+//! Moving bytes between two descriptors as the event loop reports them
+//! ready: no thread per connection, no busy loop.
+//!
+//! One [`pump`] moves a direction until its source ends: the command's
+//! output to the client's socket, and with `stdin = "client"` the socket to
+//! the command's stdin. Two ways, as the service's `transfer` says:
+//!
+//! - `splice`: splice(2), zero-copy, page references moved from the pipe to
+//!   the socket; it falls back to copying where a pair refuses it;
+//! - `copy`: read(2)/write(2) through a buffer sized to the flow (the
+//!   default, through a socket pair: fewer wake-ups than splice for bulk).
+
+mod copy;
+mod splice;
+
+use std::os::fd::OwnedFd;
+
+use nix::errno::Errno;
+use tokio::io::unix::AsyncFd;
+
+use copy::copy_loop;
+use splice::{splice_loop, Spliced};
+
+/// How the bytes move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// splice(2), falling back to copying where a pair refuses it.
+    Splice,
+    /// read(2)/write(2) through a buffer.
+    Copy,
+}
+
+/// Why a [`pump`] stopped early: the errno, and which side gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failed {
+    pub errno: Errno,
+    pub side: Side,
+}
+
+/// Which descriptor of a [`pump`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Destination,
+    /// splice(2) touches both, and its errno does not say which.
+    Either,
+}
+
+impl Failed {
+    fn at(side: Side) -> impl Fn(Errno) -> Failed {
+        move |errno| Failed { errno, side }
+    }
+}
+
+/// How a [`pump`] ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pumped {
+    /// The source reached end-of-file and everything read was written.
+    EndOfFile,
+    /// `max` bytes were written; the rest stays in the source.
+    Limit,
+}
+
+/// Where a [`pump`] counts the bytes it moves: at the client's side, so a
+/// connection's counts are what the client sent and got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    /// Each read (the source is the client).
+    Reads,
+    /// Each write (the destination is the client).
+    Writes,
+}
+
+/// Moves everything from `src` to `dst` until `src` reaches end-of-file, or
+/// `max` bytes have been written. `moved` is called with the length of each
+/// read or each write, as `count` says.
+///
+/// `chunk` bounds one splice call (the pipe's size is a good value). An error
+/// says which side failed, where that is known; the caller knows which end
+/// is the socket and decides what it means.
+pub async fn pump(
+    src: &AsyncFd<OwnedFd>,
+    dst: &AsyncFd<OwnedFd>,
+    mode: Mode,
+    chunk: usize,
+    (max, count): (Option<u64>, Count),
+    moved: impl FnMut(usize),
+) -> Result<Pumped, Failed> {
+    let mut budget = Budget {
+        left: max.unwrap_or(u64::MAX),
+        count,
+        moved,
+    };
+    if mode == Mode::Splice {
+        match splice_loop(src, dst, chunk, &mut budget).await {
+            Spliced::Done(r) => return r,
+            Spliced::Fallback(why) => {
+                tracing::warn!("{why}; copying through a buffer for the rest of this connection");
+            }
+        }
+    }
+    copy_loop(src, dst, &mut budget).await
+}
+
+/// What may still move, and who is told of what did.
+struct Budget<F> {
+    left: u64,
+    count: Count,
+    moved: F,
+}
+
+impl<F: FnMut(usize)> Budget<F> {
+    /// `n` bytes were read.
+    fn read(&mut self, n: usize) {
+        if self.count == Count::Reads {
+            (self.moved)(n);
+        }
+    }
+
+    /// `n` bytes were written.
+    fn spend(&mut self, n: usize) {
+        self.left -= n as u64;
+        if self.count == Count::Writes {
+            (self.moved)(n);
+        }
+    }
+
+    /// `n` bytes were read and written at once (splice).
+    fn both(&mut self, n: usize) {
+        self.left -= n as u64;
+        (self.moved)(n);
+    }
+
+    /// At most `want`, within what is left.
+    fn ask(&self, want: usize) -> usize {
+        want.min(usize::try_from(self.left).unwrap_or(usize::MAX))
+    }
+}
