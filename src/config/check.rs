@@ -7,11 +7,11 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::locate::Locator;
-use super::raw::{
-    ClientAuth as RawClientAuth, Containment as RawContainment, Protocol as RawProtocol, RawConfig,
-    RawService,
+use super::keywords::{
+    ClientAuth as RawClientAuth, Containment as RawContainment, Protocol as RawProtocol,
 };
+use super::locate::Locator;
+use super::raw::{RawConfig, RawService};
 use super::{
     defaults, tls, ClientAuth, Config, ConfigError, Containment, Messages, Protocol, Service,
     StdinMode, Tls, Transfer, WebSocket,
