@@ -6,19 +6,20 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::locate::Locator;
-use super::raw::{
-    ClientAuth as RawClientAuth, Containment as RawContainment, Protocol as RawProtocol, RawConfig,
-    RawService,
+use super::keywords::{
+    ClientAuth as RawClientAuth, Containment as RawContainment, Protocol as RawProtocol,
 };
+use super::locate::Locator;
+use super::raw::{RawConfig, RawService};
 use super::{
     defaults, tls, ClientAuth, Config, ConfigError, Containment, Messages, Protocol, Service,
     StdinMode, Tls, Transfer, WebSocket,
 };
 use crate::access::Rules;
 use crate::cgroup::{Offer, Resources};
-use crate::runas::{self, Rlimit};
+use crate::runas::{self, Rlimit, RunAs};
 
 pub fn config(raw: RawConfig, loc: &Locator<'_>) -> Result<Config, ConfigError> {
     if raw.service.is_empty() {
@@ -73,60 +74,27 @@ type KeyError<'a> = &'a dyn Fn(&str, String) -> ConfigError;
 fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service, ConfigError> {
     let program = resolve_program(&s.command.0[0]).map_err(|m| err("command", m))?;
     let containment = containment(&s, cgroups).map_err(|(key, m)| err(key, m))?;
-    let transfer = s.transfer.unwrap_or(match (s.protocol, s.messages) {
-        // Binary messages are spliced from a pipe, each behind its header.
-        (Some(RawProtocol::WebSocket), Some(Messages::Binary)) => Transfer::Splice,
-        _ => defaults::TRANSFER,
-    });
+    let transfer = transfer(&s);
     let protocol = protocol(&s, transfer).map_err(|(key, m)| err(key, m))?;
     let tls = encryption(&s).map_err(|(key, m)| err(key, m))?;
-    let handshake_timeout = match (&s.handshake_timeout, &protocol, &tls) {
-        (Some(_), Protocol::Raw, None) => {
-            return Err(err(
-                "handshake_timeout",
-                r#"applies only with protocol = "websocket" or tls_certificate"#.into(),
-            ))
-        }
-        (t, _, _) => t.as_ref().map_or(defaults::HANDSHAKE_TIMEOUT, |t| t.0),
-    };
-    let working_directory = s
-        .working_directory
-        .map_or_else(|| PathBuf::from(defaults::WORKING_DIRECTORY), |p| p.0);
+    let handshake_timeout =
+        handshake_timeout(&s, &protocol, tls.is_some()).map_err(|m| err("handshake_timeout", m))?;
+    let working_directory = s.working_directory.as_ref().map_or_else(
+        || PathBuf::from(defaults::WORKING_DIRECTORY),
+        |p| p.0.clone(),
+    );
     is_directory(&working_directory).map_err(|m| err("working_directory", m))?;
     // A WebSocket client's messages are the command's input, as with websocketd.
-    let websocket = matches!(protocol, Protocol::WebSocket(_));
-    let stdin = match (s.stdin, websocket) {
-        (None, true) => StdinMode::Client,
+    let stdin = match (s.stdin, &protocol) {
+        (None, Protocol::WebSocket(_)) => StdinMode::Client,
         (given, _) => stdin(given, transfer).map_err(|m| err("stdin", m))?,
     };
-    let max_bytes = s.max_bytes.map(|m| m.0);
-    if max_bytes.is_some() && transfer == Transfer::Direct {
-        return Err(err(
-            "max_bytes",
-            r#"does not apply with transfer = "direct": the output does not pass through the daemon"#.into(),
-        ));
-    }
-    let banner = s.banner.and_then(|m| m.0);
-    banner_fits(banner.as_deref(), max_bytes).map_err(|m| err("banner", m))?;
-    let proxy_protocol = s.proxy_protocol.unwrap_or(defaults::PROXY_PROTOCOL);
-    if s.proxy_from.is_some() && !proxy_protocol {
-        return Err(err(
-            "proxy_from",
-            "applies only with proxy_protocol = true".into(),
-        ));
-    }
-    let rlimits: Vec<(Rlimit, u64)> = [s.rlimit_as, s.rlimit_nofile, s.rlimit_nproc, s.rlimit_cpu]
-        .into_iter()
-        .zip(Rlimit::ALL)
-        .filter_map(|(v, (limit, _))| v.map(|v| (limit, v)))
-        .collect();
-    let run_as = runas::resolve(
-        s.user.as_deref(),
-        s.group.as_deref(),
-        &rlimits,
-        s.nice.as_ref().map(|n| n.0),
-    )
-    .map_err(|e| err(e.key, e.message))?;
+    let max_bytes = max_bytes(&s, transfer).map_err(|m| err("max_bytes", m))?;
+    let banner = s.banner.as_ref().and_then(|m| m.0.as_deref());
+    banner_fits(banner, max_bytes).map_err(|m| err("banner", m))?;
+    let proxy_protocol = proxy_protocol(&s).map_err(|m| err("proxy_from", m))?;
+    let run_as = run_as(&s).map_err(|e| err(e.key, e.message))?;
+    let access = access(&s);
 
     Ok(Service {
         position: String::new(),
@@ -143,22 +111,13 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
             .map_or(defaults::SERVICE_MAX_CONNECTIONS, |m| m.0),
         kill_grace: s.kill_grace.map_or(defaults::KILL_GRACE, |d| d.0),
         pipe_size: s.pipe_size.map_or(defaults::PIPE_SIZE, |p| p.0),
-        access: Rules {
-            allow: s.allow.map(|r| r.0).unwrap_or_default(),
-            deny: s.deny.map(|r| r.0).unwrap_or_default(),
-            max_per_source: s.max_per_source.map(|m| m.0),
-            source_prefix_v6: s
-                .ipv6_source_prefix
-                .map_or(defaults::IPV6_SOURCE_PREFIX, |p| p.0),
-            rate: s.rate.map(|r| r.0),
-            rate_per_source: s.rate_per_source.map(|r| r.0),
-        },
+        access,
         proxy_protocol,
         proxy_from: s.proxy_from.map(|r| r.0).unwrap_or_default(),
         timeout: s.timeout.map(|t| t.0),
         idle_timeout: s.idle_timeout.map(|t| t.0),
         max_bytes,
-        banner,
+        banner: s.banner.and_then(|m| m.0),
         busy_message: s.busy_message.and_then(|m| m.0),
         run_as,
         containment,
@@ -166,6 +125,77 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
         tls,
         handshake_timeout,
     })
+}
+
+/// The transfer as given; else binary WebSocket messages are spliced from a
+/// pipe, each behind its header, and everything else takes the default.
+fn transfer(s: &RawService) -> Transfer {
+    s.transfer.unwrap_or(match (s.protocol, s.messages) {
+        (Some(RawProtocol::WebSocket), Some(Messages::Binary)) => Transfer::Splice,
+        _ => defaults::TRANSFER,
+    })
+}
+
+/// The handshake timeout applies to a TLS handshake or a WebSocket upgrade.
+fn handshake_timeout(s: &RawService, protocol: &Protocol, tls: bool) -> Result<Duration, String> {
+    match (&s.handshake_timeout, protocol, tls) {
+        (Some(_), Protocol::Raw, false) => {
+            Err(r#"applies only with protocol = "websocket" or tls_certificate"#.into())
+        }
+        (t, _, _) => Ok(t.as_ref().map_or(defaults::HANDSHAKE_TIMEOUT, |t| t.0)),
+    }
+}
+
+/// With `transfer = "direct"` the output does not pass through the daemon,
+/// so it cannot count it.
+fn max_bytes(s: &RawService, transfer: Transfer) -> Result<Option<u64>, String> {
+    let max_bytes = s.max_bytes.as_ref().map(|m| m.0);
+    if max_bytes.is_some() && transfer == Transfer::Direct {
+        return Err(
+            r#"does not apply with transfer = "direct": the output does not pass through the daemon"#.into(),
+        );
+    }
+    Ok(max_bytes)
+}
+
+/// `proxy_from` names the peers that may send the PROXY header, so it
+/// needs the header on.
+fn proxy_protocol(s: &RawService) -> Result<bool, String> {
+    let proxy_protocol = s.proxy_protocol.unwrap_or(defaults::PROXY_PROTOCOL);
+    if s.proxy_from.is_some() && !proxy_protocol {
+        return Err("applies only with proxy_protocol = true".into());
+    }
+    Ok(proxy_protocol)
+}
+
+/// Who may connect, and how many and how often.
+fn access(s: &RawService) -> Rules {
+    Rules {
+        allow: s.allow.as_ref().map(|r| r.0.clone()).unwrap_or_default(),
+        deny: s.deny.as_ref().map(|r| r.0.clone()).unwrap_or_default(),
+        max_per_source: s.max_per_source.as_ref().map(|m| m.0),
+        source_prefix_v6: s
+            .ipv6_source_prefix
+            .as_ref()
+            .map_or(defaults::IPV6_SOURCE_PREFIX, |p| p.0),
+        rate: s.rate.as_ref().map(|r| r.0),
+        rate_per_source: s.rate_per_source.as_ref().map(|r| r.0),
+    }
+}
+
+/// The user, group, resource limits and nice value the command runs with.
+fn run_as(s: &RawService) -> Result<RunAs, runas::KeyError> {
+    let rlimits: Vec<(Rlimit, u64)> = [s.rlimit_as, s.rlimit_nofile, s.rlimit_nproc, s.rlimit_cpu]
+        .into_iter()
+        .zip(Rlimit::ALL)
+        .filter_map(|(v, (limit, _))| v.map(|v| (limit, v)))
+        .collect();
+    runas::resolve(
+        s.user.as_deref(),
+        s.group.as_deref(),
+        &rlimits,
+        s.nice.as_ref().map(|n| n.0),
+    )
 }
 
 /// TLS, where the service has a certificate: the other TLS keys need one.
@@ -263,18 +293,7 @@ fn containment(s: &RawService, cgroups: &Offer) -> Result<Containment, (&'static
         tasks_max: s.tasks_max.as_ref().and_then(|t| t.0),
         io_weight: s.io_weight.as_ref().map(|w| w.0),
     };
-    let set: Vec<(&'static str, &'static str)> = [
-        ("memory_max", "memory", limits.memory_max.is_some()),
-        ("memory_high", "memory", limits.memory_high.is_some()),
-        ("cpu_quota", "cpu", limits.cpu_quota.is_some()),
-        ("cpu_weight", "cpu", limits.cpu_weight.is_some()),
-        ("tasks_max", "pids", limits.tasks_max.is_some()),
-        ("io_weight", "io", limits.io_weight.is_some()),
-    ]
-    .into_iter()
-    .filter(|(_, _, given)| *given)
-    .map(|(key, controller, _)| (key, controller))
-    .collect();
+    let set = limits_set(&limits);
     let wanted = s.containment.unwrap_or(defaults::CONTAINMENT);
     let (root, controllers) = match (wanted, cgroups) {
         (RawContainment::ProcessGroup, _) => {
@@ -316,6 +335,22 @@ fn containment(s: &RawService, cgroups: &Offer) -> Result<Containment, (&'static
         }
     }
     Ok(Containment::Cgroup(limits))
+}
+
+/// The limits set, each as its key and the controller that enforces it.
+fn limits_set(limits: &Resources) -> Vec<(&'static str, &'static str)> {
+    [
+        ("memory_max", "memory", limits.memory_max.is_some()),
+        ("memory_high", "memory", limits.memory_high.is_some()),
+        ("cpu_quota", "cpu", limits.cpu_quota.is_some()),
+        ("cpu_weight", "cpu", limits.cpu_weight.is_some()),
+        ("tasks_max", "pids", limits.tasks_max.is_some()),
+        ("io_weight", "io", limits.io_weight.is_some()),
+    ]
+    .into_iter()
+    .filter(|(_, _, given)| *given)
+    .map(|(key, controller, _)| (key, controller))
+    .collect()
 }
 
 /// With `transfer = "direct"` the client's socket is the command's stdin.

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use super::{StdinMode, Transfer};
+use super::keywords::{Containment, Protocol};
+use super::{Messages, StdinMode, Transfer};
 
 pub const LOG_LEVEL: &str = "info";
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -21,7 +22,7 @@ pub const PIPE_SIZE: usize = 1 << 20;
 pub const IPV6_SOURCE_PREFIX: u8 = 64;
 pub const PROXY_PROTOCOL: bool = false;
 /// A cgroup per connection where the daemon has a delegated subtree.
-pub const CONTAINMENT: super::raw::Containment = super::raw::Containment::Auto;
+pub const CONTAINMENT: Containment = Containment::Auto;
 
 /// Bounds, not defaults: the longest `banner` or `busy_message`, and the
 /// range of `pipe_size`.
@@ -29,8 +30,8 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 pub const PIPE_SIZE_RANGE: std::ops::RangeInclusive<usize> = 4096..=1 << 30;
 
 /// WebSocket services (`protocol = "websocket"`).
-pub const PROTOCOL: super::raw::Protocol = super::raw::Protocol::Raw;
-pub const MESSAGES: super::Messages = super::Messages::Text;
+pub const PROTOCOL: Protocol = Protocol::Raw;
+pub const MESSAGES: Messages = Messages::Text;
 pub const PING_INTERVAL: Duration = Duration::from_secs(30);
 pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
 pub const CONSOLE: bool = false;

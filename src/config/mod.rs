@@ -2,20 +2,23 @@
 //!
 //! Loading is three steps, one submodule each: `raw` reads the TOML with
 //! serde (unknown keys, wrong types and bad single values are refused
-//! there), `check` applies the [`defaults`] and the rules between keys, and
-//! `locate` gives every error its place in the file, in the form
+//! there, each value by its type in `values` or `keywords`), `check`
+//! applies the [`defaults`] and the rules between keys, and `locate` gives
+//! every error its place in the file, in the form
 //! `PATH:LINE:COL: service "NAME": KEY: what is wrong`.
 
 mod check;
 pub mod defaults;
 #[cfg(test)]
 mod fuzz;
+mod keywords;
 mod locate;
 mod origin;
 mod raw;
 #[cfg(test)]
 mod tests;
 mod tls;
+mod values;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -29,8 +32,8 @@ use crate::access::{Cidr, Rules};
 use crate::runas::RunAs;
 use locate::Locator;
 pub use origin::{split_host_port, Origin};
-pub use raw::parse_duration;
 pub use tls::{ClientAuth, Tls};
+pub use values::parse_duration;
 
 /// Where the daemon looks for its configuration without `--config`.
 pub const DEFAULT_PATH: &str = "/etc/splice-relay.toml";
