@@ -11,6 +11,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -247,6 +248,46 @@ pub fn hung_up(fd: impl AsFd) -> bool {
         && fds[0]
             .revents()
             .is_some_and(|r| r.contains(PollFlags::POLLHUP))
+}
+
+/// How often the kernel probes a client that sent its end (TCP keepalive):
+/// the first probe this long after the last traffic, then at this interval.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// Unanswered probes before a client's host counts as gone.
+const PROBES: u32 = 3;
+
+/// Resolves when a client that has sent its end (end-of-file on its
+/// socket) is gone for good, with the socket's error. A client that only
+/// half-closed still reads, and its kernel answers the probes; one that
+/// closed is forgotten by its kernel after its FIN timeout (60 s on
+/// Linux), and the next probe is answered with a reset; a host that
+/// vanished answers none (`PROBES` × `PROBE_INTERVAL`). A Unix socket says
+/// so itself (POLLHUP once the peer has closed); it is looked at every
+/// `PROBE_INTERVAL`. Never resolves for a socket pair whose other end
+/// stays open.
+pub async fn departed(socket: &AsyncFd<OwnedFd>) -> Errno {
+    keep_alive(socket.get_ref());
+    loop {
+        if hung_up(socket.get_ref()) {
+            return socket_error(socket.get_ref());
+        }
+        tokio::select! {
+            _ = socket.ready(Interest::ERROR) => return socket_error(socket.get_ref()),
+            () = tokio::time::sleep(PROBE_INTERVAL) => {}
+        }
+    }
+}
+
+/// Turns on TCP keepalive probes at [`PROBE_INTERVAL`] (not a TCP socket:
+/// nothing to do).
+pub fn keep_alive(socket: &OwnedFd) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let secs = PROBE_INTERVAL.as_secs() as u32;
+    if setsockopt(socket, sockopt::TcpKeepIdle, &secs).is_ok() {
+        let _ = setsockopt(socket, sockopt::TcpKeepInterval, &secs);
+        let _ = setsockopt(socket, sockopt::TcpKeepCount, &PROBES);
+        let _ = setsockopt(socket, sockopt::KeepAlive, &true);
+    }
 }
 
 /// Sets or clears O_NONBLOCK. The flag belongs to the open file description,

@@ -229,8 +229,12 @@ with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostn
 first, rest = data.split(b"\n", 1)
 print(first.decode(), len(rest), hashlib.sha256(rest).hexdigest())"#,
         );
-        assert_eq!(out.trim(), format!("NONE 20000000 {want}"), "{transfer}");
-        let r = d.wait_record_where(|r| r.reason == "output-ended" || r.reason == "command-exited");
+        let r = d.wait_record(1);
+        assert_eq!(out.trim(), format!("NONE 20000000 {want}"), "{transfer}: {r}");
+        assert!(
+            r.reason == "output-ended" || r.reason == "command-exited",
+            "{transfer}: {r}"
+        );
         assert_eq!(r.bytes, 20_000_005, "{transfer}: {r}");
     }
 }

@@ -30,9 +30,12 @@ impl Direct<'_> {
     /// other way this ends, is the command's side). Behind the TLS layer,
     /// never: the transport sees the client fail.
     pub async fn pump(&self) -> End {
-        if self.kernel.is_none() {
+        let Some(socket) = self.kernel else {
             return std::future::pending().await;
-        }
+        };
+        // The command reads the client's end, not the daemon: probes tell
+        // when a client of a quiet command is gone (see `fdio::departed`).
+        fdio::keep_alive(socket);
         let _ = self.socket.ready(Interest::ERROR).await;
         End::gone(fdio::socket_error(self.socket.get_ref()))
     }

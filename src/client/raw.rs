@@ -47,7 +47,9 @@ impl Raw<'_> {
                 |n| traffic.sent(n),
             );
             let input = feed(socket, output, &mut stdin, self.mode, self.chunk, traffic);
-            tokio::pin!(out, input);
+            // After the client's end, what tells that it left for good.
+            let departed = fdio::departed(socket);
+            tokio::pin!(out, input, departed);
             let mut input_open = true;
             loop {
                 tokio::select! {
@@ -63,6 +65,7 @@ impl Raw<'_> {
                         Ok(()) => input_open = false,
                         Err(e) => break End::client_error(e, "reading from the client"),
                     },
+                    e = &mut departed, if !input_open => break End::gone(e),
                 }
             }
         };

@@ -114,6 +114,11 @@ impl Layer {
                     self.feed(r);
                     Ok(())
                 }
+                // After its end, a client that leaves for good: the probes
+                // (`fdio::keep_alive`) end in a reset or a timeout.
+                _ = tcp.ready(Interest::ERROR), if !self.client_sends => {
+                    Err(Pumped::ClientGone(fdio::socket_error(tcp.get_ref())))
+                }
             };
             if let Err(end) = step {
                 return end;
@@ -257,7 +262,10 @@ impl Layer {
         let taken = self.feeding;
         let mut ready = ready.map_err(|e| Pumped::ClientGone(fdio::errno(&e)))?;
         match self.conn.read_tls(&mut Fd(ready.get_inner())) {
-            Ok(0) => self.client_sends = false,
+            Ok(0) => {
+                self.client_sends = false;
+                fdio::keep_alive(ready.get_inner());
+            }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 ready.clear_ready();
@@ -289,8 +297,9 @@ impl Layer {
                 None => {}
             }
         }
-        if state.peer_has_closed() {
+        if state.peer_has_closed() && self.client_sends {
             self.client_sends = false;
+            fdio::keep_alive(ready.get_inner());
         }
         Ok(())
     }

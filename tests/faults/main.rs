@@ -19,6 +19,7 @@ mod common;
 
 mod activation_env;
 mod commands;
+mod departed;
 mod descriptors;
 mod disconnects;
 mod flood;
