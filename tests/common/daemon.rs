@@ -1,7 +1,8 @@
 //! The daemon under test, started the way systemd starts it: listening
-//! sockets at fd 3 onwards, `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`
-//! equal to the daemon's own pid, and a `NOTIFY_SOCKET` read here, so tests
-//! wait for READY=1 (and the other notifications) instead of sleeping. Its
+//! sockets at fd 3 onwards and no other descriptor above 2, `LISTEN_FDS`,
+//! `LISTEN_FDNAMES`, `LISTEN_PID` equal to the daemon's own pid, and a
+//! `NOTIFY_SOCKET` read here, so tests wait for READY=1 (and the other
+//! notifications) instead of sleeping. Its
 //! stderr is kept line by line (`SPLICE_RELAY_TEST_ECHO=1` echoes it), and
 //! the tests wait on it for log lines and connection records.
 
@@ -20,6 +21,32 @@ use std::time::{Duration, Instant};
 use command_fds::{CommandFdExt, FdMapping};
 
 use super::{procfs, Record, BIN, PATIENCE};
+
+/// The shell between the fork and the daemon, run with the daemon's command
+/// line as its arguments. From the environment, each removed before the exec:
+/// - `SR_KEEP`: the first descriptor not passed. It closes that one and every
+///   one above, so the daemon starts with 0, 1, 2 and its sockets whatever
+///   the test runner left open without close-on-exec, as under systemd
+///   (bash, since dash cannot name a descriptor above 9);
+/// - `SR_FDS`, `SR_NAMES`: `LISTEN_FDS`, `LISTEN_FDNAMES`, and `LISTEN_PID`
+///   its own pid, which the daemon keeps across the exec;
+/// - `SR_OWN_PID`: `LISTEN_PID` its own pid, the rest as given (raw_listen);
+/// - `SR_NOFILE`: `ulimit -n`, the soft and the hard limit; `SR_NOFILE_SOFT`
+///   (in `env`) the soft one alone;
+/// - `SR_CGROUP`: it moves itself into that cgroup.
+const TRAMPOLINE: &str = r#"
+for f in /proc/self/fd/*; do
+    n=${f##*/}
+    if [ "$n" -ge "$SR_KEEP" ]; then eval "exec $n>&-"; fi
+done
+if [ -n "$SR_FDS" ]; then export LISTEN_PID=$$ LISTEN_FDS=$SR_FDS LISTEN_FDNAMES=$SR_NAMES; fi
+if [ -n "$SR_OWN_PID" ]; then export LISTEN_PID=$$; fi
+if [ -n "$SR_NOFILE" ]; then ulimit -n "$SR_NOFILE" || exit 125; fi
+if [ -n "$SR_NOFILE_SOFT" ]; then ulimit -S -n "$SR_NOFILE_SOFT" || exit 125; fi
+if [ -n "$SR_CGROUP" ]; then echo $$ > "$SR_CGROUP/cgroup.procs" || exit 125; fi
+unset SR_KEEP SR_FDS SR_NAMES SR_OWN_PID SR_NOFILE SR_NOFILE_SOFT SR_CGROUP
+exec "$0" "$@"
+"#;
 
 /// A socket to pass to the daemon, with its FileDescriptorName=.
 pub struct Passed {
@@ -178,24 +205,34 @@ impl Daemon {
                 child_fd: 3 + i as i32,
             })
             .collect();
-        // LISTEN_PID must be the daemon's pid, known only after the fork: a
-        // shell sets it to its own pid and execs the daemon in its place.
-        let mut cmd = Command::new("/bin/sh");
-        // SR_OWN_PID: LISTEN_PID is the daemon's pid, the rest as given (raw_listen).
-        // SR_NOFILE: dash's `ulimit -n` sets the soft and the hard limit;
-        // SR_NOFILE_SOFT (in `env`) the soft one alone.
+        // What only the child can know or do (its own pid, its descriptor
+        // table, its limits, its cgroup), done by a shell that then execs the
+        // daemon in its place: see TRAMPOLINE.
+        let mut cmd = Command::new("/bin/bash");
         cmd.arg("-c")
-            .arg(r#"if [ -n "$SR_FDS" ]; then export LISTEN_PID=$$ LISTEN_FDS=$SR_FDS LISTEN_FDNAMES=$SR_NAMES; fi; if [ -n "$SR_OWN_PID" ]; then export LISTEN_PID=$$; fi; if [ -n "$SR_NOFILE" ]; then ulimit -n "$SR_NOFILE" || exit 125; fi; if [ -n "$SR_NOFILE_SOFT" ]; then ulimit -S -n "$SR_NOFILE_SOFT" || exit 125; fi; if [ -n "$SR_CGROUP" ]; then echo $$ > "$SR_CGROUP/cgroup.procs" || exit 125; fi; unset SR_FDS SR_NAMES SR_OWN_PID SR_NOFILE SR_NOFILE_SOFT SR_CGROUP; exec "$0" "$@""#)
+            .arg(TRAMPOLINE)
             .arg(BIN)
             .arg("--config")
             .arg(&config_path)
             .args(&opts.args)
+            .env("SR_KEEP", (3 + count).to_string())
             .env_remove("JOURNAL_STREAM")
             .env_remove("RUST_LOG")
             .env("NOTIFY_SOCKET", &notify_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        // What would change the trampoline itself: a file bash reads first,
+        // options (xtrace writes to the daemon's stderr), functions that
+        // stand in for the builtins it uses.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("BASH_FUNC_")
+                || ["BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS"].contains(&&*name)
+            {
+                cmd.env_remove(&*name);
+            }
+        }
         match &opts.raw_listen {
             None if count > 0 => {
                 cmd.env("SR_FDS", count.to_string())

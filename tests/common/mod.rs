@@ -96,6 +96,36 @@ pub fn ledger_peak(path: &std::path::Path, start: &str) -> (i64, i64, usize) {
     (most, now, starts)
 }
 
+/// A count from the environment (a long run's size), or `default`.
+pub fn env_count(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{var}: a number")))
+        .unwrap_or(default)
+}
+
+/// Writes `bytes` random bytes (from /dev/urandom) to `path`; returns their
+/// sha256 in hex.
+pub fn random_file(path: &std::path::Path, bytes: u64) -> String {
+    let status = std::process::Command::new("head")
+        .args(["-c", &bytes.to_string(), "/dev/urandom"])
+        .stdout(std::fs::File::create(path).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success(), "head -c {bytes} /dev/urandom");
+    sha256_of(path)
+}
+
+/// The sha256 of a file, in hex (`sha256sum`).
+pub fn sha256_of(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
 /// Called first by a test that needs root. Such a test is ignored unless the
 /// build ran as root; a binary built as root and run by another user fails
 /// here, saying why, rather than somewhere obscure.
