@@ -5,7 +5,10 @@
 //! - [`daemon`]: the daemon under test, its notifications and its log;
 //! - [`record`]: log lines, and the typed record of a connection's end;
 //! - [`net`]: clients, alone or many at once;
-//! - [`procfs`]: what /proc says about processes, descriptors and sockets;
+//! - [`procfs`]: what /proc says about processes, threads, descriptors and
+//!   sockets;
+//! - [`hold`]: some of a process's threads held stopped with ptrace, the
+//!   others running;
 //! - [`cgroup`]: cgroups delegated to the daemon under test, as systemd
 //!   delegates one with `Delegate=yes`;
 //! - [`certs`]: certificates for the TLS tests, made with openssl;
@@ -22,6 +25,7 @@
 pub mod certs;
 pub mod cgroup;
 pub mod daemon;
+pub mod hold;
 pub mod net;
 pub mod procfs;
 pub mod record;
@@ -33,6 +37,7 @@ use std::time::{Duration, Instant};
 pub use certs::*;
 pub use cgroup::*;
 pub use daemon::*;
+pub use hold::*;
 pub use net::*;
 pub use procfs::*;
 pub use record::*;
