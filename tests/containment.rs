@@ -166,10 +166,6 @@ fn escapers_of_every_kind_end_with_their_connection_100_times() {
     escapers(env_count("SPLICE_RELAY_ESCAPERS", 100));
 }
 
-fn env_count(var: &str, default: usize) -> usize {
-    std::env::var(var).map_or(default, |v| v.parse().expect(var))
-}
-
 #[test]
 #[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
 fn the_daemon_lives_in_a_leaf_and_says_which_containment_it_uses() {

@@ -13,12 +13,7 @@ use std::process::{Command, Stdio};
 use common::*;
 
 fn tls_serve(pki: &Pki, command: &str, extra: &str) -> (Daemon, SocketAddr) {
-    let lines = format!(
-        "tls_certificate = \"{}\"\ntls_key = \"{}\"\n{extra}",
-        pki.file("server.pem"),
-        pki.file("server-key.pem")
-    );
-    let (d, addr) = serve(command, &lines);
+    let (d, addr) = serve(command, &format!("{}{extra}", pki.tls_lines()));
     let said = d.wait_log(&["tls: "]);
     assert!(
         said.contains("the kernel encrypts after the handshake (kTLS: the tls module is loaded)"),
@@ -30,17 +25,8 @@ fn tls_serve(pki: &Pki, command: &str, extra: &str) -> (Daemon, SocketAddr) {
 /// 8 MB of random bytes, and their sha256.
 fn data(pki: &Pki) -> (std::path::PathBuf, String) {
     let file = pki.path("data");
-    let status = Command::new("head")
-        .args(["-c", "8000000", "/dev/urandom"])
-        .stdout(std::fs::File::create(&file).unwrap())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = Command::new("sha256sum").arg(&file).output().unwrap();
-    (
-        file,
-        String::from_utf8(out.stdout).unwrap()[..64].to_owned(),
-    )
+    let want = random_file(&file, 8_000_000);
+    (file, want)
 }
 
 const READ_ALL: &str = r#"ctx = ssl.create_default_context(cafile=ca)

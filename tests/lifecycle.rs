@@ -118,18 +118,126 @@ fn status_reports_live_figures() {
     d.wait_note("STATUS=0 active, 1 served, 8 B sent");
 }
 
+/// The WATCHDOG=1 notes among `notes`: when each was received.
+fn pings(notes: &[(Instant, String)]) -> Vec<Instant> {
+    notes
+        .iter()
+        .filter(|(_, n)| n.lines().any(|l| l == "WATCHDOG=1"))
+        .map(|(at, _)| *at)
+        .collect()
+}
+
+/// systemd kills the daemon when `WatchdogSec=` passes without WATCHDOG=1;
+/// the daemon pings at half of that. Over eight intervals, from READY=1 on,
+/// no two pings the test receives are further apart than half the interval
+/// and a quarter for scheduling, which leaves a quarter before the kill.
+/// Pinging at the full interval, at a pace of its own, or not at all would
+/// fail this.
+#[test]
+fn the_watchdog_is_pinged_at_half_its_interval() {
+    let interval = Duration::from_millis(600);
+    let most = interval / 2 + interval / 4;
+    let (passed, _addr) = pass_tcp("dog");
+    let opts = Options::watchdog(interval);
+    let mut d = Daemon::spawn(&one_service(r#"["true"]"#, ""), vec![passed], opts);
+    let (ready, _) = d.wait_note_timed("READY=1");
+    let end = ready + interval * 8;
+    let notes = d.notes_until(end);
+    let mut marks = vec![ready];
+    marks.extend(pings(&notes));
+    marks.push(end);
+    let gaps: Vec<u128> = marks
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    eprintln!("watchdog: {} pings, gaps (ms) {gaps:?}", marks.len() - 2);
+    let widest = marks.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(
+        widest <= most,
+        "a gap of {widest:?} between pings (at most {most:?} for WATCHDOG_USEC {interval:?}); \
+         gaps in ms from READY=1: {gaps:?}"
+    );
+}
+
+/// The pings come from the event loop, so a stalled loop starves systemd's
+/// watchdog and the daemon is restarted. The test holds the event loop's
+/// threads stopped (the main thread, which runs the top of the loop, and
+/// the runtime's workers) and leaves the others running: no ping may come
+/// while they are held, and pings come again once they are released. A
+/// daemon that pinged from a thread of its own would go on pinging.
+///
+/// The runtime starts its workers when it is made, before any task runs,
+/// so with `TOKIO_WORKER_THREADS=2` they are the first two threads with the
+/// runtime's name; a thread started later (the runtime's blocking pool, or
+/// one a task starts without a name, which inherits it) is not held.
 #[test]
 fn the_watchdog_is_fed_from_the_event_loop() {
+    const WORKERS: usize = 2;
+    let interval = Duration::from_millis(200);
+    let (passed, addr) = pass_tcp("dog");
+    let opts = Options {
+        env: vec![("TOKIO_WORKER_THREADS".into(), WORKERS.to_string())],
+        ..Options::watchdog(interval)
+    };
+    let mut d = Daemon::spawn(&one_service(r#"["echo", "alive"]"#, ""), vec![passed], opts);
+    d.wait_note("READY=1");
+    d.wait_note("WATCHDOG=1");
+
+    let pid = d.pid();
+    let all = threads(pid);
+    let workers: Vec<Task> = all
+        .iter()
+        // tokio's default name for its threads (tokio-runtime-w in older versions).
+        .filter(|t| ["tokio-rt-worker", "tokio-runtime-w"].contains(&t.comm.as_str()))
+        .take(WORKERS)
+        .cloned()
+        .collect();
+    assert_eq!(workers.len(), WORKERS, "the runtime's workers in {all:?}");
+    let main = all.iter().find(|t| t.tid == pid).unwrap().clone();
+    let event_loop: Vec<Task> = std::iter::once(main).chain(workers).collect();
+    let others: Vec<&Task> = all.iter().filter(|t| !event_loop.contains(t)).collect();
+    eprintln!("watchdog: holding {event_loop:?}; running on: {others:?}");
+
+    let held = HeldThreads::hold(pid, &event_loop);
+    // Pings sent before the loop stopped may still be on their way.
+    d.notes_so_far();
+    let window = interval * 15 / 2;
+    let during = d.notes_until(Instant::now() + window);
+    assert!(held.all_stopped(), "a held thread ran: {:?}", threads(pid));
+    let fed = pings(&during);
+    assert!(
+        fed.is_empty(),
+        "{} WATCHDOG=1 in {window:?} while the event loop was stopped (every \
+         {:?} from the loop): they come from elsewhere. Held {:?}, running {others:?}; \
+         notes: {during:?}",
+        fed.len(),
+        interval / 2,
+        held.threads()
+    );
+
+    held.release();
+    d.wait_note("WATCHDOG=1");
+    assert_eq!(fetch_text(addr), "alive\n");
+}
+
+/// `WATCHDOG_PID` names the process systemd watches: when it is another
+/// (here the test's own), the watchdog is not the daemon's and it pings
+/// nothing. Only time shows an absence: ten would-be intervals pass, then
+/// everything the daemon sent is looked at.
+#[test]
+fn a_watchdog_meant_for_another_process_is_left_alone() {
     let (passed, _addr) = pass_tcp("dog");
-    let opts = Options::env(&[("WATCHDOG_USEC", "200000")]);
+    let other = std::process::id().to_string();
+    let opts = Options::env(&[("WATCHDOG_USEC", "100000"), ("WATCHDOG_PID", &other)]);
     let mut d = Daemon::spawn(&one_service(r#"["true"]"#, ""), vec![passed], opts);
     d.wait_note("READY=1");
-    // At half of 200 ms: three pings take about 300 ms.
-    let started = Instant::now();
-    for _ in 0..3 {
-        d.wait_note("WATCHDOG=1");
-    }
-    assert!(started.elapsed() < Duration::from_secs(5));
+    d.notes_until(Instant::now() + Duration::from_secs(1));
+    d.notes_so_far();
+    assert!(
+        !d.notes.iter().any(|n| n.contains("WATCHDOG=1")),
+        "pinged a watchdog meant for pid {other}: {:?}",
+        d.notes
+    );
 }
 
 #[test]

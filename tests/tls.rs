@@ -12,17 +12,8 @@ use std::time::Duration;
 
 use common::*;
 
-/// The config lines of a TLS service with the test PKI's server certificate.
-fn tls_lines(pki: &Pki) -> String {
-    format!(
-        "tls_certificate = \"{}\"\ntls_key = \"{}\"\n",
-        pki.file("server.pem"),
-        pki.file("server-key.pem")
-    )
-}
-
 fn tls_serve(pki: &Pki, command: &str, extra: &str) -> (Daemon, SocketAddr) {
-    serve(command, &format!("{}{extra}", tls_lines(pki)))
+    serve(command, &format!("{}{extra}", pki.tls_lines()))
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -197,14 +188,7 @@ fn client_certificates_reach_the_command() {
 fn output_arrives_whole_on_every_transfer() {
     let pki = Pki::new();
     let file = pki.path("data");
-    let status = Command::new("head")
-        .args(["-c", "20000000", "/dev/urandom"])
-        .stdout(std::fs::File::create(&file).unwrap())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let want = String::from_utf8(run(Command::new("sha256sum").arg(&file)).stdout).unwrap()[..64]
-        .to_owned();
+    let want = random_file(&file, 20_000_000);
     for transfer in ["socketpair", "splice", "copy", "direct"] {
         let (d, addr) = tls_serve(
             &pki,
@@ -254,7 +238,7 @@ fn failed_handshakes_start_no_command() {
             &sh(&format!("touch {}; echo hi", mark.display())),
             &format!(
                 "{}tls_client_ca = \"{}\"\nhandshake_timeout = \"1s\"",
-                tls_lines(&pki),
+                pki.tls_lines(),
                 pki.file("ca.pem")
             ),
         )

@@ -96,13 +96,7 @@ print(json.dumps({"got": got, "code": ws.close_code}))"#,
 fn binary_output_arrives_whole_with_node_ws() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("data");
-    let status = Command::new("head")
-        .args(["-c", "9000000", "/dev/urandom"])
-        .stdout(std::fs::File::create(&file).unwrap())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let want = sha256_of(&file);
+    let want = random_file(&file, 9_000_000);
     for transfer in ["splice", "socketpair"] {
         let (d, addr) = ws_serve(
             &format!(r#"["cat", "{}"]"#, file.display()),
@@ -128,11 +122,6 @@ ws.on('close', (code) => console.log(JSON.stringify({n, msgs, largest, code, sha
         assert_eq!(r.bytes, 9_000_000, "{r}");
         assert_eq!(r.messages_sent, v["msgs"].as_u64(), "{r}");
     }
-}
-
-fn sha256_of(path: &std::path::Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
 }
 
 /// Binary messages reach the command's stdin as they are, nothing added.
@@ -602,15 +591,6 @@ fn a_client_that_never_reads_is_ended_by_its_pings() {
     let grown = rss_kib(d.pid()).saturating_sub(rss_before);
     assert!(grown < 20_000, "the daemon grew by {grown} KiB");
     drop(c);
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap()
 }
 
 // --- Limits, the stop, reload ---

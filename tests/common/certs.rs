@@ -47,6 +47,15 @@ impl Pki {
         self.dir.path().join(name)
     }
 
+    /// The config lines of a TLS service with this PKI's server certificate.
+    pub fn tls_lines(&self) -> String {
+        format!(
+            "tls_certificate = \"{}\"\ntls_key = \"{}\"\n",
+            self.file("server.pem"),
+            self.file("server-key.pem")
+        )
+    }
+
     /// `path(name)` as a string, for a config.
     pub fn file(&self, name: &str) -> String {
         self.path(name).display().to_string()

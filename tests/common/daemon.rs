@@ -1,7 +1,9 @@
 //! The daemon under test, started the way systemd starts it: listening
-//! sockets at fd 3 onwards, `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`
-//! equal to the daemon's own pid, and a `NOTIFY_SOCKET` read here, so tests
-//! wait for READY=1 (and the other notifications) instead of sleeping. Its
+//! sockets at fd 3 onwards and no other descriptor above 2, `LISTEN_FDS`,
+//! `LISTEN_FDNAMES`, `LISTEN_PID` equal to the daemon's own pid (and, when
+//! asked, `WATCHDOG_USEC` with `WATCHDOG_PID`), and a `NOTIFY_SOCKET` read
+//! here, so tests wait for READY=1 (and the other notifications) instead of
+//! sleeping; each notification is timed as the test receives it. Its
 //! stderr is kept line by line (`SPLICE_RELAY_TEST_ECHO=1` echoes it), and
 //! the tests wait on it for log lines and connection records.
 
@@ -12,7 +14,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,6 +22,34 @@ use std::time::{Duration, Instant};
 use command_fds::{CommandFdExt, FdMapping};
 
 use super::{procfs, Record, BIN, PATIENCE};
+
+/// The shell between the fork and the daemon, run with the daemon's command
+/// line as its arguments. From the environment, each removed before the exec:
+/// - `SR_KEEP`: the first descriptor not passed. It closes that one and every
+///   one above, so the daemon starts with 0, 1, 2 and its sockets whatever
+///   the test runner left open without close-on-exec, as under systemd
+///   (bash, since dash cannot name a descriptor above 9);
+/// - `SR_FDS`, `SR_NAMES`: `LISTEN_FDS`, `LISTEN_FDNAMES`, and `LISTEN_PID`
+///   its own pid, which the daemon keeps across the exec;
+/// - `SR_OWN_PID`: `LISTEN_PID` its own pid, the rest as given (raw_listen);
+/// - `SR_WATCHDOG`: `WATCHDOG_USEC`, and `WATCHDOG_PID` its own pid;
+/// - `SR_NOFILE`: `ulimit -n`, the soft and the hard limit; `SR_NOFILE_SOFT`
+///   (in `env`) the soft one alone;
+/// - `SR_CGROUP`: it moves itself into that cgroup.
+const TRAMPOLINE: &str = r#"
+for f in /proc/self/fd/*; do
+    n=${f##*/}
+    if [ "$n" -ge "$SR_KEEP" ]; then eval "exec $n>&-"; fi
+done
+if [ -n "$SR_FDS" ]; then export LISTEN_PID=$$ LISTEN_FDS=$SR_FDS LISTEN_FDNAMES=$SR_NAMES; fi
+if [ -n "$SR_OWN_PID" ]; then export LISTEN_PID=$$; fi
+if [ -n "$SR_WATCHDOG" ]; then export WATCHDOG_USEC=$SR_WATCHDOG WATCHDOG_PID=$$; fi
+if [ -n "$SR_NOFILE" ]; then ulimit -n "$SR_NOFILE" || exit 125; fi
+if [ -n "$SR_NOFILE_SOFT" ]; then ulimit -S -n "$SR_NOFILE_SOFT" || exit 125; fi
+if [ -n "$SR_CGROUP" ]; then echo $$ > "$SR_CGROUP/cgroup.procs" || exit 125; fi
+unset SR_KEEP SR_FDS SR_NAMES SR_OWN_PID SR_WATCHDOG SR_NOFILE SR_NOFILE_SOFT SR_CGROUP
+exec "$0" "$@"
+"#;
 
 /// A socket to pass to the daemon, with its FileDescriptorName=.
 pub struct Passed {
@@ -65,6 +95,9 @@ pub struct Options {
     /// Start the daemon inside this cgroup (its directory), as systemd starts
     /// a service inside the unit's cgroup.
     pub cgroup: Option<PathBuf>,
+    /// The watchdog interval, set as systemd sets it for `WatchdogSec=`:
+    /// `WATCHDOG_USEC` and `WATCHDOG_PID` the daemon's own pid.
+    pub watchdog: Option<Duration>,
 }
 
 impl Options {
@@ -73,6 +106,14 @@ impl Options {
         let env = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         Options {
             env: env.collect(),
+            ..Options::default()
+        }
+    }
+
+    /// Options that enable the watchdog with `interval`, as systemd does.
+    pub fn watchdog(interval: Duration) -> Options {
+        Options {
+            watchdog: Some(interval),
             ..Options::default()
         }
     }
@@ -109,7 +150,8 @@ pub enum RawPid {
 /// is full (net.unix.max_dgram_qlen, often 10 datagrams), and a blocked send
 /// stalls the daemon (tests/faults/notify.rs).
 struct Inbox {
-    queue: Mutex<VecDeque<String>>,
+    /// Each datagram with the time the reader received it.
+    queue: Mutex<VecDeque<(Instant, String)>>,
     arrived: Condvar,
     /// While set, the socket is not read (a service manager that lags).
     paused: AtomicBool,
@@ -134,6 +176,7 @@ pub struct Daemon {
     pub child: Child,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
+    notify_path: PathBuf,
     inbox: Arc<Inbox>,
     reader: Option<JoinHandle<()>>,
     /// Every notification taken so far (by [`Daemon::wait_note`] or
@@ -178,24 +221,34 @@ impl Daemon {
                 child_fd: 3 + i as i32,
             })
             .collect();
-        // LISTEN_PID must be the daemon's pid, known only after the fork: a
-        // shell sets it to its own pid and execs the daemon in its place.
-        let mut cmd = Command::new("/bin/sh");
-        // SR_OWN_PID: LISTEN_PID is the daemon's pid, the rest as given (raw_listen).
-        // SR_NOFILE: dash's `ulimit -n` sets the soft and the hard limit;
-        // SR_NOFILE_SOFT (in `env`) the soft one alone.
+        // What only the child can know or do (its own pid, its descriptor
+        // table, its limits, its cgroup), done by a shell that then execs the
+        // daemon in its place: see TRAMPOLINE.
+        let mut cmd = Command::new("/bin/bash");
         cmd.arg("-c")
-            .arg(r#"if [ -n "$SR_FDS" ]; then export LISTEN_PID=$$ LISTEN_FDS=$SR_FDS LISTEN_FDNAMES=$SR_NAMES; fi; if [ -n "$SR_OWN_PID" ]; then export LISTEN_PID=$$; fi; if [ -n "$SR_NOFILE" ]; then ulimit -n "$SR_NOFILE" || exit 125; fi; if [ -n "$SR_NOFILE_SOFT" ]; then ulimit -S -n "$SR_NOFILE_SOFT" || exit 125; fi; if [ -n "$SR_CGROUP" ]; then echo $$ > "$SR_CGROUP/cgroup.procs" || exit 125; fi; unset SR_FDS SR_NAMES SR_OWN_PID SR_NOFILE SR_NOFILE_SOFT SR_CGROUP; exec "$0" "$@""#)
+            .arg(TRAMPOLINE)
             .arg(BIN)
             .arg("--config")
             .arg(&config_path)
             .args(&opts.args)
+            .env("SR_KEEP", (3 + count).to_string())
             .env_remove("JOURNAL_STREAM")
             .env_remove("RUST_LOG")
             .env("NOTIFY_SOCKET", &notify_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        // What would change the trampoline itself: a file bash reads first,
+        // options (xtrace writes to the daemon's stderr), functions that
+        // stand in for the builtins it uses.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("BASH_FUNC_")
+                || ["BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS"].contains(&&*name)
+            {
+                cmd.env_remove(&*name);
+            }
+        }
         match &opts.raw_listen {
             None if count > 0 => {
                 cmd.env("SR_FDS", count.to_string())
@@ -215,6 +268,9 @@ impl Daemon {
                     RawPid::Unset => cmd.env_remove("LISTEN_PID"),
                 };
             }
+        }
+        if let Some(interval) = opts.watchdog {
+            cmd.env("SR_WATCHDOG", interval.as_micros().to_string());
         }
         if let Some(n) = opts.nofile {
             cmd.env("SR_NOFILE", n.to_string());
@@ -236,6 +292,7 @@ impl Daemon {
             child,
             dir,
             config_path,
+            notify_path,
             inbox,
             reader: Some(reader),
             notes: Vec::new(),
@@ -257,6 +314,11 @@ impl Daemon {
     /// Waits for a notification datagram containing `needle` and returns it.
     /// Datagrams received on the way are kept in `notes`.
     pub fn wait_note(&mut self, needle: &str) -> String {
+        self.wait_note_timed(needle).1
+    }
+
+    /// [`Daemon::wait_note`], with the time the test received the datagram.
+    pub fn wait_note_timed(&mut self, needle: &str) -> (Instant, String) {
         let deadline = Instant::now() + PATIENCE;
         loop {
             let next = {
@@ -271,10 +333,10 @@ impl Daemon {
                 }
                 q.pop_front()
             };
-            if let Some(note) = next {
+            if let Some((at, note)) = next {
                 self.notes.push(note.clone());
                 if note.contains(needle) {
-                    return note;
+                    return (at, note);
                 }
                 continue;
             }
@@ -307,9 +369,63 @@ impl Daemon {
             "all_notes: the daemon still runs (wait_exit first)"
         );
         self.stop_reading();
-        let rest: Vec<String> = self.inbox.queue.lock().unwrap().drain(..).collect();
+        let rest: Vec<String> = self
+            .inbox
+            .queue
+            .lock()
+            .unwrap()
+            .drain(..)
+            .map(|(_, note)| note)
+            .collect();
         self.notes.extend(rest);
         &self.notes
+    }
+
+    /// Every notification received from now until `deadline`, with the time
+    /// the test received it (also kept in `notes`). It looks at the socket
+    /// only, never at the process, so it serves while the daemon's threads
+    /// are held (see [`super::HeldThreads`]).
+    pub fn notes_until(&mut self, deadline: Instant) -> Vec<(Instant, String)> {
+        let mut out = Vec::new();
+        let mut q = self.inbox.queue.lock().unwrap();
+        loop {
+            while let Some((at, note)) = q.pop_front() {
+                self.notes.push(note.clone());
+                out.push((at, note));
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return out;
+            };
+            q = self.inbox.arrived.wait_timeout(q, left).unwrap().0;
+        }
+    }
+
+    /// Every notification the daemon has sent up to now, with the time the
+    /// test received it (also kept in `notes`). A datagram socket keeps the
+    /// order of what is sent to it, so the test sends a mark of its own and
+    /// reads up to it: what the daemon sent before is before the mark.
+    pub fn notes_so_far(&mut self) -> Vec<(Instant, String)> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let mark = format!("TEST-MARK={}", NEXT.fetch_add(1, Ordering::Relaxed));
+        UnixDatagram::unbound()
+            .unwrap()
+            .send_to(mark.as_bytes(), &self.notify_path)
+            .unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        let mut out = Vec::new();
+        let mut q = self.inbox.queue.lock().unwrap();
+        loop {
+            while let Some((at, note)) = q.pop_front() {
+                if note == mark {
+                    return out;
+                }
+                self.notes.push(note.clone());
+                out.push((at, note));
+            }
+            let left = deadline.checked_duration_since(Instant::now());
+            let left = left.unwrap_or_else(|| panic!("{mark} did not come back; got {out:?}"));
+            q = self.inbox.arrived.wait_timeout(q, left).unwrap().0;
+        }
     }
 
     /// Has the reader take what is queued on the socket and end.
@@ -572,8 +688,9 @@ fn read_notifications(notify: UnixDatagram) -> (Arc<Inbox>, JoinHandle<()>) {
     let reader = std::thread::spawn(move || {
         let mut buf = vec![0u8; 4096];
         let take = |n: usize, buf: &[u8]| {
+            let at = Instant::now();
             let note = String::from_utf8_lossy(&buf[..n]).into_owned();
-            shared.queue.lock().unwrap().push_back(note);
+            shared.queue.lock().unwrap().push_back((at, note));
             shared.arrived.notify_all();
         };
         while !shared.stop.load(Ordering::Relaxed) {

@@ -5,7 +5,10 @@
 //! - [`daemon`]: the daemon under test, its notifications and its log;
 //! - [`record`]: log lines, and the typed record of a connection's end;
 //! - [`net`]: clients, alone or many at once;
-//! - [`procfs`]: what /proc says about processes, descriptors and sockets;
+//! - [`procfs`]: what /proc says about processes, threads, descriptors and
+//!   sockets;
+//! - [`hold`]: some of a process's threads held stopped with ptrace, the
+//!   others running;
 //! - [`cgroup`]: cgroups delegated to the daemon under test, as systemd
 //!   delegates one with `Delegate=yes`;
 //! - [`certs`]: certificates for the TLS tests, made with openssl;
@@ -22,6 +25,7 @@
 pub mod certs;
 pub mod cgroup;
 pub mod daemon;
+pub mod hold;
 pub mod net;
 pub mod procfs;
 pub mod record;
@@ -33,6 +37,7 @@ use std::time::{Duration, Instant};
 pub use certs::*;
 pub use cgroup::*;
 pub use daemon::*;
+pub use hold::*;
 pub use net::*;
 pub use procfs::*;
 pub use record::*;
@@ -94,6 +99,36 @@ pub fn ledger_peak(path: &std::path::Path, start: &str) -> (i64, i64, usize) {
         most = most.max(now);
     }
     (most, now, starts)
+}
+
+/// A count from the environment (a long run's size), or `default`.
+pub fn env_count(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{var}: a number")))
+        .unwrap_or(default)
+}
+
+/// Writes `bytes` random bytes (from /dev/urandom) to `path`; returns their
+/// sha256 in hex.
+pub fn random_file(path: &std::path::Path, bytes: u64) -> String {
+    let status = std::process::Command::new("head")
+        .args(["-c", &bytes.to_string(), "/dev/urandom"])
+        .stdout(std::fs::File::create(path).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success(), "head -c {bytes} /dev/urandom");
+    sha256_of(path)
+}
+
+/// The sha256 of a file, in hex (`sha256sum`).
+pub fn sha256_of(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
 }
 
 /// Called first by a test that needs root. Such a test is ignored unless the

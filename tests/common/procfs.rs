@@ -10,7 +10,7 @@ use super::poll;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stat {
     pub pid: i32,
-    /// Field 3: R running, S sleeping, Z zombie, …
+    /// Field 3: R running, S sleeping, Z zombie, t stopped by a tracer, …
     pub state: char,
     /// Field 4.
     pub ppid: i32,
@@ -43,6 +43,37 @@ impl Stat {
 /// /proc/PID/stat; None once the process is gone (zombies are still there).
 pub fn stat(pid: i32) -> Option<Stat> {
     Stat::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// A thread of a process: its id and its name (/proc/PID/task/TID/comm, at
+/// most 15 bytes; a thread started without a name has its creator's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    pub tid: i32,
+    pub comm: String,
+}
+
+/// The threads of `pid`, by thread id: the order they were started in.
+pub fn threads(pid: i32) -> Vec<Task> {
+    let mut out: Vec<Task> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/task: {e}"))
+        .flatten()
+        .filter_map(|e| {
+            let tid = e.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            Some(Task {
+                tid,
+                comm: comm.trim_end_matches('\n').to_owned(),
+            })
+        })
+        .collect();
+    out.sort_by_key(|t| t.tid);
+    out
+}
+
+/// /proc/PID/task/TID/stat: the state of one thread ('t': stopped by a tracer).
+pub fn thread_stat(pid: i32, tid: i32) -> Option<Stat> {
+    Stat::parse(&std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?)
 }
 
 /// Every process's stat (those that exit meanwhile are left out).

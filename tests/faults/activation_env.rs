@@ -217,3 +217,36 @@ fn listen_fds_zero_is_not_blamed_on_listen_pid() {
         d.pid()
     );
 }
+
+/// The daemon starts with what systemd gives it: 0, 1, 2 and the sockets
+/// passed. A descriptor that the test runner leaves open without
+/// close-on-exec (a wrapper or a shell may leave one) must not reach it:
+/// the cases above that count on the descriptor after the passed ones being
+/// closed would find a file there.
+#[test]
+fn a_descriptor_the_runner_leaves_open_does_not_reach_the_daemon() {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let dir = tempfile::tempdir().unwrap();
+    let stray = std::fs::File::create(dir.path().join("left-open")).unwrap();
+    fcntl(&stray, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+    let (passed, addr) = pass_tcp("t");
+    let mut d = Daemon::spawn(
+        &one_service(r#"["echo", "served"]"#, ""),
+        vec![passed],
+        Options::default(),
+    );
+    // Open for the start only: the test's other children inherit it meanwhile.
+    drop(stray);
+    d.wait_note("READY=1");
+    let fds = fd_targets(d.pid());
+    assert!(
+        !fds.iter().any(|(_, target)| target.ends_with("/left-open")),
+        "the daemon has the runner's descriptor: {fds:?}"
+    );
+    let third = fds.iter().find(|(n, _)| *n == 3);
+    assert!(
+        third.is_some_and(|(_, t)| t.starts_with("socket:")),
+        "{fds:?}"
+    );
+    assert_eq!(fetch_text(addr), "served\n");
+}

@@ -7,7 +7,7 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use crate::{env_count, median, seed, XorShift};
+use crate::{median, seed, XorShift};
 
 /// What `seq 1 N` prints, until it is at least `len` bytes long.
 fn seq_output(len: usize) -> Vec<u8> {

@@ -67,14 +67,6 @@ fn seed() -> u64 {
     }
 }
 
-/// A count from the environment (a long-tier size), or `default`.
-fn env_count(var: &str, default: usize) -> usize {
-    std::env::var(var)
-        .ok()
-        .map(|v| v.parse().unwrap_or_else(|_| panic!("{var}: a number")))
-        .unwrap_or(default)
-}
-
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
     v.get(v.len() / 2).copied().unwrap_or_default()

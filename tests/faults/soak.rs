@@ -4,7 +4,6 @@
 use std::time::Instant;
 
 use crate::common::*;
-use crate::env_count;
 
 /// Runs `n` fetches of `echo hello` from `threads` threads.
 fn fetches(addr: std::net::SocketAddr, n: usize, threads: usize) {
