@@ -527,6 +527,28 @@ fn an_urgent_byte_does_not_stall_the_input() {
     }
 }
 
+/// An urgent byte from a client that goes on sending and reading: at the
+/// mark splice(2) says EAGAIN while both ends are ready, round after round;
+/// a few such rounds make the connection go on by copying, instead of
+/// spinning or stalling.
+#[test]
+fn an_urgent_byte_mid_conversation_does_not_stall_a_splice() {
+    use nix::sys::socket::{send, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let (d, addr) = serve(r#"["cat"]"#, "stdin = \"client\"\ntransfer = \"splice\"");
+    let mut conn = connect(addr);
+    conn.write_all(b"abc").unwrap();
+    send(conn.as_raw_fd(), b"!", MsgFlags::MSG_OOB).unwrap();
+    conn.write_all(b"def\n").unwrap();
+    let mut echoed = [0u8; 7];
+    conn.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"abcdef\n");
+    d.wait_log(&["copying through a buffer"]);
+    conn.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(conn), b"");
+    d.wait_record(1).assert_ended("output-ended", "0");
+}
+
 #[test]
 fn an_idle_listener_holds_no_place_a_busy_one_needs() {
     // One service, one place, two sockets: clients of either are served.

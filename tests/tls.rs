@@ -214,7 +214,11 @@ first, rest = data.split(b"\n", 1)
 print(first.decode(), len(rest), hashlib.sha256(rest).hexdigest())"#,
         );
         let r = d.wait_record(1);
-        assert_eq!(out.trim(), format!("NONE 20000000 {want}"), "{transfer}: {r}");
+        assert_eq!(
+            out.trim(),
+            format!("NONE 20000000 {want}"),
+            "{transfer}: {r}"
+        );
         assert!(
             r.reason == "output-ended" || r.reason == "command-exited",
             "{transfer}: {r}"
