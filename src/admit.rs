@@ -59,7 +59,13 @@ pub enum Refused {
     /// A TLS service's client did not complete the TLS handshake: the
     /// reason (`tls-timeout`, …) and what happened.
     Tls(&'static str, String),
+    /// The client left before its command started (a reset in the backlog,
+    /// during admission, a handshake or the banner): what happened.
+    Left(String),
 }
+
+/// The reason of [`Refused::Left`] episodes.
+const LEFT: &str = "left-unserved";
 
 impl Refused {
     fn reason(&self) -> &'static str {
@@ -69,6 +75,7 @@ impl Refused {
             Refused::ProxyUntrusted => "proxy-untrusted",
             Refused::Handshake(_) => "handshake",
             Refused::Tls(reason, _) => reason,
+            Refused::Left(_) => LEFT,
         }
     }
 }
@@ -162,13 +169,23 @@ impl Admissions {
         );
     }
 
+    /// A client that left before its command started: counted and logged
+    /// in episodes, since a flood of connect-and-reset would otherwise
+    /// write a record each. `peer`: "unknown" if it left in the backlog.
+    pub fn left_unserved(&self, service: &Service, peer: &dyn std::fmt::Display, why: String) {
+        self.note(service, peer, &Refused::Left(why));
+    }
+
     /// Counts a refusal; logs it if it starts an episode.
-    fn note(&self, service: &Service, peer: &Peer, refused: &Refused) {
+    fn note(&self, service: &Service, peer: &dyn std::fmt::Display, refused: &Refused) {
         let now = Instant::now();
         let reason = refused.reason();
         let detail = match refused {
             Refused::Rule(r) => r.to_string(),
-            Refused::ProxyHeader(e) | Refused::Handshake(e) | Refused::Tls(_, e) => e.clone(),
+            Refused::ProxyHeader(e)
+            | Refused::Handshake(e)
+            | Refused::Tls(_, e)
+            | Refused::Left(e) => e.clone(),
             Refused::ProxyUntrusted => {
                 "not in proxy_from, so it may not send a PROXY header".into()
             }
@@ -177,7 +194,13 @@ impl Admissions {
         let episode = episodes
             .entry((service.name.clone(), reason))
             .or_insert(Counted::new(now));
-        if episode.add(now) {
+        let first = episode.add(now);
+        if first && reason == LEFT {
+            tracing::info!(
+                service = %service.name, peer = %peer, reason,
+                "{peer} left before its command started: {detail}; further such clients are counted, and logged when they stop"
+            );
+        } else if first {
             tracing::warn!(
                 service = %service.name, peer = %peer, reason,
                 "refused {peer}: {detail}; further refusals of this kind are counted, and logged when they stop"
@@ -206,6 +229,14 @@ impl Admissions {
                 return true;
             }
             let seconds = e.span().as_secs_f64();
+            if *reason == LEFT {
+                tracing::info!(
+                    service = %service, reason = *reason, clients = e.count(),
+                    "{} client(s) left before their command started, over {seconds:.1} s",
+                    e.count()
+                );
+                return false;
+            }
             tracing::info!(
                 service = %service, reason = *reason, refused = e.count(),
                 "refusals ended: {} client(s) refused ({reason}) over {seconds:.1} s",

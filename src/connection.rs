@@ -96,6 +96,13 @@ impl Handler {
         drop(places.service);
         match served {
             Err(Early::Refused) => record.refused(),
+            Err(Early::Ended(end)) if end.is_departure() => {
+                let peer = record.peer_name();
+                context
+                    .admissions
+                    .left_unserved(&service, &peer, end.to_string());
+                record.refused();
+            }
             Err(Early::Ended(end)) => record.close(None, end),
             Ok((ended, end)) => {
                 record.close(Some(&ended), end);

@@ -32,8 +32,6 @@ pub enum End {
     /// output open (`command-exited`).
     OutputHeld,
     ClientGone(Errno),
-    /// The client reset while it waited in the backlog (`client-gone`).
-    LeftUnserved(Errno),
     Shutdown,
     Timeout,
     IdleTimeout,
@@ -61,6 +59,16 @@ pub enum End {
 }
 
 impl End {
+    /// The client left (a close, a reset, a WebSocket close): before its
+    /// command started, such ends are counted in episodes, not recorded one
+    /// by one (see `admit`).
+    pub fn is_departure(&self) -> bool {
+        matches!(
+            self,
+            End::ClientGone(_) | End::Unannounced | End::ClientClosed(_)
+        )
+    }
+
     /// The client's socket said `e`: it is gone, or, on the kernel's TLS,
     /// it sent a record that does not verify (`EBADMSG`).
     pub fn gone(e: Errno) -> End {
@@ -82,7 +90,7 @@ impl End {
         match self {
             End::OutputEnded => "output-ended",
             End::CommandExited | End::OutputHeld => "command-exited",
-            End::ClientGone(_) | End::LeftUnserved(_) | End::Unannounced => "client-gone",
+            End::ClientGone(_) | End::Unannounced => "client-gone",
             End::Shutdown => "shutdown",
             End::Timeout => "timeout",
             End::IdleTimeout => "idle-timeout",
@@ -105,7 +113,6 @@ impl fmt::Display for End {
         f.write_str(self.reason())?;
         match self {
             End::ClientGone(e) => write!(f, " ({})", e.desc()),
-            End::LeftUnserved(e) => write!(f, " (left before it was served: {})", e.desc()),
             End::OutputHeld => f.write_str(
                 " (its output is held open by a process that left its process group; \
                  no longer waited for, kill_grace after the group was killed)",
@@ -171,7 +178,6 @@ impl Ending {
             | End::Error(_)
             | End::SpawnFailed(_) => Farewell::Cut,
             End::ClientGone(_)
-            | End::LeftUnserved(_)
             | End::Tls(_)
             | End::ClientClosed(_)
             | End::Unannounced
@@ -219,7 +225,6 @@ mod tests {
             (End::Error("x".into()), z, Cut),
             (End::SpawnFailed("x".into()), z, Cut),
             (End::ClientGone(Errno::ECONNRESET), z, Abrupt),
-            (End::LeftUnserved(Errno::ECONNRESET), z, Abrupt),
             (End::Tls("x".into()), z, Abrupt),
             (End::ClientClosed(Some(1000)), z, Abrupt),
             (End::Unannounced, z, Abrupt),

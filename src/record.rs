@@ -240,7 +240,13 @@ impl Record {
         tracing::debug!(conn = self.conn, service = &*self.service, peer = %self.peer, pid, "command started");
     }
 
-    /// Admission refused the client: no record, only the daemon's count.
+    /// Who the client is, as the record says it.
+    pub fn peer_name(&self) -> String {
+        self.peer.clone()
+    }
+
+    /// Admission refused the client, or it left before its command started:
+    /// no record, only the daemon's count (and the episodes of `admit`).
     pub fn refused(mut self) {
         self.refused = true;
         tracing::debug!(conn = self.conn, service = &*self.service, peer = %self.peer, "refused; no command run");

@@ -24,7 +24,7 @@ use crate::fdio::{self, Class};
 use crate::listen::{self, Listener};
 use crate::peer::{Family, Peer};
 use crate::places::Gate;
-use crate::record::{End, Record, Stats};
+use crate::record::{Record, Stats};
 use crate::shutdown::{Phase, Shutdown, Watch};
 use crate::{log, notify, reload, sys};
 
@@ -313,7 +313,15 @@ fn serve(
     let peer = match Peer::of(&socket, family) {
         Ok(p) => p,
         // The client reset while it waited in the backlog.
-        Err(e) => return record.close(None, End::LeftUnserved(e)),
+        Err(e) => {
+            tracing::debug!(conn = id, service = %service.name, "left before it was served: {}", e.desc());
+            let why = format!("it reset while waiting to be accepted ({})", e.desc());
+            shared
+                .context
+                .admissions
+                .left_unserved(&service, &"unknown", why);
+            return record.refused();
+        }
     };
     record.peer(&peer);
     tracing::debug!(conn = id, service = %service.name, peer = %peer, "accepted");

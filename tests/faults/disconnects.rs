@@ -153,8 +153,8 @@ kill_grace = "500ms"
         drop(s);
 
         // Only this client is in flight: either the daemon accepted it (a
-        // debug line with its address) or it left before it was served (a
-        // record with no peer).
+        // debug line with its address) or it left before it was served (no
+        // record: a debug line, and an episode that counts such clients).
         let (_, line) = d.wait_line_from(cursor, |l| {
             (l.contains(" accepted ") && log_field(l, "peer") == Some(&peer))
                 || l.contains("left before it was served")
@@ -162,14 +162,8 @@ kill_grace = "500ms"
         let conn: u64 = log_field(&line, "conn").unwrap().parse().unwrap();
         assert_eq!(conn, next_conn, "{what}: {line}");
         if line.contains("left before it was served") {
-            let record = Record::from_line(&line).expect("a record");
             assert_eq!(n, 0, "{what}: it got bytes, so it was served: {line}");
-            assert_eq!(record.reason, "client-gone", "{what}: {record}");
-            assert_eq!(
-                (record.pid, record.peer.as_str()),
-                (0, "unknown"),
-                "{record}"
-            );
+            assert!(Record::parse(&line).is_err(), "{what}: a record: {line}");
             out.left_before_served += 1;
             continue;
         }
@@ -207,7 +201,10 @@ kill_grace = "500ms"
         out.most_group_gone
     );
     assert!(d.children().is_empty());
-    assert_eq!(d.records().len(), 2 + out.served + out.left_before_served);
+    assert_eq!(d.records().len(), 2 + out.served);
+    if out.left_before_served > 0 {
+        d.wait_log(&["left before its command started"]);
+    }
     out
 }
 

@@ -134,3 +134,39 @@ fn a_flood_of_5000_connections_never_exceeds_max_connections() {
     d.assert_fds_back(baseline);
     assert!(d.children().is_empty());
 }
+
+/// Clients that connect and reset before they are served (here: while they
+/// wait in the backlog behind a full service) cost the journal one line per
+/// episode, not a record each.
+#[test]
+fn resets_before_service_are_counted_not_recorded_one_by_one() {
+    const RESETS: usize = 100;
+    let (d, addr) = serve(&sh("echo ready; exec sleep 60"), "max_connections = 1");
+    let mut first = connect(addr);
+    let mut ready = [0u8; 6];
+    first.read_exact(&mut ready).unwrap();
+    for _ in 0..RESETS {
+        let s = TcpStream::connect(addr).unwrap();
+        reset_on_close(&s);
+    }
+    // The place frees; the backlog is accepted, resets and all.
+    reset_on_close(&first);
+    drop(first);
+    let mut next = connect(addr);
+    let served = next.read_exact(&mut ready);
+    assert!(served.is_ok(), "{served:?}\n{}", d.log_text());
+    assert_eq!(&ready, b"ready\n");
+    let ended = d.wait_log(&["client(s) left before their command started"]);
+    let records = d.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].reason, "client-gone", "{}", records[0]);
+    let firsts = d.log_lines(&["left before its command started"]);
+    assert_eq!(firsts.len(), 1, "{firsts:?}");
+    let counted: usize = ended
+        .split(" client(s)")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {ended}"));
+    assert_eq!(counted, RESETS, "{ended}");
+}
