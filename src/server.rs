@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use tokio::io::unix::AsyncFd;
@@ -15,11 +15,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 
 use crate::admit::Admissions;
+use crate::admit::QUIET;
 use crate::cgroup::{Offer, Tree};
 use crate::command;
 use crate::config::{self, Config};
 use crate::connection::{Context, Handler, Places};
-use crate::episode::Episode;
+use crate::episode::Counted;
 use crate::fdio::{self, Class};
 use crate::listen::{self, Listener};
 use crate::peer::{Family, Peer};
@@ -245,8 +246,8 @@ async fn accept_loop(shared: Arc<Shared>, listener: Accepting) -> Result<(), Str
     let Accepting { fd, family, route } = listener;
     let label = &route.label;
     let mut stop = shared.context.shutdown.clone();
-    let exhausted = Episode::default();
-    let at_limit = Episode::default();
+    let mut exhausted: Option<Counted> = None;
+    let mut at_limit: Option<Counted> = None;
     loop {
         // Resolved again after accept: a reload while this loop waits in
         // accept must apply to the connection that wakes it.
@@ -262,7 +263,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: Accepting) -> Result<(), Str
             () = stop.reached(Phase::Draining) => return Ok(()),
         };
         let places = tokio::select! {
-            p = take_places(&shared, &first, label, &at_limit) => p,
+            p = take_places(&shared, &first, label, &mut at_limit) => p,
             () = stop.reached(Phase::Draining) => return Ok(()),
         };
         let socket = match sys::accept(fd.get_ref().as_fd()) {
@@ -282,7 +283,8 @@ async fn accept_loop(shared: Arc<Shared>, listener: Accepting) -> Result<(), Str
                 Class::Disconnect => continue,
                 // Out of descriptors or memory: more attempts now cannot succeed.
                 Class::Exhausted => {
-                    if exhausted.begin() {
+                    let now = Instant::now();
+                    if exhausted.get_or_insert_with(|| Counted::new(now)).add(now) {
                         tracing::warn!(listener = %label, error = %e.desc(), "accept failed; pausing {} ms, retrying (logged once until it recovers)", ACCEPT_BACKOFF.as_millis());
                     }
                     drop(places);
@@ -295,7 +297,13 @@ async fn accept_loop(shared: Arc<Shared>, listener: Accepting) -> Result<(), Str
             },
         };
         drop(pending);
-        exhausted.end();
+        if let Some(episode) = exhausted.take_if(|e| e.is_over(Instant::now(), QUIET)) {
+            tracing::info!(
+                listener = %label,
+                "accepting again: accept(2) failed {} time(s) over {:.1} s for want of descriptors or memory",
+                episode.count(), episode.span().as_secs_f64()
+            );
+        }
         serve(&shared, service().unwrap_or(first), socket, family, places);
     }
 }
@@ -340,20 +348,26 @@ fn serve(
 /// either is full. While it waits the listener is not accepted from, so new
 /// clients queue in the kernel's backlog.
 ///
-/// `at_limit` is the listener's episode: it is logged when it starts, and ends
-/// (logged too) only when a place is free without waiting, so a busy service
-/// that stays at its limit logs twice, not once per client.
+/// `at_limit` is the listener's episode: it is logged when it starts, and
+/// ends (logged too, with how often the limit was met) only once places have
+/// been free for [`QUIET`], so a busy service that keeps meeting its limit
+/// logs twice, not once per client or per wave of them.
 async fn take_places(
     shared: &Shared,
     service: &config::Service,
     label: &str,
-    at_limit: &Episode,
+    at_limit: &mut Option<Counted>,
 ) -> Places {
     let gate = shared.gate(service);
+    let now = Instant::now();
     if let Some(mine) = gate.try_acquire() {
         if let Some(all) = shared.global.try_acquire() {
-            if at_limit.end() {
-                tracing::info!(service = %service.name, listener = %label, "below the limit again; accepting");
+            if let Some(episode) = at_limit.take_if(|e| e.is_over(now, QUIET)) {
+                tracing::info!(
+                    service = %service.name, listener = %label,
+                    "below the limit for {} s; accepting (the limit was met {} time(s) over {:.1} s)",
+                    QUIET.as_secs(), episode.count(), episode.span().as_secs_f64()
+                );
             }
             return Places {
                 service: mine,
@@ -361,7 +375,7 @@ async fn take_places(
             };
         }
     }
-    if at_limit.begin() {
+    if at_limit.get_or_insert_with(|| Counted::new(now)).add(now) {
         let (which, max) = if gate.active() >= service.max_connections {
             ("the service's max_connections", service.max_connections)
         } else {

@@ -76,8 +76,7 @@ fn a_flood_of_5000_connections_never_exceeds_max_connections() {
         .len();
 
     // The precise probe: 50 clients hold every place, the probe waits in the
-    // backlog (the daemon says it is at its limit), one holder closes.
-    let cursor = d.log_len();
+    // backlog (the daemon counts every place taken), one holder closes.
     let mut holders = Vec::new();
     for _ in 0..LIMIT {
         let mut s = connect(addr);
@@ -87,9 +86,7 @@ fn a_flood_of_5000_connections_never_exceeds_max_connections() {
         holders.push(s);
     }
     let mut probe = connect(addr);
-    d.wait_line_from(cursor, |l| {
-        l.contains("not accepting until a connection ends")
-    });
+    d.wait_note(&format!("STATUS={LIMIT} active"));
     assert!(nothing_yet(&probe), "the probe was served above the limit");
     let freed = Instant::now();
     drop(holders.remove(0));
@@ -169,4 +166,22 @@ fn resets_before_service_are_counted_not_recorded_one_by_one() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no count in {ended}"));
     assert_eq!(counted, RESETS, "{ended}");
+}
+
+/// Clients that keep a service at its limit, wave after wave, make one
+/// at-limit line and one below-the-limit line, not a pair per wave.
+#[test]
+fn a_service_that_keeps_meeting_its_limit_says_so_once() {
+    let (d, addr) = serve(&sh("echo ok"), "max_connections = 2");
+    for wave in 0..20 {
+        for out in fan_out(8, 8, move |_| fetch_text(addr)) {
+            assert_eq!(out, "ok\n", "wave {wave}");
+        }
+    }
+    d.wait_records(160);
+    let at = d.log_lines(&["not accepting until a connection ends"]);
+    assert_eq!(at.len(), 1, "{at:#?}");
+    // The episode ends only after 5 s below the limit, with its count.
+    let below = d.log_lines(&["below the limit"]);
+    assert!(below.is_empty(), "{below:#?}");
 }
