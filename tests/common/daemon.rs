@@ -98,6 +98,9 @@ pub struct Options {
     /// The watchdog interval, set as systemd sets it for `WatchdogSec=`:
     /// `WATCHDOG_USEC` and `WATCHDOG_PID` the daemon's own pid.
     pub watchdog: Option<Duration>,
+    /// The daemon's stderr is a pipe nobody reads until
+    /// [`Daemon::read_log_now`] (a log sink that has stopped).
+    pub log_unread: bool,
 }
 
 impl Options {
@@ -183,6 +186,8 @@ pub struct Daemon {
     /// [`Daemon::all_notes`]), one entry per datagram.
     pub notes: Vec<String>,
     log: Arc<Log>,
+    /// The daemon's stderr, while `log_unread` keeps it unread.
+    unread: Option<std::process::ChildStderr>,
 }
 
 impl Daemon {
@@ -287,7 +292,20 @@ impl Daemon {
         }
         cmd.fd_mappings(mappings).unwrap();
         let mut child = cmd.spawn().unwrap();
-        let log = read_log(child.stderr.take().unwrap());
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Log {
+            state: Mutex::new(LogState {
+                lines: Vec::new(),
+                closed: false,
+            }),
+            grew: Condvar::new(),
+        });
+        let unread = if opts.log_unread {
+            Some(stderr)
+        } else {
+            read_log(stderr, &log);
+            None
+        };
         Daemon {
             child,
             dir,
@@ -297,7 +315,14 @@ impl Daemon {
             reader: Some(reader),
             notes: Vec::new(),
             log,
+            unread,
         }
+    }
+
+    /// Starts reading the daemon's stderr, left unread so far (`log_unread`).
+    pub fn read_log_now(&mut self) {
+        let stderr = self.unread.take().expect("the log is read already");
+        read_log(stderr, &self.log);
     }
 
     pub fn pid(&self) -> i32 {
@@ -712,16 +737,9 @@ fn read_notifications(notify: UnixDatagram) -> (Arc<Inbox>, JoinHandle<()>) {
     (inbox, reader)
 }
 
-/// Starts the thread that keeps the daemon's stderr, line by line.
-fn read_log(stderr: std::process::ChildStderr) -> Arc<Log> {
-    let log = Arc::new(Log {
-        state: Mutex::new(LogState {
-            lines: Vec::new(),
-            closed: false,
-        }),
-        grew: Condvar::new(),
-    });
-    let sink = Arc::clone(&log);
+/// Starts the thread that keeps the daemon's stderr, line by line, in `log`.
+fn read_log(stderr: std::process::ChildStderr, log: &Arc<Log>) {
+    let sink = Arc::clone(log);
     let echo = std::env::var_os("SPLICE_RELAY_TEST_ECHO").is_some();
     std::thread::spawn(move || {
         // Lossy: a line that is not UTF-8 is still a line to look at.
@@ -737,5 +755,4 @@ fn read_log(stderr: std::process::ChildStderr) -> Arc<Log> {
         sink.state.lock().unwrap().closed = true;
         sink.grew.notify_all();
     });
-    log
 }

@@ -1,7 +1,8 @@
 //! Faults: clients that leave at any point of a stream, commands that
 //! misbehave, floods against the limits, descriptor and pipe exhaustion,
 //! signals under load, malformed socket-activation variables, a service
-//! manager that lags, and a soak. One module each.
+//! manager that lags, a command that floods its stderr, and a soak. One
+//! module each.
 //!
 //! Every test prints what it measured (`eprintln!`, shown with `--nocapture`).
 //!
@@ -27,6 +28,7 @@ mod notify;
 mod pipe_quota;
 mod signals;
 mod soak;
+mod stderr_flood;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
