@@ -11,6 +11,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +46,64 @@ pub struct Context {
     pub stats: Arc<Stats>,
     /// The delegated cgroup subtree the daemon lives in, if any.
     pub cgroups: Option<Tree>,
+    /// Connections waiting for descriptors to start their command.
+    pub starved: Starved,
+}
+
+/// Out of descriptors, a connection whose command cannot start yet waits
+/// for another connection to end (its descriptors back) instead of being
+/// closed; the accept loop meanwhile meets EMFILE itself and pauses, so
+/// new clients wait in the backlog. Logged once per episode.
+#[derive(Debug, Default)]
+pub struct Starved {
+    /// A connection ended: its descriptors are back.
+    freed: tokio::sync::Notify,
+    waiting: AtomicUsize,
+    /// Connections that waited in this episode.
+    waited: AtomicU64,
+}
+
+impl Starved {
+    /// Waits for a connection to end. The only connection (nothing will
+    /// end) does not wait: None.
+    async fn wait(&self, stats: &Stats) -> Option<()> {
+        if stats.active.load(Ordering::Relaxed) <= 1 {
+            return None;
+        }
+        let freed = self.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        self.waited.fetch_add(1, Ordering::Relaxed);
+        if self.waiting.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                "out of descriptors (RLIMIT_NOFILE): commands wait for running connections to \
+                 end, and new clients in the backlog; logged once until it is over"
+            );
+        }
+        let _waiting = Waiting(self);
+        freed.await;
+        Some(())
+    }
+
+    /// A connection's descriptors are back.
+    pub fn freed(&self) {
+        self.freed.notify_waiters();
+    }
+}
+
+/// One connection waiting; the episode ends with the last.
+struct Waiting<'a>(&'a Starved);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.0.waiting.fetch_sub(1, Ordering::Relaxed) == 1 {
+            let waited = self.0.waited.swap(0, Ordering::Relaxed);
+            tracing::info!(
+                waited,
+                "descriptors are back: {waited} connection(s) waited for them"
+            );
+        }
+    }
 }
 
 /// An accepted connection, ready to be served.
@@ -94,6 +153,7 @@ impl Handler {
         let served = pipeline(&conn, socket, peer, &mut record).await;
         // The connection's descriptors are closed: its place is free.
         drop(places.service);
+        context.starved.freed();
         match served {
             Err(Early::Refused) => record.refused(),
             Err(Early::Ended(end)) if end.is_departure() => {
@@ -150,7 +210,9 @@ async fn exchange(
     let (opening, request_env) = conn.open(transport, bounds, peer, record).await?;
     conn.banner(transport, bounds, record).await?;
     let env = [tls_env, request_env].concat();
-    let (command, streams) = conn.spawn(transport, peer, env, &opening, record).await?;
+    let (command, streams) = conn
+        .spawn(transport, peer, env, &opening, bounds, record)
+        .await?;
 
     let (output, input) = match streams {
         Some(Streams { output, input }) => (Some(output), input),
@@ -348,6 +410,7 @@ impl Conn<'_> {
         peer: &Peer,
         request_env: Vec<(String, String)>,
         opening: &Opening<'_>,
+        bounds: &Bounds,
         record: &mut Record,
     ) -> Result<(Command, Option<Streams>), Early> {
         let service = self.service;
@@ -364,8 +427,25 @@ impl Conn<'_> {
         let cgroups = self.context.cgroups.as_ref();
         let socket = transport.plain().get_ref();
         let base_env = &self.context.base_env;
-        let spawned =
-            Command::spawn(service, base_env, peer, request_env, socket, cgroups, tag).await;
+        let spawned = loop {
+            let env = request_env.clone();
+            let tag = tag.clone();
+            match Command::spawn(service, base_env, peer, env, socket, cgroups, tag).await {
+                Err(e) if e.out_of_descriptors() => {
+                    let starved = &self.context.starved;
+                    let wait = async { starved.wait(&self.context.stats).await.ok_or(()) };
+                    match bounds
+                        .watch(async { Ok(wait.await) }, Idle::Traffic(record.traffic()))
+                        .await
+                    {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(())) => break Err(e),
+                        Err(end) => return Err(Early::Ended(end)),
+                    }
+                }
+                other => break other,
+            }
+        };
         match spawned {
             Ok((command, streams)) => {
                 record.command_started(command.pid());
@@ -443,6 +523,7 @@ mod tests {
             admissions: Admissions::default(),
             stats: Arc::clone(&stats),
             cgroups: None,
+            starved: Starved::default(),
         });
         let file = tempfile::tempfile().unwrap();
         let (service_gate, daemon_gate) = (Gate::new(1), Gate::new(1));

@@ -19,7 +19,7 @@ use crate::admit::QUIET;
 use crate::cgroup::{Offer, Tree};
 use crate::command;
 use crate::config::{self, Config};
-use crate::connection::{Context, Handler, Places};
+use crate::connection::{Context, Handler, Places, Starved};
 use crate::episode::Counted;
 use crate::fdio::{self, Class};
 use crate::listen::{self, Listener};
@@ -63,6 +63,7 @@ impl Shared {
                 admissions: Admissions::default(),
                 stats,
                 cgroups,
+                starved: Starved::default(),
             }),
             next_id: AtomicU64::new(1),
             reload_error: Mutex::new(None),

@@ -203,8 +203,9 @@ fn spawn_error(service: &Service, stage: Stage, e: io::Error) -> io::Error {
     } else {
         ""
     };
-    io::Error::new(
-        e.kind(),
-        format!("{what}: {}{hint}", crate::fdio::reason(&e)),
-    )
+    let text = format!("{what}: {}{hint}", crate::fdio::reason(&e));
+    match e.raw_os_error() {
+        Some(code) => super::described(nix::errno::Errno::from_raw(code), text),
+        None => io::Error::new(e.kind(), text),
+    }
 }

@@ -44,6 +44,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::errno::Errno;
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
@@ -101,6 +102,42 @@ impl fmt::Display for SpawnError {
             ),
         }
     }
+}
+
+impl SpawnError {
+    /// The daemon is out of descriptors (EMFILE, ENFILE): the command could
+    /// start once another connection gives some back.
+    pub fn out_of_descriptors(&self) -> bool {
+        let SpawnError::Start(e) = self else {
+            return false;
+        };
+        let errno = e
+            .raw_os_error()
+            .map(Errno::from_raw)
+            .or_else(|| e.get_ref()?.downcast_ref::<Described>().map(|d| d.errno));
+        matches!(errno, Some(Errno::EMFILE | Errno::ENFILE))
+    }
+}
+
+/// An error described for the record ("cannot create the command's pipes:
+/// Too many open files") that keeps its errno.
+#[derive(Debug)]
+pub(crate) struct Described {
+    errno: Errno,
+    text: String,
+}
+
+impl fmt::Display for Described {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for Described {}
+
+/// `errno`, described as `text` (which says it).
+pub(crate) fn described(errno: Errno, text: String) -> io::Error {
+    io::Error::new(io::Error::from(errno).kind(), Described { errno, text })
 }
 
 /// Who a command's stderr lines belong to, in the log.

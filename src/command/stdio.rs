@@ -150,7 +150,7 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 fn described(e: nix::errno::Errno, what: &str) -> io::Error {
-    io::Error::new(io::Error::from(e).kind(), format!("{what}: {}", e.desc()))
+    super::described(e, format!("{what}: {}", e.desc()))
 }
 
 /// The kernel refused `pipe_size`: said at most once a minute, so that a

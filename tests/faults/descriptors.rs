@@ -26,11 +26,16 @@ fn lowest_free_fd(pid: i32) -> i32 {
 
 /// Sets RLIMIT_NOFILE (soft and hard) of a running process.
 fn set_nofile(pid: i32, limit: i32) {
+    set_nofile_to(pid, limit, limit);
+}
+
+/// Sets RLIMIT_NOFILE's soft and hard limits of a running process.
+fn set_nofile_to(pid: i32, soft: i32, hard: i32) {
     let out = Command::new("prlimit")
         .args([
             "--pid",
             &pid.to_string(),
-            &format!("--nofile={limit}:{limit}"),
+            &format!("--nofile={soft}:{hard}"),
         ])
         .output()
         .unwrap();
@@ -39,16 +44,18 @@ fn set_nofile(pid: i32, limit: i32) {
 
 /// A daemon started with RLIMIT_NOFILE 64 (soft and hard) and more
 /// concurrent connections than that allows:
-/// - the connection that does not fit is closed with a spawn-failed record
-///   ("Too many open files"), and so is one whose stdout pipe cannot be
-///   created (EMFILE at pipe2, the limit set just above the next free fd);
+/// - the connection whose command cannot get its descriptors waits (the
+///   daemon says so once) until a running connection ends, then is served;
+///   none is closed for it;
+/// - the only connection, when even it cannot get them (the limit set just
+///   above the next free fd), has nothing to wait for: a spawn-failed record;
 /// - with the table full (the limit lowered to the next free fd), accept
 ///   fails: logged once, retried without spinning (CPU under 20% of the
 ///   episode), while the connections it has are served on;
 /// - when they end, waiting clients are taken and a new client is served;
 ///   descriptors and pipes are back to the baseline, no child is left.
 #[test]
-fn running_out_of_descriptors_fails_connections_not_the_daemon() {
+fn running_out_of_descriptors_makes_clients_wait_not_fail() {
     let (passed, addr) = pass_tcp("fds");
     let config = one_service(
         r#"["sh", "-c", "echo up; exec cat"]"#,
@@ -77,6 +84,31 @@ fn running_out_of_descriptors_fails_connections_not_the_daemon() {
             other => panic!("unexpected {other:?}"),
         }
     }
+    /// Connects; Ok(stream) once greeted, Err(stream) once the daemon says
+    /// connections wait for descriptors and this one has no greeting.
+    fn greeted_or_waiting(d: &Daemon, addr: SocketAddr) -> Result<TcpStream, TcpStream> {
+        let s = connect(addr);
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            assert!(Instant::now() < deadline, "neither greeted nor waiting");
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let mut b = [0u8; 3];
+            match s.peek(&mut b) {
+                Ok(3) => {
+                    let mut s = s;
+                    s.set_read_timeout(Some(PATIENCE)).unwrap();
+                    assert_eq!(read_line(&mut s), "up\n");
+                    return Ok(s);
+                }
+                Ok(0) => panic!("closed without a greeting"),
+                _ => {}
+            }
+            if !d.log_lines(&["out of descriptors"]).is_empty() && nothing_yet(&s) {
+                s.set_read_timeout(Some(PATIENCE)).unwrap();
+                return Err(s);
+            }
+        }
+    }
     fn ping(s: &TcpStream, i: usize) {
         let mut w = s;
         writeln!(w, "ping {i}").unwrap();
@@ -98,35 +130,57 @@ fn running_out_of_descriptors_fails_connections_not_the_daemon() {
     let baseline = d.fd_baseline();
     let mut conns = 1;
 
-    // A. Connections until one does not fit.
+    // A. Connections until one's command cannot get its descriptors: it
+    // waits, and is served once another connection ends.
     let mut held = Vec::new();
-    let refused = loop {
+    let mut waiting = loop {
         assert!(held.len() < 64, "64 connections fit in 64 descriptors?");
         conns += 1;
-        match greeted(addr) {
-            Some(s) => held.push(s),
-            None => break d.wait_record(conns),
+        match greeted_or_waiting(&d, addr) {
+            Ok(s) => held.push(s),
+            Err(s) => break s,
         }
     };
+    let said = d.log_lines(&["out of descriptors"]);
     eprintln!(
-        "fds: baseline {baseline:?}, {} connections held with the limit at 64 ({} fds); then: {refused}",
+        "fds: baseline {baseline:?}, {} connections held with the limit at 64 ({} fds); then: {said:?}",
         held.len(),
         d.fd_count()
     );
-    assert_eq!(refused.reason, "spawn-failed", "{refused}");
-    assert!(refused.message.contains("Too many open files"), "{refused}");
+    assert_eq!(said.len(), 1, "{said:?}");
     for (i, s) in held.iter().enumerate() {
         ping(s, i);
     }
+    assert!(nothing_yet(&waiting), "served without descriptors");
+    finish(held.pop().unwrap());
+    assert_eq!(
+        read_line(&mut waiting),
+        "up\n",
+        "not served once descriptors came back"
+    );
+    d.wait_log(&["descriptors are back: 1 connection(s) waited"]);
+    held.push(waiting);
+    assert!(
+        d.records().iter().all(|r| r.reason != "spawn-failed"),
+        "{:?}",
+        d.records()
+    );
 
-    // B. Room for the accepted socket and one more descriptor: pipe2 fails.
+    // B. The only connection: nothing will give descriptors back, so it
+    // fails with a record rather than wait.
+    let held_now = held.len();
+    for s in held.drain(..) {
+        finish(s);
+    }
+    d.wait_records(conns as usize);
+    d.wait_note("STATUS=0 active");
     let free = lowest_free_fd(pid);
-    set_nofile(pid, free + 2);
+    set_nofile_to(pid, free + 2, 64);
     conns += 1;
     assert!(greeted(addr).is_none(), "served without room for its pipes");
     let pipe_failed = d.wait_record(conns);
     eprintln!(
-        "fds: limit {} (next free fd {free} + 2): {pipe_failed}",
+        "fds: {held_now} connections ended; limit {} (next free fd {free} + 2): {pipe_failed}",
         free + 2
     );
     assert_eq!(pipe_failed.reason, "spawn-failed", "{pipe_failed}");
@@ -135,6 +189,14 @@ fn running_out_of_descriptors_fails_connections_not_the_daemon() {
         "{pipe_failed}"
     );
     assert!(d.child.try_wait().unwrap().is_none(), "the daemon died");
+
+    // Connections to hold through C.
+    set_nofile_to(pid, 64, 64);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        conns += 1;
+        held.push(greeted(addr).expect("served with descriptors back"));
+    }
 
     // C. No descriptor at all: accept itself fails.
     let free = lowest_free_fd(pid);
@@ -188,12 +250,10 @@ fn running_out_of_descriptors_fails_connections_not_the_daemon() {
             served_late += 1;
             finish(s);
         } else {
-            // Taken while only part of the held connections' descriptors
-            // were back: closed with a record, as in A.
-            assert_eq!(line, "");
             closed_late += 1;
         }
     }
+    assert_eq!(closed_late, 0, "a waiting client was closed, not served");
     let fresh = greeted(addr).expect("not served after the descriptors came back");
     finish(fresh);
     let total = conns as usize + 3 + 1;
