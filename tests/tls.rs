@@ -431,6 +431,54 @@ fn sign(dir: &std::path::Path, name: &str, ca: &str, serial: &str, ext: Option<&
     openssl_in(dir, &args);
 }
 
+/// A v1 server certificate (`openssl x509 -req` without `-extfile`) is
+/// refused at load, as a certificate problem with the way to a v3 one; the
+/// key is not blamed.
+#[test]
+fn a_v1_certificate_is_refused_at_check_with_the_way_to_a_v3_one() {
+    let pki = Pki::new();
+    let dir = pki.dir.path();
+    key_and_request(dir, "v1", "/CN=localhost");
+    sign(dir, "v1", "ca", "0x10", None);
+    let config = pki.path("v1.toml");
+    std::fs::write(
+        &config,
+        one_service(
+            "[\"true\"]",
+            &format!(
+                "tls_certificate = \"{}\"\ntls_key = \"{}\"",
+                pki.file("v1.pem"),
+                pki.file("v1-key.pem")
+            ),
+        ),
+    )
+    .unwrap();
+    let check = run(Command::new(BIN)
+        .arg("--check")
+        .arg("--config")
+        .arg(&config));
+    assert_eq!(check.status.code(), Some(78));
+    let said = text(&check.stderr);
+    assert!(
+        said.contains(&format!(
+            "{}:5:19: service \"test\": tls_certificate: {}: an X.509 v1 certificate, which \
+             rustls (webpki) does not accept: issue a v3 one, e.g. with `openssl x509 -req … \
+             -extfile <(printf \"subjectAltName=DNS:localhost\")`",
+            config.display(),
+            pki.file("v1.pem")
+        )),
+        "{said}"
+    );
+    assert!(
+        said.contains("`openssl req -x509 …`, which makes v3"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("tls_key") && !said.contains("Other("),
+        "{said}"
+    );
+}
+
 /// A v1 CA (`openssl x509 -req -signkey`, the old recipe) is a CA webpki
 /// takes, so `tls_client_ca` may be one: the v3 client certificates it
 /// issues are served; a v1 client certificate is refused, and the log
