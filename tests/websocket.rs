@@ -487,6 +487,31 @@ fn invalid_frames_close_with_the_code_that_fits() {
     }
 }
 
+/// RFC 6455 5.2: the most significant bit of a 64-bit payload length must
+/// be 0. A header with it set breaks the protocol (1002); one without it is
+/// only too big (1009).
+#[test]
+fn a_length_with_its_top_bit_set_is_a_protocol_error() {
+    let (d, addr) = echo();
+    for (length, code, reason) in [
+        ((1u64 << 63) | 5, 1002, "protocol-error"),
+        (1u64 << 62, 1009, "message-too-big"),
+    ] {
+        let mut c = Frames::connect(addr, "/");
+        let mut header = vec![0x80 | BINARY, 0x80 | 127];
+        header.extend_from_slice(&length.to_be_bytes());
+        header.extend_from_slice(&[1, 2, 3, 4]);
+        c.send_raw(header);
+        assert_eq!(c.close_code(), Some(code), "length {length:#x}");
+        assert!(c.ended(), "length {length:#x}");
+        let r = record_of(&d, c.stream.local_addr().unwrap().port());
+        assert_eq!(r.reason, reason, "length {length:#x}: {r}");
+        if code == 1002 {
+            assert!(r.message.contains("most significant bit"), "{r}");
+        }
+    }
+}
+
 #[test]
 fn a_close_without_a_frame_or_with_a_bad_code_ends_the_session() {
     let (d, addr) = echo();

@@ -23,7 +23,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
-use tungstenite::error::{Error as WsError, ProtocolError};
+use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Message, Role, WebSocketConfig, WebSocketContext};
 
@@ -468,6 +468,16 @@ fn failed(e: WsError) -> End {
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Unannounced,
         WsError::Protocol(p) => End::ProtocolError(p.to_string()),
         WsError::Utf8(_) => End::InvalidUtf8,
+        // tungstenite checks a frame's length against the limit only, and
+        // reports the length whole (a usize is 64 bits here).
+        WsError::Capacity(CapacityError::MessageTooLong { size, .. })
+            if u64::try_from(size).is_ok_and(|s| s >> 63 == 1) =>
+        {
+            End::ProtocolError(
+                "a 64-bit frame length with its most significant bit set, which RFC 6455 forbids"
+                    .into(),
+            )
+        }
         WsError::Capacity(c) => End::MessageTooBig(c.to_string()),
         WsError::ConnectionClosed | WsError::AlreadyClosed => End::ClientClosed(None),
         other => End::Error(other.to_string()),
