@@ -43,12 +43,14 @@ pub enum End {
     /// TLS: the client broke the record layer (a bad or forged record, a
     /// fatal alert), or the kernel refused the session's keys.
     Tls(String),
-    /// WebSocket: the client sent a close frame, with this code if any.
+    /// WebSocket: the client sent a close frame, with this code if any (a
+    /// code no endpoint may send is a `ProtocolError`).
     ClientClosed(Option<u16>),
     /// WebSocket: the client closed the connection without a close frame
     /// (`client-gone`).
     Unannounced,
-    /// WebSocket: an invalid frame (closed with 1002).
+    /// WebSocket: an invalid frame, or a close code no endpoint may send
+    /// (closed with 1002).
     ProtocolError(String),
     /// WebSocket: a text message that is not UTF-8 (closed with 1007).
     InvalidUtf8,

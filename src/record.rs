@@ -26,8 +26,9 @@
 //! WebSocket services (`protocol = "websocket"`) add:
 //! - `client-closed`: the client sent a close frame (its code is in the detail).
 //! - `protocol-error`, `invalid-utf8`, `message-too-big`: the client sent an
-//!   invalid frame, text that is not UTF-8, or a message over
-//!   `max_message_size`; closed with 1002, 1007 or 1009.
+//!   invalid frame (or a close code no endpoint may send, named in the
+//!   detail), text that is not UTF-8, or a message over `max_message_size`;
+//!   closed with 1002, 1007 or 1009.
 //! - `ping-timeout`: the client did not answer a ping within `ping_interval`.
 //! - `page`: a plain GET got the console page; no command ran.
 //!
