@@ -464,7 +464,9 @@ async fn writable(input: Option<&AsyncFd<OwnedFd>>) -> io::Result<AsyncFdReadyGu
 /// hear it (it is gone, or does not answer).
 fn close_code(end: &End) -> Option<(CloseCode, &'static str)> {
     Some(match end {
-        End::OutputEnded | End::CommandExited | End::OutputHeld => (CloseCode::Normal, ""),
+        End::OutputEnded | End::CommandExited | End::OutputHeld | End::OomKilled => {
+            (CloseCode::Normal, "")
+        }
         End::MaxBytes => (CloseCode::Normal, "max_bytes reached"),
         End::ClientClosed(_) => (CloseCode::Normal, ""),
         End::Shutdown => (CloseCode::Away, "the server is stopping"),
