@@ -220,10 +220,17 @@ fn classify(e: TlsError) -> HandshakeError {
             c => certificate_problem(&c),
         }),
         TlsError::PeerIncompatible(p) => {
-            HandshakeError::Handshake(format!("nothing in common with the client: {p:?}"))
+            HandshakeError::Handshake(format!("nothing in common with the client: {}", named(&p)))
         }
-        TlsError::AlertReceived(alert) => {
-            HandshakeError::Handshake(format!("the client ended it with the alert {alert:?}"))
+        TlsError::AlertReceived(alert) => HandshakeError::Handshake(format!(
+            "the client ended it with an alert: {}",
+            named(&alert)
+        )),
+        TlsError::PeerMisbehaved(why) => {
+            HandshakeError::Handshake(format!("the client broke the protocol: {}", named(&why)))
+        }
+        TlsError::InvalidMessage(why) => {
+            HandshakeError::Handshake(format!("a malformed message: {}", named(&why)))
         }
         other => HandshakeError::Handshake(other.to_string()),
     }
@@ -254,6 +261,12 @@ pub fn certificate_problem(e: &CertificateError) -> String {
         },
         e => words(&e.to_string()),
     }
+}
+
+/// A rustls reason by its name, in words (`NoCipherSuitesInCommon`: "no
+/// cipher suites in common").
+fn named(reason: &impl fmt::Debug) -> String {
+    words(&format!("{reason:?}"))
 }
 
 /// `UnsupportedCriticalExtension` as "unsupported critical extension"; any
@@ -307,5 +320,37 @@ impl Write for Fd<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::{AlertDescription, PeerIncompatible};
+
+    #[test]
+    fn refusals_are_told_in_words() {
+        let said = |e: TlsError| classify(e).to_string();
+        assert_eq!(
+            said(TlsError::PeerIncompatible(
+                PeerIncompatible::NoCipherSuitesInCommon
+            )),
+            "TLS handshake: nothing in common with the client: no cipher suites in common"
+        );
+        assert_eq!(
+            said(TlsError::AlertReceived(AlertDescription::HandshakeFailure)),
+            "TLS handshake: the client ended it with an alert: handshake failure"
+        );
+        assert_eq!(
+            said(TlsError::InvalidCertificate(CertificateError::BadSignature)),
+            "client certificate: its signature does not verify"
+        );
+        assert_eq!(
+            said(TlsError::InvalidCertificate(
+                CertificateError::UnknownIssuer
+            )),
+            "client certificate: not issued by tls_client_ca"
+        );
+        assert_eq!(words("Unknown(7)"), "Unknown(7)", "not a bare name");
     }
 }
