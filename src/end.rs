@@ -15,12 +15,18 @@
 //! After the SIGTERM every process the command contains gets `kill_grace`,
 //! then SIGKILL (`command`). The client's side never waits longer than
 //! `kill_grace` either.
+//!
+//! Once the command is reaped, its record may tell more than the end did
+//! ([`End::after_exit`]): output that ended because the OOM killer killed
+//! the command is `oom-killed`.
 
 use std::fmt;
 use std::time::Duration;
 
 use nix::errno::Errno;
+use nix::sys::signal::Signal;
 
+use crate::command::Exit;
 use crate::fdio::{self, Class};
 
 /// Why a connection ended: its record's `REASON` and the detail.
@@ -41,12 +47,14 @@ pub enum End {
     /// TLS: the client broke the record layer (a bad or forged record, a
     /// fatal alert), or the kernel refused the session's keys.
     Tls(String),
-    /// WebSocket: the client sent a close frame, with this code if any.
+    /// WebSocket: the client sent a close frame, with this code if any (a
+    /// code no endpoint may send is a `ProtocolError`).
     ClientClosed(Option<u16>),
     /// WebSocket: the client closed the connection without a close frame
     /// (`client-gone`).
     Unannounced,
-    /// WebSocket: an invalid frame (closed with 1002).
+    /// WebSocket: an invalid frame, or a close code no endpoint may send
+    /// (closed with 1002).
     ProtocolError(String),
     /// WebSocket: a text message that is not UTF-8 (closed with 1007).
     InvalidUtf8,
@@ -56,6 +64,10 @@ pub enum End {
     PingTimeout,
     /// WebSocket: a plain GET got the console page.
     Page,
+    /// The OOM killer killed the command (its main process died of SIGKILL,
+    /// and its cgroup's `memory.events` counts OOM kills): known once the
+    /// command is reaped, in place of the end its death caused.
+    OomKilled,
 }
 
 impl End {
@@ -86,6 +98,25 @@ impl End {
         }
     }
 
+    /// The end the record gives once the command is reaped, with its exit
+    /// and its cgroup's `oom_kill` count (None without the memory
+    /// controller): an end the command's side caused (its output ended, it
+    /// exited) is `oom-killed` when SIGKILL ended the command and the OOM
+    /// killer killed in its cgroup. Any other end came first, and a SIGKILL
+    /// after it may be the daemon's own.
+    pub fn after_exit(self, exit: &Exit, oom_kills: Option<u64>) -> End {
+        let commands_end = matches!(
+            self,
+            End::OutputEnded | End::CommandExited | End::OutputHeld
+        );
+        let killed = matches!(exit, Exit::Signal(Signal::SIGKILL));
+        if commands_end && killed && oom_kills.is_some_and(|n| n > 0) {
+            End::OomKilled
+        } else {
+            self
+        }
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             End::OutputEnded => "output-ended",
@@ -104,6 +135,7 @@ impl End {
             End::MessageTooBig(_) => "message-too-big",
             End::PingTimeout => "ping-timeout",
             End::Page => "page",
+            End::OomKilled => "oom-killed",
         }
     }
 }
@@ -127,6 +159,7 @@ impl fmt::Display for End {
             End::ClientClosed(Some(code)) => write!(f, " (close code {code})"),
             End::ClientClosed(None) => f.write_str(" (no close code)"),
             End::Unannounced => f.write_str(" (closed the connection without a close frame)"),
+            End::OomKilled => f.write_str(" (the OOM killer killed the command)"),
             _ => Ok(()),
         }
     }
@@ -169,9 +202,12 @@ impl Ending {
     /// The policy: see the module's table. `grace` is the service's `kill_grace`.
     pub fn after(end: &End, grace: Duration) -> Ending {
         let farewell = match end {
-            End::OutputEnded | End::CommandExited | End::OutputHeld | End::MaxBytes => {
-                Farewell::Complete
-            }
+            // (oom-killed is known only after the end: its output had ended.)
+            End::OutputEnded
+            | End::CommandExited
+            | End::OutputHeld
+            | End::OomKilled
+            | End::MaxBytes => Farewell::Complete,
             End::Shutdown
             | End::Timeout
             | End::IdleTimeout
@@ -189,7 +225,10 @@ impl Ending {
         };
         // Only a command whose output has ended is on its way out by itself;
         // at max_bytes it is still writing, and nobody reads it any more.
-        let exiting = matches!(end, End::OutputEnded | End::CommandExited | End::OutputHeld);
+        let exiting = matches!(
+            end,
+            End::OutputEnded | End::CommandExited | End::OutputHeld | End::OomKilled
+        );
         Ending {
             patience: if exiting { grace } else { Duration::ZERO },
             farewell,
@@ -233,6 +272,7 @@ mod tests {
             (End::MessageTooBig("x".into()), z, Abrupt),
             (End::PingTimeout, z, Abrupt),
             (End::Page, z, Abrupt),
+            (End::OomKilled, g, Complete),
         ];
         for (end, patience, farewell) in table {
             let ending = Ending::after(end, g);
@@ -243,6 +283,44 @@ mod tests {
             );
             assert_eq!(ending.is_complete(), *farewell == Complete, "{end}");
         }
+    }
+
+    /// oom-killed: the command's own end, SIGKILL, and an OOM kill counted;
+    /// without any of the three the end stays what it was.
+    #[test]
+    fn a_command_the_oom_killer_killed_is_oom_killed() {
+        let kill = Exit::Signal(Signal::SIGKILL);
+        let term = Exit::Signal(Signal::SIGTERM);
+        let table: &[(End, Exit, Option<u64>, &str)] = &[
+            (End::OutputEnded, kill, Some(1), "oom-killed"),
+            (End::CommandExited, kill, Some(2), "oom-killed"),
+            (End::OutputHeld, kill, Some(1), "oom-killed"),
+            // No OOM kill, or no memory controller to count them.
+            (End::OutputEnded, kill, Some(0), "output-ended"),
+            (End::OutputEnded, kill, None, "output-ended"),
+            // A child was OOM-killed; the command ended otherwise.
+            (End::OutputEnded, Exit::Code(1), Some(1), "output-ended"),
+            (End::OutputEnded, term, Some(1), "output-ended"),
+            (
+                End::CommandExited,
+                Exit::Code(137),
+                Some(1),
+                "command-exited",
+            ),
+            // The daemon ended it first, and may have sent the SIGKILL.
+            (End::Timeout, kill, Some(1), "timeout"),
+            (End::MaxBytes, kill, Some(1), "max-bytes"),
+            (End::ClientGone(Errno::EPIPE), kill, Some(1), "client-gone"),
+            (End::Shutdown, kill, Some(1), "shutdown"),
+        ];
+        for (end, exit, oom_kills, reason) in table {
+            let after = end.clone().after_exit(exit, *oom_kills);
+            assert_eq!(after.reason(), *reason, "{end}, exit {exit}, {oom_kills:?}");
+        }
+        assert_eq!(
+            End::OomKilled.to_string(),
+            "oom-killed (the OOM killer killed the command)"
+        );
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //! How a connection ends (the record's `REASON`):
 //! - `output-ended`: the command's stdout reached end-of-file; what is left
 //!   is sent, the socket shut down for writing and closed.
+//! - `oom-killed`: as `output-ended` or `command-exited`, but the command
+//!   died of SIGKILL and its cgroup's `memory.events` counts OOM kills: the
+//!   OOM killer ended it (only where the cgroup has the memory controller).
 //! - `command-exited` (`transfer = "direct"`): the command exited.
 //! - `client-gone`: the client reset or closed the connection (EPIPE,
 //!   ECONNRESET), before or while it was served.
@@ -26,8 +29,9 @@
 //! WebSocket services (`protocol = "websocket"`) add:
 //! - `client-closed`: the client sent a close frame (its code is in the detail).
 //! - `protocol-error`, `invalid-utf8`, `message-too-big`: the client sent an
-//!   invalid frame, text that is not UTF-8, or a message over
-//!   `max_message_size`; closed with 1002, 1007 or 1009.
+//!   invalid frame (or a close code no endpoint may send, named in the
+//!   detail), text that is not UTF-8, or a message over `max_message_size`;
+//!   closed with 1002, 1007 or 1009.
 //! - `ping-timeout`: the client did not answer a ping within `ping_interval`.
 //! - `page`: a plain GET got the console page; no command ran.
 //!
@@ -254,6 +258,10 @@ impl Record {
 
     /// Ends the connection: `ended` is the command's end (None if none ran).
     pub fn close(mut self, ended: Option<&Ended>, end: End) {
+        let end = match ended {
+            Some(e) => end.after_exit(&e.exit, e.usage.oom_kills),
+            None => end,
+        };
         self.closed = Some((ended.map(|e| (e.exit, e.usage)), end));
     }
 
@@ -296,7 +304,7 @@ impl Record {
         }
         match end {
             End::SpawnFailed(_) => ended!(error),
-            End::Error(_) => ended!(warn),
+            End::Error(_) | End::OomKilled => ended!(warn),
             _ => ended!(info),
         }
     }

@@ -363,6 +363,49 @@ fn the_record_counts_the_cpu_a_command_burns() {
     );
 }
 
+/// A command the OOM killer kills at `memory_max` is recorded `oom-killed`,
+/// not `output-ended`: SIGKILL, and its cgroup's `memory.events` counts the
+/// kill. Needs the memory controller offered to the test's cgroup; where it
+/// is not (a hybrid host whose memory controller is cgroup v1's), the test
+/// says so and checks nothing: the decision itself is unit-tested in
+/// src/end.rs.
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
+fn a_command_the_oom_killer_kills_is_recorded_oom_killed() {
+    require_root();
+    let cgroup = TestCgroup::delegated();
+    let controllers = std::fs::read_to_string(cgroup.path.join("cgroup.controllers")).unwrap();
+    if !controllers.split_whitespace().any(|c| c == "memory") {
+        eprintln!(
+            "SKIPPED a_command_the_oom_killer_kills_is_recorded_oom_killed: the memory \
+             controller is not offered to {} (cgroup.controllers: {:?}), so memory_max cannot \
+             be set nor OOM kills counted here",
+            cgroup.path.display(),
+            controllers.trim()
+        );
+        return;
+    }
+    // The shell itself holds what the substitution reads: it grows until
+    // the OOM killer ends it.
+    let (d, addr) = start_in(
+        &cgroup,
+        &one_service(
+            &sh("echo started; x=$(yes | head -c 1G); echo survived"),
+            "memory_max = \"16M\"",
+        ),
+    );
+    assert_eq!(fetch_text(addr), "started\n");
+    let record = d.wait_record(1);
+    assert_eq!(
+        (record.reason.as_str(), record.exit.as_str()),
+        ("oom-killed", "SIGKILL"),
+        "{record}"
+    );
+    assert!(record.oom_kills.is_some_and(|n| n >= 1), "{record}");
+    assert!(record.level == "WARN", "{record}");
+    cgroup.wait_no_connections();
+}
+
 /// SIGHUP and SIGTERM while commands that escaped their sessions run: the
 /// reload leaves them to their connections, the stop ends them all, and no
 /// cgroup is left.

@@ -373,6 +373,177 @@ while raw.recv(65536):
     assert_eq!(r.exit, "SIGTERM", "{r}");
 }
 
+// --- X.509 versions ---
+
+/// Runs openssl in `dir`; fails the test if it fails.
+fn openssl_in(dir: &std::path::Path, args: &[&str]) {
+    let out = run(Command::new("openssl").args(args).current_dir(dir));
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        text(&out.stderr)
+    );
+}
+
+/// A new P-256 key `NAME-key.pem` and its request `NAME.csr` for `subject`.
+fn key_and_request(dir: &std::path::Path, name: &str, subject: &str) {
+    openssl_in(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}-key.pem"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            subject,
+        ],
+    );
+}
+
+/// Signs `NAME.csr` with `ca` into `NAME.pem` as the common recipe does
+/// (`openssl x509 -req`): X.509 v1, unless `ext` gives it extensions.
+fn sign(dir: &std::path::Path, name: &str, ca: &str, serial: &str, ext: Option<&str>) {
+    let (csr, out) = (format!("{name}.csr"), format!("{name}.pem"));
+    let (ca_cert, ca_key) = (format!("{ca}.pem"), format!("{ca}-key.pem"));
+    let mut args = vec![
+        "x509", "-req", "-in", &csr, "-CA", &ca_cert, "-CAkey", &ca_key,
+    ];
+    args.extend(["-set_serial", serial, "-days", "30", "-out", &out]);
+    let ext_file = format!("{name}.ext");
+    if let Some(ext) = ext {
+        std::fs::write(dir.join(&ext_file), ext).unwrap();
+        args.extend(["-extfile", &ext_file]);
+    }
+    openssl_in(dir, &args);
+}
+
+/// A v1 server certificate (`openssl x509 -req` without `-extfile`) is
+/// refused at load, as a certificate problem with the way to a v3 one; the
+/// key is not blamed.
+#[test]
+fn a_v1_certificate_is_refused_at_check_with_the_way_to_a_v3_one() {
+    let pki = Pki::new();
+    let dir = pki.dir.path();
+    key_and_request(dir, "v1", "/CN=localhost");
+    sign(dir, "v1", "ca", "0x10", None);
+    let config = pki.path("v1.toml");
+    std::fs::write(
+        &config,
+        one_service(
+            "[\"true\"]",
+            &format!(
+                "tls_certificate = \"{}\"\ntls_key = \"{}\"",
+                pki.file("v1.pem"),
+                pki.file("v1-key.pem")
+            ),
+        ),
+    )
+    .unwrap();
+    let check = run(Command::new(BIN)
+        .arg("--check")
+        .arg("--config")
+        .arg(&config));
+    assert_eq!(check.status.code(), Some(78));
+    let said = text(&check.stderr);
+    assert!(
+        said.contains(&format!(
+            "{}:5:19: service \"test\": tls_certificate: {}: an X.509 v1 certificate, which \
+             rustls (webpki) does not accept: issue a v3 one, e.g. with `openssl x509 -req … \
+             -extfile <(printf \"subjectAltName=DNS:localhost\")`",
+            config.display(),
+            pki.file("v1.pem")
+        )),
+        "{said}"
+    );
+    assert!(
+        said.contains("`openssl req -x509 …`, which makes v3"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("tls_key") && !said.contains("Other("),
+        "{said}"
+    );
+}
+
+/// A v1 CA (`openssl x509 -req -signkey`, the old recipe) is a CA webpki
+/// takes, so `tls_client_ca` may be one: the v3 client certificates it
+/// issues are served; a v1 client certificate is refused, and the log
+/// says why in words.
+#[test]
+fn a_v1_client_ca_serves_v3_client_certificates_and_refuses_v1_ones_in_words() {
+    let pki = Pki::new();
+    let dir = pki.dir.path();
+    key_and_request(dir, "old-ca", "/CN=an old CA");
+    openssl_in(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "old-ca.csr",
+            "-signkey",
+            "old-ca-key.pem",
+            "-days",
+            "30",
+            "-out",
+            "old-ca.pem",
+        ],
+    );
+    assert!(x509(&pki.file("old-ca.pem"), &["-text"]).contains("Version: 1 (0x0)"));
+    key_and_request(dir, "v3-client", "/CN=v3 client");
+    let client_ext = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n";
+    sign(dir, "v3-client", "old-ca", "0x11", Some(client_ext));
+    key_and_request(dir, "v1-client", "/CN=v1 client");
+    sign(dir, "v1-client", "old-ca", "0x12", None);
+
+    let config = format!(
+        "log_level = \"debug\"\n{}",
+        one_service(
+            &sh(&format!("{HTTP}; echo served")),
+            &format!(
+                "{}tls_client_ca = \"{}\"",
+                pki.tls_lines(),
+                pki.file("old-ca.pem")
+            ),
+        )
+    );
+    let (passed, addr) = pass_tcp("test");
+    let d = Daemon::start(&config, vec![passed]);
+    let with = |name: &str| {
+        curl(
+            addr,
+            &pki,
+            &[
+                "--cert",
+                &pki.file(&format!("{name}.pem")),
+                "--key",
+                &pki.file(&format!("{name}-key.pem")),
+            ],
+        )
+    };
+    let served = with("v3-client");
+    assert_eq!(text(&served.stdout), "served\n", "{}", text(&served.stderr));
+    d.wait_record_where(|r| r.reason == "output-ended");
+
+    let refused = with("v1-client");
+    assert!(
+        !refused.status.success(),
+        "a v1 client certificate was served"
+    );
+    let line = d.wait_log(&["refused", "reason=\"tls-client-certificate\""]);
+    assert!(
+        line.contains("client certificate: an X.509 v1 (or v2) certificate, which rustls (webpki) does not accept: it must be v3"),
+        "{line}"
+    );
+    assert!(!line.contains("OtherError"), "{line}");
+}
+
 // --- Reload, credentials, limits ---
 
 /// Certificates are re-read on reload while clients keep connecting: new

@@ -476,16 +476,78 @@ fn invalid_frames_close_with_the_code_that_fits() {
     }
 }
 
+/// RFC 6455 5.2: the most significant bit of a 64-bit payload length must
+/// be 0. A header with it set breaks the protocol (1002); one without it is
+/// only too big (1009).
+#[test]
+fn a_length_with_its_top_bit_set_is_a_protocol_error() {
+    let (d, addr) = echo();
+    for (length, code, reason) in [
+        ((1u64 << 63) | 5, 1002, "protocol-error"),
+        (1u64 << 62, 1009, "message-too-big"),
+    ] {
+        let mut c = Frames::connect(addr, "/");
+        let mut header = vec![0x80 | BINARY, 0x80 | 127];
+        header.extend_from_slice(&length.to_be_bytes());
+        header.extend_from_slice(&[1, 2, 3, 4]);
+        c.send_raw(header);
+        assert_eq!(c.close_code(), Some(code), "length {length:#x}");
+        assert!(c.ended(), "length {length:#x}");
+        let r = record_of(&d, c.stream.local_addr().unwrap().port());
+        assert_eq!(r.reason, reason, "length {length:#x}: {r}");
+        if code == 1002 {
+            assert!(r.message.contains("most significant bit"), "{r}");
+        }
+    }
+}
+
 #[test]
 fn a_close_without_a_frame_or_with_a_bad_code_ends_the_session() {
     let (d, addr) = echo();
-    // A close code no one may send is answered with 1002.
-    let mut c = Frames::connect(addr, "/");
-    c.send(true, CLOSE, &999u16.to_be_bytes());
-    assert_eq!(c.close_code(), Some(1002));
-    assert!(c.ended());
-    let r = record_of(&d, c.stream.local_addr().unwrap().port());
-    assert_eq!(r.reason, "client-closed", "{r}");
+    // A close code no endpoint may send (RFC 6455 7.4) fails the
+    // connection: it is answered with 1002, and the record names the code
+    // the client sent. A valid code, 1002 itself included, is the client's
+    // close, answered with its code.
+    for (payload, answer, reason, detail) in [
+        (
+            &999u16.to_be_bytes()[..],
+            1002,
+            "protocol-error",
+            "close code 999",
+        ),
+        (
+            &1005u16.to_be_bytes()[..],
+            1002,
+            "protocol-error",
+            "close code 1005",
+        ),
+        (
+            &5000u16.to_be_bytes()[..],
+            1002,
+            "protocol-error",
+            "close code 5000",
+        ),
+        (
+            b"\x03\xeaProtocol violation",
+            1002,
+            "client-closed",
+            "close code 1002",
+        ),
+        (
+            &4000u16.to_be_bytes()[..],
+            4000,
+            "client-closed",
+            "close code 4000",
+        ),
+    ] {
+        let mut c = Frames::connect(addr, "/");
+        c.send(true, CLOSE, payload);
+        assert_eq!(c.close_code(), Some(answer), "{detail}");
+        assert!(c.ended(), "{detail}");
+        let r = record_of(&d, c.stream.local_addr().unwrap().port());
+        assert_eq!(r.reason, reason, "{r}");
+        assert!(r.message.contains(detail), "{r}");
+    }
     // A client that just closes its socket.
     let c = Frames::connect(addr, "/");
     let port = c.stream.local_addr().unwrap().port();

@@ -11,6 +11,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+use x509_cert::certificate::Version;
+use x509_cert::der::Decode;
+use x509_cert::Certificate;
 
 /// Whether clients present a certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +53,15 @@ pub type KeyProblem = (&'static str, String);
 
 /// Reads and checks the certificate chain, the key, and the client CA.
 pub fn load(sources: &Sources<'_>) -> Result<Tls, KeyProblem> {
-    let chain = certificates("tls_certificate", sources.certificate)?;
+    let (cert_path, chain) = certificates("tls_certificate", sources.certificate)?;
+    // rustls checks the key against the certificate with webpki, which
+    // takes X.509 v3 only, and would blame the key.
+    if let Some(problem) = not_v3(&chain[0]) {
+        return Err((
+            "tls_certificate",
+            format!("{}: {problem}", cert_path.display()),
+        ));
+    }
     let key_path = resolve(sources.key).map_err(|m| ("tls_key", m))?;
     let key = PrivateKeyDer::from_pem_slice(&read("tls_key", &key_path)?).map_err(|e| {
         (
@@ -75,11 +86,26 @@ pub fn load(sources: &Sources<'_>) -> Result<Tls, KeyProblem> {
             ))
         }
         (Some(ca), auth) => {
+            let (ca_path, anchors) = certificates("tls_client_ca", ca)?;
             let mut roots = RootCertStore::empty();
-            for cert in certificates("tls_client_ca", ca)? {
-                roots
-                    .add(cert)
-                    .map_err(|e| ("tls_client_ca", format!("{ca}: {e}")))?;
+            for (n, cert) in anchors.into_iter().enumerate() {
+                // webpki takes a v1 certificate as a CA (it has no
+                // extensions to check); the client certificates it issues
+                // must be v3.
+                roots.add(cert).map_err(|e| {
+                    let why = match e {
+                        rustls::Error::InvalidCertificate(c) => crate::tls::certificate_problem(&c),
+                        other => other.to_string(),
+                    };
+                    (
+                        "tls_client_ca",
+                        format!(
+                            "{}: certificate {} of the file cannot be a CA: {why}",
+                            ca_path.display(),
+                            n + 1
+                        ),
+                    )
+                })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             let verifier = match auth {
@@ -88,19 +114,13 @@ pub fn load(sources: &Sources<'_>) -> Result<Tls, KeyProblem> {
             };
             let verifier = verifier
                 .build()
-                .map_err(|e| ("tls_client_ca", format!("{ca}: {e}")))?;
+                .map_err(|e| ("tls_client_ca", format!("{}: {e}", ca_path.display())))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
-        (
-            "tls_key",
-            format!(
-                "{}: does not go with tls_certificate ({e})",
-                key_path.display()
-            ),
-        )
-    })?;
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| unusable(e, &cert_path, &key_path))?;
     // No 0-RTT data: it could be replayed, and no command may run twice for one request.
     config.max_early_data_size = 0;
     // The keys may go to the kernel (kTLS) after the handshake.
@@ -111,11 +131,71 @@ pub fn load(sources: &Sources<'_>) -> Result<Tls, KeyProblem> {
     })
 }
 
-/// Every certificate in a PEM file; at least one.
+/// Why rustls cannot serve this certificate with this key, as a problem
+/// of the key at fault.
+fn unusable(e: rustls::Error, cert_path: &Path, key_path: &Path) -> KeyProblem {
+    let (cert, key) = (cert_path.display(), key_path.display());
+    match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => (
+            "tls_key",
+            format!(
+                "{key}: does not go with tls_certificate {cert}: the certificate's public key is not this key's"
+            ),
+        ),
+        rustls::Error::InvalidCertificate(c) => {
+            ("tls_certificate", format!("{cert}: {}", crate::tls::certificate_problem(&c)))
+        }
+        // The key could not be loaded: "failed to parse private key as RSA, ECDSA, or EdDSA".
+        rustls::Error::General(why) => (
+            "tls_key",
+            format!("{key}: not a key rustls can sign with ({why}; RSA, ECDSA P-256 or P-384, or Ed25519 expected)"),
+        ),
+        other => ("tls_key", format!("{key}: cannot be used with tls_certificate {cert}: {other}")),
+    }
+}
+
+/// Why a certificate that is not X.509 v3 is refused, with how to issue
+/// one that is; None for a v3 certificate (or one x509-cert cannot read,
+/// which rustls then judges).
+fn not_v3(cert: &CertificateDer<'_>) -> Option<String> {
+    let cert = Certificate::from_der(cert).ok()?;
+    let version = match cert.tbs_certificate.version {
+        Version::V3 => return None,
+        Version::V1 => 1,
+        Version::V2 => 2,
+    };
+    let name = common_name(&cert)
+        .filter(|n| {
+            !n.is_empty()
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.*".contains(c))
+        })
+        .unwrap_or_else(|| "NAME".into());
+    Some(format!(
+        "an X.509 v{version} certificate, which rustls (webpki) does not accept: issue a v3 one, \
+         e.g. with `openssl x509 -req … -extfile <(printf \"subjectAltName=DNS:{name}\")` \
+         (any extension makes it v3), or with `openssl req -x509 …`, which makes v3"
+    ))
+}
+
+/// The subject's common name (CN), if it has one.
+fn common_name(cert: &Certificate) -> Option<String> {
+    const CN: &str = "2.5.4.3";
+    cert.tbs_certificate
+        .subject
+        .0
+        .iter()
+        .flat_map(|rdn| rdn.0.iter())
+        .find(|atv| atv.oid.to_string() == CN)
+        .and_then(|atv| std::str::from_utf8(atv.value.value()).ok())
+        .map(str::to_owned)
+}
+
+/// Every certificate in a PEM file (at least one), and the file's path.
 fn certificates(
     key: &'static str,
     source: &str,
-) -> Result<Vec<CertificateDer<'static>>, KeyProblem> {
+) -> Result<(PathBuf, Vec<CertificateDer<'static>>), KeyProblem> {
     let path = resolve(source).map_err(|m| (key, m))?;
     let pem = read(key, &path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
@@ -130,7 +210,7 @@ fn certificates(
             ),
         ));
     }
-    Ok(certs)
+    Ok((path, certs))
 }
 
 fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, KeyProblem> {

@@ -217,17 +217,72 @@ fn classify(e: TlsError) -> HandshakeError {
                 "not valid yet".into()
             }
             CertificateError::UnknownIssuer => "not issued by tls_client_ca".into(),
-            CertificateError::Revoked => "revoked".into(),
-            c => format!("{c:?}"),
+            c => certificate_problem(&c),
         }),
         TlsError::PeerIncompatible(p) => {
-            HandshakeError::Handshake(format!("nothing in common with the client: {p:?}"))
+            HandshakeError::Handshake(format!("nothing in common with the client: {}", named(&p)))
         }
-        TlsError::AlertReceived(alert) => {
-            HandshakeError::Handshake(format!("the client ended it with the alert {alert:?}"))
+        TlsError::AlertReceived(alert) => HandshakeError::Handshake(format!(
+            "the client ended it with an alert: {}",
+            named(&alert)
+        )),
+        TlsError::PeerMisbehaved(why) => {
+            HandshakeError::Handshake(format!("the client broke the protocol: {}", named(&why)))
+        }
+        TlsError::InvalidMessage(why) => {
+            HandshakeError::Handshake(format!("a malformed message: {}", named(&why)))
         }
         other => HandshakeError::Handshake(other.to_string()),
     }
+}
+
+/// What is wrong with a certificate, in words: the common problems said
+/// plainly, others by their name in rustls or webpki split into words
+/// (`UnsupportedCriticalExtension`: "unsupported critical extension").
+pub fn certificate_problem(e: &CertificateError) -> String {
+    match e {
+        CertificateError::BadEncoding => "not a well-formed X.509 certificate".into(),
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired".into(),
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            "not valid yet".into()
+        }
+        CertificateError::Revoked => "revoked".into(),
+        CertificateError::UnknownIssuer => "issued by no CA it is checked against".into(),
+        CertificateError::BadSignature => "its signature does not verify".into(),
+        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+            "not issued for this use (its extendedKeyUsage)".into()
+        }
+        CertificateError::Other(other) => match other.to_string().as_str() {
+            "UnsupportedCertVersion" => "an X.509 v1 (or v2) certificate, which rustls (webpki) \
+                 does not accept: it must be v3 (`openssl x509 -req` makes v1 unless -extfile \
+                 gives it an extension)"
+                .into(),
+            why => words(why),
+        },
+        e => words(&e.to_string()),
+    }
+}
+
+/// A rustls reason by its name, in words (`NoCipherSuitesInCommon`: "no
+/// cipher suites in common").
+fn named(reason: &impl fmt::Debug) -> String {
+    words(&format!("{reason:?}"))
+}
+
+/// `UnsupportedCriticalExtension` as "unsupported critical extension"; any
+/// other text as it is.
+fn words(text: &str) -> String {
+    if text.is_empty() || !text.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return text.to_owned();
+    }
+    let mut out = String::new();
+    for c in text.chars() {
+        if c.is_ascii_uppercase() && !out.is_empty() {
+            out.push(' ');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }
 
 /// A descriptor as rustls' reader and writer: nonblocking, EAGAIN as WouldBlock.
@@ -265,5 +320,37 @@ impl Write for Fd<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::{AlertDescription, PeerIncompatible};
+
+    #[test]
+    fn refusals_are_told_in_words() {
+        let said = |e: TlsError| classify(e).to_string();
+        assert_eq!(
+            said(TlsError::PeerIncompatible(
+                PeerIncompatible::NoCipherSuitesInCommon
+            )),
+            "TLS handshake: nothing in common with the client: no cipher suites in common"
+        );
+        assert_eq!(
+            said(TlsError::AlertReceived(AlertDescription::HandshakeFailure)),
+            "TLS handshake: the client ended it with an alert: handshake failure"
+        );
+        assert_eq!(
+            said(TlsError::InvalidCertificate(CertificateError::BadSignature)),
+            "client certificate: its signature does not verify"
+        );
+        assert_eq!(
+            said(TlsError::InvalidCertificate(
+                CertificateError::UnknownIssuer
+            )),
+            "client certificate: not issued by tls_client_ca"
+        );
+        assert_eq!(words("Unknown(7)"), "Unknown(7)", "not a bare name");
     }
 }

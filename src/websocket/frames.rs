@@ -1,6 +1,7 @@
 //! The daemon's side of the wire: server frames written whole and in order
 //! ([`Wire`]), their headers, and text output cut into one message a line
-//! ([`Lines`]).
+//! ([`Lines`]). And one thing of the client's side: the code its close frame
+//! carried, as sent ([`ClientClose`]).
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -153,6 +154,126 @@ fn header(opcode: u8, len: usize, out: &mut Vec<u8>) {
             out.extend_from_slice(&(len as u64).to_be_bytes());
         }
     }
+}
+
+/// The code of the client's first close frame, as the client sent it,
+/// found in its bytes on their way to tungstenite. tungstenite answers a
+/// code no endpoint may send (RFC 6455 7.4) with 1002, and reports 1002 in
+/// its place; this tells which code it was. Only frame headers are read:
+/// payloads are skipped by their length, but for the close frame's first
+/// two bytes, unmasked.
+#[derive(Debug, Default)]
+pub struct ClientClose {
+    at: Position,
+    code: Option<u16>,
+    /// Past the first close frame, or past a header tungstenite refuses:
+    /// nothing more to learn.
+    done: bool,
+}
+
+#[derive(Debug)]
+enum Position {
+    /// In a frame's header: the bytes so far (at most 14).
+    Header([u8; 14], usize),
+    /// In a frame's payload: what is left of it; for a close frame, its
+    /// mask and the code's bytes so far.
+    Payload {
+        left: u64,
+        close: Option<([u8; 4], [u8; 2], usize)>,
+    },
+}
+
+impl Default for Position {
+    fn default() -> Position {
+        Position::Header([0; 14], 0)
+    }
+}
+
+impl ClientClose {
+    /// The code of the client's close frame, once its bytes have passed.
+    pub fn code(&self) -> Option<u16> {
+        self.code
+    }
+
+    /// Follows the client's bytes, in the order tungstenite reads them.
+    pub fn pass(&mut self, mut bytes: &[u8]) {
+        while !self.done && !bytes.is_empty() {
+            match &mut self.at {
+                Position::Header(head, len) => {
+                    head[*len] = bytes[0];
+                    *len += 1;
+                    bytes = &bytes[1..];
+                    if let Some(next) = after_header(&head[..*len]) {
+                        match next {
+                            Some(payload) => self.at = payload,
+                            None => self.done = true,
+                        }
+                    }
+                }
+                Position::Payload { left, close: None } => {
+                    let n = bytes.len().min(clamp(*left));
+                    *left -= n as u64;
+                    bytes = &bytes[n..];
+                    if *left == 0 {
+                        self.at = Position::default();
+                    }
+                }
+                Position::Payload {
+                    left,
+                    close: Some((mask, code, seen)),
+                } => {
+                    code[*seen] = bytes[0] ^ mask[*seen % 4];
+                    *seen += 1;
+                    *left -= 1;
+                    bytes = &bytes[1..];
+                    if *seen == 2 {
+                        self.code = Some(u16::from_be_bytes(*code));
+                        self.done = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What follows the header `head` once it is whole: Some(Some(payload)) to
+/// follow, Some(None) when there is nothing more to learn (the close frame
+/// has no code, or the length is one tungstenite refuses). None while the
+/// header is not whole yet.
+fn after_header(head: &[u8]) -> Option<Option<Position>> {
+    let second = *head.get(1)?;
+    let extended = match second & 0x7F {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let mask_at = 2 + extended;
+    let masked = second & 0x80 != 0;
+    let whole = mask_at + if masked { 4 } else { 0 };
+    if head.len() < whole {
+        return None;
+    }
+    let left = match extended {
+        0 => u64::from(second & 0x7F),
+        _ => head[2..mask_at]
+            .iter()
+            .fold(0u64, |n, &b| (n << 8) | u64::from(b)),
+    };
+    let mut mask = [0; 4];
+    if masked {
+        mask.copy_from_slice(&head[mask_at..whole]);
+    }
+    let close = head[0] & 0x0F == 0x8;
+    Some(match (close, left) {
+        (true, 0 | 1) => None,
+        (_, left) if left >> 63 == 1 => None,
+        (true, left) => Some(Position::Payload {
+            left,
+            close: Some((mask, [0; 2], 0)),
+        }),
+        (false, 0) => Some(Position::default()),
+        (false, left) => Some(Position::Payload { left, close: None }),
+    })
 }
 
 /// Text output to text messages: one a line, without its newline (nor a
@@ -334,6 +455,46 @@ mod tests {
         let want: Vec<&[u8]> = vec![b"hello", b"wo"];
         assert_eq!(got, want);
         assert_eq!(left, 0);
+    }
+
+    /// A client frame, masked with `mask` (None: unmasked).
+    fn client_frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut out = Vec::new();
+        header(opcode, payload.len(), &mut out);
+        match mask {
+            Some(key) => {
+                out[1] |= 0x80;
+                out.extend_from_slice(&key);
+                out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+            }
+            None => out.extend_from_slice(payload),
+        }
+        out
+    }
+
+    #[test]
+    fn the_clients_close_code_is_found_however_its_bytes_are_cut() {
+        let mask = Some([0x12, 0x34, 0x56, 0x78]);
+        let mut stream = client_frame(TEXT, &[b'x'; 200], mask);
+        stream.extend(client_frame(0x9, b"ping", mask));
+        stream.extend(client_frame(BINARY, &[0; 70_000], mask));
+        stream.extend(client_frame(0x8, &[0x03, 0xe7, b'b', b'y', b'e'], mask));
+        stream.extend(client_frame(0x8, &1000u16.to_be_bytes(), mask));
+        for cut in [1, 2, 3, 7, 4096, stream.len()] {
+            let mut watch = ClientClose::default();
+            for piece in stream.chunks(cut) {
+                watch.pass(piece);
+            }
+            assert_eq!(watch.code(), Some(999), "in pieces of {cut}");
+        }
+        let mut unmasked = ClientClose::default();
+        unmasked.pass(&client_frame(0x8, &4000u16.to_be_bytes(), None));
+        assert_eq!(unmasked.code(), Some(4000));
+        // A close without a code, then nothing more is followed.
+        let mut bare = ClientClose::default();
+        bare.pass(&client_frame(0x8, b"", mask));
+        bare.pass(&client_frame(0x8, &1000u16.to_be_bytes(), mask));
+        assert_eq!(bare.code(), None);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //!
 //! Reading is tungstenite's ([`WebSocketContext`]): it unmasks, joins
 //! fragments, checks opcodes, reserved bits, sizes and UTF-8, and answers
-//! pings and closes. What it answers goes to an outbox, not the socket: the
+//! pings and closes (a close code no endpoint may send with 1002, which it
+//! then reports in the client's name: [`ClientClose`] follows the bytes it
+//! reads for the code the client sent). What it answers goes to an outbox, not the socket: the
 //! socket carries the daemon's own data frames, and a control frame may only
 //! go between two of them. So every byte to the client passes [`Wire`],
 //! which writes whole frames in order: the data frame in progress to its
@@ -23,11 +25,11 @@ use std::os::fd::{AsFd, OwnedFd};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
-use tungstenite::error::{Error as WsError, ProtocolError};
+use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Message, Role, WebSocketConfig, WebSocketContext};
 
-use super::frames::{clamp, retry, Lines, Wire, KEEP};
+use super::frames::{clamp, retry, ClientClose, Lines, Wire, KEEP};
 use crate::command::Input;
 use crate::config::{Messages, WebSocket};
 use crate::end::{End, Ending, Farewell};
@@ -72,6 +74,9 @@ pub struct Session<'a> {
     budget: u64,
     awaiting_pong: bool,
     pings: u64,
+    /// The client's close code as sent (tungstenite reports an invalid one
+    /// as 1002).
+    client_close: ClientClose,
 }
 
 impl<'a> Session<'a> {
@@ -92,6 +97,8 @@ impl<'a> Session<'a> {
             .write_buffer_size(0)
             .max_message_size(Some(ws.max_message_size))
             .max_frame_size(Some(ws.max_message_size));
+        let mut client_close = ClientClose::default();
+        client_close.pass(&leftover);
         Session {
             socket,
             ws,
@@ -110,6 +117,7 @@ impl<'a> Session<'a> {
             budget: max_bytes.unwrap_or(u64::MAX),
             awaiting_pong: false,
             pings: 0,
+            client_close,
         }
     }
 
@@ -259,6 +267,7 @@ impl<'a> Session<'a> {
             let mut io = Outbox {
                 socket: self.socket.get_ref(),
                 outbox: &mut self.outbox,
+                client_close: &mut self.client_close,
             };
             match self.reader.read(&mut io) {
                 Ok(message) => self.message(message)?,
@@ -281,6 +290,7 @@ impl<'a> Session<'a> {
         let mut io = Outbox {
             socket: self.socket.get_ref(),
             outbox: &mut self.outbox,
+            client_close: &mut self.client_close,
         };
         let _ = self.reader.flush(&mut io);
     }
@@ -297,7 +307,16 @@ impl<'a> Session<'a> {
             Message::Close(frame) => {
                 // The answering close goes out with the rest (see `close`).
                 self.flush_replies();
-                return Err(End::ClientClosed(frame.as_ref().map(|f| u16::from(f.code))));
+                let code = frame.as_ref().map(|f| u16::from(f.code));
+                // A code no endpoint may send is answered with 1002, and
+                // reported as 1002: the record says what the client sent.
+                let sent = self.client_close.code();
+                if let Some(sent) = sent.filter(|&c| !CloseCode::from(c).is_allowed()) {
+                    return Err(End::ProtocolError(format!(
+                        "close code {sent}, which no endpoint may send; answered with 1002"
+                    )));
+                }
+                return Err(End::ClientClosed(code));
             }
         };
         self.traffic.message_received();
@@ -363,6 +382,7 @@ impl<'a> Session<'a> {
         let mut io = Outbox {
             socket: self.socket.get_ref(),
             outbox: &mut self.outbox,
+            client_close: &mut self.client_close,
         };
         let ping = Message::Ping(self.pings.to_be_bytes().to_vec().into());
         let _ = self.reader.write(&mut io, ping);
@@ -384,6 +404,7 @@ impl<'a> Session<'a> {
         let mut io = Outbox {
             socket: self.socket.get_ref(),
             outbox: &mut self.outbox,
+            client_close: &mut self.client_close,
         };
         if !matches!(end, End::ClientClosed(_)) {
             let frame = CloseFrame {
@@ -419,6 +440,7 @@ impl<'a> Session<'a> {
             let mut io = Outbox {
                 socket: self.socket.get_ref(),
                 outbox: &mut self.outbox,
+                client_close: &mut self.client_close,
             };
             match self.reader.read(&mut io) {
                 Ok(Message::Close(_)) => return,
@@ -442,7 +464,9 @@ async fn writable(input: Option<&AsyncFd<OwnedFd>>) -> io::Result<AsyncFdReadyGu
 /// hear it (it is gone, or does not answer).
 fn close_code(end: &End) -> Option<(CloseCode, &'static str)> {
     Some(match end {
-        End::OutputEnded | End::CommandExited | End::OutputHeld => (CloseCode::Normal, ""),
+        End::OutputEnded | End::CommandExited | End::OutputHeld | End::OomKilled => {
+            (CloseCode::Normal, "")
+        }
         End::MaxBytes => (CloseCode::Normal, "max_bytes reached"),
         End::ClientClosed(_) => (CloseCode::Normal, ""),
         End::Shutdown => (CloseCode::Away, "the server is stopping"),
@@ -465,6 +489,16 @@ fn failed(e: WsError) -> End {
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Unannounced,
         WsError::Protocol(p) => End::ProtocolError(p.to_string()),
         WsError::Utf8(_) => End::InvalidUtf8,
+        // tungstenite checks a frame's length against the limit only, and
+        // reports the length whole (a usize is 64 bits here).
+        WsError::Capacity(CapacityError::MessageTooLong { size, .. })
+            if u64::try_from(size).is_ok_and(|s| s >> 63 == 1) =>
+        {
+            End::ProtocolError(
+                "a 64-bit frame length with its most significant bit set, which RFC 6455 forbids"
+                    .into(),
+            )
+        }
         WsError::Capacity(c) => End::MessageTooBig(c.to_string()),
         WsError::ConnectionClosed | WsError::AlreadyClosed => End::ClientClosed(None),
         other => End::Error(other.to_string()),
@@ -501,11 +535,15 @@ fn pipe_content(pipe: &OwnedFd) -> Result<Option<usize>, Errno> {
 struct Outbox<'b> {
     socket: &'b OwnedFd,
     outbox: &'b mut Vec<u8>,
+    /// Follows what tungstenite reads, for the client's close code.
+    client_close: &'b mut ClientClose,
 }
 
 impl Read for Outbox<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        retry(|| fdio::read(self.socket, buf)).map_err(io::Error::from)
+        let n = retry(|| fdio::read(self.socket, buf)).map_err(io::Error::from)?;
+        self.client_close.pass(&buf[..n]);
+        Ok(n)
     }
 }
 

@@ -80,3 +80,128 @@ fn tls_keys_are_checked_where_they_stand() {
     assert_eq!(s.tls.as_ref().unwrap().client_auth, ClientAuth::Required);
     assert_eq!(s.handshake_timeout, Duration::from_secs(2));
 }
+
+/// Runs the openssl command line in `dir`, as an administrator would.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (Debian's openssl package)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A key and two certificates for it, made the two common ways:
+/// `v1.pem` by `openssl x509 -req` without `-extfile` (X.509 v1), `v3.pem`
+/// by `openssl req -x509` (X.509 v3).
+fn key_with_v1_and_v3_certificates() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "req.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "x509", "-req", "-in", "req.csr", "-signkey", "key.pem", "-days", "30", "-out",
+            "v1.pem",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-key",
+            "key.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=localhost",
+            "-out",
+            "v3.pem",
+        ],
+    );
+    dir
+}
+
+#[test]
+fn a_v1_certificate_is_named_with_the_way_to_a_v3_one() {
+    let made = key_with_v1_and_v3_certificates();
+    let file = |name: &str| made.path().join(name).display().to_string();
+    let (v1, v3, key) = (file("v1.pem"), file("v3.pem"), file("key.pem"));
+    let text = |cert: &str| {
+        format!(
+            "[[service]]\nname = \"a\"\ncommand = [\"true\"]\ntls_certificate = \"{cert}\"\ntls_key = \"{key}\"\n"
+        )
+    };
+    assert_eq!(
+        err(&text(&v1)),
+        format!(
+            "t.toml:4:19: service \"a\": tls_certificate: {v1}: an X.509 v1 certificate, which \
+             rustls (webpki) does not accept: issue a v3 one, e.g. with `openssl x509 -req … \
+             -extfile <(printf \"subjectAltName=DNS:localhost\")` (any extension makes it v3), \
+             or with `openssl req -x509 …`, which makes v3"
+        )
+    );
+    // The same key with a v3 certificate is good.
+    load_str("t.toml", &text(&v3)).unwrap();
+}
+
+#[test]
+fn a_key_that_is_not_the_certificates_is_told_in_words() {
+    let (cert, other) = (fixture("tls-cert.pem"), fixture("tls-other-key.pem"));
+    let e = err(&format!(
+        "[[service]]\nname = \"a\"\ncommand = [\"true\"]\ntls_certificate = \"{cert}\"\ntls_key = \"{other}\"\n"
+    ));
+    assert_eq!(
+        e,
+        format!(
+            "t.toml:5:11: service \"a\": tls_key: {other}: does not go with tls_certificate \
+             {cert}: the certificate's public key is not this key's"
+        )
+    );
+}
+
+#[test]
+fn a_client_ca_that_is_no_certificate_is_told_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let (cert, key) = (fixture("tls-cert.pem"), fixture("tls-key.pem"));
+    let e = err(&format!(
+        "[[service]]\nname = \"a\"\ncommand = [\"true\"]\ntls_certificate = \"{cert}\"\n\
+         tls_key = \"{key}\"\ntls_client_ca = \"{}\"\n",
+        ca.display()
+    ));
+    assert_eq!(
+        e,
+        format!(
+            "t.toml:6:17: service \"a\": tls_client_ca: {}: certificate 1 of the file cannot be \
+             a CA: not a well-formed X.509 certificate",
+            ca.display()
+        )
+    );
+}
