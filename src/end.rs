@@ -26,7 +26,6 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
 
-use crate::command::Exit;
 use crate::fdio::{self, Class};
 
 /// Why a connection ended: its record's `REASON` and the detail.
@@ -68,6 +67,26 @@ pub enum End {
     /// and its cgroup's `memory.events` counts OOM kills): known once the
     /// command is reaped, in place of the end its death caused.
     OomKilled,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(Signal),
+    /// It could not be reaped (logged); never expected.
+    Unknown,
+}
+
+impl fmt::Display for Exit {
+    /// `0`, `1`, … or a signal name such as `SIGTERM`: one field, always present.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "{c}"),
+            Exit::Signal(s) => f.write_str(s.as_str()),
+            Exit::Unknown => f.write_str("unknown"),
+        }
+    }
 }
 
 impl End {

@@ -53,6 +53,7 @@ use tokio::io::Interest;
 
 use crate::cgroup::{Cgroup, Tree, Usage};
 use crate::config::Service;
+pub use crate::end::Exit;
 use crate::fdio;
 use crate::peer::Peer;
 use crate::sys;
@@ -60,26 +61,6 @@ pub use launch::{base_env, start as start_launchers};
 use launch::{Launch, Started};
 use stderr::StderrLog;
 pub use stdio::{Input, Streams};
-
-/// How a command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    Code(i32),
-    Signal(Signal),
-    /// It could not be reaped (logged); never expected.
-    Unknown,
-}
-
-impl fmt::Display for Exit {
-    /// `0`, `1`, … or a signal name such as `SIGTERM`: one field, always present.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Exit::Code(c) => write!(f, "{c}"),
-            Exit::Signal(s) => f.write_str(s.as_str()),
-            Exit::Unknown => f.write_str("unknown"),
-        }
-    }
-}
 
 /// Why a command is not running.
 #[derive(Debug)]

@@ -32,7 +32,7 @@ use crate::access::{Cidr, Rules};
 use crate::runas::RunAs;
 use locate::Locator;
 pub use origin::{split_host_port, Origin};
-pub use tls::{ClientAuth, Tls};
+pub use tls::{certificate_problem, words, ClientAuth, Tls};
 pub use values::parse_duration;
 
 /// Where the daemon looks for its configuration without `--config`.

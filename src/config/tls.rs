@@ -94,7 +94,7 @@ pub fn load(sources: &Sources<'_>) -> Result<Tls, KeyProblem> {
                 // must be v3.
                 roots.add(cert).map_err(|e| {
                     let why = match e {
-                        rustls::Error::InvalidCertificate(c) => crate::tls::certificate_problem(&c),
+                        rustls::Error::InvalidCertificate(c) => certificate_problem(&c),
                         other => other.to_string(),
                     };
                     (
@@ -143,7 +143,7 @@ fn unusable(e: rustls::Error, cert_path: &Path, key_path: &Path) -> KeyProblem {
             ),
         ),
         rustls::Error::InvalidCertificate(c) => {
-            ("tls_certificate", format!("{cert}: {}", crate::tls::certificate_problem(&c)))
+            ("tls_certificate", format!("{cert}: {}", certificate_problem(&c)))
         }
         // The key could not be loaded: "failed to parse private key as RSA, ECDSA, or EdDSA".
         rustls::Error::General(why) => (
@@ -240,6 +240,51 @@ fn resolve(source: &str) -> Result<PathBuf, String> {
              LoadCredential={source}:/path/to/file (see splice-relay.toml(5)), or write an absolute path"
         )),
     }
+}
+
+/// What is wrong with a certificate, in words: the common problems said
+/// plainly, others by their name in rustls or webpki split into words
+/// (`UnsupportedCriticalExtension`: "unsupported critical extension").
+pub fn certificate_problem(e: &rustls::CertificateError) -> String {
+    match e {
+        rustls::CertificateError::BadEncoding => "not a well-formed X.509 certificate".into(),
+        rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. } => {
+            "expired".into()
+        }
+        rustls::CertificateError::NotValidYet
+        | rustls::CertificateError::NotValidYetContext { .. } => "not valid yet".into(),
+        rustls::CertificateError::Revoked => "revoked".into(),
+        rustls::CertificateError::UnknownIssuer => "issued by no CA it is checked against".into(),
+        rustls::CertificateError::BadSignature => "its signature does not verify".into(),
+        rustls::CertificateError::InvalidPurpose
+        | rustls::CertificateError::InvalidPurposeContext { .. } => {
+            "not issued for this use (its extendedKeyUsage)".into()
+        }
+        rustls::CertificateError::Other(other) => match other.to_string().as_str() {
+            "UnsupportedCertVersion" => "an X.509 v1 (or v2) certificate, which rustls (webpki) \
+                 does not accept: it must be v3 (`openssl x509 -req` makes v1 unless -extfile \
+                 gives it an extension)"
+                .into(),
+            why => words(why),
+        },
+        e => words(&e.to_string()),
+    }
+}
+
+/// `UnsupportedCriticalExtension` as "unsupported critical extension"; any
+/// other text as it is.
+pub fn words(text: &str) -> String {
+    if text.is_empty() || !text.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return text.to_owned();
+    }
+    let mut out = String::new();
+    for c in text.chars() {
+        if c.is_ascii_uppercase() && !out.is_empty() {
+            out.push(' ');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use rustls::{CertificateError, Error as TlsError, ServerConnection};
 use tokio::io::unix::AsyncFd;
 
 use super::names;
-use crate::config::Tls;
+use crate::config::{certificate_problem, words, Tls};
 use crate::fdio;
 
 /// The largest record a client may send: 2^14 bytes of plaintext and the
@@ -236,53 +236,10 @@ fn classify(e: TlsError) -> HandshakeError {
     }
 }
 
-/// What is wrong with a certificate, in words: the common problems said
-/// plainly, others by their name in rustls or webpki split into words
-/// (`UnsupportedCriticalExtension`: "unsupported critical extension").
-pub fn certificate_problem(e: &CertificateError) -> String {
-    match e {
-        CertificateError::BadEncoding => "not a well-formed X.509 certificate".into(),
-        CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired".into(),
-        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-            "not valid yet".into()
-        }
-        CertificateError::Revoked => "revoked".into(),
-        CertificateError::UnknownIssuer => "issued by no CA it is checked against".into(),
-        CertificateError::BadSignature => "its signature does not verify".into(),
-        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
-            "not issued for this use (its extendedKeyUsage)".into()
-        }
-        CertificateError::Other(other) => match other.to_string().as_str() {
-            "UnsupportedCertVersion" => "an X.509 v1 (or v2) certificate, which rustls (webpki) \
-                 does not accept: it must be v3 (`openssl x509 -req` makes v1 unless -extfile \
-                 gives it an extension)"
-                .into(),
-            why => words(why),
-        },
-        e => words(&e.to_string()),
-    }
-}
-
 /// A rustls reason by its name, in words (`NoCipherSuitesInCommon`: "no
 /// cipher suites in common").
 fn named(reason: &impl fmt::Debug) -> String {
     words(&format!("{reason:?}"))
-}
-
-/// `UnsupportedCriticalExtension` as "unsupported critical extension"; any
-/// other text as it is.
-fn words(text: &str) -> String {
-    if text.is_empty() || !text.chars().all(|c| c.is_ascii_alphanumeric()) {
-        return text.to_owned();
-    }
-    let mut out = String::new();
-    for c in text.chars() {
-        if c.is_ascii_uppercase() && !out.is_empty() {
-            out.push(' ');
-        }
-        out.push(c.to_ascii_lowercase());
-    }
-    out
 }
 
 /// A descriptor as rustls' reader and writer: nonblocking, EAGAIN as WouldBlock.

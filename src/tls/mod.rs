@@ -20,7 +20,7 @@ mod kernel;
 mod layer;
 mod names;
 
-pub use handshake::{accept, certificate_problem, Accepted, HandshakeError};
+pub use handshake::{accept, Accepted, HandshakeError};
 pub use kernel::{hand_off, HandOff};
 pub use layer::{Layer, Outcome};
 
