@@ -318,3 +318,34 @@ fn man_page_entries_are_read_in_every_form() {
         .iter()
         .any(|p| p == "page:7: names a service key `bogus` that the schema does not have"));
 }
+
+/// The README's table of the keys a newcomer needs first: every key it
+/// names is a key of the schema (the man page is the reference for all).
+#[test]
+fn the_readmes_key_table_names_only_keys_of_the_schema() {
+    const README: &str = include_str!("../../../README.md");
+    let known: BTreeSet<String> = schema_keys().into_iter().map(|(_, k)| k).collect();
+    let section = README
+        .split("\n## ")
+        .find(|s| s.starts_with("Configuration"))
+        .expect("the README has a Configuration section");
+    let mut named = 0;
+    let mut unknown = Vec::new();
+    for row in section.lines().filter(|l| l.starts_with("| `")) {
+        let first = row.split('|').nth(1).unwrap_or_default();
+        for key in first.split('`').skip(1).step_by(2) {
+            named += 1;
+            if !known.contains(key) {
+                unknown.push(key.to_owned());
+            }
+        }
+    }
+    assert!(
+        named >= 10,
+        "the README's key table was not found ({named} keys)"
+    );
+    assert!(
+        unknown.is_empty(),
+        "README.md names keys the schema lacks: {unknown:?}"
+    );
+}
