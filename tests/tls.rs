@@ -375,37 +375,6 @@ while raw.recv(65536):
 
 // --- X.509 versions ---
 
-/// Runs openssl in `dir`; fails the test if it fails.
-fn openssl_in(dir: &std::path::Path, args: &[&str]) {
-    let out = run(Command::new("openssl").args(args).current_dir(dir));
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        text(&out.stderr)
-    );
-}
-
-/// A new P-256 key `NAME-key.pem` and its request `NAME.csr` for `subject`.
-fn key_and_request(dir: &std::path::Path, name: &str, subject: &str) {
-    openssl_in(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}-key.pem"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            subject,
-        ],
-    );
-}
-
 /// Signs `NAME.csr` with `ca` into `NAME.pem` as the common recipe does
 /// (`openssl x509 -req`): X.509 v1, unless `ext` gives it extensions.
 fn sign(dir: &std::path::Path, name: &str, ca: &str, serial: &str, ext: Option<&str>) {
@@ -420,7 +389,7 @@ fn sign(dir: &std::path::Path, name: &str, ca: &str, serial: &str, ext: Option<&
         std::fs::write(dir.join(&ext_file), ext).unwrap();
         args.extend(["-extfile", &ext_file]);
     }
-    openssl_in(dir, &args);
+    openssl(dir, &args);
 }
 
 /// A v1 server certificate (`openssl x509 -req` without `-extfile`) is
@@ -480,7 +449,7 @@ fn a_v1_client_ca_serves_v3_client_certificates_and_refuses_v1_ones_in_words() {
     let pki = Pki::new();
     let dir = pki.dir.path();
     key_and_request(dir, "old-ca", "/CN=an old CA");
-    openssl_in(
+    openssl(
         dir,
         &[
             "x509",

@@ -87,23 +87,7 @@ impl Pki {
     fn leaf(&self, name: &str, subject: &str, ca: &str, ext: &str, serial: &str) {
         let dir = self.dir.path();
         std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{name}-key.pem"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                subject,
-            ],
-        );
+        key_and_request(dir, name, subject);
         openssl(
             dir,
             &[
@@ -190,7 +174,30 @@ impl Default for Pki {
     }
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
+/// A new P-256 key `NAME-key.pem` and its request `NAME.csr` for `subject`,
+/// in `dir`.
+pub fn key_and_request(dir: &Path, name: &str, subject: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}-key.pem"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            subject,
+        ],
+    );
+}
+
+/// Runs openssl in `dir`; fails the test if it fails.
+pub fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
