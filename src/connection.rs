@@ -27,7 +27,7 @@ use crate::config::{Protocol, Service, Transfer};
 use crate::end::{End, Ending};
 use crate::fdio;
 use crate::peer::Peer;
-use crate::places::Place;
+use crate::places::{Place, ServicePlace};
 use crate::record::{Record, Stats};
 use crate::shutdown::Watch;
 use crate::supervise::{supervise, Bounds, Idle};
@@ -121,7 +121,7 @@ pub struct Handler {
 /// the connection's descriptors, before the record; the daemon's after it,
 /// so that the stop, which waits for every place, waits for every record.
 pub struct Places {
-    pub service: Place,
+    pub service: ServicePlace,
     pub daemon: Place,
 }
 
@@ -143,14 +143,14 @@ impl Handler {
             socket,
             peer,
             mut record,
-            places,
+            mut places,
             context,
         } = self;
         let conn = Conn {
             service: &service,
             context: &context,
         };
-        let served = pipeline(&conn, socket, peer, &mut record).await;
+        let served = pipeline(&conn, socket, peer, &mut record, &mut places.service).await;
         // The connection's descriptors are closed: its place is free.
         drop(places.service);
         context.starved.freed();
@@ -182,13 +182,22 @@ async fn pipeline(
     socket: OwnedFd,
     peer: Peer,
     record: &mut Record,
+    place: &mut ServicePlace,
 ) -> Result<(Ended, End), Early> {
     let socket = conn.register(socket, &peer)?;
     let (peer, _source) = conn.admit(&socket, peer).await?;
     record.peer(&peer);
     let bounds = conn.bounds(record);
     let (mut transport, tls_env) = conn.secure(socket, &peer, &bounds, record).await?;
-    let exchanged = exchange(conn, &mut transport, &peer, tls_env, &bounds, record).await;
+    let exchanged = exchange(
+        conn,
+        &mut transport,
+        (&peer, tls_env),
+        &bounds,
+        record,
+        place,
+    )
+    .await;
     // An answer that ended the exchange early (a page, an HTTP error, a
     // close frame) still gets through the TLS layer.
     let clean = exchanged.as_ref().map_or(true, |(_, _, clean)| *clean);
@@ -202,12 +211,21 @@ async fn pipeline(
 async fn exchange(
     conn: &Conn<'_>,
     transport: &mut Transport,
-    peer: &Peer,
-    tls_env: Vec<(String, String)>,
+    (peer, tls_env): (&Peer, Vec<(String, String)>),
     bounds: &Bounds,
     record: &mut Record,
+    place: &mut ServicePlace,
 ) -> Result<(Ended, End, bool), Early> {
     let (opening, request_env) = conn.open(transport, bounds, peer, record).await?;
+    // The handshakes are done: the connection's place in max_connections.
+    let settling = async {
+        place.settle().await;
+        Ok(())
+    };
+    bounds
+        .watch(settling, Idle::Traffic(record.traffic()))
+        .await
+        .map_err(Early::Ended)?;
     conn.banner(transport, bounds, record).await?;
     let env = [tls_env, request_env].concat();
     let (command, streams) = conn
@@ -537,7 +555,7 @@ mod tests {
                 gid: 0,
             },
             places: Places {
-                service: service_gate.try_acquire().unwrap(),
+                service: ServicePlace::Held(service_gate.try_acquire().unwrap()),
                 daemon: daemon_gate.try_acquire().unwrap(),
             },
             context,

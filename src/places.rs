@@ -82,6 +82,36 @@ impl Gate {
     }
 }
 
+/// A connection's place in its service's `max_connections`. A service whose
+/// clients first complete a handshake (TLS, a WebSocket upgrade, a PROXY
+/// header) gives them a place in its handshake budget instead, so that slow
+/// or idle handshakes cannot take the places of clients already through
+/// theirs; the connection's own place is taken once its handshake is done
+/// ([`ServicePlace::settle`]).
+#[derive(Debug)]
+pub enum ServicePlace {
+    Held(Place),
+    Handshaking { budget: Place, gate: Arc<Gate> },
+}
+
+impl ServicePlace {
+    /// Takes the connection's place after its handshake, waiting while the
+    /// service is full; the place in the handshake budget is given back
+    /// once it has it.
+    pub async fn settle(&mut self) {
+        if let ServicePlace::Handshaking { gate, .. } = self {
+            let place = gate.acquire().await;
+            *self = ServicePlace::Held(place);
+        }
+    }
+}
+
+/// Handshakes a service may have going at once: four for each of its
+/// places, and at least 64.
+pub fn handshake_budget(max_connections: usize) -> usize {
+    max_connections.saturating_mul(4).max(64)
+}
+
 impl Drop for Place {
     fn drop(&mut self) {
         self.0

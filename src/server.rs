@@ -24,7 +24,7 @@ use crate::episode::Counted;
 use crate::fdio::{self, Class};
 use crate::listen::{self, Listener};
 use crate::peer::{Family, Peer};
-use crate::places::Gate;
+use crate::places::{handshake_budget, Gate, ServicePlace};
 use crate::record::{Record, Stats};
 use crate::shutdown::{Phase, Shutdown, Watch};
 use crate::{log, notify, reload, sys};
@@ -38,6 +38,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 struct Shared {
     config: RwLock<Arc<Config>>,
     gates: Mutex<HashMap<String, Arc<Gate>>>,
+    /// Each handshaking service's budget of handshakes at once.
+    handshakes: Mutex<HashMap<String, Arc<Gate>>>,
     global: Arc<Gate>,
     stats: Arc<Stats>,
     /// What each connection gets.
@@ -56,6 +58,7 @@ impl Shared {
             global: Gate::new(config.max_connections),
             config: RwLock::new(Arc::new(config)),
             gates: Mutex::new(HashMap::new()),
+            handshakes: Mutex::new(HashMap::new()),
             stats: Arc::clone(&stats),
             context: Arc::new(Context {
                 base_env: command::base_env(),
@@ -81,6 +84,16 @@ impl Shared {
             gates
                 .entry(service.name.clone())
                 .or_insert_with(|| Gate::new(service.max_connections)),
+        )
+    }
+
+    /// The service's handshake budget (see [`ServicePlace`]).
+    fn handshakes(&self, service: &config::Service) -> Arc<Gate> {
+        let mut gates = self.handshakes.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            gates
+                .entry(service.name.clone())
+                .or_insert_with(|| Gate::new(handshake_budget(service.max_connections))),
         )
     }
 
@@ -359,7 +372,22 @@ async fn take_places(
     label: &str,
     at_limit: &mut Option<Counted>,
 ) -> Places {
-    let gate = shared.gate(service);
+    let service_gate = shared.gate(service);
+    // A client with a handshake to do takes a place in the handshake
+    // budget; the service's place comes after (see `ServicePlace`).
+    let handshaking = service.has_handshake();
+    let gate = if handshaking {
+        shared.handshakes(service)
+    } else {
+        Arc::clone(&service_gate)
+    };
+    let place = |p| match handshaking {
+        true => ServicePlace::Handshaking {
+            budget: p,
+            gate: Arc::clone(&service_gate),
+        },
+        false => ServicePlace::Held(p),
+    };
     let now = Instant::now();
     if let Some(mine) = gate.try_acquire() {
         if let Some(all) = shared.global.try_acquire() {
@@ -371,24 +399,30 @@ async fn take_places(
                 );
             }
             return Places {
-                service: mine,
+                service: place(mine),
                 daemon: all,
             };
         }
     }
     if at_limit.get_or_insert_with(|| Counted::new(now)).add(now) {
-        let (which, max) = if gate.active() >= service.max_connections {
-            ("the service's max_connections", service.max_connections)
-        } else {
-            (
-                "the global max_connections",
-                shared.config().max_connections,
-            )
-        };
+        let (which, max) =
+            if handshaking && gate.active() >= handshake_budget(service.max_connections) {
+                (
+                    "the service's handshakes at once",
+                    handshake_budget(service.max_connections),
+                )
+            } else if !handshaking && gate.active() >= service.max_connections {
+                ("the service's max_connections", service.max_connections)
+            } else {
+                (
+                    "the global max_connections",
+                    shared.config().max_connections,
+                )
+            };
         tracing::warn!(service = %service.name, listener = %label, max, "at {which} ({max}); not accepting until a connection ends");
     }
     Places {
-        service: gate.acquire().await,
+        service: place(gate.acquire().await),
         daemon: shared.global.acquire().await,
     }
 }
@@ -427,6 +461,9 @@ fn reload_config(
             shared.global.set_max(new.max_connections);
             for s in &new.services {
                 shared.gate(s).set_max(s.max_connections);
+                shared
+                    .handshakes(s)
+                    .set_max(handshake_budget(s.max_connections));
             }
             level.set(&new.log_level);
             tracing::info!(config = %new.origin, services = new.services.len(), "configuration reloaded; new connections use it");

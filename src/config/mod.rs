@@ -102,6 +102,14 @@ pub struct Service {
     pub position: String,
 }
 
+impl Service {
+    /// Whether a client completes a handshake before its command runs: TLS,
+    /// a WebSocket upgrade, a PROXY header.
+    pub fn has_handshake(&self) -> bool {
+        self.tls.is_some() || self.proxy_protocol || matches!(self.protocol, Protocol::WebSocket(_))
+    }
+}
+
 /// What a service's clients speak.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Protocol {

@@ -24,11 +24,6 @@ fn lowest_free_fd(pid: i32) -> i32 {
         .unwrap()
 }
 
-/// Sets RLIMIT_NOFILE (soft and hard) of a running process.
-fn set_nofile(pid: i32, limit: i32) {
-    set_nofile_to(pid, limit, limit);
-}
-
 /// Sets RLIMIT_NOFILE's soft and hard limits of a running process.
 fn set_nofile_to(pid: i32, soft: i32, hard: i32) {
     let out = Command::new("prlimit")
@@ -200,7 +195,7 @@ fn running_out_of_descriptors_makes_clients_wait_not_fail() {
 
     // C. No descriptor at all: accept itself fails.
     let free = lowest_free_fd(pid);
-    set_nofile(pid, free);
+    set_nofile_to(pid, free, 64);
     let waiting: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
     // accept(2) takes a descriptor before it looks for a client, so the
     // episode may already have begun in B, when the loop came back to accept
@@ -238,7 +233,9 @@ fn running_out_of_descriptors_makes_clients_wait_not_fail() {
         );
     }
 
-    // D. The held connections end; the waiting clients are taken.
+    // D. The limit is back and the held connections end; the waiting
+    // clients are taken, and every one is served.
+    set_nofile_to(pid, 64, 64);
     for s in held {
         finish(s);
     }

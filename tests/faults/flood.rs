@@ -185,3 +185,53 @@ fn a_service_that_keeps_meeting_its_limit_says_so_once() {
     let below = d.log_lines(&["below the limit"]);
     assert!(below.is_empty(), "{below:#?}");
 }
+
+/// Clients that open a connection and never finish their handshake (TLS, a
+/// WebSocket upgrade) hold no place in `max_connections`: with both places
+/// of each service taken by such clients (ten of them), a real client is
+/// served at once, not after `handshake_timeout`.
+#[test]
+fn slow_handshakes_do_not_take_the_places_of_real_clients() {
+    let pki = Pki::new();
+    let (tls, tls_addr) = pass_tcp("tls");
+    let (ws, ws_addr) = pass_tcp("ws");
+    let config = format!(
+        "[[service]]\nname = \"tls\"\ncommand = {cmd}\nmax_connections = 2\n\
+         handshake_timeout = \"30s\"\n{tls_lines}\n\
+         [[service]]\nname = \"ws\"\ncommand = {cmd}\nmax_connections = 2\n\
+         handshake_timeout = \"30s\"\nprotocol = \"websocket\"\n",
+        cmd = sh("echo served"),
+        tls_lines = pki.tls_lines(),
+    );
+    let d = Daemon::start(&config, vec![tls, ws]);
+    // Silent clients: a TCP connection, then nothing.
+    let silent: Vec<TcpStream> = (0..10)
+        .flat_map(|_| [connect(tls_addr), connect(ws_addr)])
+        .collect();
+    let started = Instant::now();
+    let out = python_tls(
+        tls_addr,
+        &pki,
+        r#"ctx = ssl.create_default_context(cafile=ca)
+with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost") as s:
+    print(s.recv(100).decode().strip())"#,
+    );
+    let tls_took = started.elapsed();
+    assert_eq!(out.trim(), "served");
+    let started = Instant::now();
+    let out = python_ws(
+        &format!("ws://{ws_addr}/"),
+        "ws = await websockets.connect(url)\nprint(await ws.recv())",
+    );
+    let ws_took = started.elapsed();
+    assert_eq!(out.trim(), "served");
+    eprintln!("with 10 silent clients each: TLS served in {tls_took:?}, WebSocket in {ws_took:?}");
+    assert!(tls_took < Duration::from_secs(10), "TLS: {tls_took:?}");
+    assert!(ws_took < Duration::from_secs(10), "WebSocket: {ws_took:?}");
+    assert!(
+        d.log_lines(&["not accepting"]).is_empty(),
+        "{}",
+        d.log_text()
+    );
+    drop(silent);
+}
