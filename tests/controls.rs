@@ -348,7 +348,7 @@ fn check_refuses_a_user_switch_the_daemon_cannot_make() {
 /// 200 slow clients (100 reading a byte a second, 100 sending a byte a
 /// second to `cat`) beside one fast client: once they have settled, the fast
 /// one gets at least half its speed alone, and every slow one ends at its
-/// `timeout` (8 s, long enough for the measurement to happen among them).
+/// `timeout` (12 s, long enough on a loaded machine for the measurement to happen among them).
 #[test]
 fn slow_readers_and_slowloris_writers_end_at_their_timeouts_without_slowing_others() {
     const SLOW: usize = 200;
@@ -365,7 +365,7 @@ command = ["head", "-c", "{FAST_BYTES}", "/dev/zero"]
 [[service]]
 name = "reader"
 command = ["yes"]
-timeout = "8s"
+timeout = "12s"
 kill_grace = "300ms"
 max_connections = 1000
 
@@ -373,7 +373,7 @@ max_connections = 1000
 name = "writer"
 command = ["cat"]
 stdin = "client"
-timeout = "8s"
+timeout = "12s"
 kill_grace = "300ms"
 max_connections = 1000
 "#
@@ -394,9 +394,9 @@ max_connections = 1000
             let reads = i % 2 == 0;
             let mut s = connect(if reads { reader_addr } else { writer_addr });
             s.set_nodelay(true).unwrap();
-            // A byte a second for 9.5 s, or until the daemon ends it.
+            // A byte a second for 13.5 s, or until the daemon ends it.
             let started = Instant::now();
-            while started.elapsed() < Duration::from_millis(9500) {
+            while started.elapsed() < Duration::from_millis(13500) {
                 let r = if reads {
                     let mut b = [0u8; 1];
                     s.read(&mut b).map(|n| n > 0)
@@ -440,9 +440,9 @@ max_connections = 1000
         beside / alone,
     );
     assert!(beside > alone * 0.5, "alone {alone}, beside {beside}");
-    // Each ended at its timeout (8 s), not later.
+    // Each ended at its timeout (12 s), not later.
     for record in d.wait_records_where(SLOW, timed_out) {
-        assert!((8000..11000).contains(&record.duration_ms), "{record}");
+        assert!((12000..15000).contains(&record.duration_ms), "{record}");
     }
     assert!(d.children().iter().all(|p| gone_soon(*p)));
 }
