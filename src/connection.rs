@@ -67,12 +67,13 @@ impl Starved {
     /// Waits for a connection to end. The only connection (nothing will
     /// end) does not wait: None.
     async fn wait(&self, stats: &Stats) -> Option<()> {
-        if stats.active.load(Ordering::Relaxed) <= 1 {
-            return None;
-        }
+        // Registered before the look, so an end between the two is not missed.
         let freed = self.freed.notified();
         tokio::pin!(freed);
         freed.as_mut().enable();
+        if stats.active.load(Ordering::Relaxed) <= 1 {
+            return None;
+        }
         self.waited.fetch_add(1, Ordering::Relaxed);
         if self.waiting.fetch_add(1, Ordering::Relaxed) == 0 {
             tracing::warn!(
