@@ -124,23 +124,7 @@ impl Pki {
              default_md = sha256\npolicy = any\nunique_subject = no\n[any]\ncommonName = supplied\n",
         )
         .unwrap();
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{name}-key.pem"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                subject,
-            ],
-        );
+        key_and_request(dir, name, subject);
         openssl(
             dir,
             &[
