@@ -261,7 +261,7 @@ const PROBES: u32 = 3;
 /// half-closed still reads, and its kernel answers the probes; one that
 /// closed is forgotten by its kernel after its FIN timeout (60 s on
 /// Linux), and the next probe is answered with a reset; a host that
-/// vanished answers none (`PROBES` × `PROBE_INTERVAL`). A Unix socket says
+/// vanished answers none (`PROBES` unanswered probes after the first `PROBE_INTERVAL` of quiet). A Unix socket says
 /// so itself (POLLHUP once the peer has closed); it is looked at every
 /// `PROBE_INTERVAL`. Never resolves for a socket pair whose other end
 /// stays open.
