@@ -209,6 +209,105 @@ pub async fn write_all(
     Ok(())
 }
 
+/// What a destination takes now: its free space, as the kernel counts it.
+/// Reading no more from a source than its destination takes keeps what a
+/// slow reader cannot take yet in the kernel's buffers, where it holds the
+/// writer back, and not in the daemon's memory.
+///
+/// `known` is a lower bound of the room, kept without asking the kernel
+/// again: room only grows as the reader takes bytes, and shrinks by what is
+/// written. The kernel is asked when more is wanted than is known to fit.
+pub struct Room {
+    kind: RoomKind,
+    known: usize,
+}
+
+enum RoomKind {
+    /// A socket (TCP, kTLS or Unix): its send buffer less what it holds,
+    /// as the kernel counts them when it takes a write (`sys::send_room`;
+    /// for TCP the buffer is the one the kernel tunes as it goes).
+    Socket,
+    /// A pipe of this capacity: less what is in it (FIONREAD).
+    Pipe(usize),
+    /// Neither: no bound.
+    Unknown,
+}
+
+/// What is read when the kernel reports room that the count does not see
+/// (its overhead and the count's differ): a write takes at least this much
+/// of a writable socket or pipe.
+const ROOM_FLOOR: usize = 4096;
+
+impl Room {
+    /// The room of `fd`, whatever it is.
+    pub fn of(fd: &OwnedFd) -> Room {
+        let kind = if crate::sys::send_room(fd.as_fd()).is_ok() {
+            RoomKind::Socket
+        } else if let Ok(size) = fcntl(fd.as_fd(), FcntlArg::F_GETPIPE_SZ) {
+            RoomKind::Pipe(usize::try_from(size).unwrap_or(0))
+        } else {
+            RoomKind::Unknown
+        };
+        Room { kind, known: 0 }
+    }
+
+    /// The room of `fd` now, at least as much as `want` when it has that
+    /// much; 0 when it is full.
+    pub fn now(&mut self, fd: &OwnedFd, want: usize) -> usize {
+        if self.known < want {
+            self.known = match self.kind {
+                RoomKind::Socket => crate::sys::send_room(fd.as_fd()).unwrap_or(0),
+                RoomKind::Pipe(size) => {
+                    size.saturating_sub(crate::sys::readable_bytes(fd.as_fd()).unwrap_or(0))
+                }
+                RoomKind::Unknown => usize::MAX,
+            };
+        }
+        self.known
+    }
+
+    /// `n` bytes were written.
+    pub fn took(&mut self, n: usize) {
+        self.known = self.known.saturating_sub(n);
+    }
+
+    /// A write was cut short: the destination is full for now.
+    pub fn full(&mut self) {
+        self.known = 0;
+    }
+
+    /// Waits until `fd` has room, and says how much.
+    pub async fn wait(&mut self, fd: &AsyncFd<OwnedFd>) -> Result<usize, Errno> {
+        loop {
+            let mut ready = fd.writable().await.map_err(|e| errno(&e))?;
+            let room = self.now(fd.get_ref(), 1);
+            if room > 0 {
+                return Ok(room);
+            }
+            if writable_now(fd.get_ref()) {
+                // The kernel takes a write (or has an error for it) where
+                // the count sees no room.
+                self.known = ROOM_FLOOR;
+                return Ok(ROOM_FLOOR);
+            }
+            // Not writable: the kernel reports the next room that frees, and
+            // a report since this wait began survives the clear.
+            ready.clear_ready();
+        }
+    }
+}
+
+/// Whether poll(2) says `fd` takes a write now (or has an error or a
+/// hang-up a write would report).
+fn writable_now(fd: &OwnedFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0].revents().is_some_and(|r| {
+            r.intersects(PollFlags::POLLOUT | PollFlags::POLLERR | PollFlags::POLLHUP)
+        })
+}
+
 /// Reads and drops everything from `fd` until end-of-file, counting it. Used
 /// on the client's socket when nothing consumes its bytes, so that a reset is
 /// seen at once and unread bytes cannot turn the final close into a reset

@@ -1,12 +1,14 @@
 //! The copy loop: read(2) and write(2) through a buffer sized to the flow.
 
 use std::os::fd::OwnedFd;
+use std::time::Duration;
 
 use nix::errno::Errno;
 use tokio::io::unix::AsyncFd;
 
 use super::{Budget, Failed, Pumped, Side};
-use crate::fdio;
+use crate::fdio::{self, Room};
+use crate::sys::Pages;
 
 /// read(2)/write(2), for `Mode::Copy` and for pairs splice refuses.
 /// Readiness is unambiguous here: each call touches one side.
@@ -14,49 +16,78 @@ use crate::fdio;
 /// Two speeds. A trickle (lines) is read into a small buffer on the stack
 /// of a plain function and written at once: per line one read, one write,
 /// and no buffer held while the connection waits (a thousand idle streams
-/// hold none). A read that fills it switches to a buffer on the heap that
-/// grows while reads keep filling it, up to `COPY_MAX`, so bulk moves in few
+/// hold none). A read that fills it switches to a bulk buffer (pages of its
+/// own, [`Pages`], so that freeing it gives the memory back) that grows
+/// while reads keep filling it, up to `COPY_MAX`, so bulk moves in few
 /// large calls. It is kept while the source pauses between bursts (bulk
 /// output outruns its producer now and then) and freed when a read brings
 /// no more than a trickle again.
+///
+/// No more is read than the destination takes now ([`Room`]): when a
+/// client reads slower than the command writes, the output waits in the
+/// command's pipe or socket pair, where it holds the command back, and not
+/// here. A destination that stays full for `STALL` frees the bulk buffer
+/// (what little of it the destination had not taken is kept on the heap):
+/// a stalled connection costs its kernel buffers, not a buffer of the
+/// daemon's.
 pub(super) async fn copy_loop(
     src: &AsyncFd<OwnedFd>,
     dst: &AsyncFd<OwnedFd>,
     budget: &mut Budget<impl FnMut(usize)>,
 ) -> Result<Pumped, Failed> {
     let (reading, writing) = (Failed::at(Side::Source), Failed::at(Side::Destination));
-    let mut bulk: Option<Vec<u8>> = None;
+    let mut room = Room::of(dst.get_ref());
+    let mut bulk: Option<Pages> = None;
+    // Bytes read that the destination has not taken yet, off the buffers.
+    let mut held: Vec<u8> = Vec::new();
     loop {
+        if !held.is_empty() {
+            write_all(dst, &held, budget).await.map_err(&writing)?;
+            held = Vec::new();
+        }
         if budget.left == 0 {
             return Ok(Pumped::Limit);
         }
         let mut ready = src.readable().await.map_err(|e| reading(fdio::errno(&e)))?;
+        let want = budget.ask(bulk.as_ref().map_or(COPY_SMALL, |b| b.len()));
+        let space = room.now(dst.get_ref(), want);
+        if space == 0 {
+            // The destination is full: wait for it, not for more input.
+            wait_for_room(dst, &mut room, &mut bulk)
+                .await
+                .map_err(&writing)?;
+            continue;
+        }
+        let ask = want.min(space);
         let Some(buf) = bulk.as_mut() else {
-            let ask = budget.ask(COPY_SMALL);
             match copy_small(src.get_ref(), dst.get_ref(), ask)? {
                 Small::EndOfFile => return Ok(Pumped::EndOfFile),
                 Small::Dry => ready.clear_ready(),
                 Small::Copied { read, rest, failed } => {
                     budget.read(read);
                     budget.spend(read - rest.len());
+                    room.took(read - rest.len());
                     if let Some(errno) = failed {
                         return Err(writing(errno));
                     }
-                    write_all(dst, &rest, budget).await.map_err(&writing)?;
-                    if read == ask && ask == COPY_SMALL {
-                        bulk = Some(vec![0u8; COPY_BULK]);
-                    } else {
+                    if !rest.is_empty() {
+                        room.full();
+                        held = rest;
+                    }
+                    if read < ask {
                         // A short read: the source is dry for now. (A newer
                         // readiness event survives the clear: tokio checks.)
                         ready.clear_ready();
+                    } else if ask == COPY_SMALL {
+                        // (Without the memory for it, trickles go on.)
+                        bulk = Pages::new(COPY_BULK).ok();
                     }
                 }
             }
             continue;
         };
-        let want = budget.ask(buf.len());
         let read = ready.try_io(|fd| loop {
-            match fdio::read(fd.get_ref(), &mut buf[..want]) {
+            match fdio::read(fd.get_ref(), &mut buf[..ask]) {
                 Err(Errno::EINTR) => continue,
                 other => break other.map_err(std::io::Error::from),
             }
@@ -69,16 +100,92 @@ pub(super) async fn copy_loop(
             Err(_would_block) => continue,
         };
         budget.read(n);
-        write_all(dst, &buf[..n], budget).await.map_err(&writing)?;
+        let (sent, failed) = write_now(dst.get_ref(), &buf[..n]);
+        budget.spend(sent);
+        room.took(sent);
+        if let Some(errno) = failed {
+            return Err(writing(errno));
+        }
+        if sent < n {
+            room.full();
+            let stalled = finish(dst, &buf[sent..n], budget).await.map_err(&writing)?;
+            if let Some(at) = stalled {
+                held = buf[sent + at..n].to_vec();
+                bulk = None;
+                continue;
+            }
+        }
         if n == buf.len() && buf.len() < COPY_MAX {
-            buf.resize(buf.len() * 4, 0);
-        } else if n < want {
+            // Empty now: a larger one replaces it.
+            if let Ok(larger) = Pages::new(buf.len() * 4) {
+                *buf = larger;
+            }
+        } else if n < ask {
             ready.clear_ready();
             if n < COPY_SMALL {
                 bulk = None;
             }
         }
     }
+}
+
+/// How long a destination may stay full before the bulk buffer is freed.
+/// Bulk to a client that reads waits far less between writes.
+const STALL: Duration = Duration::from_millis(50);
+
+/// Waits until the destination has room; once that has taken `STALL`, the
+/// bulk buffer is freed.
+async fn wait_for_room(
+    dst: &AsyncFd<OwnedFd>,
+    room: &mut Room,
+    bulk: &mut Option<Pages>,
+) -> Result<(), Errno> {
+    if bulk.is_some() {
+        match tokio::time::timeout(STALL, room.wait(dst)).await {
+            Ok(waited) => return waited.map(drop),
+            Err(_stalled) => *bulk = None,
+        }
+    }
+    room.wait(dst).await.map(drop)
+}
+
+/// Writes `bytes` as the destination takes them, for at most `STALL`;
+/// Some(how much was written) when the destination stalled before the end.
+async fn finish(
+    dst: &AsyncFd<OwnedFd>,
+    bytes: &[u8],
+    budget: &mut Budget<impl FnMut(usize)>,
+) -> Result<Option<usize>, Errno> {
+    let deadline = tokio::time::Instant::now() + STALL;
+    let mut at = 0;
+    while at < bytes.len() {
+        // Cancelled only while it waits for readiness, never after a write.
+        let write = fdio::write_with(dst, |fd| nix::unistd::write(fd, &bytes[at..]));
+        match tokio::time::timeout_at(deadline, write).await {
+            Ok(n) => {
+                let n = n?;
+                at += n;
+                budget.spend(n);
+            }
+            Err(_stalled) => return Ok(Some(at)),
+        }
+    }
+    Ok(None)
+}
+
+/// Writes as much of `bytes` as `dst` takes now: how much, and the
+/// destination's error if it had one.
+fn write_now(dst: &OwnedFd, bytes: &[u8]) -> (usize, Option<Errno>) {
+    let mut written = 0;
+    while written < bytes.len() {
+        match nix::unistd::write(dst, &bytes[written..]) {
+            Ok(n) => written += n,
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => break,
+            Err(e) => return (written, Some(e)),
+        }
+    }
+    (written, None)
 }
 
 /// The stack buffer of a trickle.
@@ -113,18 +220,7 @@ fn copy_small(src: &OwnedFd, dst: &OwnedFd, ask: usize) -> Result<Small, Failed>
             Err(e) => return Err(Failed::at(Side::Source)(e)),
         }
     };
-    let (mut written, mut failed) = (0, None);
-    while written < read {
-        match nix::unistd::write(dst, &buf[written..read]) {
-            Ok(n) => written += n,
-            Err(Errno::EINTR) => {}
-            Err(Errno::EAGAIN) => break,
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
-        }
-    }
+    let (written, failed) = write_now(dst, &buf[..read]);
     Ok(Small::Copied {
         read,
         rest: buf[written..read].to_vec(),

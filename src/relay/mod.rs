@@ -136,3 +136,102 @@ impl<F: FnMut(usize)> Budget<F> {
         want.min(usize::try_from(self.left).unwrap_or(usize::MAX))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use tokio::io::Interest;
+
+    use super::*;
+    use crate::{fdio, sys};
+
+    const MIB: usize = 1 << 20;
+
+    /// A pipe holding `bytes` (a pattern), registered for reading, its
+    /// write end closed (end-of-file after the bytes).
+    fn full_pipe(bytes: usize) -> AsyncFd<OwnedFd> {
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).unwrap();
+        fcntl(&w, FcntlArg::F_SETPIPE_SZ(bytes as i32)).unwrap();
+        let data: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+        assert_eq!(nix::unistd::write(&w, &data), Ok(bytes));
+        fdio::register(r, Interest::READABLE).unwrap()
+    }
+
+    /// A client that reads nothing takes only what its socket holds: the
+    /// rest of the output stays in the command's pipe, not in the relay;
+    /// once it reads, everything arrives, in order.
+    #[tokio::test]
+    async fn a_reader_that_stops_leaves_the_output_in_the_pipe() {
+        for mode in [Mode::Copy, Mode::Splice] {
+            let src = full_pipe(MIB);
+            let (ours, client) = UnixStream::pair().unwrap();
+            ours.set_nonblocking(true).unwrap();
+            let dst = fdio::register(ours.into(), Interest::WRITABLE).unwrap();
+            let sent = std::cell::Cell::new(0);
+            let client = {
+                let count = |n| sent.set(sent.get() + n);
+                let pumped = pump(&src, &dst, mode, MIB, (None, Count::Writes), count);
+                tokio::pin!(pumped);
+                let stalled = tokio::time::timeout(Duration::from_millis(300), &mut pumped).await;
+                assert!(stalled.is_err(), "{mode:?}: nobody reads, so it cannot end");
+                let left = sys::readable_bytes(src.get_ref().as_fd()).unwrap();
+                let in_socket = sys::readable_bytes(client.as_fd()).unwrap();
+                let held = MIB - left - in_socket;
+                assert!(
+                    held <= 4096,
+                    "{mode:?}: the relay holds {held} bytes ({left} in the pipe, {in_socket} in the socket)"
+                );
+                let reader = std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    (&client).read_to_end(&mut got).unwrap();
+                    got
+                });
+                assert_eq!(pumped.await, Ok(Pumped::EndOfFile), "{mode:?}");
+                reader
+            };
+            drop(dst);
+            let got = client.join().unwrap();
+            let sent = sent.get();
+            assert_eq!(sent, MIB);
+            assert!(got.len() == MIB && got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+        }
+    }
+
+    /// `max` is exact however little room the destination has at a time.
+    #[tokio::test]
+    async fn the_limit_is_exact_through_a_slow_reader() {
+        let src = full_pipe(MIB);
+        let (ours, client) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let dst = fdio::register(ours.into(), Interest::WRITABLE).unwrap();
+        let reader = std::thread::spawn(move || {
+            let (mut got, mut buf) = (0, [0u8; 1000]);
+            loop {
+                std::thread::sleep(Duration::from_micros(200));
+                match (&client).read(&mut buf) {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got += n,
+                }
+            }
+        });
+        let max = 300_001;
+        let mut sent = 0;
+        let pumped = pump(
+            &src,
+            &dst,
+            Mode::Copy,
+            MIB,
+            (Some(max), Count::Writes),
+            |n| sent += n,
+        );
+        assert_eq!(pumped.await, Ok(Pumped::Limit));
+        drop(dst);
+        assert_eq!(reader.join().unwrap(), max as usize);
+        assert_eq!(sent, max as usize);
+    }
+}

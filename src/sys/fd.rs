@@ -185,3 +185,57 @@ pub fn readable_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
     }
     Ok(n.max(0) as usize)
 }
+
+/// SO_MEMINFO (Linux 4.12), which the libc crate does not name: 55 but on
+/// sparc (parisc, with 0x4030, has no Rust target).
+#[cfg(any(target_arch = "sparc", target_arch = "sparc64"))]
+const SO_MEMINFO: libc::c_int = 0x39;
+#[cfg(not(any(target_arch = "sparc", target_arch = "sparc64")))]
+const SO_MEMINFO: libc::c_int = 55;
+
+/// What a socket's send buffer has room for now, as the kernel counts it
+/// when it takes a write: its size (SO_SNDBUF) less what it holds, with the
+/// kernel's overhead (SO_MEMINFO: for TCP the bytes queued, sent or not, not
+/// yet acknowledged; for a Unix socket those its peer has not read). Before
+/// Linux 4.12, what it holds is SIOCOUTQ, without the overhead. Fails for
+/// descriptors that are not sockets.
+pub fn send_room(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let mut info = [0u32; 9];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: the pointer and length describe `info`, which outlives the
+    // call; the kernel writes at most `len` bytes and updates `len`.
+    let ret = unsafe {
+        libc::getsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    let at = |i: libc::c_int| info[i as usize] as usize;
+    if ret == 0 && len as usize > libc::SK_MEMINFO_WMEM_QUEUED as usize * 4 {
+        let held = at(libc::SK_MEMINFO_WMEM_ALLOC).max(at(libc::SK_MEMINFO_WMEM_QUEUED));
+        return Ok(at(libc::SK_MEMINFO_SNDBUF).saturating_sub(held));
+    }
+    let e = io::Error::last_os_error();
+    if ret == 0 || e.raw_os_error() == Some(libc::ENOPROTOOPT) {
+        let size = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SndBuf)?;
+        return Ok(size.saturating_sub(unsent_bytes(fd)?));
+    }
+    Err(e)
+}
+
+/// Bytes a socket holds on their way out (SIOCOUTQ, which is TIOCOUTQ): for
+/// TCP, those not yet acknowledged; for a Unix socket, those its peer has
+/// not read yet (with the kernel's overhead).
+fn unsent_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int to the pointer, which is to `n`.
+    let ret = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::TIOCOUTQ, &mut n) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
