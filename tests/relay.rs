@@ -694,3 +694,58 @@ fn the_command_starts_with_default_signals_its_own_group_and_three_descriptors()
     // The command gets back the soft limit the daemon was started with.
     assert_eq!(lines[4], "1000", "{out}");
 }
+
+/// A slow reader costs the daemon little: clients of a command that writes
+/// without end, which read nothing, leave its output in the kernel's
+/// buffers (where it holds the command back), not in the daemon's memory.
+/// Each used to cost the daemon the relay's whole buffer (256 KiB from the
+/// socket pair, 1 MiB from a pipe); now about what a spliced connection
+/// costs (some 20 KiB, the connection's own state).
+#[test]
+fn slow_readers_cost_the_daemon_little_memory() {
+    const WARM: usize = 4;
+    const SLOW: usize = 24;
+    /// Per slow reader, with a wide margin both ways.
+    const BOUND_KIB: u64 = 128;
+    for transfer in ["socketpair", "copy"] {
+        let extra = format!("transfer = \"{transfer}\"\nmax_connections = 64");
+        let (d, addr) = serve(r#"["cat", "/dev/zero"]"#, &extra);
+        // The first few pay what every daemon pays once (threads, the
+        // allocator's arenas); the rest, what a slow reader costs.
+        let mut clients: Vec<TcpStream> = (0..WARM).map(|_| connect(addr)).collect();
+        let before = settled(&d, WARM);
+        clients.extend((0..SLOW).map(|_| connect(addr)));
+        let after = settled(&d, WARM + SLOW);
+        let each = after.saturating_sub(before) / SLOW as u64;
+        eprintln!("{transfer}: {before} -> {after} KiB anonymous, {each} KiB per slow reader");
+        assert!(
+            each < BOUND_KIB,
+            "{transfer}: each slow reader costs the daemon {each} KiB ({before} -> {after} KiB for {SLOW})"
+        );
+        drop(clients);
+    }
+}
+
+/// The daemon's anonymous memory (KiB) once `commands` commands are blocked
+/// on their full output and it has not moved for half a second.
+fn settled(d: &Daemon, commands: usize) -> u64 {
+    let blocked = || {
+        let children = d.children();
+        let full = children
+            .iter()
+            .filter(|&&c| blocked_on_full_stdout(c) || blocked_on_full_socket(c))
+            .count();
+        (full == commands).then_some(())
+    };
+    poll(PATIENCE, blocked)
+        .unwrap_or_else(|| panic!("{commands} commands never all blocked on a full output"));
+    let mut last = anonymous_kib(d.pid());
+    poll(PATIENCE, || {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = anonymous_kib(d.pid());
+        let still = now.abs_diff(last) <= 64;
+        last = now;
+        still.then_some(now)
+    })
+    .expect("the daemon's memory never settled")
+}

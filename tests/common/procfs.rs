@@ -145,6 +145,16 @@ pub fn signal_mask(pid: i32, name: &str) -> u64 {
     u64::from_str_radix(&status_field(pid, name), 16).unwrap()
 }
 
+/// Anonymous memory of `pid` in KiB (/proc/PID/smaps_rollup): its heap,
+/// its threads' stacks and its other private mappings.
+pub fn anonymous_kib(pid: i32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("Anonymous:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Anonymous in /proc/{pid}/smaps_rollup"))
+}
+
 /// VmRSS of `pid` in KiB.
 pub fn rss_kib(pid: i32) -> u64 {
     let v = status_field(pid, "VmRSS");
