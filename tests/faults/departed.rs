@@ -1,7 +1,9 @@
 //! Clients that leave while their command is quiet: the daemon notices
 //! without waiting for the command to write (TCP keepalive probes after the
 //! client's end), so their places and commands come back; a client that
-//! only half-closed and still reads is not mistaken for one that left.
+//! only half-closed and still reads is not mistaken for one that left. And
+//! clients that leave before their command starts: counted in an episode,
+//! not recorded one by one.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Shutdown, SocketAddr};
@@ -87,4 +89,76 @@ fn clients_that_leave_a_quiet_command_give_their_places_back() {
     assert_eq!((first.as_str(), rest.as_str()), ("ready\n", "late\n"));
     let r = d.wait_record_where(|r| r.service == "half");
     r.assert_ended("output-ended", "0");
+}
+
+/// Clients that leave between their TLS handshake and their command (they
+/// wait for the place a first client holds, and leave with a reset; the
+/// banner meant for them finds them gone) are counted in one episode of
+/// departures: no record each, one line when they start leaving and one
+/// with their count once they stop. The first client and a probe after
+/// them, which got their commands, have a record each.
+#[test]
+fn clients_that_leave_before_their_command_are_counted_not_recorded() {
+    const LEAVERS: usize = 5;
+    let pki = Pki::new();
+    let extra = format!(
+        "{}banner = \"hello\\n\"\nmax_connections = 1",
+        pki.tls_lines()
+    );
+    let (d, addr) = serve(&sh("echo ready; exec sleep 60"), &extra);
+    let script = format!(
+        r#"import struct
+ctx = ssl.create_default_context(cafile=ca)
+def tls():
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+def upto(s, end):
+    data = b""
+    while not data.endswith(end):
+        chunk = s.recv(100)
+        if not chunk:
+            break
+        data += chunk
+    return data
+def reset(s):
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+first = tls()
+assert upto(first, b"ready\n") == b"hello\nready\n"
+leavers = [tls() for _ in range({LEAVERS})]
+# Their handshakes are done on the daemon's side too: they wait for the place.
+time.sleep(1)
+for s in leavers:
+    reset(s)
+# The daemon sees them leave, then the place frees.
+time.sleep(1)
+reset(first)
+probe = tls()
+print(upto(probe, b"ready\n").decode(), end="")
+reset(probe)
+"#
+    );
+    let out = python_tls(addr, &pki, &script);
+    assert_eq!(out, "hello\nready\n", "the probe is served");
+
+    let ended = d.wait_log(&["client(s) left before their command started"]);
+    let counted: usize = ended
+        .split(" client(s)")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {ended}"));
+    assert_eq!(counted, LEAVERS, "{ended}");
+    let firsts = d.log_lines(&["left before its command started"]);
+    assert_eq!(firsts.len(), 1, "{firsts:?}");
+    let records = d.wait_records(2);
+    for r in &records {
+        assert_eq!((r.reason.as_str(), r.pid > 0), ("client-gone", true), "{r}");
+    }
+    let all = d.records();
+    assert_eq!(
+        all.len(),
+        2,
+        "a record for a client that left unserved: {all:?}"
+    );
 }
