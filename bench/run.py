@@ -4,6 +4,7 @@
     sudo bench/run.py                 # the full suite (several minutes)
     sudo bench/run.py --smoke         # seconds: checks it runs and the bytes are right
     sudo bench/run.py --only bulk,rate --rounds 3
+    sudo bench/run.py --only bulk --baseline /tmp/old/splice-relay   # a change, before and after
 
 Each scenario starts every contender (each on its own 127.0.0.1 port, in its
 own cgroup), then runs rounds interleaved (A B C A B C ...), and reports the
@@ -38,6 +39,8 @@ PRODUCER = RELEASE / "examples" / "bench-producer"
 LOAD = RELEASE / "examples" / "bench-load"
 CGROOT = Path("/sys/fs/cgroup/unified/splice-relay-bench")
 GIB = 1 << 30
+# --baseline: another build's splice-relay, run beside this one's.
+BASELINE = None
 
 
 # --- contenders ----------------------------------------------------------------
@@ -112,11 +115,12 @@ class Contender:
 class SpliceRelay(Contender):
     """`transfer` None: the default path (the config does not say)."""
 
-    def __init__(self, transfer=None, cgroups=False):
+    def __init__(self, transfer=None, cgroups=False, binary=None, tag=""):
         name = "splice-relay" + (f" {transfer}" if transfer else "")
-        super().__init__(name + (" cgroups" if cgroups else ""), "relay")
+        super().__init__(name + (" cgroups" if cgroups else "") + tag, "relay")
         self.transfer = transfer
         self.cgroups = cgroups
+        self.binary = binary or RELAY
         self.extra = ""
         # The cgroup per connection is measured where its cost shows: the rate.
         if cgroups:
@@ -138,7 +142,7 @@ class SpliceRelay(Contender):
             + (f'transfer = "{self.transfer}"\n' if self.transfer else "")
             + 'max_connections = 4096\n' + self.extra)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "JOURNAL_"))}
-        return [str(RELAY), "--config", str(cfg)], env
+        return [str(self.binary), "--config", str(cfg)], env
 
 
 WS_SCENARIOS = {"ws-rate1", "ws-rate32", "ws-text", "ws-bulk", "ws-bulk4", "ws-slow"}
@@ -418,6 +422,9 @@ def contenders(names, scenario):
             SpliceRelay("direct"), Socat(), Socat(1 << 20), TcpServer(), Xinetd(),
             SpliceRelayWs(), SpliceRelayWs("binary"), Websocketd(), Websocketd(binary=True),
             SpliceRelayTls(), SpliceRelayTls("direct"), Stunnel(), SocatTls(), SocatTls(1 << 20)]
+    if BASELINE:
+        # Another build's relayed rows, beside this one's in the same run.
+        all_ += [SpliceRelay(t, binary=BASELINE, tag=" baseline") for t in (None, "splice", "copy")]
     return [c for c in all_ if (names is None or c.name in names)
             and (c.scenarios is None or scenario in c.scenarios)]
 
@@ -522,7 +529,12 @@ def main():
                     "rate1,rate32,slow,burst,latency,lines,ws-rate1,ws-rate32,ws-text,ws-bulk,ws-bulk4,ws-slow,"
                     "tls-rate1,tls-rate32,tls-bulk,tls-bulk4")
     ap.add_argument("--contenders", help="comma-separated names (default: all)")
+    ap.add_argument("--baseline", type=Path, help="another build's splice-relay binary: its rows "
+                    "(`splice-relay baseline`, `splice-relay splice baseline`, `splice-relay copy baseline`) "
+                    "run beside this build's, for a before and after in one run")
     args = ap.parse_args()
+    global BASELINE
+    BASELINE = args.baseline.resolve() if args.baseline else None
     if os.geteuid() != 0:
         sys.exit("bench: run as root (cgroups for CPU accounting; apt for the contenders)")
     ensure_tools()
