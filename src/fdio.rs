@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use tokio::io::unix::AsyncFd;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::io::Interest;
 
 /// What an errno from a connection's descriptors means.
@@ -280,20 +280,31 @@ impl Room {
     pub async fn wait(&mut self, fd: &AsyncFd<OwnedFd>) -> Result<usize, Errno> {
         loop {
             let mut ready = fd.writable().await.map_err(|e| errno(&e))?;
-            let room = self.now(fd.get_ref(), 1);
-            if room > 0 {
+            if let Some(room) = self.reported(&mut ready) {
                 return Ok(room);
             }
-            if writable_now(fd.get_ref()) {
-                // The kernel takes a write (or has an error for it) where
-                // the count sees no room.
-                self.known = ROOM_FLOOR;
-                return Ok(ROOM_FLOOR);
-            }
-            // Not writable: the kernel reports the next room that frees, and
-            // a report since this wait began survives the clear.
-            ready.clear_ready();
         }
+    }
+
+    /// After the event loop reported a destination writable: its room; or
+    /// None, with the readiness cleared, when it has none, so that waiting
+    /// again waits for the kernel's next report of room.
+    pub fn reported(&mut self, ready: &mut AsyncFdReadyGuard<'_, OwnedFd>) -> Option<usize> {
+        let fd = ready.get_inner();
+        let room = self.now(fd, 1);
+        if room > 0 {
+            return Some(room);
+        }
+        if writable_now(fd) {
+            // The kernel takes a write (or has an error for it) where the
+            // count sees no room.
+            self.known = ROOM_FLOOR;
+            return Some(ROOM_FLOOR);
+        }
+        // Not writable: the kernel reports the next room that frees, and a
+        // report since the wait began survives the clear.
+        ready.clear_ready();
+        None
     }
 }
 

@@ -8,8 +8,9 @@
 //! end-of-file) becomes a close_notify and a shutdown of the client's
 //! socket; the client's close_notify or end-of-file becomes the pair's
 //! shutdown for writing. Nothing is read from one side while the other
-//! cannot take it, so a client or a command that stops reading holds the
-//! layer to a record or two.
+//! cannot take it (no more plaintext than the client's socket has room
+//! for), so a client or a command that stops reading holds the layer to a
+//! record or two.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -22,13 +23,16 @@ use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::io::Interest;
 
 use super::handshake::Fd;
-use crate::fdio::{self, Class};
+use crate::fdio::{self, Class, Room};
 use crate::record::Traffic;
 
 /// One read of plaintext (a record's worth), on the stack of a plain function.
 const CHUNK: usize = 16 * 1024;
 /// Reads of plaintext per turn before the records are written out.
 const CHUNKS_PER_TURN: usize = 4;
+/// The most a record adds to its plaintext (TLS 1.2 with AES-GCM: header,
+/// explicit nonce, tag).
+const RECORD_OVERHEAD: usize = 29;
 
 /// How [`Layer::pump`] ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -90,6 +94,9 @@ impl Layer {
         plain: &AsyncFd<OwnedFd>,
         counted: Option<&Traffic>,
     ) -> Pumped {
+        // No more plaintext is read than the client's socket takes now.
+        let mut room = Room::of(tcp.get_ref());
+        let mut full = false;
         loop {
             if self.output_done && !self.conn.wants_write() {
                 return Pumped::OutputEnded;
@@ -103,12 +110,22 @@ impl Layer {
                 self.feeding = false;
             }
             let writing = self.conn.wants_write();
-            let reading = !self.output_done && !writing;
+            let reading = !self.output_done && !writing && !full;
             let receiving = self.client_sends && self.pending.is_empty();
             let feeding = self.feeding && !self.pending.is_empty();
             let step = tokio::select! {
-                r = tcp.writable(), if writing => self.write_records(r),
-                r = plain.readable(), if reading => self.encrypt(r, counted),
+                r = tcp.writable(), if writing || full => match r {
+                    // The room that was waited for.
+                    Ok(mut ready) if !writing => {
+                        full = room.reported(&mut ready).is_none();
+                        Ok(())
+                    }
+                    r => self.write_records(r, &mut room),
+                },
+                r = plain.readable(), if reading => {
+                    self.encrypt(r, counted, (tcp.get_ref(), &mut room))
+                        .map(|filled| full = filled)
+                }
                 r = tcp.readable(), if receiving => self.read_records(r, counted),
                 r = plain.writable(), if feeding => {
                     self.feed(r);
@@ -168,8 +185,9 @@ impl Layer {
     async fn close(mut self, tcp: &AsyncFd<OwnedFd>, grace: Duration) {
         self.conn.send_close_notify();
         let closing = async {
+            let mut room = Room::of(tcp.get_ref());
             while self.conn.wants_write() {
-                if self.write_records(tcp.writable().await).is_err() {
+                if self.write_records(tcp.writable().await, &mut room).is_err() {
                     return;
                 }
             }
@@ -201,13 +219,14 @@ impl Layer {
     }
 
     /// Writes records to the client until it takes no more.
-    fn write_records(&mut self, ready: Ready<'_>) -> Result<(), Pumped> {
+    fn write_records(&mut self, ready: Ready<'_>, room: &mut Room) -> Result<(), Pumped> {
         let mut ready = ready.map_err(|e| Pumped::ClientGone(fdio::errno(&e)))?;
         while self.conn.wants_write() {
             match self.conn.write_tls(&mut Fd(ready.get_inner())) {
-                Ok(_) => {}
+                Ok(n) => room.took(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     ready.clear_ready();
+                    room.full();
                     return Ok(());
                 }
                 Err(e) => return Err(Pumped::ClientGone(fdio::errno(&e))),
@@ -217,33 +236,45 @@ impl Layer {
     }
 
     /// Reads plaintext from the pair into records (rustls encrypts as it
-    /// takes it), a few reads a turn.
-    fn encrypt(&mut self, ready: Ready<'_>, counted: Option<&Traffic>) -> Result<(), Pumped> {
+    /// takes it), a few reads a turn, no more than the client's socket has
+    /// room for. True when it has none: its room is waited for, and the
+    /// plaintext waits in the pair.
+    fn encrypt(
+        &mut self,
+        ready: Ready<'_>,
+        counted: Option<&Traffic>,
+        (tcp, room): (&OwnedFd, &mut Room),
+    ) -> Result<bool, Pumped> {
         let mut ready = ready.map_err(|e| Pumped::Failed(format!("the plaintext side: {e}")))?;
         for _ in 0..CHUNKS_PER_TURN {
-            match seal_chunk(ready.get_inner(), &mut self.conn) {
+            let ask = match room.now(tcp, CHUNK + RECORD_OVERHEAD) {
+                0 => return Ok(true),
+                room => room.saturating_sub(RECORD_OVERHEAD).clamp(1, CHUNK),
+            };
+            match seal_chunk(ready.get_inner(), &mut self.conn, ask) {
                 Ok(0) => {
                     self.output_done = true;
-                    return Ok(());
+                    return Ok(false);
                 }
                 Ok(n) => {
+                    room.took(n + RECORD_OVERHEAD);
                     if let Some(t) = counted {
                         t.sent(n);
                     }
-                    if n < CHUNK {
+                    if n < ask {
                         // Drained for now (a newer readiness survives the clear).
                         ready.clear_ready();
-                        return Ok(());
+                        return Ok(false);
                     }
                 }
                 Err(Errno::EAGAIN) => {
                     ready.clear_ready();
-                    return Ok(());
+                    return Ok(false);
                 }
                 // The other end closed with input unread.
                 Err(e) if fdio::class(e) == Class::Disconnect => {
                     self.output_done = true;
-                    return Ok(());
+                    return Ok(false);
                 }
                 Err(e) => {
                     return Err(Pumped::Failed(format!(
@@ -253,7 +284,7 @@ impl Layer {
                 }
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Reads records from the client and decrypts them; counted as received,
@@ -326,10 +357,11 @@ impl Layer {
 
 type Ready<'a> = io::Result<AsyncFdReadyGuard<'a, OwnedFd>>;
 
-/// One read of plaintext handed to rustls. Ok(0) at end-of-file.
-fn seal_chunk(fd: &OwnedFd, conn: &mut ServerConnection) -> Result<usize, Errno> {
+/// One read of at most `ask` bytes of plaintext, handed to rustls. Ok(0) at
+/// end-of-file.
+fn seal_chunk(fd: &OwnedFd, conn: &mut ServerConnection, ask: usize) -> Result<usize, Errno> {
     let mut buf = [0u8; CHUNK];
-    let n = retry(|| nix::unistd::read(fd, &mut buf))?;
+    let n = retry(|| nix::unistd::read(fd, &mut buf[..ask.min(CHUNK)]))?;
     if n > 0 {
         // Without a buffer limit rustls takes everything, encrypted as it goes.
         conn.writer()

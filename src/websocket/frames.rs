@@ -15,7 +15,7 @@ use crate::record::Traffic;
 pub const TEXT: u8 = 0x1;
 pub const BINARY: u8 = 0x2;
 /// The largest read of text output, on the stack of a plain function.
-const TEXT_READ: usize = 16 * 1024;
+pub const TEXT_READ: usize = 16 * 1024;
 /// A buffer larger than this is freed once drained, so idle sessions hold little.
 pub const KEEP: usize = 16 * 1024;
 
@@ -95,13 +95,33 @@ impl Wire {
         Ok(n)
     }
 
-    /// One write (or splice) to the client; EAGAIN when it takes nothing.
+    /// While the client takes nothing: only what is left to write is kept,
+    /// in a buffer of its size if that is large; nothing when all is written.
+    pub fn compact(&mut self) {
+        if self.is_empty() {
+            self.bytes = Vec::new();
+            self.frames = VecDeque::new();
+            self.at = 0;
+            return;
+        }
+        if self.bytes.capacity() > KEEP {
+            self.bytes = self.bytes.split_off(self.at);
+            for (end, _) in &mut self.frames {
+                *end -= self.at;
+            }
+            self.at = 0;
+        }
+        self.frames.shrink_to_fit();
+    }
+
+    /// One write (or splice) to the client: how many bytes it took; EAGAIN
+    /// when it takes nothing.
     pub fn write(
         &mut self,
         socket: &OwnedFd,
         pipe: &OwnedFd,
         traffic: &Traffic,
-    ) -> Result<(), Errno> {
+    ) -> Result<usize, Errno> {
         if self.at < self.bytes.len() {
             let mut flags = MsgFlags::MSG_NOSIGNAL;
             if self.splice > 0 {
@@ -123,6 +143,7 @@ impl Wire {
                 traffic.messages_sent(messages);
                 traffic.sent(payload);
             }
+            Ok(n)
         } else if self.splice > 0 {
             let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
             let n = retry(|| splice(pipe, None, socket, None, self.splice, flags))?;
@@ -135,8 +156,10 @@ impl Wire {
             if self.splice == 0 {
                 traffic.messages_sent(1);
             }
+            Ok(n)
+        } else {
+            Ok(0)
         }
-        Ok(())
     }
 }
 
@@ -287,11 +310,12 @@ pub struct Lines<'w> {
 }
 
 impl Lines<'_> {
-    /// One read of output, framed. Ok(0) at end-of-file. The buffer is on
-    /// the stack of this plain function, not in the session.
-    pub fn read(&mut self, fd: &OwnedFd) -> Result<usize, Errno> {
+    /// One read of output, of at most `limit` bytes, framed. Ok(0) at
+    /// end-of-file. The buffer is on the stack of this plain function, not
+    /// in the session.
+    pub fn read(&mut self, fd: &OwnedFd, limit: usize) -> Result<usize, Errno> {
         let mut buf = [0u8; TEXT_READ];
-        let n = retry(|| nix::unistd::read(fd, &mut buf))?;
+        let n = retry(|| nix::unistd::read(fd, &mut buf[..limit.min(TEXT_READ)]))?;
         self.split(&buf[..n]);
         Ok(n)
     }
@@ -495,6 +519,38 @@ mod tests {
         bare.pass(&client_frame(0x8, b"", mask));
         bare.pass(&client_frame(0x8, &1000u16.to_be_bytes(), mask));
         assert_eq!(bare.code(), None);
+    }
+
+    #[test]
+    fn a_compacted_wire_keeps_what_is_left_and_counts_it_right() {
+        let mut wire = Wire::default();
+        wire.frame(BINARY, &[1u8; 20_000]);
+        wire.frame(TEXT, b"ab");
+        let whole = wire.bytes.clone();
+        wire.at = 15_000;
+        wire.compact();
+        assert_eq!(wire.bytes, whole[15_000..]);
+        assert!(wire.bytes.capacity() < whole.len());
+        let (c, d) = std::os::unix::net::UnixStream::pair().unwrap();
+        let stats = Arc::new(crate::record::Stats::default());
+        let record = crate::record::Record::open(1, "s".into(), stats);
+        let c = OwnedFd::from(c);
+        while !wire.is_empty() {
+            wire.write(&c, &c, record.traffic()).unwrap();
+        }
+        assert_eq!(record.traffic().messages(), (2, 0));
+        assert_eq!(record.traffic().bytes_sent(), 20_002);
+        let mut got = vec![0u8; whole.len() - 15_000];
+        (&d).read_exact(&mut got).unwrap();
+        assert_eq!(got, whole[15_000..]);
+
+        let mut written = Wire::default();
+        written.frame(BINARY, &[1u8; 20_000]);
+        while !written.is_empty() {
+            written.write(&c, &c, record.traffic()).unwrap();
+        }
+        written.compact();
+        assert_eq!(written.bytes.capacity(), 0, "all written: nothing kept");
     }
 
     #[test]

@@ -29,11 +29,11 @@ use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Message, Role, WebSocketConfig, WebSocketContext};
 
-use super::frames::{clamp, retry, ClientClose, Lines, Wire, KEEP};
+use super::frames::{clamp, retry, ClientClose, Lines, Wire, KEEP, TEXT_READ};
 use crate::command::Input;
 use crate::config::{Messages, WebSocket};
 use crate::end::{End, Ending, Farewell};
-use crate::fdio::{self, Class};
+use crate::fdio::{self, Class, Room};
 use crate::record::Traffic;
 use crate::sys;
 
@@ -62,6 +62,13 @@ pub struct Session<'a> {
     /// Whether the command still takes input.
     feeding: bool,
     wire: Wire,
+    /// What the client's socket takes now: no more output is read than
+    /// that, so what a slow client cannot take waits in the command's
+    /// pipe or socket pair, not here.
+    room: Room,
+    /// The socket had no room for more output: its room is waited for,
+    /// not the output.
+    full: bool,
     /// Control frames (pongs, pings, the close) waiting for a frame boundary.
     outbox: Vec<u8>,
     /// Text output not yet ended by a newline.
@@ -109,6 +116,8 @@ impl<'a> Session<'a> {
             feeding: !matches!(input, Input::Null),
             input,
             wire: Wire::default(),
+            room: Room::of(socket.get_ref()),
+            full: false,
             outbox: Vec::new(),
             partial: Vec::new(),
             inbox: Vec::new(),
@@ -134,11 +143,11 @@ impl<'a> Session<'a> {
                 break end;
             }
             let writing = !self.wire.is_empty() || !self.outbox.is_empty();
-            let producing = !writing && self.output_open && self.budget > 0;
+            let producing = !writing && !self.full && self.output_open && self.budget > 0;
             let receiving = self.inbox.len() < INBOX_HIGH && self.outbox.len() < OUTBOX_HIGH;
             let stdin = input.fd(output).filter(|_| !self.inbox.is_empty());
             let step = tokio::select! {
-                r = socket.writable(), if writing => self.send(r),
+                r = socket.writable(), if writing || self.full => self.send(r),
                 r = output.readable(), if producing => self.produce(r),
                 r = socket.readable(), if receiving => self.receive(r),
                 r = writable(stdin) => self.feed(r).map(|taken| {
@@ -180,6 +189,12 @@ impl<'a> Session<'a> {
     fn send(&mut self, ready: io::Result<AsyncFdReadyGuard<'_, OwnedFd>>) -> Result<(), End> {
         let mut ready =
             ready.map_err(|e| End::client_error(fdio::errno(&e), "writing to the client"))?;
+        if self.full {
+            if self.room.reported(&mut ready).is_none() {
+                return Ok(());
+            }
+            self.full = false;
+        }
         loop {
             if self.wire.is_empty() {
                 if self.outbox.is_empty() {
@@ -189,9 +204,12 @@ impl<'a> Session<'a> {
             }
             let socket = self.socket.get_ref();
             match self.wire.write(socket, self.output.get_ref(), self.traffic) {
-                Ok(()) => {}
+                Ok(n) => self.room.took(n),
                 Err(Errno::EAGAIN) => {
                     ready.clear_ready();
+                    self.room.full();
+                    // It may be a while: only the rest of the frame is kept.
+                    self.wire.compact();
                     return Ok(());
                 }
                 Err(e) => return Err(End::client_error(e, "writing to the client")),
@@ -204,6 +222,20 @@ impl<'a> Session<'a> {
         let mut ready = ready.map_err(|e| output_error(fdio::errno(&e)))?;
         let fd = self.output.get_ref();
         let max = self.ws.max_message_size;
+        // What is read goes to the heap until the client takes it; what is
+        // spliced stays in the pipe.
+        let limit = match (self.ws.messages, self.splice) {
+            (Messages::Binary, true) => usize::MAX,
+            (Messages::Binary, false) => self.room.now(self.socket.get_ref(), BINARY_READ),
+            (Messages::Text, _) => self.room.now(self.socket.get_ref(), TEXT_READ),
+        };
+        if limit == 0 {
+            // The output waits (its readiness kept) for the client's room,
+            // and the wire keeps no more than it holds meanwhile.
+            self.full = true;
+            self.wire.compact();
+            return Ok(());
+        }
         let read = match (self.ws.messages, self.splice) {
             (Messages::Binary, true) => match pipe_content(fd) {
                 Ok(Some(0)) => Ok(0),
@@ -217,7 +249,7 @@ impl<'a> Session<'a> {
                 Err(e) => Err(e),
             },
             (Messages::Binary, false) => {
-                let want = max.min(BINARY_READ).min(clamp(self.budget));
+                let want = max.min(BINARY_READ).min(clamp(self.budget)).min(limit);
                 let read = self.wire.read_binary(fd, want);
                 if let Ok(n) = read {
                     self.budget -= n as u64;
@@ -231,7 +263,7 @@ impl<'a> Session<'a> {
                     max,
                     budget: &mut self.budget,
                 };
-                lines.read(fd)
+                lines.read(fd, limit)
             }
         };
         match read {
