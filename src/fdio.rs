@@ -238,6 +238,12 @@ enum RoomKind {
 /// of a writable socket or pipe.
 const ROOM_FLOOR: usize = 4096;
 
+/// Room worth a read. With less (and less than is wanted), a read waits
+/// until the kernel reports the destination writable, as a write that
+/// found it full would: reading each crumb of room as it frees would move
+/// the same bytes in many more, smaller calls.
+const ROOM_LOW: usize = 64 * 1024;
+
 impl Room {
     /// The room of `fd`, whatever it is.
     pub fn of(fd: &OwnedFd) -> Room {
@@ -276,35 +282,50 @@ impl Room {
         self.known = 0;
     }
 
-    /// Waits until `fd` has room, and says how much.
-    pub async fn wait(&mut self, fd: &AsyncFd<OwnedFd>) -> Result<usize, Errno> {
+    /// The room of `fd` for a read of up to `want` bytes: what it has, if
+    /// that is worth a read (`want`, or `ROOM_LOW`), or if the kernel
+    /// reports it writable; else 0.
+    pub fn for_read(&mut self, fd: &OwnedFd, want: usize) -> usize {
+        let room = self.now(fd, want);
+        if room >= want.min(ROOM_LOW) {
+            return room;
+        }
+        if writable_now(fd) {
+            // The kernel takes a write (or has an error for it), however
+            // little room the count sees.
+            self.known = room.max(ROOM_FLOOR);
+            return self.known;
+        }
+        0
+    }
+
+    /// Waits until `fd` has room for a read of up to `want` bytes (as
+    /// [`Room::for_read`] says), and says how much.
+    pub async fn wait(&mut self, fd: &AsyncFd<OwnedFd>, want: usize) -> Result<usize, Errno> {
         loop {
             let mut ready = fd.writable().await.map_err(|e| errno(&e))?;
-            if let Some(room) = self.reported(&mut ready) {
+            if let Some(room) = self.reported(&mut ready, want) {
                 return Ok(room);
             }
         }
     }
 
-    /// After the event loop reported a destination writable: its room; or
-    /// None, with the readiness cleared, when it has none, so that waiting
-    /// again waits for the kernel's next report of room.
-    pub fn reported(&mut self, ready: &mut AsyncFdReadyGuard<'_, OwnedFd>) -> Option<usize> {
-        let fd = ready.get_inner();
-        let room = self.now(fd, 1);
-        if room > 0 {
-            return Some(room);
+    /// After the event loop reported a destination writable: its room for
+    /// a read of up to `want` bytes; or None, with the readiness cleared,
+    /// so that waiting again waits for the kernel's next report (a report
+    /// since the wait began survives the clear).
+    pub fn reported(
+        &mut self,
+        ready: &mut AsyncFdReadyGuard<'_, OwnedFd>,
+        want: usize,
+    ) -> Option<usize> {
+        match self.for_read(ready.get_inner(), want) {
+            0 => {
+                ready.clear_ready();
+                None
+            }
+            room => Some(room),
         }
-        if writable_now(fd) {
-            // The kernel takes a write (or has an error for it) where the
-            // count sees no room.
-            self.known = ROOM_FLOOR;
-            return Some(ROOM_FLOOR);
-        }
-        // Not writable: the kernel reports the next room that frees, and a
-        // report since the wait began survives the clear.
-        ready.clear_ready();
-        None
     }
 }
 

@@ -50,10 +50,10 @@ pub(super) async fn copy_loop(
         }
         let mut ready = src.readable().await.map_err(|e| reading(fdio::errno(&e)))?;
         let want = budget.ask(bulk.as_ref().map_or(COPY_SMALL, |b| b.len()));
-        let space = room.now(dst.get_ref(), want);
+        let space = room.for_read(dst.get_ref(), want);
         if space == 0 {
             // The destination is full: wait for it, not for more input.
-            wait_for_room(dst, &mut room, &mut bulk)
+            wait_for_room(dst, (&mut room, want), &mut bulk)
                 .await
                 .map_err(&writing)?;
             continue;
@@ -137,16 +137,16 @@ const STALL: Duration = Duration::from_millis(50);
 /// bulk buffer is freed.
 async fn wait_for_room(
     dst: &AsyncFd<OwnedFd>,
-    room: &mut Room,
+    (room, want): (&mut Room, usize),
     bulk: &mut Option<Pages>,
 ) -> Result<(), Errno> {
     if bulk.is_some() {
-        match tokio::time::timeout(STALL, room.wait(dst)).await {
+        match tokio::time::timeout(STALL, room.wait(dst, want)).await {
             Ok(waited) => return waited.map(drop),
             Err(_stalled) => *bulk = None,
         }
     }
-    room.wait(dst).await.map(drop)
+    room.wait(dst, COPY_SMALL.min(want)).await.map(drop)
 }
 
 /// Writes `bytes` as the destination takes them, for at most `STALL`;

@@ -28,11 +28,12 @@ use crate::record::Traffic;
 
 /// One read of plaintext (a record's worth), on the stack of a plain function.
 const CHUNK: usize = 16 * 1024;
-/// Reads of plaintext per turn before the records are written out.
-const CHUNKS_PER_TURN: usize = 4;
 /// The most a record adds to its plaintext (TLS 1.2 with AES-GCM: header,
 /// explicit nonce, tag).
 const RECORD_OVERHEAD: usize = 29;
+/// What a turn reads and seals before the records are written out: four
+/// records, at most, and no more than the client's socket has room for.
+const TURN: usize = 4 * (CHUNK + RECORD_OVERHEAD);
 
 /// How [`Layer::pump`] ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -72,7 +73,7 @@ impl Layer {
     /// The layer for a connection whose handshake is complete.
     pub fn new(mut conn: ServerConnection) -> Layer {
         // The layer bounds what waits itself: it reads no plaintext while
-        // records wait for the client, and a turn reads CHUNKS_PER_TURN.
+        // records wait for the client, and a turn reads at most TURN.
         conn.set_buffer_limit(None);
         Layer {
             conn,
@@ -117,7 +118,7 @@ impl Layer {
                 r = tcp.writable(), if writing || full => match r {
                     // The room that was waited for.
                     Ok(mut ready) if !writing => {
-                        full = room.reported(&mut ready).is_none();
+                        full = room.reported(&mut ready, CHUNK + RECORD_OVERHEAD).is_none();
                         Ok(())
                     }
                     r => self.write_records(r, &mut room),
@@ -246,11 +247,13 @@ impl Layer {
         (tcp, room): (&OwnedFd, &mut Room),
     ) -> Result<bool, Pumped> {
         let mut ready = ready.map_err(|e| Pumped::Failed(format!("the plaintext side: {e}")))?;
-        for _ in 0..CHUNKS_PER_TURN {
-            let ask = match room.now(tcp, CHUNK + RECORD_OVERHEAD) {
-                0 => return Ok(true),
-                room => room.saturating_sub(RECORD_OVERHEAD).clamp(1, CHUNK),
-            };
+        // The room of a whole turn, asked once.
+        let mut space = match room.for_read(tcp, TURN) {
+            0 => return Ok(true),
+            space => space.min(TURN),
+        };
+        while space > RECORD_OVERHEAD {
+            let ask = (space - RECORD_OVERHEAD).min(CHUNK);
             match seal_chunk(ready.get_inner(), &mut self.conn, ask) {
                 Ok(0) => {
                     self.output_done = true;
@@ -258,6 +261,7 @@ impl Layer {
                 }
                 Ok(n) => {
                     room.took(n + RECORD_OVERHEAD);
+                    space -= n + RECORD_OVERHEAD;
                     if let Some(t) = counted {
                         t.sent(n);
                     }

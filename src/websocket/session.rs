@@ -165,6 +165,14 @@ impl<'a> Session<'a> {
         end
     }
 
+    /// The most one read of output takes (for the client's room).
+    fn read_size(&self) -> usize {
+        match self.ws.messages {
+            Messages::Binary => BINARY_READ,
+            Messages::Text => TEXT_READ,
+        }
+    }
+
     /// Where the session counts what it moves.
     pub fn traffic(&self) -> &'a Traffic {
         self.traffic
@@ -190,7 +198,7 @@ impl<'a> Session<'a> {
         let mut ready =
             ready.map_err(|e| End::client_error(fdio::errno(&e), "writing to the client"))?;
         if self.full {
-            if self.room.reported(&mut ready).is_none() {
+            if self.room.reported(&mut ready, self.read_size()).is_none() {
                 return Ok(());
             }
             self.full = false;
@@ -224,10 +232,9 @@ impl<'a> Session<'a> {
         let max = self.ws.max_message_size;
         // What is read goes to the heap until the client takes it; what is
         // spliced stays in the pipe.
-        let limit = match (self.ws.messages, self.splice) {
-            (Messages::Binary, true) => usize::MAX,
-            (Messages::Binary, false) => self.room.now(self.socket.get_ref(), BINARY_READ),
-            (Messages::Text, _) => self.room.now(self.socket.get_ref(), TEXT_READ),
+        let limit = match self.splice {
+            true => usize::MAX,
+            false => self.room.for_read(self.socket.get_ref(), self.read_size()),
         };
         if limit == 0 {
             // The output waits (its readiness kept) for the client's room,
