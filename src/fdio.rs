@@ -220,6 +220,8 @@ pub async fn write_all(
 pub struct Room {
     kind: RoomKind,
     known: usize,
+    /// What the last read wanted room for: what a wait for room waits for.
+    want: usize,
 }
 
 enum RoomKind {
@@ -254,7 +256,11 @@ impl Room {
         } else {
             RoomKind::Unknown
         };
-        Room { kind, known: 0 }
+        Room {
+            kind,
+            known: 0,
+            want: 1,
+        }
     }
 
     /// The room of `fd` now, at least as much as `want` when it has that
@@ -284,8 +290,9 @@ impl Room {
 
     /// The room of `fd` for a read of up to `want` bytes: what it has, if
     /// that is worth a read (`want`, or `ROOM_LOW`), or if the kernel
-    /// reports it writable; else 0.
+    /// reports it writable; else 0, and a wait for room waits for that much.
     pub fn for_read(&mut self, fd: &OwnedFd, want: usize) -> usize {
+        self.want = want;
         let room = self.now(fd, want);
         if room >= want.min(ROOM_LOW) {
             return room;
@@ -302,24 +309,23 @@ impl Room {
     /// Waits until `fd` has room for a read of up to `want` bytes (as
     /// [`Room::for_read`] says), and says how much.
     pub async fn wait(&mut self, fd: &AsyncFd<OwnedFd>, want: usize) -> Result<usize, Errno> {
+        self.want = want;
         loop {
             let mut ready = fd.writable().await.map_err(|e| errno(&e))?;
-            if let Some(room) = self.reported(&mut ready, want) {
+            if let Some(room) = self.reported(&mut ready) {
                 return Ok(room);
             }
         }
     }
 
     /// After the event loop reported a destination writable: its room for
-    /// a read of up to `want` bytes; or None, with the readiness cleared,
-    /// so that waiting again waits for the kernel's next report (a report
-    /// since the wait began survives the clear).
-    pub fn reported(
-        &mut self,
-        ready: &mut AsyncFdReadyGuard<'_, OwnedFd>,
-        want: usize,
-    ) -> Option<usize> {
-        match self.for_read(ready.get_inner(), want) {
+    /// the read [`Room::for_read`] last found no room for; or None, with
+    /// the readiness cleared, so that waiting again waits for the kernel's
+    /// next report (a report since the wait began survives the clear).
+    /// (Asked for less than that read wants, it would find room that the
+    /// read does not, and the two would go round without waiting.)
+    pub fn reported(&mut self, ready: &mut AsyncFdReadyGuard<'_, OwnedFd>) -> Option<usize> {
+        match self.for_read(ready.get_inner(), self.want) {
             0 => {
                 ready.clear_ready();
                 None
@@ -471,6 +477,38 @@ mod tests {
         nix::unistd::write(&w, b"x").unwrap();
         drop(w);
         assert!(hung_up(&r), "with data left in it, too");
+    }
+
+    /// A wait for room waits for the room the read wanted: a destination
+    /// with a little room (less than the read wants, and not writable by
+    /// the kernel's measure) is not reported ready, or the read and the
+    /// wait would go round without end.
+    #[tokio::test]
+    async fn a_wait_for_room_waits_for_what_the_read_wants() {
+        use std::io::Read;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let ours = register(ours.into(), Interest::WRITABLE).unwrap();
+        drop(ours.writable().await.unwrap());
+        let chunk = [0u8; 16 * 1024];
+        while nix::unistd::write(ours.get_ref(), &chunk).is_ok() {}
+        let mut taken = vec![0u8; chunk.len()];
+        (&theirs).read_exact(&mut taken).unwrap();
+
+        let mut room = Room::of(ours.get_ref());
+        let little = room.now(ours.get_ref(), usize::MAX);
+        assert!(little > 0 && little < ROOM_LOW, "{little} bytes of room");
+        assert_eq!(
+            room.for_read(ours.get_ref(), 1 << 20),
+            0,
+            "not worth a read"
+        );
+        let mut ready = ours.writable().await.unwrap();
+        assert_eq!(room.reported(&mut ready), None, "the wait goes on");
+        assert!(
+            room.for_read(ours.get_ref(), 4096) > 0,
+            "a smaller read fits"
+        );
     }
 
     #[tokio::test]

@@ -118,7 +118,7 @@ impl Layer {
                 r = tcp.writable(), if writing || full => match r {
                     // The room that was waited for.
                     Ok(mut ready) if !writing => {
-                        full = room.reported(&mut ready, CHUNK + RECORD_OVERHEAD).is_none();
+                        full = room.reported(&mut ready).is_none();
                         Ok(())
                     }
                     r => self.write_records(r, &mut room),

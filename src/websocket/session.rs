@@ -198,7 +198,7 @@ impl<'a> Session<'a> {
         let mut ready =
             ready.map_err(|e| End::client_error(fdio::errno(&e), "writing to the client"))?;
         if self.full {
-            if self.room.reported(&mut ready, self.read_size()).is_none() {
+            if self.room.reported(&mut ready).is_none() {
                 return Ok(());
             }
             self.full = false;
