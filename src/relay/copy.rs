@@ -1,10 +1,12 @@
 //! The copy loop: read(2) and write(2) through a buffer sized to the flow.
 
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::time::Duration;
 
 use nix::errno::Errno;
 use tokio::io::unix::AsyncFd;
+use tokio::time::{Instant, Sleep};
 
 use super::{Budget, Failed, Pumped, Side};
 use crate::fdio::{self, Room};
@@ -38,6 +40,12 @@ pub(super) async fn copy_loop(
     let (reading, writing) = (Failed::at(Side::Source), Failed::at(Side::Destination));
     let mut room = Room::of(dst.get_ref());
     let mut bulk: Option<Pages> = None;
+    let timer = tokio::time::sleep(STALL);
+    tokio::pin!(timer);
+    let mut stall = Stall {
+        last: Instant::now(),
+        timer,
+    };
     // Bytes read that the destination has not taken yet, off the buffers.
     let mut held: Vec<u8> = Vec::new();
     loop {
@@ -53,7 +61,7 @@ pub(super) async fn copy_loop(
         let space = room.for_read(dst.get_ref(), want);
         if space == 0 {
             // The destination is full: wait for it, not for more input.
-            wait_for_room(dst, (&mut room, want), &mut bulk)
+            wait_for_room(dst, (&mut room, want), &mut bulk, &mut stall)
                 .await
                 .map_err(&writing)?;
             continue;
@@ -81,6 +89,7 @@ pub(super) async fn copy_loop(
                     } else if ask == COPY_SMALL {
                         // (Without the memory for it, trickles go on.)
                         bulk = Pages::new(COPY_BULK).ok();
+                        stall.progress();
                     }
                 }
             }
@@ -106,9 +115,14 @@ pub(super) async fn copy_loop(
         if let Some(errno) = failed {
             return Err(writing(errno));
         }
+        if sent > 0 {
+            stall.progress();
+        }
         if sent < n {
             room.full();
-            let stalled = finish(dst, &buf[sent..n], budget).await.map_err(&writing)?;
+            let stalled = finish(dst, &buf[sent..n], budget, &mut stall)
+                .await
+                .map_err(&writing)?;
             if let Some(at) = stalled {
                 held = buf[sent + at..n].to_vec();
                 bulk = None;
@@ -133,41 +147,75 @@ pub(super) async fn copy_loop(
 /// Bulk to a client that reads waits far less between writes.
 const STALL: Duration = Duration::from_millis(50);
 
-/// Waits until the destination has room; once that has taken `STALL`, the
-/// bulk buffer is freed.
+/// When the destination last took bytes, and the timer that looks at it.
+/// The timer is set again when it fires (at most once per `STALL`), not at
+/// every wait: setting a timer that comes due before the others wakes the
+/// thread that keeps them.
+struct Stall<'t> {
+    last: Instant,
+    timer: Pin<&'t mut Sleep>,
+}
+
+impl Stall<'_> {
+    /// The destination took bytes.
+    fn progress(&mut self) {
+        self.last = Instant::now();
+    }
+
+    /// The timer fired: true if the destination has taken nothing for
+    /// `STALL`; else the timer is set for `STALL` after it last did.
+    fn fired(&mut self) -> bool {
+        let due = self.last + STALL;
+        if Instant::now() >= due {
+            return true;
+        }
+        self.timer.as_mut().reset(due);
+        false
+    }
+}
+
+/// Waits until the destination has room; once it has taken nothing for
+/// `STALL`, the bulk buffer is freed.
 async fn wait_for_room(
     dst: &AsyncFd<OwnedFd>,
     (room, want): (&mut Room, usize),
     bulk: &mut Option<Pages>,
+    stall: &mut Stall<'_>,
 ) -> Result<(), Errno> {
-    if bulk.is_some() {
-        match tokio::time::timeout(STALL, room.wait(dst, want)).await {
-            Ok(waited) => return waited.map(drop),
-            Err(_stalled) => *bulk = None,
+    while bulk.is_some() {
+        tokio::select! {
+            waited = room.wait(dst, want) => return waited.map(drop),
+            () = stall.timer.as_mut() => if stall.fired() {
+                *bulk = None;
+            },
         }
     }
     room.wait(dst, COPY_SMALL.min(want)).await.map(drop)
 }
 
-/// Writes `bytes` as the destination takes them, for at most `STALL`;
-/// Some(how much was written) when the destination stalled before the end.
+/// Writes `bytes` as the destination takes them, until it has taken
+/// nothing for `STALL`: then Some(how much was written).
 async fn finish(
     dst: &AsyncFd<OwnedFd>,
     bytes: &[u8],
     budget: &mut Budget<impl FnMut(usize)>,
+    stall: &mut Stall<'_>,
 ) -> Result<Option<usize>, Errno> {
-    let deadline = tokio::time::Instant::now() + STALL;
     let mut at = 0;
     while at < bytes.len() {
-        // Cancelled only while it waits for readiness, never after a write.
-        let write = fdio::write_with(dst, |fd| nix::unistd::write(fd, &bytes[at..]));
-        match tokio::time::timeout_at(deadline, write).await {
-            Ok(n) => {
+        let rest = &bytes[at..];
+        // The write is cancelled only while it waits for readiness, never
+        // after it wrote.
+        tokio::select! {
+            n = fdio::write_with(dst, |fd| nix::unistd::write(fd, rest)) => {
                 let n = n?;
                 at += n;
                 budget.spend(n);
+                stall.progress();
             }
-            Err(_stalled) => return Ok(Some(at)),
+            () = stall.timer.as_mut() => if stall.fired() {
+                return Ok(Some(at));
+            },
         }
     }
     Ok(None)
