@@ -95,8 +95,9 @@ impl Wire {
         Ok(n)
     }
 
-    /// While the client takes nothing: only what is left to write is kept,
-    /// in a buffer of its size if that is large; nothing when all is written.
+    /// While the client takes nothing: nothing is kept once all is written;
+    /// else what is left, in a buffer of its size if the one it is in is
+    /// large (and the frames' list too, if far larger than what is left).
     pub fn compact(&mut self) {
         if self.is_empty() {
             self.bytes = Vec::new();
@@ -111,7 +112,11 @@ impl Wire {
             }
             self.at = 0;
         }
-        self.frames.shrink_to_fit();
+        // (Shrunk each time, the list of a text session's many short
+        // messages would be grown again each time.)
+        if self.frames.capacity() * 16 > KEEP && self.frames.len() * 8 < self.frames.capacity() {
+            self.frames.shrink_to_fit();
+        }
     }
 
     /// One write (or splice) to the client: how many bytes it took; EAGAIN
