@@ -699,30 +699,89 @@ fn the_command_starts_with_default_signals_its_own_group_and_three_descriptors()
 /// without end, which read nothing, leave its output in the kernel's
 /// buffers (where it holds the command back), not in the daemon's memory.
 /// Each used to cost the daemon the relay's whole buffer (256 KiB from the
-/// socket pair, 1 MiB from a pipe); now about what a spliced connection
-/// costs (some 20 KiB, the connection's own state).
+/// socket pair, 1 MiB from a pipe, and as much again behind TLS); now about
+/// what a spliced connection costs (some 20 KiB, the connection's own
+/// state; some 35 KiB with TLS in the daemon).
 #[test]
 fn slow_readers_cost_the_daemon_little_memory() {
     const WARM: usize = 4;
     const SLOW: usize = 24;
     /// Per slow reader, with a wide margin both ways.
     const BOUND_KIB: u64 = 128;
-    for transfer in ["socketpair", "copy"] {
-        let extra = format!("transfer = \"{transfer}\"\nmax_connections = 64");
+    let pki = Pki::new();
+    for (name, tls) in [
+        ("socketpair", false),
+        ("copy", false),
+        ("socketpair over TLS", true),
+    ] {
+        let transfer = name.split(' ').next().unwrap();
+        let mut extra = format!("transfer = \"{transfer}\"\nmax_connections = 64\n");
+        if tls {
+            extra += &pki.tls_lines();
+        }
         let (d, addr) = serve(r#"["cat", "/dev/zero"]"#, &extra);
         // The first few pay what every daemon pays once (threads, the
         // allocator's arenas); the rest, what a slow reader costs.
-        let mut clients: Vec<TcpStream> = (0..WARM).map(|_| connect(addr)).collect();
+        let warm = SlowReaders::open(addr, WARM, tls.then_some(&pki));
         let before = settled(&d, WARM);
-        clients.extend((0..SLOW).map(|_| connect(addr)));
+        let slow = SlowReaders::open(addr, SLOW, tls.then_some(&pki));
         let after = settled(&d, WARM + SLOW);
         let each = after.saturating_sub(before) / SLOW as u64;
-        eprintln!("{transfer}: {before} -> {after} KiB anonymous, {each} KiB per slow reader");
+        eprintln!("{name}: {before} -> {after} KiB anonymous, {each} KiB per slow reader");
         assert!(
             each < BOUND_KIB,
-            "{transfer}: each slow reader costs the daemon {each} KiB ({before} -> {after} KiB for {SLOW})"
+            "{name}: each slow reader costs the daemon {each} KiB ({before} -> {after} KiB for {SLOW})"
         );
-        drop(clients);
+        drop((warm, slow));
+    }
+}
+
+/// Clients that connect and read nothing, until dropped: TCP streams, or
+/// TLS sessions held by a Python process.
+enum SlowReaders {
+    Raw(Vec<TcpStream>),
+    Tls(std::process::Child),
+}
+
+impl SlowReaders {
+    fn open(addr: std::net::SocketAddr, n: usize, tls: Option<&Pki>) -> SlowReaders {
+        let Some(pki) = tls else {
+            return SlowReaders::Raw((0..n).map(|_| connect(addr)).collect());
+        };
+        let script = "import socket, ssl, sys\n\
+            port, ca, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])\n\
+            ctx = ssl.create_default_context(cafile=ca)\n\
+            def tls():\n    \
+                raw = socket.create_connection(('127.0.0.1', port), timeout=30)\n    \
+                return ctx.wrap_socket(raw, server_hostname='localhost')\n\
+            held = [tls() for _ in range(n)]\n\
+            print('connected', flush=True)\n\
+            sys.stdin.read()\n";
+        let mut child = Command::new(PYTHON)
+            .args(["-c", script, &addr.port().to_string(), &pki.file("ca.pem")])
+            .arg(n.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "connected\n", "{n} TLS clients did not connect");
+        SlowReaders::Tls(child)
+    }
+}
+
+impl Drop for SlowReaders {
+    fn drop(&mut self) {
+        match self {
+            SlowReaders::Raw(streams) => streams.clear(),
+            SlowReaders::Tls(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
     }
 }
 
