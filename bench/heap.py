@@ -6,6 +6,8 @@ bulk command and read nothing.
     bench/heap.py --clients 100 --only socketpair,copy,splice
     bench/heap.py --bin-dir /tmp/old   # another build (its splice-relay and
                                        # examples/bench-producer)
+    bench/heap.py --baseline /tmp/old/splice-relay --write
+                                       # that build beside this one, row by row
 
 For each row a daemon is started on 127.0.0.1 with one service whose command
 writes without end (`bench-producer bulk`, 1 MiB writes; text lines for
@@ -143,11 +145,10 @@ def settle(pid, want, patience=30):
         last = now
 
 
-def measure(row, clients, bins, tmp, tls_files):
+def measure(row, clients, relay, producer, tmp, tls_files):
     extra, mode, speaks = ROWS[row]
     extra = extra.replace("{tls}", f'tls_certificate = "{tls_files[0]}"\ntls_key = "{tls_files[1]}"\n')
     port = free_port()
-    producer = bins / "examples" / "bench-producer"
     command = [str(producer), "bulk", str(1 << 40)] if mode == "bulk" else [str(producer), "lines"]
     cfg = tmp / f"{row}.toml"
     cfg.write_text(
@@ -156,7 +157,7 @@ def measure(row, clients, bins, tmp, tls_files):
         f"max_connections = 4096\n{extra}")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "JOURNAL_"))}
     log = open(tmp / f"{row}.log", "w")
-    daemon = subprocess.Popen([str(bins / "splice-relay"), "--config", str(cfg)], env=env,
+    daemon = subprocess.Popen([str(relay), "--config", str(cfg)], env=env,
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
@@ -213,7 +214,10 @@ def main():
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--only", help="rows: " + ",".join(ROWS))
     ap.add_argument("--bin-dir", type=Path, help="a build's directory (default: target/release, built now)")
-    ap.add_argument("--label", default="", help="a name for this build in the report")
+    ap.add_argument("--baseline", type=Path, help="another build's splice-relay binary, measured beside "
+                    "this one's, row by row")
+    ap.add_argument("--label", default="this build", help="this build's column in the report")
+    ap.add_argument("--baseline-label", default="baseline", help="the baseline's column in the report")
     ap.add_argument("--write", action="store_true", help="write bench/results/heap.md")
     args = ap.parse_args()
     bins = args.bin_dir.resolve() if args.bin_dir else None
@@ -228,31 +232,39 @@ def main():
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    builds = {args.label: bins / "splice-relay"}
+    if args.baseline:
+        builds = {args.baseline_label: args.baseline.resolve(), **builds}
+    producer = bins / "examples" / "bench-producer"
     results = {}
     with tempfile.TemporaryDirectory(prefix="splice-relay-heap.") as d:
         tmp = Path(d)
         tls_files = certificate(tmp)
         for row in rows:
-            r = measure(row, args.clients, bins, tmp, tls_files)
-            results[row] = r
-            print(f"{row:24} anonymous {r['Anonymous']:8.1f} KiB/client   RSS {r['Rss']:8.1f} KiB/client",
-                  flush=True)
-    report = markdown(results, args.clients, args.label)
+            for build, relay in builds.items():
+                r = measure(row, args.clients, relay, producer, tmp, tls_files)
+                results.setdefault(row, {})[build] = r
+                print(f"{row:24} {build:16} anonymous {r['Anonymous']:8.1f} KiB/client   "
+                      f"RSS {r['Rss']:8.1f} KiB/client", flush=True)
+    report = markdown(results, args.clients)
     print("\n" + report)
     if args.write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "heap.md").write_text(report + "\n")
 
 
-def markdown(results, clients, label):
+def markdown(results, clients):
+    builds = list(next(iter(results.values())))
     out = ["# The daemon's memory per slow reader", "",
            f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} vCPUs, Linux {platform.release()}; "
            f"{WARM} + {clients} clients that read nothing, each on a command that writes without end "
-           "(bench/heap.py" + (f", {label}" if label else "") + "). Growth of the daemon's "
-           "anonymous memory and RSS from the first " + str(WARM) + " to all, per client.", "",
-           "| service | anonymous KiB per client | RSS KiB per client |", "|---|---|---|"]
-    for row, r in results.items():
-        out.append(f"| {TITLES[row]} | {r['Anonymous']:.0f} | {r['Rss']:.0f} |")
+           "(`bench/heap.py`). The growth of the daemon's "
+           f"anonymous memory (heap and stacks; its RSS grew the same) from the first {WARM} clients "
+           "to all, per client, in KiB. What waits in the kernel's socket and pipe buffers is not "
+           "counted: that is where a slow reader's data should wait.", "",
+           "| service | " + " | ".join(builds) + " |", "|---" * (len(builds) + 1) + "|"]
+    for row, by in results.items():
+        out.append(f"| {TITLES[row]} | " + " | ".join(f"{by[b]['Anonymous']:.0f}" for b in builds) + " |")
     return "\n".join(out)
 
 

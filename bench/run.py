@@ -151,9 +151,9 @@ WS_SCENARIOS = {"ws-rate1", "ws-rate32", "ws-text", "ws-bulk", "ws-bulk4", "ws-s
 class SpliceRelayWs(SpliceRelay):
     """A WebSocket service: text messages, or binary ones (spliced from the pipe)."""
 
-    def __init__(self, messages="text"):
-        super().__init__()
-        self.name = "splice-relay websocket" + (" binary" if messages == "binary" else "")
+    def __init__(self, messages="text", binary=None, tag=""):
+        super().__init__(binary=binary)
+        self.name = "splice-relay websocket" + (" binary" if messages == "binary" else "") + tag
         self.cgroup = CGROOT / self.name.replace(" ", "_")
         self.extra = f'protocol = "websocket"\nmessages = "{messages}"\n'
         self.ws = True
@@ -166,9 +166,9 @@ TLS_FILES = {}
 
 
 class SpliceRelayTls(SpliceRelay):
-    def __init__(self, transfer=None):
-        super().__init__(transfer)
-        self.name = "splice-relay tls" + (f" {transfer}" if transfer else "")
+    def __init__(self, transfer=None, binary=None, tag=""):
+        super().__init__(transfer, binary=binary)
+        self.name = "splice-relay tls" + (f" {transfer}" if transfer else "") + tag
         self.cgroup = CGROOT / self.name.replace(" ", "_")
         self.extra = f'tls_certificate = "{TLS_FILES["cert"]}"\ntls_key = "{TLS_FILES["key"]}"\n'
         self.tls = True
@@ -425,6 +425,8 @@ def contenders(names, scenario):
     if BASELINE:
         # Another build's relayed rows, beside this one's in the same run.
         all_ += [SpliceRelay(t, binary=BASELINE, tag=" baseline") for t in (None, "splice", "copy")]
+        all_ += [SpliceRelayWs(m, binary=BASELINE, tag=" baseline") for m in ("text", "binary")]
+        all_ += [SpliceRelayTls(binary=BASELINE, tag=" baseline")]
     return [c for c in all_ if (names is None or c.name in names)
             and (c.scenarios is None or scenario in c.scenarios)]
 
@@ -530,8 +532,9 @@ def main():
                     "tls-rate1,tls-rate32,tls-bulk,tls-bulk4")
     ap.add_argument("--contenders", help="comma-separated names (default: all)")
     ap.add_argument("--baseline", type=Path, help="another build's splice-relay binary: its rows "
-                    "(`splice-relay baseline`, `splice-relay splice baseline`, `splice-relay copy baseline`) "
-                    "run beside this build's, for a before and after in one run")
+                    "(`splice-relay baseline`, `splice-relay splice baseline`, `splice-relay copy baseline`, "
+                    "`splice-relay websocket baseline`, `splice-relay websocket binary baseline`, "
+                    "`splice-relay tls baseline`) run beside this build's, for a before and after in one run")
     args = ap.parse_args()
     global BASELINE
     BASELINE = args.baseline.resolve() if args.baseline else None
@@ -570,6 +573,10 @@ def main():
     tls_bulk = GIB if not smoke else 16 << 20
     tls_who = ("splice-relay tls", "splice-relay tls direct", "stunnel", "socat openssl",
                "socat openssl -b1048576")
+    if BASELINE:
+        def with_baseline(names):
+            return names + tuple(f"{n} baseline" for n in names if n.startswith("splice-relay"))
+        real, text_ws, binary_ws, tls_who = map(with_baseline, (real, text_ws, binary_ws, tls_who))
     make_certificate(files)
 
     def real_bulk(key, title, argv, per, clients):
