@@ -168,12 +168,23 @@ fn proxy_protocol(s: &RawService) -> Result<bool, String> {
     Ok(proxy_protocol)
 }
 
-/// Who may connect, and how many and how often.
+/// Who may connect, and how many and how often. Without `max_per_source`,
+/// one address may hold half the service's places (see
+/// [`defaults::max_per_source`]); loopback clients are not counted then.
 fn access(s: &RawService) -> Rules {
+    let max_connections = s
+        .max_connections
+        .as_ref()
+        .map_or(defaults::SERVICE_MAX_CONNECTIONS, |m| m.0);
+    let (max_per_source, loopback_counted) = match &s.max_per_source {
+        Some(m) => (Some(m.0), true),
+        None => (Some(defaults::max_per_source(max_connections)), false),
+    };
     Rules {
         allow: s.allow.as_ref().map(|r| r.0.clone()).unwrap_or_default(),
         deny: s.deny.as_ref().map(|r| r.0.clone()).unwrap_or_default(),
-        max_per_source: s.max_per_source.as_ref().map(|m| m.0),
+        max_per_source,
+        loopback_counted,
         source_prefix_v6: s
             .ipv6_source_prefix
             .as_ref()

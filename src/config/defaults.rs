@@ -21,6 +21,15 @@ pub const PIPE_SIZE: usize = 1 << 20;
 /// IPv6 clients are counted per network of this many bits (one host's /64).
 pub const IPV6_SOURCE_PREFIX: u8 = 64;
 pub const PROXY_PROTOCOL: bool = false;
+
+/// Without `max_per_source`, one address may hold half of a service's
+/// places (at least one), so that one host cannot take the service. Not for
+/// loopback clients, which are this host's own (a local reverse proxy
+/// without the PROXY header shows every client as 127.0.0.1), nor Unix
+/// socket clients, which have no address.
+pub fn max_per_source(max_connections: usize) -> usize {
+    max_connections.div_ceil(2)
+}
 /// A cgroup per connection where the daemon has a delegated subtree.
 pub const CONTAINMENT: Containment = Containment::Auto;
 
