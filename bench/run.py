@@ -141,6 +141,22 @@ class SpliceRelay(Contender):
         return [str(RELAY), "--config", str(cfg)], env
 
 
+SHARED_SCENARIOS = {"fanout1", "fanout10", "fanout100", "fanout-stall", "shared-slow"}
+
+
+class SpliceRelayShared(SpliceRelay):
+    """One shared command for every client: fanned out by a copy (the
+    default), or by tee(2) (`transfer = "splice"`)."""
+
+    def __init__(self, transfer=None, max_lag=None):
+        super().__init__(transfer)
+        way = {None: "", "splice": " tee"}[transfer]
+        self.name = "splice-relay shared" + way
+        self.cgroup = CGROOT / self.name.replace(" ", "_")
+        self.extra = 'shared = true\nlinger = "never"\n' + (f"max_lag = {max_lag}\n" if max_lag else "")
+        self.scenarios = SHARED_SCENARIOS
+
+
 WS_SCENARIOS = {"ws-rate1", "ws-rate32", "ws-text", "ws-bulk", "ws-bulk4", "ws-slow"}
 
 
@@ -390,6 +406,36 @@ def scenario_burst(c, smoke, streams, burst, window):
             "before p99 ms": r["before_p99_ms"], "burst conn/s": r["burst_per_sec"]}
 
 
+def scenario_fanout(c, smoke, clients, stalled=0):
+    """Readers of one endless bulk stream: the bytes a second delivered to
+    all of them, and the relay's CPU per GiB delivered."""
+    secs = 1 if smoke else 4
+    cpu0 = c.cpu_seconds()
+    r = load("fanout", f"127.0.0.1:{c.port}", clients, secs, stalled)
+    cpu = c.cpu_seconds() - cpu0
+    if not r["ok"]:
+        raise RuntimeError(f"{c.name}: a reader got nothing")
+    return {"GB/s": r["gbps"], "relay CPU s/GiB": cpu / (r["bytes"] / GIB),
+            "slowest reader GB/s": r["slowest_gbps"]}
+
+
+def scenario_stall(c, smoke):
+    """Ten readers, then nine readers and one client that never reads, back
+    to back: the readers' bytes a second each time, and the relay's RSS
+    with the stalled client."""
+    secs = 1 if smoke else 4
+    ten = load("fanout", f"127.0.0.1:{c.port}", 10, secs, 0)
+    p = subprocess.Popen([str(LOAD), "fanout", f"127.0.0.1:{c.port}", "9", str(secs), "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(secs / 2 + 1)
+    rss = c.rss_bytes()
+    out, err = p.communicate(timeout=120)
+    nine = json.loads(out)
+    per_ten, per_nine = ten["gbps"] / 10, nine["gbps"] / 9
+    return {"reader GB/s, 9 + 1 stalled": per_nine, "reader GB/s, 10": per_ten,
+            "ratio": per_nine / per_ten, "RSS MiB, stalled": rss / (1 << 20)}
+
+
 def scenario_text(c, smoke):
     """Text messages a second on one connection from a producer of short lines."""
     cpu0 = c.cpu_seconds()
@@ -417,7 +463,8 @@ def contenders(names, scenario):
     all_ = [Direct(), SpliceRelay(), SpliceRelay(cgroups=True), SpliceRelay("splice"), SpliceRelay("copy"),
             SpliceRelay("direct"), Socat(), Socat(1 << 20), TcpServer(), Xinetd(),
             SpliceRelayWs(), SpliceRelayWs("binary"), Websocketd(), Websocketd(binary=True),
-            SpliceRelayTls(), SpliceRelayTls("direct"), Stunnel(), SocatTls(), SocatTls(1 << 20)]
+            SpliceRelayTls(), SpliceRelayTls("direct"), Stunnel(), SocatTls(), SocatTls(1 << 20),
+            SpliceRelayShared(), SpliceRelayShared("splice")]
     return [c for c in all_ if (names is None or c.name in names)
             and (c.scenarios is None or scenario in c.scenarios)]
 
@@ -520,7 +567,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", help="scenarios: bulk,bulk4,vmsplice,cat,cat4,head,head4,gzip,gzip4,"
                     "rate1,rate32,slow,burst,latency,lines,ws-rate1,ws-rate32,ws-text,ws-bulk,ws-bulk4,ws-slow,"
-                    "tls-rate1,tls-rate32,tls-bulk,tls-bulk4")
+                    "tls-rate1,tls-rate32,tls-bulk,tls-bulk4,fanout1,fanout10,fanout100,fanout-stall,shared-slow")
     ap.add_argument("--contenders", help="comma-separated names (default: all)")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -559,6 +606,8 @@ def main():
     tls_who = ("splice-relay tls", "splice-relay tls direct", "stunnel", "socat openssl",
                "socat openssl -b1048576")
     make_certificate(files)
+    shared_who = ("splice-relay", "splice-relay shared", "splice-relay shared tee")
+    shared_only = ("splice-relay shared", "splice-relay shared tee")
 
     def real_bulk(key, title, argv, per, clients):
         return (key, title, "direct", ("exec", *argv), lambda c: scenario_bulk(c, smoke, clients, per), real)
@@ -619,6 +668,19 @@ def main():
          lambda c: scenario_bulk(c, smoke, 1, tls_bulk), tls_who),
         ("tls-bulk4", "7d. TLS: bulk, four clients at once (aggregate)", "stunnel", ("bulk", tls_bulk // 2),
          lambda c: scenario_bulk(c, smoke, 4, tls_bulk // 2), tls_who),
+        # Shared commands: one endless bulk stream to 1, 10 and 100 readers,
+        # against a command per reader (the only way without `shared`).
+        ("fanout1", "8. Shared command: one bulk stream to 1 reader", "splice-relay", ("bulk", 1 << 50),
+         lambda c: scenario_fanout(c, smoke, 1), shared_who),
+        ("fanout10", "8b. Shared command: one bulk stream to 10 readers (aggregate)", "splice-relay",
+         ("bulk", 1 << 50), lambda c: scenario_fanout(c, smoke, 10), shared_who),
+        ("fanout100", "8c. Shared command: one bulk stream to 100 readers (aggregate)", "splice-relay",
+         ("bulk", 1 << 50), lambda c: scenario_fanout(c, smoke, 100 if not smoke else 20), shared_who),
+        ("fanout-stall", "8d. Shared command: 10 readers, then 9 and one that never reads", "splice-relay shared",
+         ("bulk", 1 << 50), lambda c: scenario_stall(c, smoke), shared_only),
+        ("shared-slow", f"8e. {slow_clients} clients of one command ticking once a second, against a command each",
+         "splice-relay", ("ticks", 1000, window + 5), lambda c: scenario_slow(c, smoke, slow_clients, window),
+         ("splice-relay", "splice-relay shared")),
     ]
     results = []
     with tempfile.TemporaryDirectory(prefix="splice-relay-bench.") as tmpdir:
@@ -627,9 +689,9 @@ def main():
             if only and key not in only:
                 continue
             if smoke and key in ("bulk4", "rate32", "cat4", "head4", "gzip4", "ws-rate32", "ws-bulk4",
-                                 "tls-rate32", "tls-bulk4"):
+                                 "tls-rate32", "tls-bulk4", "fanout1", "fanout10"):
                 continue  # the smoke checks that each scenario runs, once
-            if cmd[0] in ("bulk", "vmsplice") and not key.startswith(("ws-", "tls-")):
+            if cmd[0] in ("bulk", "vmsplice") and not key.startswith(("ws-", "tls-", "fanout")):
                 cmd = (cmd[0], bulk_bytes(smoke, 4 if key == "bulk4" else 1))
             picks = [c for c in contenders(names, key) if not who or c.name in who[0]]
             results.append(run_scenario(title, ref, cmd, measure, picks, rounds, tmp, smoke))

@@ -23,12 +23,13 @@ use crate::admit::Admissions;
 use crate::cgroup::Tree;
 use crate::client::{Client, Opening, Transport};
 use crate::command::{Command, Ended, Input, SpawnError, Streams, Tag};
-use crate::config::{Protocol, Service, Transfer};
+use crate::config::{Messages, Protocol, Service, Transfer};
 use crate::end::{End, Ending};
 use crate::fdio;
 use crate::peer::Peer;
 use crate::places::{Place, ServicePlace};
 use crate::record::{Record, Stats};
+use crate::shared::{Commands, Watcher};
 use crate::shutdown::Watch;
 use crate::supervise::{supervise, Bounds, Idle};
 use crate::tls::{self, HandOff, Layer};
@@ -48,6 +49,8 @@ pub struct Context {
     pub cgroups: Option<Tree>,
     /// Connections waiting for descriptors to start their command.
     pub starved: Starved,
+    /// The running shared commands (`shared = true`).
+    pub shared: Arc<Commands>,
 }
 
 /// Out of descriptors, a connection whose command cannot start yet waits
@@ -165,7 +168,8 @@ impl Handler {
                 record.refused();
             }
             Err(Early::Ended(end)) => record.close(None, end),
-            Ok((ended, end)) => {
+            Ok((None, end)) => record.close(None, end),
+            Ok((Some(ended), end)) => {
                 record.close(Some(&ended), end);
                 // Off the client's path: the record is out, the client gone.
                 ended.remove_cgroup().await;
@@ -176,15 +180,16 @@ impl Handler {
 }
 
 /// The pipeline, step by step. Each step either hands the next what it
-/// needs or ends the connection (`Err`). Returns how the command ended and
-/// why the connection did.
+/// needs or ends the connection (`Err`). Returns how the connection's
+/// command ended (None: it watched a shared one) and why the connection
+/// ended.
 async fn pipeline(
     conn: &Conn<'_>,
     socket: OwnedFd,
     peer: Peer,
     record: &mut Record,
     place: &mut ServicePlace,
-) -> Result<(Ended, End), Early> {
+) -> Result<(Option<Ended>, End), Early> {
     let socket = conn.register(socket, &peer)?;
     let (peer, _source) = conn.admit(&socket, peer).await?;
     record.peer(&peer);
@@ -207,8 +212,8 @@ async fn pipeline(
 }
 
 /// The rest of the pipeline, on the client's transport: open → banner →
-/// spawn → supervise the transfer → end. Also says whether the client's
-/// side ended its output in order.
+/// spawn (or join the shared command) → supervise the transfer → end. Also
+/// says whether the client's side ended its output in order.
 async fn exchange(
     conn: &Conn<'_>,
     transport: &mut Transport,
@@ -216,7 +221,7 @@ async fn exchange(
     bounds: &Bounds,
     record: &mut Record,
     place: &mut ServicePlace,
-) -> Result<(Ended, End, bool), Early> {
+) -> Result<(Option<Ended>, End, bool), Early> {
     let (opening, request_env) = conn.open(transport, bounds, peer, record).await?;
     // The handshakes are done: the connection's place in max_connections.
     let settling = async {
@@ -228,6 +233,9 @@ async fn exchange(
         .await
         .map_err(Early::Ended)?;
     conn.banner(transport, bounds, record).await?;
+    if let Some(owner) = conn.service.shared_command() {
+        return watch(conn, owner, transport, opening, bounds, record).await;
+    }
     let env = [tls_env, request_env].concat();
     let (command, streams) = conn
         .spawn(transport, peer, env, &opening, bounds, record)
@@ -264,7 +272,44 @@ async fn exchange(
     let (ended, clean) = finish(client, command, &end, service.kill_grace).await;
     // The command has ended: its output may close now without a SIGPIPE.
     drop(output);
-    Ok((ended, end, clean))
+    Ok((Some(ended), end, clean))
+}
+
+/// A shared service's client: it joins the shared command (or starts it)
+/// and reads its output from a pipe of its own, as it would read a
+/// command's; its input goes nowhere. The command goes on when the client
+/// ends; a client dropped for lagging ends `lagging`.
+async fn watch(
+    conn: &Conn<'_>,
+    owner: &Arc<Service>,
+    transport: &mut Transport,
+    opening: Opening<'_>,
+    bounds: &Bounds,
+    record: &mut Record,
+) -> Result<(Option<Ended>, End, bool), Early> {
+    let watcher = conn.join(owner, transport, &opening, record).await?;
+    let (service, traffic) = (conn.service, record.traffic());
+    let transport = &*transport;
+    let output = Some(&watcher.output);
+    let mut client = Client::new(opening, transport, (output, Input::Null), service, traffic);
+    let idle = client.idle(record.started());
+    let end = supervise(
+        bounds,
+        idle,
+        client.pump(),
+        transport.lost(),
+        watcher.lagged(),
+    )
+    .await;
+    // Dropped, its pipe may end before the word of it arrives.
+    let end = match end {
+        End::OutputEnded if watcher.was_dropped() => End::Lagging,
+        end => end,
+    };
+    let end = transport.explain(end);
+    let ending = Ending::after(&end, service.kill_grace);
+    let clean = client.close(&end, &ending).await;
+    Ok((None, end, clean))
 }
 
 /// The end policy at work, the same for every transport and protocol: the
@@ -486,6 +531,36 @@ impl Conn<'_> {
     }
 }
 
+impl Conn<'_> {
+    /// Joins the service's shared command, or starts it. A WebSocket client
+    /// whose command cannot start is told so with a close frame.
+    async fn join(
+        &self,
+        owner: &Arc<Service>,
+        transport: &Transport,
+        opening: &Opening<'_>,
+        record: &mut Record,
+    ) -> Result<Watcher, Early> {
+        let lines = matches!(opening, Opening::WebSocket(ws, _) if ws.messages == Messages::Text);
+        match self.context.shared.join(owner, lines).await {
+            Ok(watcher) => {
+                let hub = watcher.hub();
+                record.watching(hub.instance, hub.pid);
+                Ok(watcher)
+            }
+            Err(e) => {
+                if let Opening::WebSocket(..) = opening {
+                    websocket::close_unserved(
+                        transport.plain(),
+                        "the command could not be started",
+                    );
+                }
+                Err(Early::Ended(End::SpawnFailed(e.to_string())))
+            }
+        }
+    }
+}
+
 fn unregistered(e: &std::io::Error) -> String {
     format!(
         "cannot register the connection with the event loop: {}",
@@ -536,9 +611,12 @@ mod tests {
         let service = Arc::clone(&config.services[0]);
         let (_stop, watch) = Shutdown::new();
         let stats = Arc::new(Stats::default());
+        let ids = Arc::new(AtomicU64::new(1));
+        let shared = Commands::new(Arc::from(Vec::new()), None, watch.clone(), ids);
         let context = Arc::new(Context {
             base_env: Arc::from(Vec::new()),
             shutdown: watch,
+            shared: Arc::new(shared),
             admissions: Admissions::default(),
             stats: Arc::clone(&stats),
             cgroups: None,

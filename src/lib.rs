@@ -34,6 +34,9 @@
 //!   TLS layer) and its protocol (raw, WebSocket, direct), each with one
 //!   `pump` and one `close`.
 //! - [`command`]: the command: spawn, standard streams, stderr log, ending, reaping.
+//! - [`shared`]: `shared = true`: one command for all of a service's
+//!   clients, its output fanned out (`shared/fanout.rs`: tee(2) or a copy),
+//!   its life (`shared/hub.rs`); a client joins it where it would spawn.
 //! - [`cgroup`]: the connection's cgroup, its resources and what it used.
 //! - [`runas`]: the command's user, group, rlimits and nice value.
 //! - [`supervise`]: the one loop that runs a transfer beside what may end it first.
@@ -68,6 +71,7 @@ pub mod relay;
 pub mod reload;
 pub mod runas;
 pub mod server;
+pub mod shared;
 pub mod shutdown;
 pub mod supervise;
 mod sys;
