@@ -148,12 +148,12 @@ class SpliceRelayShared(SpliceRelay):
     """One shared command for every client: fanned out by a copy (the
     default), or by tee(2) (`transfer = "splice"`)."""
 
-    def __init__(self, transfer=None, max_lag=None):
+    def __init__(self, transfer=None, lagging="drop"):
         super().__init__(transfer)
         way = {None: "", "splice": " tee"}[transfer]
-        self.name = "splice-relay shared" + way
+        self.name = "splice-relay shared" + way + (" wait" if lagging == "wait" else "")
         self.cgroup = CGROOT / self.name.replace(" ", "_")
-        self.extra = 'shared = true\nlinger = "never"\n' + (f"max_lag = {max_lag}\n" if max_lag else "")
+        self.extra = f'shared = true\nlinger = "never"\nlagging = "{lagging}"\n'
         self.scenarios = SHARED_SCENARIOS
 
 
@@ -464,7 +464,8 @@ def contenders(names, scenario):
             SpliceRelay("direct"), Socat(), Socat(1 << 20), TcpServer(), Xinetd(),
             SpliceRelayWs(), SpliceRelayWs("binary"), Websocketd(), Websocketd(binary=True),
             SpliceRelayTls(), SpliceRelayTls("direct"), Stunnel(), SocatTls(), SocatTls(1 << 20),
-            SpliceRelayShared(), SpliceRelayShared("splice")]
+            SpliceRelayShared(), SpliceRelayShared("splice"),
+            SpliceRelayShared(lagging="wait"), SpliceRelayShared("splice", lagging="wait")]
     return [c for c in all_ if (names is None or c.name in names)
             and (c.scenarios is None or scenario in c.scenarios)]
 
@@ -606,7 +607,10 @@ def main():
     tls_who = ("splice-relay tls", "splice-relay tls direct", "stunnel", "socat openssl",
                "socat openssl -b1048576")
     make_certificate(files)
-    shared_who = ("splice-relay", "splice-relay shared", "splice-relay shared tee")
+    # A bulk stream outruns its readers: exact delivery (lagging = "wait")
+    # paces the command by the slowest. A stalled client is dropped
+    # (lagging = "drop") from a stream the others keep up with.
+    shared_who = ("splice-relay", "splice-relay shared wait", "splice-relay shared tee wait")
     shared_only = ("splice-relay shared", "splice-relay shared tee")
 
     def real_bulk(key, title, argv, per, clients):
@@ -676,8 +680,8 @@ def main():
          ("bulk", 1 << 50), lambda c: scenario_fanout(c, smoke, 10), shared_who),
         ("fanout100", "8c. Shared command: one bulk stream to 100 readers (aggregate)", "splice-relay",
          ("bulk", 1 << 50), lambda c: scenario_fanout(c, smoke, 100 if not smoke else 20), shared_who),
-        ("fanout-stall", "8d. Shared command: 10 readers, then 9 and one that never reads", "splice-relay shared",
-         ("bulk", 1 << 50), lambda c: scenario_stall(c, smoke), shared_only),
+        ("fanout-stall", "8d. Shared command, 50 MB/s: 10 readers, then 9 and one that never reads",
+         "splice-relay shared", ("paced", 50), lambda c: scenario_stall(c, smoke), shared_only),
         ("shared-slow", f"8e. {slow_clients} clients of one command ticking once a second, against a command each",
          "splice-relay", ("ticks", 1000, window + 5), lambda c: scenario_slow(c, smoke, slow_clients, window),
          ("splice-relay", "splice-relay shared")),

@@ -63,7 +63,17 @@ fn every_protocol_watches_one_command_and_gets_the_same_bytes() {
     let [raw, tls, ws, bin] = [addrs[0], addrs[1], addrs[2], addrs[3]];
 
     std::thread::scope(|scope| {
-        let raws = [0, 1].map(|_| scope.spawn(move || read_all(connect(raw))));
+        let raws = [
+            scope.spawn(move || read_all(connect(raw))),
+            scope.spawn(move || {
+                let out = std::process::Command::new("socat")
+                    .args(["-u", &format!("TCP:{raw}"), "-"])
+                    .output()
+                    .expect("socat");
+                assert!(out.status.success(), "socat: {out:?}");
+                out.stdout
+            }),
+        ];
         let tls_client = scope.spawn(|| {
             python_tls(
                 tls,
@@ -467,4 +477,49 @@ fn raise_nofile(n: u64) {
     if soft < n {
         setrlimit(Resource::RLIMIT_NOFILE, n.min(hard), hard).unwrap();
     }
+}
+
+/// With a delegated cgroup, the shared command runs in a cgroup of its own
+/// (whatever its clients do, nothing it starts outlives it), and its record
+/// says what it used; the cgroup is gone after `linger`.
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
+fn a_shared_command_runs_in_a_cgroup_of_its_own() {
+    require_root();
+    let cgroup = TestCgroup::delegated();
+    let (sock, addr) = pass_tcp("test");
+    let opts = Options {
+        cgroup: Some(cgroup.path.clone()),
+        ..Options::default()
+    };
+    let mark = format!("sr-shared-cg-{}", std::process::id());
+    let config = one_service(
+        &format!(
+            r#"["sh", "-c", "setsid sh -c 'sleep 60; :' $0 & echo $$; while :; do sleep 0.05; echo .; done", "{mark}"]"#
+        ),
+        "shared = true\nlinger = \"200ms\"",
+    );
+    let mut d = Daemon::spawn(&config, vec![sock], opts);
+    d.wait_note("READY=1");
+    let mut a = connect(addr);
+    let pid: i32 = read_line(&mut a).trim().parse().unwrap();
+    let mut b = connect(addr);
+    assert_eq!(read_line(&mut b), ".\n");
+    let own = cgroup.connections();
+    assert_eq!(own.len(), 1, "one cgroup for the one command: {own:?}");
+    let procs = std::fs::read_to_string(cgroup.path.join(&own[0]).join("cgroup.procs")).unwrap();
+    assert!(procs.lines().any(|p| p == pid.to_string()), "{procs}");
+    assert!(
+        procs.lines().count() >= 2,
+        "the command and what it started: {procs}"
+    );
+    drop((a, b));
+    let ended = d.wait_log(&["shared command ended: lingered"]);
+    assert!(ended.contains("cpu_usec="), "{ended}");
+    cgroup.wait_no_connections();
+    assert_eq!(
+        processes_with(&mark),
+        Vec::<i32>::new(),
+        "nothing outlives it"
+    );
 }

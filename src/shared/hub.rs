@@ -227,21 +227,28 @@ impl Hub {
     }
 
     /// After a round: the replay keeps the output, and clients too far
-    /// behind are dropped (`lagging = "drop"`).
+    /// behind are dropped (`lagging = "drop"`). The round's own output does
+    /// not count: after a pause of the daemon (a busy machine), a round can
+    /// bring a whole pipe of output at once, which the clients' connections
+    /// have not had a chance to take yet.
     fn after(&self, round: &Round, shared: &SharedCommand) {
         let mut state = self.state();
-        match round {
+        let this_round = match round {
             Round::Moved(chunk) => {
                 state.produced += chunk.len() as u64;
                 state.replay.push(chunk);
+                chunk.len() as u64
             }
-            Round::Discarded(n) => state.produced += *n as u64,
+            Round::Discarded(n) => {
+                state.produced += *n as u64;
+                *n as u64
+            }
             Round::Ended | Round::Dry => return,
-        }
+        };
         if shared.lagging == Lagging::Drop {
             let before = state.feeds.len();
             state.feeds.retain(|(_, feed)| {
-                let behind = feed.behind() > shared.max_lag;
+                let behind = feed.behind() > shared.max_lag + this_round;
                 if behind {
                     feed.drop_lagging();
                 }
