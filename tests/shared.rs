@@ -180,10 +180,20 @@ print(json.dumps({"sha": hashlib.sha256(data).hexdigest(), "code": code}))"#,
 /// (`lagging`) while the command and the other client go on.
 #[test]
 fn a_client_that_stops_reading_is_dropped_and_the_others_go_on() {
+    stalled_reader("copy");
+}
+
+/// The same, fanned out by tee(2) (`transfer = "splice"`).
+#[test]
+fn a_client_that_stops_reading_is_dropped_and_the_others_go_on_by_tee() {
+    stalled_reader("splice");
+}
+
+fn stalled_reader(transfer: &str) {
     // A shell loop: a feed that a reading client keeps up with.
     let (d, addr) = serve(
         &sh("while :; do echo a line of the feed; done"),
-        "shared = true\nmax_lag = 1048576\npipe_size = 65536",
+        &format!("shared = true\nmax_lag = 1048576\npipe_size = 65536\ntransfer = \"{transfer}\""),
     );
     let stalled = connect(addr);
     let mut reader = connect(addr);
@@ -314,6 +324,16 @@ fn the_command_starts_with_the_first_client_and_ends_linger_after_the_last() {
 /// client that pauses still gets every byte.
 #[test]
 fn lagging_wait_holds_the_command_for_the_slowest_client() {
+    slowest_client("copy");
+}
+
+/// The same, fanned out by tee(2) (`transfer = "splice"`).
+#[test]
+fn lagging_wait_holds_the_command_for_the_slowest_client_by_tee() {
+    slowest_client("splice");
+}
+
+fn slowest_client(transfer: &str) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("data");
     let sha = random_file(&file, 24 << 20);
@@ -324,7 +344,7 @@ fn lagging_wait_holds_the_command_for_the_slowest_client() {
             go.display(),
             file.display()
         )),
-        "shared = true\nlagging = \"wait\"\nmax_lag = 65536\npipe_size = 65536",
+        &format!("shared = true\nlagging = \"wait\"\nmax_lag = 65536\npipe_size = 65536\ntransfer = \"{transfer}\""),
     );
     let client = |pause: bool| {
         let dir = dir.path().to_owned();
@@ -441,6 +461,16 @@ fn the_stop_ends_clients_then_the_command() {
 /// A thousand clients of one command each get all of its output.
 #[test]
 fn a_thousand_clients_watch_one_command() {
+    thousand_clients("copy");
+}
+
+/// The same, fanned out by tee(2) (`transfer = "splice"`).
+#[test]
+fn a_thousand_clients_watch_one_command_by_tee() {
+    thousand_clients("splice");
+}
+
+fn thousand_clients(transfer: &str) {
     let clients = env_count("SPLICE_RELAY_SHARED_CLIENTS", 1000);
     raise_nofile(clients as u64 * 2 + 256);
     let dir = tempfile::tempdir().unwrap();
@@ -449,7 +479,9 @@ fn a_thousand_clients_watch_one_command() {
     let expected = std::fs::read(&file).unwrap();
     let (mut d, addr) = serve(
         &gated_cat(&file, &go),
-        &format!("shared = true\nreplay = 6\nmax_connections = {clients}"),
+        &format!(
+            "shared = true\nreplay = 6\nmax_connections = {clients}\ntransfer = \"{transfer}\""
+        ),
     );
     let mut sockets: Vec<TcpStream> = (0..clients).map(|_| connect(addr)).collect();
     wait_clients(&mut d, "test", clients);

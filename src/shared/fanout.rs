@@ -45,13 +45,18 @@ const MAX_ROUND: usize = 1 << 20;
 /// and the replay that hold it.
 #[derive(Clone)]
 pub struct Chunk {
-    bytes: Arc<[u8]>,
+    /// (An `Arc<Vec>`, not an `Arc<[u8]>`: the read's buffer is moved in,
+    /// not copied.)
+    bytes: Arc<Vec<u8>>,
     start: usize,
 }
 
 impl Chunk {
-    fn new(bytes: Arc<[u8]>) -> Chunk {
-        Chunk { bytes, start: 0 }
+    fn new(bytes: Vec<u8>) -> Chunk {
+        Chunk {
+            bytes: Arc::new(bytes),
+            start: 0,
+        }
     }
 
     pub fn as_slice(&self) -> &[u8] {
@@ -306,7 +311,7 @@ impl Fanout {
             {
                 Ok(Ok(0)) => Ok(Round::Ended),
                 Ok(Ok(n)) => {
-                    let chunk = Chunk::new(Arc::from(&probe[..n]));
+                    let chunk = Chunk::new(probe[..n].to_vec());
                     self.give(&feeds(), &chunk, &[]);
                     Ok(Round::Moved(chunk))
                 }
@@ -324,23 +329,39 @@ impl Fanout {
             }
             Way::Tee => {
                 let teed: Vec<Option<usize>> = feeds.iter().map(|f| self.tee(f, want)).collect();
-                let whole = teed.iter().all(|t| *t == Some(want));
+                // (A client that is gone needs nothing.)
+                let whole = (teed.iter().zip(&feeds)).all(|(t, f)| *t == Some(want) || f.is_gone());
                 if whole && !keep {
-                    let n = splice(
-                        fd,
-                        None,
-                        &self.null,
-                        None,
-                        want,
-                        SpliceFFlags::SPLICE_F_NONBLOCK,
-                    )?;
-                    return Ok(Round::Discarded(n));
+                    return self.discard(want).map(Round::Discarded);
                 }
                 let chunk = self.read(want)?;
                 self.give(&feeds, &chunk, &teed);
                 Ok(Round::Moved(chunk))
             }
         }
+    }
+
+    /// Empties `n` bytes that FIONREAD said are there (and every client
+    /// has had teed) into /dev/null: nothing is copied.
+    fn discard(&self, n: usize) -> Result<usize, Errno> {
+        let mut gone = 0;
+        while gone < n {
+            let flags = SpliceFFlags::SPLICE_F_NONBLOCK;
+            match splice(
+                self.source.get_ref(),
+                None,
+                &self.null,
+                None,
+                n - gone,
+                flags,
+            ) {
+                Ok(0) => break,
+                Ok(k) => gone += k,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(gone)
     }
 
     /// Reads `n` bytes that FIONREAD said are there.
@@ -357,7 +378,7 @@ impl Fanout {
             }
         }
         buf.truncate(got);
-        Ok(Chunk::new(Arc::from(buf)))
+        Ok(Chunk::new(buf))
     }
 
     /// Tees up to `n` bytes into a feed whose backlog is empty: how many it
@@ -485,7 +506,7 @@ mod tests {
     use super::*;
 
     fn chunk(s: &str) -> Chunk {
-        Chunk::new(Arc::from(s.as_bytes()))
+        Chunk::new(s.as_bytes().to_vec())
     }
 
     fn text(chunks: &[Chunk]) -> String {
