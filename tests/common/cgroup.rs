@@ -133,11 +133,13 @@ pub fn processes_with(marker: &str) -> Vec<i32> {
     out
 }
 
-/// The process-group leaders among [`processes_with`]: a loop's children,
-/// which carry the loop's command line from fork until their exec, are not.
-pub fn group_leaders_with(marker: &str) -> Vec<i32> {
+/// The session leaders among [`processes_with`]: what `setsid` started.
+/// Not a loop's children, which carry the loop's command line from fork
+/// until their exec, nor a connection's command (a process group's leader,
+/// whose script may name the marker) before its own exec.
+pub fn session_leaders_with(marker: &str) -> Vec<i32> {
     processes_with(marker)
         .into_iter()
-        .filter(|&pid| super::stat(pid).is_some_and(|s| s.pgrp == pid))
+        .filter(|&pid| super::stat(pid).is_some_and(|s| s.session == pid))
         .collect()
 }
