@@ -33,7 +33,7 @@ fn example_config_loads_with_the_documented_defaults() {
 
 /// Every commented-out example in the file is valid when uncommented
 /// (user and group only as root, who may switch; the cgroup keys are for
-/// the daemon's own subtree, which tests/cgroups.rs gives it).
+/// the daemon's own subtree, which tests/containment.rs gives it).
 #[test]
 fn example_config_with_every_option_uncommented_loads() {
     let root = nix::unistd::geteuid().is_root();
