@@ -83,7 +83,9 @@ fn a_shared_command_is_spliced_into_every_clients_kernel_tls() {
                 go.display(),
                 file.display()
             )),
-            &format!("shared = true\ntransfer = \"{transfer}\""),
+            // Exact delivery: emulated CPUs decrypt slowly, and `cat` would
+            // leave them max_lag behind.
+            &format!("shared = true\nlagging = \"wait\"\ntransfer = \"{transfer}\""),
         );
         std::thread::scope(|scope| {
             let pki = &pki;
