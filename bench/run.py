@@ -10,7 +10,9 @@ own cgroup), then runs rounds interleaved (A B C A B C ...), and reports the
 median, min and max of each measure and the ratio of medians to the
 scenario's reference. Ratios from one run are the result: the machines are
 shared and noisy, single absolute numbers are not. Results go to
-bench/results/latest.md (and .json, and bulk.png when matplotlib is there).
+bench/results/latest.md (and .json, and bulk.png when matplotlib is there);
+`--results NAME` writes bench/results/NAME.md and .json instead (a run of
+some scenarios, kept beside the full suite's).
 
 Root is needed for the cgroups that separate a relay's CPU time from its
 command's, and to install the contenders from Debian's packages.
@@ -570,6 +572,7 @@ def main():
                     "rate1,rate32,slow,burst,latency,lines,ws-rate1,ws-rate32,ws-text,ws-bulk,ws-bulk4,ws-slow,"
                     "tls-rate1,tls-rate32,tls-bulk,tls-bulk4,fanout1,fanout10,fanout100,fanout-stall,shared-slow")
     ap.add_argument("--contenders", help="comma-separated names (default: all)")
+    ap.add_argument("--results", default="latest", help="the name of the results files (default: latest)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: run as root (cgroups for CPU accounting; apt for the contenders)")
@@ -700,14 +703,15 @@ def main():
             picks = [c for c in contenders(names, key) if not who or c.name in who[0]]
             results.append(run_scenario(title, ref, cmd, measure, picks, rounds, tmp, smoke))
             if not smoke:
-                write_results(results, rounds)
+                write_results(results, rounds, args.results)
     remove_cgroups(CGROOT)
     shutil.rmtree(files, ignore_errors=True)
 
     if smoke:
         print("\nbench: smoke run passed: every contender served every byte")
         return
-    chart(results)
+    if args.results == "latest":
+        chart(results)
     print("\n" + markdown(results, machine_line(), rounds))
 
 
@@ -744,11 +748,11 @@ def remove_cgroups(top):
             print(f"bench: cannot remove {d}: {e}")
 
 
-def write_results(results, rounds):
+def write_results(results, rounds, name="latest"):
     """Written after each scenario, so a long run that is stopped keeps what it measured."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.md").write_text(markdown(results, machine_line(), rounds) + "\n")
-    (RESULTS / "latest.json").write_text(json.dumps({"machine": machine_line(), "results": results}, indent=1))
+    (RESULTS / f"{name}.md").write_text(markdown(results, machine_line(), rounds) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine_line(), "results": results}, indent=1))
 
 
 def chart(results):

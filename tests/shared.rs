@@ -555,3 +555,50 @@ fn a_shared_command_runs_in_a_cgroup_of_its_own() {
         "nothing outlives it"
     );
 }
+
+/// `lagging = "wait"`: a client that stalls holds the command back; once
+/// it leaves, the command goes on for whoever comes next.
+#[test]
+fn a_stalled_client_that_leaves_releases_a_waiting_command() {
+    let (mut d, addr) = serve(
+        r#"["yes", "a line of the feed"]"#,
+        "shared = true\nlagging = \"wait\"\nmax_lag = 65536\npipe_size = 65536\nlinger = \"30s\"",
+    );
+    let stalled = connect(addr);
+    nix::sys::socket::setsockopt(&stalled, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
+    wait_clients(&mut d, "test", 1);
+    // Held back: once the stalled client's buffers and backlog are full,
+    // the daemon stops reading, and `yes` waits in a full pipe.
+    let status = d
+        .notes
+        .iter()
+        .rev()
+        .find(|n| n.contains("shared: test (pid"))
+        .unwrap()
+        .clone();
+    let pid: i32 = status
+        .split("(pid ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let held = poll(Duration::from_secs(10), || {
+        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        wchan.ends_with("pipe_write").then_some(())
+    });
+    assert!(held.is_some(), "the command was never held back");
+    reset_on_close(&stalled);
+    drop(stalled);
+    d.wait_record_where(|r| r.reason == "client-gone");
+    let mut next = connect(addr);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut got = 0;
+    while got < 4 << 20 {
+        let n = next.read(&mut buf).unwrap();
+        assert!(n > 0, "the feed ended");
+        got += n;
+    }
+}

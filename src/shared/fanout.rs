@@ -249,9 +249,11 @@ impl Feed {
                         backlog.written(n);
                         progress.notify_one();
                     }
-                    // EPIPE: the connection closed its end.
+                    // EPIPE: the connection closed its end. (A command
+                    // waiting for this client goes on.)
                     Ok(Err(_)) => {
                         backlog.gone = true;
+                        progress.notify_one();
                         return;
                     }
                     Err(_would_block) => {}

@@ -95,6 +95,8 @@ impl Drop for Watcher {
         }
         drop(state);
         self.hub.members.notify_one();
+        // A command waiting for this client (`lagging = "wait"`) goes on.
+        self.hub.progress.notify_one();
     }
 }
 
