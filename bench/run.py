@@ -147,12 +147,12 @@ SHARED_SCENARIOS = {"fanout1", "fanout10", "fanout100", "fanout-stall", "shared-
 
 
 class SpliceRelayShared(SpliceRelay):
-    """One shared command for every client: fanned out by a copy (the
-    default), or by tee(2) (`transfer = "splice"`)."""
+    """One shared command for every client: fanned out by tee(2) (the
+    default), or by a copy (`transfer = "copy"`)."""
 
     def __init__(self, transfer=None, lagging="drop"):
         super().__init__(transfer)
-        way = {None: "", "splice": " tee"}[transfer]
+        way = {None: "", "copy": " copy"}[transfer]
         self.name = "splice-relay shared" + way + (" wait" if lagging == "wait" else "")
         self.cgroup = CGROOT / self.name.replace(" ", "_")
         self.extra = f'shared = true\nlinger = "never"\nlagging = "{lagging}"\n'
@@ -435,7 +435,7 @@ def scenario_stall(c, smoke):
     nine = json.loads(out)
     per_ten, per_nine = ten["gbps"] / 10, nine["gbps"] / 9
     return {"reader GB/s, 9 + 1 stalled": per_nine, "reader GB/s, 10": per_ten,
-            "ratio": per_nine / per_ten, "RSS MiB, stalled": rss / (1 << 20)}
+            "9 + 1 / 10": per_nine / per_ten, "RSS MiB, stalled": rss / (1 << 20)}
 
 
 def scenario_text(c, smoke):
@@ -466,8 +466,8 @@ def contenders(names, scenario):
             SpliceRelay("direct"), Socat(), Socat(1 << 20), TcpServer(), Xinetd(),
             SpliceRelayWs(), SpliceRelayWs("binary"), Websocketd(), Websocketd(binary=True),
             SpliceRelayTls(), SpliceRelayTls("direct"), Stunnel(), SocatTls(), SocatTls(1 << 20),
-            SpliceRelayShared(), SpliceRelayShared("splice"),
-            SpliceRelayShared(lagging="wait"), SpliceRelayShared("splice", lagging="wait")]
+            SpliceRelayShared(), SpliceRelayShared("copy"),
+            SpliceRelayShared(lagging="wait"), SpliceRelayShared("copy", lagging="wait")]
     return [c for c in all_ if (names is None or c.name in names)
             and (c.scenarios is None or scenario in c.scenarios)]
 
@@ -613,8 +613,8 @@ def main():
     # A bulk stream outruns its readers: exact delivery (lagging = "wait")
     # paces the command by the slowest. A stalled client is dropped
     # (lagging = "drop") from a stream the others keep up with.
-    shared_who = ("splice-relay", "splice-relay shared wait", "splice-relay shared tee wait")
-    shared_only = ("splice-relay shared", "splice-relay shared tee")
+    shared_who = ("splice-relay", "splice-relay shared wait", "splice-relay shared copy wait")
+    shared_only = ("splice-relay shared", "splice-relay shared copy")
 
     def real_bulk(key, title, argv, per, clients):
         return (key, title, "direct", ("exec", *argv), lambda c: scenario_bulk(c, smoke, clients, per), real)

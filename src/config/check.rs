@@ -195,6 +195,7 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
 /// pipe, each behind its header, and everything else takes the default.
 fn transfer(s: &RawService) -> Transfer {
     s.transfer.unwrap_or(match (s.protocol, s.messages) {
+        _ if is_shared(s) => defaults::SHARED_TRANSFER,
         (Some(RawProtocol::WebSocket), Some(Messages::Binary)) => Transfer::Splice,
         _ => defaults::TRANSFER,
     })

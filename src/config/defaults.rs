@@ -16,6 +16,10 @@ pub const STDIN: StdinMode = StdinMode::Null;
 /// Measured the fastest relayed path for bulk output, at about the CPU of
 /// splice (bench/results/latest.md; docs/performance.md).
 pub const TRANSFER: Transfer = Transfer::Socketpair;
+/// A shared command's output is fanned out by tee(2) and spliced to each
+/// client: measured, ahead of a copy per client from 10 clients on, at
+/// about a third of its CPU per GiB (docs/performance.md, "Shared commands").
+pub const SHARED_TRANSFER: Transfer = Transfer::Splice;
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
 pub const PIPE_SIZE: usize = 1 << 20;
 /// IPv6 clients are counted per network of this many bits (one host's /64).

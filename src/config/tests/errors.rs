@@ -307,6 +307,13 @@ fn shared_keys_are_checked_where_they_stand() {
         StdinMode::Null,
         "a shared WebSocket service reads no messages"
     );
+    assert_eq!(
+        service.transfer,
+        defaults::SHARED_TRANSFER,
+        "fanned out by tee"
+    );
+    let copy = svc("shared = true\ntransfer = \"copy\"").unwrap();
+    assert_eq!(copy.services[0].transfer, Transfer::Copy, "as written");
     assert!(Arc::ptr_eq(service.shared_command().unwrap(), service));
     assert!(svc("").unwrap().services[0].shared_command().is_none());
 }
