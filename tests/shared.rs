@@ -344,7 +344,8 @@ fn slowest_client(transfer: &str) {
             go.display(),
             file.display()
         )),
-        &format!("shared = true\nlagging = \"wait\"\nmax_lag = 65536\npipe_size = 65536\ntransfer = \"{transfer}\""),
+        // The replay is "ready\n", for the client that joins second.
+        &format!("shared = true\nreplay = 6\nlagging = \"wait\"\nmax_lag = 65536\npipe_size = 65536\ntransfer = \"{transfer}\""),
     );
     let client = |pause: bool| {
         let dir = dir.path().to_owned();
