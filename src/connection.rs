@@ -11,7 +11,6 @@
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +30,7 @@ use crate::places::{Place, ServicePlace};
 use crate::record::{Record, Stats};
 use crate::shared::{Commands, Watcher};
 use crate::shutdown::Watch;
+pub use crate::starved::Starved;
 use crate::supervise::{supervise, Bounds, Idle};
 use crate::tls::{self, HandOff, Layer};
 use crate::websocket;
@@ -51,63 +51,6 @@ pub struct Context {
     pub starved: Starved,
     /// The running shared commands (`shared = true`).
     pub shared: Arc<Commands>,
-}
-
-/// Out of descriptors, a connection whose command cannot start yet waits
-/// for another connection to end (its descriptors back) instead of being
-/// closed; the accept loop meanwhile meets EMFILE itself and pauses, so
-/// new clients wait in the backlog. Logged once per episode.
-#[derive(Debug, Default)]
-pub struct Starved {
-    /// A connection ended: its descriptors are back.
-    freed: tokio::sync::Notify,
-    waiting: AtomicUsize,
-    /// Connections that waited in this episode.
-    waited: AtomicU64,
-}
-
-impl Starved {
-    /// Waits for a connection to end. The only connection (nothing will
-    /// end) does not wait: None.
-    async fn wait(&self, stats: &Stats) -> Option<()> {
-        // Registered before the look, so an end between the two is not missed.
-        let freed = self.freed.notified();
-        tokio::pin!(freed);
-        freed.as_mut().enable();
-        if stats.active.load(Ordering::Relaxed) <= 1 {
-            return None;
-        }
-        self.waited.fetch_add(1, Ordering::Relaxed);
-        if self.waiting.fetch_add(1, Ordering::Relaxed) == 0 {
-            tracing::warn!(
-                "out of descriptors (RLIMIT_NOFILE): commands wait for running connections to \
-                 end, and new clients in the backlog; logged once until it is over"
-            );
-        }
-        let _waiting = Waiting(self);
-        freed.await;
-        Some(())
-    }
-
-    /// A connection's descriptors are back.
-    pub fn freed(&self) {
-        self.freed.notify_waiters();
-    }
-}
-
-/// One connection waiting; the episode ends with the last.
-struct Waiting<'a>(&'a Starved);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        if self.0.waiting.fetch_sub(1, Ordering::Relaxed) == 1 {
-            let waited = self.0.waited.swap(0, Ordering::Relaxed);
-            tracing::info!(
-                waited,
-                "descriptors are back: {waited} connection(s) waited for them"
-            );
-        }
-    }
 }
 
 /// An accepted connection, ready to be served.
@@ -529,11 +472,7 @@ impl Conn<'_> {
             }
         }
     }
-}
-
-impl Conn<'_> {
-    /// Joins the service's shared command, or starts it. A WebSocket client
-    /// whose command cannot start is told so with a close frame.
+    /// Joins (or starts) the shared command; a WebSocket client it fails gets a close frame.
     async fn join(
         &self,
         owner: &Arc<Service>,
@@ -571,6 +510,7 @@ fn unregistered(e: &std::io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use std::io::Write;
+    use std::sync::atomic::AtomicU64;
     use std::sync::Mutex;
 
     use super::*;

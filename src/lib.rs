@@ -44,6 +44,7 @@
 //! - [`relay`]: the loops that move bytes: `relay/splice.rs` (splice(2)) and
 //!   `relay/copy.rs` (through a buffer).
 //! - [`record`]: the connection's one record, and the daemon's figures.
+//! - [`starved`]: out of descriptors, commands wait for a connection to end.
 //!
 //! Shared by the rest:
 //! - [`fdio`]: waiting for readiness, and what each errno means.
@@ -73,6 +74,7 @@ pub mod runas;
 pub mod server;
 pub mod shared;
 pub mod shutdown;
+pub mod starved;
 pub mod supervise;
 mod sys;
 pub mod tls;
