@@ -286,6 +286,62 @@ fn late_joiners_get_the_replay() {
     d.wait_records(3);
 }
 
+/// Clients that join while the output flows, with a replay that holds
+/// all of it, each get all of it: none joins between the output going to
+/// the clients already there and its going into the replay.
+#[test]
+fn clients_that_join_while_output_flows_miss_nothing() {
+    joining_while_output_flows("copy");
+}
+
+/// The same, fanned out by tee(2).
+#[test]
+fn clients_that_join_while_output_flows_miss_nothing_by_tee() {
+    joining_while_output_flows("splice");
+}
+
+fn joining_while_output_flows(transfer: &str) {
+    let clients = env_count("SPLICE_RELAY_SHARED_JOINERS", 120);
+    raise_nofile(clients as u64 * 2 + 256);
+    // 169 KB, a line a write: output flows while the clients join.
+    let command = sh(
+        "i=0; while [ $i -lt 300 ]; do seq $((i * 100)) $((i * 100 + 99)); i=$((i + 1)); done | \
+         while read -r a; do echo $a; done",
+    );
+    let expected: String = (0..30_000).map(|n| format!("{n}\n")).collect();
+    let (d, addr) = serve(
+        &command,
+        &format!(
+            "shared = true\nreplay = 1048576\nmax_lag = 4194304\nmax_connections = {clients}\n\
+             transfer = \"{transfer}\""
+        ),
+    );
+    let got: Vec<Vec<u8>> = std::thread::scope(|scope| {
+        let readers: Vec<_> = (0..clients)
+            .map(|i| {
+                scope.spawn(move || {
+                    std::thread::sleep(Duration::from_millis(i as u64 * 3));
+                    let mut s = connect(addr);
+                    let mut got = Vec::new();
+                    s.read_to_end(&mut got).unwrap();
+                    got
+                })
+            })
+            .collect();
+        readers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for (i, got) in got.iter().enumerate() {
+        assert!(
+            got == expected.as_bytes(),
+            "client {i} got {} bytes of {}",
+            got.len(),
+            expected.len()
+        );
+    }
+    let records = d.wait_records(clients);
+    assert!(records.iter().all(|r| r.reason == "output-ended"));
+}
+
 /// The command starts with the first client, serves every client that
 /// comes while it runs, and ends `linger` after the last one left.
 #[test]

@@ -190,6 +190,16 @@ impl Feed {
         self.wake.notify_one();
     }
 
+    /// Adds `chunk` to the backlog (the writer writes it).
+    pub fn push(&self, chunk: &Chunk) {
+        let mut backlog = self.backlog();
+        if !backlog.gone {
+            backlog.push(chunk.clone());
+            drop(backlog);
+            self.wake.notify_one();
+        }
+    }
+
     /// The client fell `max_lag` behind: it gets nothing more.
     pub fn drop_lagging(&self) {
         let mut backlog = self.backlog();

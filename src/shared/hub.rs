@@ -12,7 +12,7 @@
 //! record.
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,9 @@ pub struct Hub {
     stop: Notify,
     stopping: AtomicBool,
     retired: AtomicBool,
+    /// The first client not in the fan-out's latest snapshot of them: one
+    /// that joined during a round gets that round's output afterwards.
+    snapshot: AtomicU64,
     /// The command has ended and its record is written.
     done: AtomicBool,
     finished: Notify,
@@ -153,6 +156,7 @@ impl Hub {
             stop: Notify::new(),
             stopping: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            snapshot: AtomicU64::new(0),
             done: AtomicBool::new(false),
             finished: Notify::new(),
         });
@@ -220,16 +224,17 @@ impl Hub {
         self.members.notify_one();
     }
 
+    /// The clients a round gives its output to.
     fn feeds(&self) -> Vec<Arc<Feed>> {
-        self.state()
-            .feeds
-            .iter()
-            .map(|(_, f)| Arc::clone(f))
-            .collect()
+        let state = self.state();
+        self.snapshot.store(state.next, Ordering::Relaxed);
+        state.feeds.iter().map(|(_, f)| Arc::clone(f)).collect()
     }
 
-    /// After a round: the replay keeps the output, and clients too far
-    /// behind are dropped (`lagging = "drop"`). The round's own output does
+    /// After a round: clients that joined during it get its output (they
+    /// were not among the round's clients, and their replay was taken
+    /// before it), the replay keeps it, and clients too far behind are
+    /// dropped (`lagging = "drop"`). The round's own output does
     /// not count: after a pause of the daemon (a busy machine), a round can
     /// bring a whole pipe of output at once, which the clients' connections
     /// have not had a chance to take yet.
@@ -237,6 +242,10 @@ impl Hub {
         let mut state = self.state();
         let this_round = match round {
             Round::Moved(chunk) => {
+                let snapshot = self.snapshot.load(Ordering::Relaxed);
+                for (_, feed) in state.feeds.iter().filter(|(id, _)| *id >= snapshot) {
+                    feed.push(chunk);
+                }
                 state.produced += chunk.len() as u64;
                 state.replay.push(chunk);
                 chunk.len() as u64
