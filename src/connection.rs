@@ -150,8 +150,10 @@ async fn pipeline(
     // An answer that ended the exchange early (a page, an HTTP error, a
     // close frame) still gets through the TLS layer.
     let clean = exchanged.as_ref().map_or(true, |(_, _, clean)| *clean);
-    transport.close(clean).await;
-    exchanged.map(|(ended, end, _)| (ended, end))
+    let idle = Idle::Traffic(record.traffic());
+    let cut = transport.close(clean, &bounds, idle).await;
+    // A client that stopped taking the rest ends as a bound said.
+    exchanged.map(|(ended, end, _)| (ended, cut.unwrap_or(end)))
 }
 
 /// The rest of the pipeline, on the client's transport: open → banner →
@@ -337,9 +339,9 @@ impl Conn<'_> {
             HandOff::Declined(conn) => {
                 record.tls(format!("{summary} userspace"));
                 // A command given the layer's pair writes to it itself: the layer counts.
-                let counted =
-                    (service.transfer == Transfer::Direct).then(|| record.shared_traffic());
-                Transport::encrypted(socket, Layer::new(*conn), counted, service.kill_grace)
+                let counts = service.transfer == Transfer::Direct;
+                let layer = Layer::new(*conn, record.shared_traffic(), counts);
+                Transport::encrypted(socket, layer, service.kill_grace)
                     .map_err(|e| Early::Ended(End::Error(unregistered(&e))))?
             }
             HandOff::Lost(why) => {

@@ -13,6 +13,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -62,11 +63,19 @@ pub struct Layer {
     client_sends: bool,
     /// The pair still takes the client's bytes.
     feeding: bool,
+    /// The connection's traffic: its activity is the client taking records
+    /// (what `idle_timeout` watches, until the last of the output is
+    /// written); its bytes, when `counts`.
+    traffic: Arc<Traffic>,
+    /// The layer counts the bytes (a command that reads and writes the
+    /// pair itself: nothing else does).
+    counts: bool,
 }
 
 impl Layer {
-    /// The layer for a connection whose handshake is complete.
-    pub fn new(mut conn: ServerConnection) -> Layer {
+    /// The layer for a connection whose handshake is complete, whose
+    /// traffic is `traffic` (see [`Layer::counts`]).
+    pub fn new(mut conn: ServerConnection, traffic: Arc<Traffic>, counts: bool) -> Layer {
         // The layer bounds what waits itself: it reads no plaintext while
         // records wait for the client, and a turn reads CHUNKS_PER_TURN.
         conn.set_buffer_limit(None);
@@ -76,20 +85,16 @@ impl Layer {
             output_done: false,
             client_sends: true,
             feeding: true,
+            traffic,
+            counts,
         }
     }
 
     /// Moves the pair's plaintext to the client as records, and the
     /// client's plaintext to the pair (until the pair stops taking it); the
-    /// client's end shuts the pair down for writing. `counted`: where the
-    /// bytes are counted, if the layer counts them (a command that writes to
-    /// the pair itself). Safe to cancel: what was read is kept in the layer.
-    async fn pump(
-        &mut self,
-        tcp: &AsyncFd<OwnedFd>,
-        plain: &AsyncFd<OwnedFd>,
-        counted: Option<&Traffic>,
-    ) -> Pumped {
+    /// client's end shuts the pair down for writing. Safe to cancel: what
+    /// was read is kept in the layer.
+    async fn pump(&mut self, tcp: &AsyncFd<OwnedFd>, plain: &AsyncFd<OwnedFd>) -> Pumped {
         loop {
             if self.output_done && !self.conn.wants_write() {
                 return Pumped::OutputEnded;
@@ -108,8 +113,8 @@ impl Layer {
             let feeding = self.feeding && !self.pending.is_empty();
             let step = tokio::select! {
                 r = tcp.writable(), if writing => self.write_records(r),
-                r = plain.readable(), if reading => self.encrypt(r, counted),
-                r = tcp.readable(), if receiving => self.read_records(r, counted),
+                r = plain.readable(), if reading => self.encrypt(r),
+                r = tcp.readable(), if receiving => self.read_records(r),
                 r = plain.writable(), if feeding => {
                     self.feed(r);
                     Ok(())
@@ -133,10 +138,9 @@ impl Layer {
         mut self,
         tcp: &AsyncFd<OwnedFd>,
         plain: AsyncFd<OwnedFd>,
-        counted: Option<&Traffic>,
         grace: Duration,
     ) -> Outcome {
-        match self.pump(tcp, &plain, counted).await {
+        match self.pump(tcp, &plain).await {
             Pumped::OutputEnded => {
                 let _ = shutdown(plain.get_ref().as_raw_fd(), How::Write);
                 self.close(tcp, grace).await;
@@ -205,7 +209,7 @@ impl Layer {
         let mut ready = ready.map_err(|e| Pumped::ClientGone(fdio::errno(&e)))?;
         while self.conn.wants_write() {
             match self.conn.write_tls(&mut Fd(ready.get_inner())) {
-                Ok(_) => {}
+                Ok(_) => self.traffic.active(),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     ready.clear_ready();
                     return Ok(());
@@ -218,7 +222,7 @@ impl Layer {
 
     /// Reads plaintext from the pair into records (rustls encrypts as it
     /// takes it), a few reads a turn.
-    fn encrypt(&mut self, ready: Ready<'_>, counted: Option<&Traffic>) -> Result<(), Pumped> {
+    fn encrypt(&mut self, ready: Ready<'_>) -> Result<(), Pumped> {
         let mut ready = ready.map_err(|e| Pumped::Failed(format!("the plaintext side: {e}")))?;
         for _ in 0..CHUNKS_PER_TURN {
             match seal_chunk(ready.get_inner(), &mut self.conn) {
@@ -227,8 +231,8 @@ impl Layer {
                     return Ok(());
                 }
                 Ok(n) => {
-                    if let Some(t) = counted {
-                        t.sent(n);
+                    if self.counts {
+                        self.traffic.sent(n);
                     }
                     if n < CHUNK {
                         // Drained for now (a newer readiness survives the clear).
@@ -258,7 +262,7 @@ impl Layer {
 
     /// Reads records from the client and decrypts them; counted as received,
     /// or as dropped when the command does not take them.
-    fn read_records(&mut self, ready: Ready<'_>, counted: Option<&Traffic>) -> Result<(), Pumped> {
+    fn read_records(&mut self, ready: Ready<'_>) -> Result<(), Pumped> {
         let taken = self.feeding;
         let mut ready = ready.map_err(|e| Pumped::ClientGone(fdio::errno(&e)))?;
         match self.conn.read_tls(&mut Fd(ready.get_inner())) {
@@ -291,10 +295,10 @@ impl Layer {
                 .read(&mut self.pending[at..])
                 .unwrap_or(0);
             self.pending.truncate(at + n);
-            match counted {
-                Some(t) if taken => t.received(n),
-                Some(t) => t.dropped(n as u64),
-                None => {}
+            match self.counts {
+                true if taken => self.traffic.received(n),
+                true => self.traffic.dropped(n as u64),
+                false => {}
             }
         }
         if state.peer_has_closed() && self.client_sends {
