@@ -11,6 +11,12 @@
 //!                                             the streams' line delays before and during
 //!                                             the burst, and how fast the burst was served
 //!
+//!   bench-load fanout ADDR CLIENTS SECS [STALLED]
+//!                                             CLIENTS read an endless stream (one shared
+//!                                             command, or a command each) while STALLED
+//!                                             more connect and never read; after 1 s,
+//!                                             the bytes a second the readers got for SECS
+//!
 //! The same over WebSocket (text messages for lines, binary ones for bulk):
 //!
 //!   bench-load wsbulk ADDR CLIENTS BYTES      binary payload, to the server's close
@@ -72,6 +78,12 @@ fn main() {
         "wstext" => text(addr, num(2)),
         "ttfb" => ttfb(addr, num(2)),
         "burst" => burst(addr, num(2) as usize, num(3) as usize, num(4)),
+        "fanout" => fanout(
+            addr,
+            num(2) as usize,
+            num(3),
+            args.get(4).map_or(0, |_| num(4)) as usize,
+        ),
         other => panic!("unknown mode {other}"),
     }
 }
@@ -382,4 +394,66 @@ fn burst(addr: SocketAddr, streams: usize, burst: usize, secs: u64) {
         during.last().copied().unwrap_or(f64::NAN),
         during.len()
     );
+}
+
+/// Readers of an endless stream, beside clients that never read: the
+/// bytes a second the readers got in a window of `secs` after a second of
+/// warm-up, in total and for the slowest reader, and every byte they got.
+fn fanout(addr: SocketAddr, clients: usize, secs: u64, stalled: usize) {
+    let stalled: Vec<TcpStream> = (0..stalled)
+        .map(|_| {
+            let s = connect(addr).expect("connect");
+            // A small receive buffer: a reader that stopped, as the server sees it.
+            let _ = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBuf, &4096);
+            s
+        })
+        .collect();
+    let counts: Arc<Vec<AtomicU64>> = Arc::new((0..clients).map(|_| AtomicU64::new(0)).collect());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let threads: Vec<_> = (0..clients)
+        .map(|i| {
+            let (counts, stop) = (Arc::clone(&counts), Arc::clone(&stop));
+            let mut s = connect(addr).expect("connect");
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                while !stop.load(Ordering::Relaxed) {
+                    match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            counts[i].fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+            })
+        })
+        .collect();
+    let sample = || {
+        counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect::<Vec<u64>>()
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let (before, t0) = (sample(), Instant::now());
+    std::thread::sleep(Duration::from_secs(secs));
+    let (after, took) = (sample(), t0.elapsed().as_secs_f64());
+    stop.store(true, Ordering::Relaxed);
+    drop(stalled);
+    let window: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    let total: u64 = window.iter().sum();
+    let slowest = window.iter().copied().min().unwrap_or(0);
+    let all: u64 = after.iter().sum();
+    // The readers are stopped by closing their sockets from under them.
+    std::process::exit({
+        println!(
+            r#"{{"clients":{clients},"gbps":{},"slowest_gbps":{},"bytes":{all},"ok":{}}}"#,
+            total as f64 / took / 1e9,
+            slowest as f64 / took / 1e9,
+            slowest > 0
+        );
+        drop(threads);
+        0
+    });
 }

@@ -4,6 +4,7 @@
 //!   bench-producer vmsplice BYTES        the same with vmsplice(2) when stdout is a pipe
 //!                                        (write(2) otherwise)
 //!   bench-producer ticks MS COUNT        COUNT lines "<unix time in ns>", one every MS
+//!   bench-producer paced MB_PER_SEC      64 KiB writes at that pace, for ever
 //!   bench-producer hello                 one line, at once
 //!   bench-producer lines                 short numbered lines as fast as they are
 //!                                        taken, until the reader leaves
@@ -33,6 +34,7 @@ fn main() {
         Some("bulk") => bulk(arg(1), false),
         Some("vmsplice") => bulk(arg(1), true),
         Some("ticks") => ticks(arg(1), arg(2)),
+        Some("paced") => paced(arg(1)),
         Some("hello") => println!("hello"),
         Some("lines") => lines(),
         Some("exec") if args.len() > 1 => {
@@ -76,6 +78,25 @@ fn bulk(mut left: u64, gift: bool) {
                 eprintln!("bench-producer: write: {e}");
                 std::process::exit(1);
             }
+        }
+    }
+}
+
+/// 64 KiB writes, `mb_per_sec` MB a second on average, until the reader leaves.
+fn paced(mb_per_sec: u64) {
+    let buf = vec![b'x'; 64 << 10];
+    let out = std::io::stdout();
+    let start = std::time::Instant::now();
+    let mut sent = 0u64;
+    loop {
+        let due = Duration::from_secs_f64(sent as f64 / (mb_per_sec.max(1) as f64 * 1e6));
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        match nix::unistd::write(&out, &buf) {
+            Ok(n) => sent += n as u64,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return,
         }
     }
 }

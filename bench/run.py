@@ -11,7 +11,9 @@ own cgroup), then runs rounds interleaved (A B C A B C ...), and reports the
 median, min and max of each measure and the ratio of medians to the
 scenario's reference. Ratios from one run are the result: the machines are
 shared and noisy, single absolute numbers are not. Results go to
-bench/results/latest.md (and .json, and bulk.png when matplotlib is there).
+bench/results/latest.md (and .json, and bulk.png when matplotlib is there);
+`--results NAME` writes bench/results/NAME.md and .json instead (a run of
+some scenarios, kept beside the full suite's).
 
 Root is needed for the cgroups that separate a relay's CPU time from its
 command's, and to install the contenders from Debian's packages.
@@ -143,6 +145,22 @@ class SpliceRelay(Contender):
             + 'max_connections = 4096\n' + self.extra)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "JOURNAL_"))}
         return [str(self.binary), "--config", str(cfg)], env
+
+
+SHARED_SCENARIOS = {"fanout1", "fanout10", "fanout100", "fanout-stall", "shared-slow"}
+
+
+class SpliceRelayShared(SpliceRelay):
+    """One shared command for every client: fanned out by tee(2) (the
+    default), or by a copy (`transfer = "copy"`)."""
+
+    def __init__(self, transfer=None, lagging="drop"):
+        super().__init__(transfer)
+        way = {None: "", "copy": " copy"}[transfer]
+        self.name = "splice-relay shared" + way + (" wait" if lagging == "wait" else "")
+        self.cgroup = CGROOT / self.name.replace(" ", "_")
+        self.extra = f'shared = true\nlinger = "never"\nlagging = "{lagging}"\n'
+        self.scenarios = SHARED_SCENARIOS
 
 
 WS_SCENARIOS = {"ws-rate1", "ws-rate32", "ws-text", "ws-bulk", "ws-bulk4", "ws-slow"}
@@ -394,6 +412,36 @@ def scenario_burst(c, smoke, streams, burst, window):
             "before p99 ms": r["before_p99_ms"], "burst conn/s": r["burst_per_sec"]}
 
 
+def scenario_fanout(c, smoke, clients, stalled=0):
+    """Readers of one endless bulk stream: the bytes a second delivered to
+    all of them, and the relay's CPU per GiB delivered."""
+    secs = 1 if smoke else 4
+    cpu0 = c.cpu_seconds()
+    r = load("fanout", f"127.0.0.1:{c.port}", clients, secs, stalled)
+    cpu = c.cpu_seconds() - cpu0
+    if not r["ok"]:
+        raise RuntimeError(f"{c.name}: a reader got nothing")
+    return {"GB/s": r["gbps"], "relay CPU s/GiB": cpu / (r["bytes"] / GIB),
+            "slowest reader GB/s": r["slowest_gbps"]}
+
+
+def scenario_stall(c, smoke):
+    """Ten readers, then nine readers and one client that never reads, back
+    to back: the readers' bytes a second each time, and the relay's RSS
+    with the stalled client."""
+    secs = 1 if smoke else 4
+    ten = load("fanout", f"127.0.0.1:{c.port}", 10, secs, 0)
+    p = subprocess.Popen([str(LOAD), "fanout", f"127.0.0.1:{c.port}", "9", str(secs), "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(secs / 2 + 1)
+    rss = c.rss_bytes()
+    out, err = p.communicate(timeout=120)
+    nine = json.loads(out)
+    per_ten, per_nine = ten["gbps"] / 10, nine["gbps"] / 9
+    return {"reader GB/s, 9 + 1 stalled": per_nine, "reader GB/s, 10": per_ten,
+            "9 + 1 / 10": per_nine / per_ten, "RSS MiB, stalled": rss / (1 << 20)}
+
+
 def scenario_text(c, smoke):
     """Text messages a second on one connection from a producer of short lines."""
     cpu0 = c.cpu_seconds()
@@ -421,7 +469,9 @@ def contenders(names, scenario):
     all_ = [Direct(), SpliceRelay(), SpliceRelay(cgroups=True), SpliceRelay("splice"), SpliceRelay("copy"),
             SpliceRelay("direct"), Socat(), Socat(1 << 20), TcpServer(), Xinetd(),
             SpliceRelayWs(), SpliceRelayWs("binary"), Websocketd(), Websocketd(binary=True),
-            SpliceRelayTls(), SpliceRelayTls("direct"), Stunnel(), SocatTls(), SocatTls(1 << 20)]
+            SpliceRelayTls(), SpliceRelayTls("direct"), Stunnel(), SocatTls(), SocatTls(1 << 20),
+            SpliceRelayShared(), SpliceRelayShared("copy"),
+            SpliceRelayShared(lagging="wait"), SpliceRelayShared("copy", lagging="wait")]
     if BASELINE:
         # Another build's relayed rows, beside this one's in the same run.
         all_ += [SpliceRelay(t, binary=BASELINE, tag=" baseline") for t in (None, "splice", "copy")]
@@ -529,12 +579,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", help="scenarios: bulk,bulk4,vmsplice,cat,cat4,head,head4,gzip,gzip4,"
                     "rate1,rate32,slow,burst,latency,lines,ws-rate1,ws-rate32,ws-text,ws-bulk,ws-bulk4,ws-slow,"
-                    "tls-rate1,tls-rate32,tls-bulk,tls-bulk4")
+                    "tls-rate1,tls-rate32,tls-bulk,tls-bulk4,fanout1,fanout10,fanout100,fanout-stall,shared-slow")
     ap.add_argument("--contenders", help="comma-separated names (default: all)")
     ap.add_argument("--baseline", type=Path, help="another build's splice-relay binary: its rows "
                     "(`splice-relay baseline`, `splice-relay splice baseline`, `splice-relay copy baseline`, "
                     "`splice-relay websocket baseline`, `splice-relay websocket binary baseline`, "
                     "`splice-relay tls baseline`) run beside this build's, for a before and after in one run")
+    ap.add_argument("--results", default="latest", help="the name of the results files (default: latest)")
     args = ap.parse_args()
     global BASELINE
     BASELINE = args.baseline.resolve() if args.baseline else None
@@ -578,6 +629,11 @@ def main():
             return names + tuple(f"{n} baseline" for n in names if n.startswith("splice-relay"))
         real, text_ws, binary_ws, tls_who = map(with_baseline, (real, text_ws, binary_ws, tls_who))
     make_certificate(files)
+    # A bulk stream outruns its readers: exact delivery (lagging = "wait")
+    # paces the command by the slowest. A stalled client is dropped
+    # (lagging = "drop") from a stream the others keep up with.
+    shared_who = ("splice-relay", "splice-relay shared wait", "splice-relay shared copy wait")
+    shared_only = ("splice-relay shared", "splice-relay shared copy")
 
     def real_bulk(key, title, argv, per, clients):
         return (key, title, "direct", ("exec", *argv), lambda c: scenario_bulk(c, smoke, clients, per), real)
@@ -638,6 +694,19 @@ def main():
          lambda c: scenario_bulk(c, smoke, 1, tls_bulk), tls_who),
         ("tls-bulk4", "7d. TLS: bulk, four clients at once (aggregate)", "stunnel", ("bulk", tls_bulk // 2),
          lambda c: scenario_bulk(c, smoke, 4, tls_bulk // 2), tls_who),
+        # Shared commands: one endless bulk stream to 1, 10 and 100 readers,
+        # against a command per reader (the only way without `shared`).
+        ("fanout1", "8. Shared command: one bulk stream to 1 reader", "splice-relay", ("bulk", 1 << 50),
+         lambda c: scenario_fanout(c, smoke, 1), shared_who),
+        ("fanout10", "8b. Shared command: one bulk stream to 10 readers (aggregate)", "splice-relay",
+         ("bulk", 1 << 50), lambda c: scenario_fanout(c, smoke, 10), shared_who),
+        ("fanout100", "8c. Shared command: one bulk stream to 100 readers (aggregate)", "splice-relay",
+         ("bulk", 1 << 50), lambda c: scenario_fanout(c, smoke, 100 if not smoke else 20), shared_who),
+        ("fanout-stall", "8d. Shared command, 50 MB/s: 10 readers, then 9 and one that never reads",
+         "splice-relay shared", ("paced", 50), lambda c: scenario_stall(c, smoke), shared_only),
+        ("shared-slow", f"8e. {slow_clients} clients of one command ticking once a second, against a command each",
+         "splice-relay", ("ticks", 1000, window + 5), lambda c: scenario_slow(c, smoke, slow_clients, window),
+         ("splice-relay", "splice-relay shared")),
     ]
     results = []
     with tempfile.TemporaryDirectory(prefix="splice-relay-bench.") as tmpdir:
@@ -646,21 +715,22 @@ def main():
             if only and key not in only:
                 continue
             if smoke and key in ("bulk4", "rate32", "cat4", "head4", "gzip4", "ws-rate32", "ws-bulk4",
-                                 "tls-rate32", "tls-bulk4"):
+                                 "tls-rate32", "tls-bulk4", "fanout1", "fanout10"):
                 continue  # the smoke checks that each scenario runs, once
-            if cmd[0] in ("bulk", "vmsplice") and not key.startswith(("ws-", "tls-")):
+            if cmd[0] in ("bulk", "vmsplice") and not key.startswith(("ws-", "tls-", "fanout")):
                 cmd = (cmd[0], bulk_bytes(smoke, 4 if key == "bulk4" else 1))
             picks = [c for c in contenders(names, key) if not who or c.name in who[0]]
             results.append(run_scenario(title, ref, cmd, measure, picks, rounds, tmp, smoke))
             if not smoke:
-                write_results(results, rounds)
+                write_results(results, rounds, args.results)
     remove_cgroups(CGROOT)
     shutil.rmtree(files, ignore_errors=True)
 
     if smoke:
         print("\nbench: smoke run passed: every contender served every byte")
         return
-    chart(results)
+    if args.results == "latest":
+        chart(results)
     print("\n" + markdown(results, machine_line(), rounds))
 
 
@@ -697,11 +767,11 @@ def remove_cgroups(top):
             print(f"bench: cannot remove {d}: {e}")
 
 
-def write_results(results, rounds):
+def write_results(results, rounds, name="latest"):
     """Written after each scenario, so a long run that is stopped keeps what it measured."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.md").write_text(markdown(results, machine_line(), rounds) + "\n")
-    (RESULTS / "latest.json").write_text(json.dumps({"machine": machine_line(), "results": results}, indent=1))
+    (RESULTS / f"{name}.md").write_text(markdown(results, machine_line(), rounds) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine_line(), "results": results}, indent=1))
 
 
 def chart(results):

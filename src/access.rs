@@ -111,6 +111,9 @@ pub struct Rules {
     pub allow: Vec<Cidr>,
     pub deny: Vec<Cidr>,
     pub max_per_source: Option<usize>,
+    /// Whether loopback clients count in `max_per_source` (false for the
+    /// default bound: they are this host's own).
+    pub loopback_counted: bool,
     /// IPv6 clients are counted per network of this prefix (default 64); IPv4 per address.
     pub source_prefix_v6: u8,
     /// New connections per second for the service and per source (token
@@ -126,6 +129,7 @@ impl Default for Rules {
             allow: Vec::new(),
             deny: Vec::new(),
             max_per_source: None,
+            loopback_counted: true,
             source_prefix_v6: 64,
             rate: None,
             rate_per_source: None,
@@ -251,7 +255,9 @@ impl Admission {
         let key = ip.map(|ip| source_key(ip, rules.source_prefix_v6));
         let mut s = self.state();
         let s = &mut *s;
-        if let (Some(key), Some(max)) = (key, rules.max_per_source) {
+        let loopback = ip.is_some_and(|ip| unmapped(ip).is_loopback());
+        let bounded = key.filter(|_| rules.loopback_counted || !loopback);
+        if let (Some(key), Some(max)) = (bounded, rules.max_per_source) {
             if s.counts.get(&key).copied().unwrap_or(0) >= max {
                 return Err(Refusal::PerSource { max });
             }
@@ -448,6 +454,28 @@ bogus | "bogus": expected an IPv4 or IPv6 address, optionally with /PREFIX
         assert_eq!(a.count("2001:db8:1:1::1".parse().unwrap(), &r), 1);
         let again = admit("2001:db8:1:1::1").unwrap();
         drop((again, second, other_64, v4));
+        assert_eq!(a.tracked(), 0);
+    }
+
+    #[test]
+    fn the_default_bound_leaves_loopback_clients_alone() {
+        let a = Admission::new();
+        let now = Instant::now();
+        let r = rules(|r| (r.max_per_source, r.loopback_counted) = (Some(1), false));
+        let admit = |client: &str| a.admit(ip(client), &r, now).map_err(|r| r.to_string());
+        let full = Err("at max_per_source (1)".to_owned());
+        let held = admit("192.0.2.1").unwrap();
+        assert_eq!(admit("192.0.2.1").map(drop), full);
+        let local = ["127.0.0.1", "127.0.0.1", "::1", "::1", "::ffff:127.0.0.1"];
+        let locals: Vec<_> = local.map(|c| admit(c).unwrap()).into();
+        // Set by hand, the bound counts loopback clients too.
+        let strict = Rules {
+            loopback_counted: true,
+            ..r.clone()
+        };
+        let refused = a.admit(ip("127.0.0.1"), &strict, now).map(drop);
+        assert_eq!(refused.map_err(|r| r.to_string()), full);
+        drop((held, locals));
         assert_eq!(a.tracked(), 0);
     }
 

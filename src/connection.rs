@@ -11,7 +11,6 @@
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,13 +22,15 @@ use crate::admit::Admissions;
 use crate::cgroup::Tree;
 use crate::client::{Client, Opening, Transport};
 use crate::command::{Command, Ended, Input, SpawnError, Streams, Tag};
-use crate::config::{Protocol, Service, Transfer};
+use crate::config::{Messages, Protocol, Service, Transfer};
 use crate::end::{End, Ending};
 use crate::fdio;
 use crate::peer::Peer;
 use crate::places::{Place, ServicePlace};
 use crate::record::{Record, Stats};
+use crate::shared::{Commands, Watcher};
 use crate::shutdown::Watch;
+pub use crate::starved::Starved;
 use crate::supervise::{supervise, Bounds, Idle};
 use crate::tls::{self, HandOff, Layer};
 use crate::websocket;
@@ -48,63 +49,8 @@ pub struct Context {
     pub cgroups: Option<Tree>,
     /// Connections waiting for descriptors to start their command.
     pub starved: Starved,
-}
-
-/// Out of descriptors, a connection whose command cannot start yet waits
-/// for another connection to end (its descriptors back) instead of being
-/// closed; the accept loop meanwhile meets EMFILE itself and pauses, so
-/// new clients wait in the backlog. Logged once per episode.
-#[derive(Debug, Default)]
-pub struct Starved {
-    /// A connection ended: its descriptors are back.
-    freed: tokio::sync::Notify,
-    waiting: AtomicUsize,
-    /// Connections that waited in this episode.
-    waited: AtomicU64,
-}
-
-impl Starved {
-    /// Waits for a connection to end. The only connection (nothing will
-    /// end) does not wait: None.
-    async fn wait(&self, stats: &Stats) -> Option<()> {
-        // Registered before the look, so an end between the two is not missed.
-        let freed = self.freed.notified();
-        tokio::pin!(freed);
-        freed.as_mut().enable();
-        if stats.active.load(Ordering::Relaxed) <= 1 {
-            return None;
-        }
-        self.waited.fetch_add(1, Ordering::Relaxed);
-        if self.waiting.fetch_add(1, Ordering::Relaxed) == 0 {
-            tracing::warn!(
-                "out of descriptors (RLIMIT_NOFILE): commands wait for running connections to \
-                 end, and new clients in the backlog; logged once until it is over"
-            );
-        }
-        let _waiting = Waiting(self);
-        freed.await;
-        Some(())
-    }
-
-    /// A connection's descriptors are back.
-    pub fn freed(&self) {
-        self.freed.notify_waiters();
-    }
-}
-
-/// One connection waiting; the episode ends with the last.
-struct Waiting<'a>(&'a Starved);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        if self.0.waiting.fetch_sub(1, Ordering::Relaxed) == 1 {
-            let waited = self.0.waited.swap(0, Ordering::Relaxed);
-            tracing::info!(
-                waited,
-                "descriptors are back: {waited} connection(s) waited for them"
-            );
-        }
-    }
+    /// The running shared commands (`shared = true`).
+    pub shared: Arc<Commands>,
 }
 
 /// An accepted connection, ready to be served.
@@ -165,7 +111,8 @@ impl Handler {
                 record.refused();
             }
             Err(Early::Ended(end)) => record.close(None, end),
-            Ok((ended, end)) => {
+            Ok((None, end)) => record.close(None, end),
+            Ok((Some(ended), end)) => {
                 record.close(Some(&ended), end);
                 // Off the client's path: the record is out, the client gone.
                 ended.remove_cgroup().await;
@@ -176,15 +123,16 @@ impl Handler {
 }
 
 /// The pipeline, step by step. Each step either hands the next what it
-/// needs or ends the connection (`Err`). Returns how the command ended and
-/// why the connection did.
+/// needs or ends the connection (`Err`). Returns how the connection's
+/// command ended (None: it watched a shared one) and why the connection
+/// ended.
 async fn pipeline(
     conn: &Conn<'_>,
     socket: OwnedFd,
     peer: Peer,
     record: &mut Record,
     place: &mut ServicePlace,
-) -> Result<(Ended, End), Early> {
+) -> Result<(Option<Ended>, End), Early> {
     let socket = conn.register(socket, &peer)?;
     let (peer, _source) = conn.admit(&socket, peer).await?;
     record.peer(&peer);
@@ -202,13 +150,15 @@ async fn pipeline(
     // An answer that ended the exchange early (a page, an HTTP error, a
     // close frame) still gets through the TLS layer.
     let clean = exchanged.as_ref().map_or(true, |(_, _, clean)| *clean);
-    transport.close(clean).await;
-    exchanged.map(|(ended, end, _)| (ended, end))
+    let idle = Idle::Traffic(record.traffic());
+    let cut = transport.close(clean, &bounds, idle).await;
+    // A client that stopped taking the rest ends as a bound said.
+    exchanged.map(|(ended, end, _)| (ended, cut.unwrap_or(end)))
 }
 
 /// The rest of the pipeline, on the client's transport: open → banner →
-/// spawn → supervise the transfer → end. Also says whether the client's
-/// side ended its output in order.
+/// spawn (or join the shared command) → supervise the transfer → end. Also
+/// says whether the client's side ended its output in order.
 async fn exchange(
     conn: &Conn<'_>,
     transport: &mut Transport,
@@ -216,7 +166,7 @@ async fn exchange(
     bounds: &Bounds,
     record: &mut Record,
     place: &mut ServicePlace,
-) -> Result<(Ended, End, bool), Early> {
+) -> Result<(Option<Ended>, End, bool), Early> {
     let (opening, request_env) = conn.open(transport, bounds, peer, record).await?;
     // The handshakes are done: the connection's place in max_connections.
     let settling = async {
@@ -228,6 +178,9 @@ async fn exchange(
         .await
         .map_err(Early::Ended)?;
     conn.banner(transport, bounds, record).await?;
+    if let Some(owner) = conn.service.shared_command() {
+        return watch(conn, owner, transport, opening, bounds, record).await;
+    }
     let env = [tls_env, request_env].concat();
     let (command, streams) = conn
         .spawn(transport, peer, env, &opening, bounds, record)
@@ -264,7 +217,44 @@ async fn exchange(
     let (ended, clean) = finish(client, command, &end, service.kill_grace).await;
     // The command has ended: its output may close now without a SIGPIPE.
     drop(output);
-    Ok((ended, end, clean))
+    Ok((Some(ended), end, clean))
+}
+
+/// A shared service's client: it joins the shared command (or starts it)
+/// and reads its output from a pipe of its own, as it would read a
+/// command's; its input goes nowhere. The command goes on when the client
+/// ends; a client dropped for lagging ends `lagging`.
+async fn watch(
+    conn: &Conn<'_>,
+    owner: &Arc<Service>,
+    transport: &mut Transport,
+    opening: Opening<'_>,
+    bounds: &Bounds,
+    record: &mut Record,
+) -> Result<(Option<Ended>, End, bool), Early> {
+    let watcher = conn.join(owner, transport, &opening, record).await?;
+    let (service, traffic) = (conn.service, record.traffic());
+    let transport = &*transport;
+    let output = Some(&watcher.output);
+    let mut client = Client::new(opening, transport, (output, Input::Null), service, traffic);
+    let idle = client.idle(record.started());
+    let end = supervise(
+        bounds,
+        idle,
+        client.pump(),
+        transport.lost(),
+        watcher.lagged(),
+    )
+    .await;
+    // Dropped, its pipe may end before the word of it arrives.
+    let end = match end {
+        End::OutputEnded if watcher.was_dropped() => End::Lagging,
+        end => end,
+    };
+    let end = transport.explain(end);
+    let ending = Ending::after(&end, service.kill_grace);
+    let clean = client.close(&end, &ending).await;
+    Ok((None, end, clean))
 }
 
 /// The end policy at work, the same for every transport and protocol: the
@@ -349,9 +339,9 @@ impl Conn<'_> {
             HandOff::Declined(conn) => {
                 record.tls(format!("{summary} userspace"));
                 // A command given the layer's pair writes to it itself: the layer counts.
-                let counted =
-                    (service.transfer == Transfer::Direct).then(|| record.shared_traffic());
-                Transport::encrypted(socket, Layer::new(*conn), counted, service.kill_grace)
+                let counts = service.transfer == Transfer::Direct;
+                let layer = Layer::new(*conn, record.shared_traffic(), counts);
+                Transport::encrypted(socket, layer, service.kill_grace)
                     .map_err(|e| Early::Ended(End::Error(unregistered(&e))))?
             }
             HandOff::Lost(why) => {
@@ -484,6 +474,32 @@ impl Conn<'_> {
             }
         }
     }
+    /// Joins (or starts) the shared command; a WebSocket client it fails gets a close frame.
+    async fn join(
+        &self,
+        owner: &Arc<Service>,
+        transport: &Transport,
+        opening: &Opening<'_>,
+        record: &mut Record,
+    ) -> Result<Watcher, Early> {
+        let lines = matches!(opening, Opening::WebSocket(ws, _) if ws.messages == Messages::Text);
+        match self.context.shared.join(owner, lines).await {
+            Ok(watcher) => {
+                let hub = watcher.hub();
+                record.watching(hub.instance, hub.pid);
+                Ok(watcher)
+            }
+            Err(e) => {
+                if let Opening::WebSocket(..) = opening {
+                    websocket::close_unserved(
+                        transport.plain(),
+                        "the command could not be started",
+                    );
+                }
+                Err(Early::Ended(End::SpawnFailed(e.to_string())))
+            }
+        }
+    }
 }
 
 fn unregistered(e: &std::io::Error) -> String {
@@ -496,6 +512,7 @@ fn unregistered(e: &std::io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use std::io::Write;
+    use std::sync::atomic::AtomicU64;
     use std::sync::Mutex;
 
     use super::*;
@@ -536,9 +553,12 @@ mod tests {
         let service = Arc::clone(&config.services[0]);
         let (_stop, watch) = Shutdown::new();
         let stats = Arc::new(Stats::default());
+        let ids = Arc::new(AtomicU64::new(1));
+        let shared = Commands::new(Arc::from(Vec::new()), None, watch.clone(), ids);
         let context = Arc::new(Context {
             base_env: Arc::from(Vec::new()),
             shutdown: watch,
+            shared: Arc::new(shared),
             admissions: Admissions::default(),
             stats: Arc::clone(&stats),
             cgroups: None,

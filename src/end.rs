@@ -10,6 +10,7 @@
 //! | the command exited (with `transfer = "direct"`, or its output held by a process that left) | (it has exited) | [`Farewell::Complete`] |
 //! | `max_bytes` | SIGTERM at once | [`Farewell::Complete`] |
 //! | `timeout`, `idle_timeout`, the stop, an error | SIGTERM at once | [`Farewell::Cut`] |
+//! | a shared command's client fell `max_lag` behind (`lagging`) | (it goes on for the others) | [`Farewell::Cut`] |
 //! | the client left, closed, or broke its protocol | SIGTERM at once | [`Farewell::Abrupt`] |
 //!
 //! After the SIGTERM every process the command contains gets `kill_grace`,
@@ -63,6 +64,8 @@ pub enum End {
     PingTimeout,
     /// WebSocket: a plain GET got the console page.
     Page,
+    /// A client of a shared command fell more than `max_lag` behind it.
+    Lagging,
     /// The OOM killer killed the command (its main process died of SIGKILL,
     /// and its cgroup's `memory.events` counts OOM kills): known once the
     /// command is reaped, in place of the end its death caused.
@@ -155,6 +158,7 @@ impl End {
             End::PingTimeout => "ping-timeout",
             End::Page => "page",
             End::OomKilled => "oom-killed",
+            End::Lagging => "lagging",
         }
     }
 }
@@ -179,6 +183,7 @@ impl fmt::Display for End {
             End::ClientClosed(None) => f.write_str(" (no close code)"),
             End::Unannounced => f.write_str(" (closed the connection without a close frame)"),
             End::OomKilled => f.write_str(" (the OOM killer killed the command)"),
+            End::Lagging => f.write_str(" (more than max_lag behind the shared command)"),
             _ => Ok(()),
         }
     }
@@ -231,7 +236,8 @@ impl Ending {
             | End::Timeout
             | End::IdleTimeout
             | End::Error(_)
-            | End::SpawnFailed(_) => Farewell::Cut,
+            | End::SpawnFailed(_)
+            | End::Lagging => Farewell::Cut,
             End::ClientGone(_)
             | End::Tls(_)
             | End::ClientClosed(_)
@@ -292,6 +298,7 @@ mod tests {
             (End::PingTimeout, z, Abrupt),
             (End::Page, z, Abrupt),
             (End::OomKilled, g, Complete),
+            (End::Lagging, z, Cut),
         ];
         for (end, patience, farewell) in table {
             let ending = Ending::after(end, g);

@@ -34,6 +34,9 @@
 //!   TLS layer) and its protocol (raw, WebSocket, direct), each with one
 //!   `pump` and one `close`.
 //! - [`command`]: the command: spawn, standard streams, stderr log, ending, reaping.
+//! - [`shared`]: `shared = true`: one command for all of a service's
+//!   clients, its output fanned out (`shared/fanout.rs`: tee(2) or a copy),
+//!   its life (`shared/hub.rs`); a client joins it where it would spawn.
 //! - [`cgroup`]: the connection's cgroup, its resources and what it used.
 //! - [`runas`]: the command's user, group, rlimits and nice value.
 //! - [`supervise`]: the one loop that runs a transfer beside what may end it first.
@@ -41,6 +44,7 @@
 //! - [`relay`]: the loops that move bytes: `relay/splice.rs` (splice(2)) and
 //!   `relay/copy.rs` (through a buffer).
 //! - [`record`]: the connection's one record, and the daemon's figures.
+//! - [`starved`]: out of descriptors, commands wait for a connection to end.
 //!
 //! Shared by the rest:
 //! - [`fdio`]: waiting for readiness, and what each errno means.
@@ -68,7 +72,9 @@ pub mod relay;
 pub mod reload;
 pub mod runas;
 pub mod server;
+pub mod shared;
 pub mod shutdown;
+pub mod starved;
 pub mod supervise;
 mod sys;
 pub mod tls;

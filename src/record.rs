@@ -24,6 +24,8 @@
 //! - `spawn-failed`: the command could not be started.
 //! - `tls-error`: a TLS client broke the record layer (a bad or forged
 //!   record, a fatal alert); the detail says how.
+//! - `lagging`: a client of a shared command fell more than `max_lag`
+//!   behind it, and was disconnected; the command went on for the others.
 //! - `error`: anything else; the detail says what.
 //!
 //! WebSocket services (`protocol = "websocket"`) add:
@@ -149,6 +151,12 @@ impl Traffic {
         self.received.load(Ordering::Relaxed)
     }
 
+    /// Bytes moved that are counted elsewhere (the TLS layer's records of
+    /// output already counted as sent): activity, not more bytes.
+    pub fn active(&self) {
+        self.touch();
+    }
+
     fn touch(&self) {
         let ms = self.since.elapsed().as_millis() as u64;
         self.last_ms.fetch_max(ms, Ordering::Relaxed);
@@ -175,6 +183,8 @@ pub struct Record {
     framed: bool,
     /// TLS: the version, the cipher and who encrypts ("none": plaintext).
     tls: String,
+    /// The shared command watched: its instance's number.
+    instance: Option<u64>,
 }
 
 impl Record {
@@ -193,6 +203,7 @@ impl Record {
             refused: false,
             framed: false,
             tls: "none".into(),
+            instance: None,
         }
     }
 
@@ -244,6 +255,14 @@ impl Record {
         tracing::debug!(conn = self.conn, service = &*self.service, peer = %self.peer, pid, "command started");
     }
 
+    /// The client watches instance `instance` of the service's shared
+    /// command, `pid`: the record names them.
+    pub fn watching(&mut self, instance: u64, pid: i32) {
+        self.pid = pid;
+        self.instance = Some(instance);
+        tracing::debug!(conn = self.conn, service = &*self.service, peer = %self.peer, pid, instance, "watching the shared command");
+    }
+
     /// Who the client is, as the record says it.
     pub fn peer_name(&self) -> String {
         self.peer.clone()
@@ -278,6 +297,7 @@ impl Record {
         let reason = end.reason();
         let tls = (self.tls != "none").then_some(self.tls.as_str());
         let messages = self.framed.then(|| self.traffic.messages());
+        let instance = self.instance;
         let (messages_sent, messages_received) = (messages.map(|m| m.0), messages.map(|m| m.1));
         let Usage {
             cpu_usec,
@@ -297,7 +317,7 @@ impl Record {
             ($level:ident) => {
                 tracing::$level!(
                     conn, service, peer = %peer, pid, bytes, bytes_received, duration_ms, exit, reason,
-                    cpu_usec, memory_peak, tasks_peak, oom_kills, messages_sent, messages_received, tls,
+                    cpu_usec, memory_peak, tasks_peak, oom_kills, messages_sent, messages_received, tls, instance,
                     "connection ended: {end}{exit_text}{oom}, {bytes} bytes sent in {duration_ms} ms"
                 )
             };

@@ -26,6 +26,7 @@ use crate::listen::{self, Listener};
 use crate::peer::{Family, Peer};
 use crate::places::{handshake_budget, Gate, ServicePlace};
 use crate::record::{Record, Stats};
+use crate::shared::Commands;
 use crate::shutdown::{Phase, Shutdown, Watch};
 use crate::{log, notify, reload, sys};
 
@@ -44,7 +45,8 @@ struct Shared {
     stats: Arc<Stats>,
     /// What each connection gets.
     context: Arc<Context>,
-    next_id: AtomicU64,
+    /// Connection numbers (shared commands take theirs from it too).
+    next_id: Arc<AtomicU64>,
     /// Where each reload's outcome is published for `--reload`.
     reloads: reload::Outcomes,
     /// The last failed reload, shown in STATUS= until a reload succeeds.
@@ -54,6 +56,14 @@ struct Shared {
 impl Shared {
     fn new(config: Config, shutdown: Watch, cgroups: Option<Tree>) -> Arc<Shared> {
         let stats = Arc::new(Stats::default());
+        let next_id = Arc::new(AtomicU64::new(1));
+        let base_env = command::base_env();
+        let commands = Commands::new(
+            Arc::clone(&base_env),
+            cgroups.clone(),
+            shutdown.clone(),
+            Arc::clone(&next_id),
+        );
         Arc::new(Shared {
             global: Gate::new(config.max_connections),
             config: RwLock::new(Arc::new(config)),
@@ -61,14 +71,15 @@ impl Shared {
             handshakes: Mutex::new(HashMap::new()),
             stats: Arc::clone(&stats),
             context: Arc::new(Context {
-                base_env: command::base_env(),
+                base_env,
                 shutdown,
                 admissions: Admissions::default(),
                 stats,
                 cgroups,
                 starved: Starved::default(),
+                shared: Arc::new(commands),
             }),
-            next_id: AtomicU64::new(1),
+            next_id,
             reload_error: Mutex::new(None),
             reloads: reload::Outcomes::from_env(),
         })
@@ -107,6 +118,10 @@ impl Shared {
         let refused = self.stats.refused.load(Ordering::Relaxed);
         if refused > 0 {
             s.push_str(&format!(", {refused} refused"));
+        }
+        if let Some(running) = self.context.shared.status() {
+            s.push_str("; ");
+            s.push_str(&running);
         }
         if let Some(e) = &*self.reload_error.lock().unwrap_or_else(|e| e.into_inner()) {
             s.push_str("; reload failed, previous config in use: ");
@@ -151,6 +166,8 @@ impl Server {
             loops.spawn(accept_loop(Arc::clone(&shared), register(&shared, l)?));
         }
         let ticker = tokio::spawn(report(Arc::clone(&shared)));
+        let commands = Arc::clone(&shared.context.shared);
+        commands.start_with_daemon(&shared.config().services);
 
         notify::ready(&shared.status());
         tracing::info!(config = %shared.config().origin, "ready");
@@ -253,6 +270,8 @@ async fn drain(
         stop.advance(Phase::Forced);
         shared.global.idle().await;
     }
+    // Every client has gone: the shared commands end, and write their records.
+    shared.context.shared.stop().await;
 }
 
 /// Accepts connections on one listener until the daemon stops.
@@ -466,6 +485,7 @@ fn reload_config(
                     .set_max(handshake_budget(s.max_connections));
             }
             level.set(&new.log_level);
+            shared.context.shared.reload(&new.services);
             tracing::info!(config = %new.origin, services = new.services.len(), "configuration reloaded; new connections use it");
             *shared.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
             *shared

@@ -37,6 +37,11 @@ impl Shutdown {
 }
 
 impl Watch {
+    /// The phase now.
+    pub fn phase(&self) -> Phase {
+        *self.0.borrow()
+    }
+
     /// Resolves once the phase is at least `phase`.
     pub async fn reached(&mut self, phase: Phase) {
         // An error means the server is gone, which is as final as it gets.

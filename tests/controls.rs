@@ -129,6 +129,43 @@ fn max_per_source_refuses_with_the_busy_message_and_frees_on_close() {
     assert!(end.contains("refused=2"), "{end}");
 }
 
+/// Without `max_per_source`, one address may hold half of the service's
+/// places: here 2 of `max_connections = 3`. Loopback clients are not
+/// counted by that default (the connections below all come from 127.0.0.1;
+/// the PROXY header names the source the rules see).
+#[test]
+fn by_default_one_address_holds_at_most_half_the_places() {
+    let (d, addr) = serve(
+        &sh("echo up; while sleep 0.2; do echo .; done"),
+        "max_connections = 3\nproxy_protocol = true\nbusy_message = \"busy\\n\"",
+    );
+    let from = |ip: &str| {
+        let mut c = connect(addr);
+        let header = format!("PROXY TCP4 {ip} 198.51.100.1 5555 443\r\n");
+        c.write_all(header.as_bytes()).unwrap();
+        c
+    };
+    let mut first = from("192.0.2.7");
+    let mut second = from("192.0.2.7");
+    assert_eq!(read_line(&mut first), "up\n");
+    assert_eq!(read_line(&mut second), "up\n");
+    assert_eq!(read_all(from("192.0.2.7")), b"busy\n");
+    d.wait_log(&["refused 192.0.2.7:5555", "at max_per_source (2)"]);
+    // Another address gets the last place; so would a loopback one.
+    let mut other = from("192.0.2.8");
+    assert_eq!(read_line(&mut other), "up\n");
+    drop((first, second, other));
+
+    let (_d, addr) = serve(
+        &sh("echo up; while sleep 0.2; do echo .; done"),
+        "max_connections = 3",
+    );
+    let mut local: Vec<_> = (0..3).map(|_| connect(addr)).collect();
+    for c in &mut local {
+        assert_eq!(read_line(c), "up\n", "loopback clients take every place");
+    }
+}
+
 #[test]
 fn rate_refuses_clients_beyond_the_bucket() {
     let (d, addr) = serve(

@@ -65,6 +65,53 @@ fn output_goes_through_the_kernel_on_every_transfer() {
     }
 }
 
+/// A shared command's output to clients whose sessions the kernel took:
+/// tee(2) into each client's pipe, spliced into the kernel's TLS; every
+/// client gets every byte, encrypted by the kernel.
+#[test]
+#[ignore = "needs the kernel's TLS: tests/ktls/run.sh runs these in a VM"]
+fn a_shared_command_is_spliced_into_every_clients_kernel_tls() {
+    let pki = Pki::new();
+    let (file, want) = data(&pki);
+    let go = pki.path("go");
+    for transfer in ["splice", "socketpair"] {
+        let _ = std::fs::remove_file(&go);
+        let (mut d, addr) = tls_serve(
+            &pki,
+            &sh(&format!(
+                "while [ ! -e {} ]; do sleep 0.02; done; cat {}",
+                go.display(),
+                file.display()
+            )),
+            // Exact delivery: emulated CPUs decrypt slowly, and `cat` would
+            // leave them max_lag behind.
+            &format!("shared = true\nlagging = \"wait\"\ntransfer = \"{transfer}\""),
+        );
+        std::thread::scope(|scope| {
+            let pki = &pki;
+            let clients: Vec<_> = (0..3)
+                .map(|_| scope.spawn(move || python_tls(addr, pki, READ_ALL)))
+                .collect();
+            d.wait_note("3 client(s))");
+            std::fs::write(&go, "").unwrap();
+            for c in clients {
+                let out = c.join().unwrap();
+                assert_eq!(
+                    out.split_whitespace().take(2).collect::<Vec<_>>(),
+                    ["8000000", want.as_str()],
+                    "{transfer}"
+                );
+            }
+        });
+        for r in d.wait_records(3) {
+            assert!(
+                r.tls.ends_with(" kernel") && r.instance.is_some(),
+                "{transfer}: {r}"
+            );
+        }
+    }
+}
+
 /// The kernel never sends a close_notify; the daemon does, so a client that
 /// insists on one (curl with OpenSSL 3) sees a clean end.
 #[test]

@@ -11,6 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::*;
+use nix::sys::socket::{setsockopt, sockopt};
 
 fn tls_serve(pki: &Pki, command: &str, extra: &str) -> (Daemon, SocketAddr) {
     serve(command, &format!("{}{extra}", pki.tls_lines()))
@@ -226,6 +227,123 @@ print(first.decode(), len(rest), hashlib.sha256(rest).hexdigest())"#,
         assert_eq!(r.bytes, 20_000_005, "{transfer}: {r}");
     }
 }
+
+/// A daemon whose service gives the command the plaintext side itself
+/// (`transfer = "direct"`: what the command wrote waits in the layer or the
+/// kernel, nowhere else), with small kernel buffers on the daemon's side of
+/// the client's socket too (systemd's `SendBuffer=`).
+fn small_buffers_serve(pki: &Pki, command: &str, extra: &str) -> (Daemon, SocketAddr) {
+    let (passed, addr) = pass_tcp("test");
+    setsockopt(&passed.fd, sockopt::SndBuf, &65536).unwrap();
+    let config = one_service(
+        command,
+        &format!("{}transfer = \"direct\"\n{extra}", pki.tls_lines()),
+    );
+    (Daemon::start(&config, vec![passed]), addr)
+}
+
+/// Whether the daemon encrypts in user space (the TLS layer), as on the
+/// machines here; on a kernel with the TLS module the kernel does, and the
+/// layer's tests have nothing to test.
+fn layer_encrypts(d: &Daemon) -> bool {
+    let line = d.wait_log(&["tls: "]);
+    if line.contains("the kernel encrypts") {
+        eprintln!("skipped: the kernel encrypts here, not the daemon's layer");
+        return false;
+    }
+    true
+}
+
+/// A client that pauses gets the whole output even when the command ended
+/// long before, as the kernel would give it over a socket the daemon
+/// closed: `kill_grace` (300 ms here) bounds the wait for its close, not
+/// for it to take the rest. It pauses for a second once the command has
+/// written all, reading slowly before, so that the rest waits in the daemon
+/// as well as in the kernel.
+#[test]
+fn a_client_that_pauses_gets_all_of_an_output_that_ended_before() {
+    let pki = Pki::new();
+    let (file, written) = (pki.path("data"), pki.path("written"));
+    let want = random_file(&file, 8_000_000);
+    let command = sh(&format!(
+        "cat {}; touch {}",
+        file.display(),
+        written.display()
+    ));
+    let (d, addr) = small_buffers_serve(&pki, &command, "");
+    if !layer_encrypts(&d) {
+        return;
+    }
+    let out = python_tls(
+        addr,
+        &pki,
+        &format!(
+            r#"import hashlib
+written = os.path.join(pki, "written")
+{SMALL_WINDOW}
+data, paused = bytearray(), False
+while True:
+    chunk = s.recv(16384)
+    if not chunk:
+        break
+    data += chunk
+    time.sleep(0.005)
+    if not paused and os.path.exists(written):
+        paused = True
+        time.sleep(1)
+print(len(data), hashlib.sha256(data).hexdigest(), paused)"#
+        ),
+    );
+    assert_eq!(out.trim(), format!("8000000 {want} True"));
+    let r = d.wait_record(1);
+    assert_eq!(r.reason, "command-exited", "{r}");
+    assert_eq!(r.bytes, 8_000_000, "{r}");
+}
+
+/// A client that stops taking the output after the command ended is ended
+/// by `idle_timeout`, as it would be while the command ran: its record
+/// comes while it still holds its socket, and says so.
+#[test]
+fn a_client_that_stops_reading_after_the_end_meets_idle_timeout() {
+    let pki = Pki::new();
+    let (d, addr) = small_buffers_serve(
+        &pki,
+        &sh("head -c 300000 /dev/zero"),
+        "idle_timeout = \"1s\"",
+    );
+    if !layer_encrypts(&d) {
+        return;
+    }
+    let script = format!(
+        "import socket, ssl, sys\nport, ca = int(sys.argv[1]), sys.argv[2]\n{SMALL_WINDOW}\n\
+         print('connected', flush=True)\nsys.stdin.read()"
+    );
+    let mut client = Command::new(common::ws::PYTHON)
+        .args(["-c", &script, &addr.port().to_string(), &pki.file("ca.pem")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let r = d.wait_record(1);
+    // The command wrote all and exited (it was not ended for the client).
+    assert_eq!(
+        (r.reason.as_str(), r.exit.as_str()),
+        ("idle-timeout", "0"),
+        "{r}"
+    );
+    assert!(
+        client.try_wait().unwrap().is_none(),
+        "the client still holds its socket"
+    );
+    drop(client.stdin.take());
+    assert!(client.wait().unwrap().success());
+}
+
+/// For a Python client: `s`, a TLS socket whose receive buffer is 64 KiB.
+const SMALL_WINDOW: &str = r#"raw = socket.socket()
+raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+raw.connect(("127.0.0.1", port))
+s = ssl.create_default_context(cafile=ca).wrap_socket(raw, server_hostname="localhost")"#;
 
 // --- Failed handshakes ---
 

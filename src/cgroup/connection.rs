@@ -112,11 +112,15 @@ impl Cgroup {
         }
     }
 
+    /// The processes in the cgroup. A process the daemon's pid namespace
+    /// cannot name shows as 0 there, and kill(0) would signal the daemon's
+    /// own process group: such entries are left out (as systemd does).
     fn pids(&self) -> Vec<i32> {
         fs::read_to_string(self.path.join("cgroup.procs"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.parse().ok())
+            .filter(|&pid: &i32| pid > 0)
             .collect()
     }
 

@@ -8,7 +8,8 @@ pub struct Resources {
     pub memory_max: Option<u64>,
     /// `memory.high`, bytes.
     pub memory_high: Option<u64>,
-    /// `cpu.max`: percent of one CPU (`CPUQuota=`).
+    /// `cpu.max`: hundredths of a percent of one CPU (`CPUQuota=`, read as
+    /// systemd reads it: `"20%"` is 2000, `"12.5%"` 1250).
     pub cpu_quota: Option<u32>,
     /// `cpu.weight`, 1–10000.
     pub cpu_weight: Option<u32>,
@@ -31,9 +32,9 @@ impl Resources {
         if let Some(v) = self.memory_high {
             out.push(("memory", "memory.high", v.to_string()));
         }
-        if let Some(pct) = self.cpu_quota {
+        if let Some(hundredths) = self.cpu_quota {
             // As systemd: at least 1 ms per period.
-            let quota = (u64::from(pct) * CPU_PERIOD_USEC / 100).max(1000);
+            let quota = (u64::from(hundredths) * CPU_PERIOD_USEC / 10_000).max(1000);
             out.push(("cpu", "cpu.max", format!("{quota} {CPU_PERIOD_USEC}")));
         }
         if let Some(v) = self.cpu_weight {
@@ -65,7 +66,7 @@ mod tests {
         let limits = Resources {
             memory_max: Some(512 << 20),
             memory_high: None,
-            cpu_quota: Some(50),
+            cpu_quota: Some(5000),
             cpu_weight: Some(200),
             tasks_max: Some(32),
             io_weight: Some(10),
@@ -81,14 +82,17 @@ mod tests {
             ]
         );
         assert_eq!(limits.controllers(), vec!["memory", "cpu", "pids", "io"]);
-        let tiny = Resources {
-            cpu_quota: Some(0),
-            ..Resources::default()
+        let quota = |hundredths| {
+            Resources {
+                cpu_quota: Some(hundredths),
+                ..Resources::default()
+            }
+            .files()[0]
+                .2
+                .clone()
         };
-        assert_eq!(
-            tiny.files()[0].2,
-            "1000 100000",
-            "at least 1 ms, as systemd"
-        );
+        assert_eq!(quota(1250), "12500 100000", "12.5%");
+        assert_eq!(quota(20_000), "200000 100000", "two CPUs");
+        assert_eq!(quota(1), "1000 100000", "at least 1 ms, as systemd");
     }
 }

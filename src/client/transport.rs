@@ -5,7 +5,6 @@
 //! pair's other end.
 
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
@@ -15,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::end::End;
 use crate::fdio;
-use crate::record::Traffic;
+use crate::supervise::{Bounds, Idle};
 use crate::tls::{Layer, Outcome};
 
 /// The client's transport.
@@ -31,7 +30,6 @@ pub struct Transport {
 struct Bridge {
     task: JoinHandle<()>,
     outcome: watch::Receiver<Option<Outcome>>,
-    grace: Duration,
 }
 
 impl Transport {
@@ -44,20 +42,18 @@ impl Transport {
     }
 
     /// TLS in the daemon: `layer` runs between `socket` and a socket pair.
-    /// `counted`: where the layer counts the bytes, when nothing else does
-    /// (a command that has the pair itself). The layer waits at most
-    /// `grace` for the client's close after the end of the output.
+    /// The layer waits at most `grace` for the client's close after the end
+    /// of the output.
     pub fn encrypted(
         socket: AsyncFd<OwnedFd>,
         layer: Layer,
-        counted: Option<Arc<Traffic>>,
         grace: Duration,
     ) -> std::io::Result<Transport> {
         let (ours, theirs) = Layer::pair()?;
         let plain = fdio::register(theirs, Interest::READABLE | Interest::WRITABLE)?;
         let (tell, outcome) = watch::channel(None);
         let task = tokio::spawn(async move {
-            let outcome = layer.run(&socket, ours, counted.as_deref(), grace).await;
+            let outcome = layer.run(&socket, ours, grace).await;
             // Told before the socket closes, so that whoever sees the pair
             // close can ask why.
             let _ = tell.send(Some(outcome));
@@ -65,11 +61,7 @@ impl Transport {
         });
         Ok(Transport {
             plain,
-            bridge: Some(Bridge {
-                task,
-                outcome,
-                grace,
-            }),
+            bridge: Some(Bridge { task, outcome }),
         })
     }
 
@@ -124,23 +116,29 @@ impl Transport {
     }
 
     /// Lets go of the client. `clean`: the protocol ended its output in
-    /// order, so the layer may end the session in order too (a
-    /// close_notify, the client's close awaited, at most `kill_grace`);
-    /// otherwise the session is cut (no close_notify, which would claim the
-    /// output complete).
-    pub async fn close(self, clean: bool) {
-        let Some(mut bridge) = self.bridge else {
-            return;
-        };
-        if clean
-            && tokio::time::timeout(bridge.grace, &mut bridge.task)
-                .await
-                .is_ok()
-        {
-            return;
+    /// order, so the layer may end the session in order too: the rest of
+    /// the output, as the client takes it (the kernel does as much for a
+    /// socket the daemon closed), then the close_notify and the client's
+    /// close (at most `kill_grace`). `bounds` and `idle` (the layer's
+    /// writes are activity) still hold: the End of one that cuts it first.
+    /// Otherwise the session is cut (no close_notify, which would claim
+    /// the output complete).
+    pub async fn close(self, clean: bool, bounds: &Bounds, idle: Idle<'_>) -> Option<End> {
+        let mut bridge = self.bridge?;
+        let mut cut = None;
+        if clean {
+            let rest = async {
+                let _ = (&mut bridge.task).await;
+                Ok(())
+            };
+            match bounds.watch(rest, idle).await {
+                Ok(()) => return None,
+                Err(end) => cut = Some(end),
+            }
         }
         bridge.task.abort();
         let _ = (&mut bridge.task).await;
+        cut
     }
 }
 

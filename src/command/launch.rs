@@ -29,7 +29,8 @@ use crate::sys::{self, Place, Slots, Stage};
 pub struct Launch {
     pub service: Arc<Service>,
     pub base_env: Arc<[(OsString, OsString)]>,
-    pub peer: Peer,
+    /// The client (None: a shared command's, which has many).
+    pub peer: Option<Peer>,
     /// Variables from the client's request (a WebSocket upgrade's CGI set).
     pub request_env: Vec<(String, String)>,
     /// The command's descriptors 0, 1 and 2.
@@ -122,7 +123,7 @@ fn spawn(job: Launch, slots: Option<&Slots>) -> io::Result<Started> {
     let exec = sys::Exec::new(
         &service.program,
         &service.argv,
-        &environment(&base_env, &request_env, &service.env, &peer),
+        &environment(&base_env, &request_env, &service.env, peer.as_ref()),
         &service.working_directory,
         &service.run_as,
     )?;
@@ -149,12 +150,13 @@ fn environment(
     base: &[(OsString, OsString)],
     request: &[(String, String)],
     service: &[(String, String)],
-    peer: &Peer,
+    peer: Option<&Peer>,
 ) -> Vec<(OsString, OsString)> {
     let mut env: BTreeMap<OsString, OsString> = base.iter().cloned().collect();
     env.extend(request.iter().map(|(k, v)| (k.into(), v.into())));
     env.extend(service.iter().map(|(k, v)| (k.into(), v.into())));
-    env.extend(peer.env().into_iter().map(|(k, v)| (k.into(), v.into())));
+    let peer = peer.map(Peer::env).unwrap_or_default();
+    env.extend(peer.into_iter().map(|(k, v)| (k.into(), v.into())));
     env.into_iter().collect()
 }
 

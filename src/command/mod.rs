@@ -60,7 +60,7 @@ use crate::sys;
 pub use launch::{base_env, start as start_launchers};
 use launch::{Launch, Started};
 use stderr::StderrLog;
-pub use stdio::{Input, Streams};
+pub use stdio::{client_pipe, Input, Streams};
 
 /// Why a command is not running.
 #[derive(Debug)]
@@ -179,32 +179,65 @@ impl Command {
         tag: Tag,
     ) -> Result<(Command, Option<Streams>), SpawnError> {
         let opened = stdio::open(service, socket)?;
-        let started = launch::launch(Launch {
+        let launch = Launch {
             service: Arc::clone(service),
             base_env: Arc::clone(base_env),
-            peer: peer.clone(),
+            peer: Some(peer.clone()),
             request_env,
             child: opened.child,
             cgroups: cgroups.cloned(),
             conn: tag.conn,
-        })
-        .await
-        .map_err(SpawnError::Start)?;
+        };
+        let command = Command::start(launch, opened.stderr, tag).await?;
+        Ok((command, opened.streams))
+    }
+
+    /// Spawns a shared service's one command (see `shared`): its stdin is
+    /// /dev/null, its stdout a pipe (returned, the daemon's end), and no
+    /// client's variables are in its environment. `tag.conn` names its
+    /// cgroup, as a connection's number does.
+    pub async fn spawn_shared(
+        service: &Arc<Service>,
+        base_env: &Arc<[(OsString, OsString)]>,
+        cgroups: Option<&Tree>,
+        tag: Tag,
+    ) -> Result<(Command, AsyncFd<OwnedFd>), SpawnError> {
+        let (opened, output) = stdio::open_shared(service)?;
+        let launch = Launch {
+            service: Arc::clone(service),
+            base_env: Arc::clone(base_env),
+            peer: None,
+            request_env: Vec::new(),
+            child: opened.child,
+            cgroups: cgroups.cloned(),
+            conn: tag.conn,
+        };
+        let command = Command::start(launch, opened.stderr, tag).await?;
+        Ok((command, output))
+    }
+
+    /// Starts `launch` on a launcher thread, and watches what it started.
+    async fn start(
+        launch: Launch,
+        stderr: AsyncFd<OwnedFd>,
+        tag: Tag,
+    ) -> Result<Command, SpawnError> {
+        let grace = launch.service.kill_grace;
+        let started = launch::launch(launch).await.map_err(SpawnError::Start)?;
         let Started { pid, pidfd, cgroup } = started;
         // Until it is watched, an early return must not leave the command
         // running unsupervised (the cgroup, dropped, kills what is in it).
         let unwatched = Unwatched(pid);
         let pidfd = fdio::register(pidfd, Interest::READABLE).map_err(SpawnError::Unwatched)?;
         unwatched.disarm();
-        let command = Command {
+        Ok(Command {
             pid,
             pidfd,
-            grace: service.kill_grace,
-            stderr: Some(StderrLog::start(opened.stderr, tag, pid.as_raw())),
+            grace,
+            stderr: Some(StderrLog::start(stderr, tag, pid.as_raw())),
             cgroup,
             reaped: false,
-        };
-        Ok((command, opened.streams))
+        })
     }
 
     pub fn pid(&self) -> i32 {

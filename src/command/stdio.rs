@@ -130,6 +130,38 @@ pub(super) fn open(service: &Service, socket: &OwnedFd) -> Result<Opened, SpawnE
     })
 }
 
+/// A shared command's streams: stdin /dev/null, stdout a pipe of
+/// `pipe_size` whose reading end (the daemon's, returned) fans out.
+pub(super) fn open_shared(service: &Service) -> Result<(Opened, AsyncFd<OwnedFd>), SpawnError> {
+    let start = SpawnError::Start;
+    let (err_r, err_w) = pipe().map_err(start)?;
+    let stderr = registered(err_r, Interest::READABLE)?;
+    let (out_r, out_w) = pipe().map_err(start)?;
+    set_pipe_size(&out_w, service.pipe_size);
+    let output = registered(out_r, Interest::READABLE)?;
+    let stdin = dev_null().map_err(start)?;
+    let opened = Opened {
+        child: [stdin, out_w, err_w],
+        stderr,
+        streams: None,
+    };
+    Ok((opened, output))
+}
+
+/// A client's pipe from a shared command's fan-out, of `size`: its reading
+/// end (the connection's, as a command's stdout would be) and its writing
+/// end (the fan-out's), both nonblocking, in the event loop.
+pub fn client_pipe(size: usize) -> io::Result<(AsyncFd<OwnedFd>, AsyncFd<OwnedFd>)> {
+    let (r, w) = pipe()?;
+    set_pipe_size(&w, size);
+    let unwatched = |e: SpawnError| match e {
+        SpawnError::Start(e) | SpawnError::Unwatched(e) => e,
+    };
+    let r = registered(r, Interest::READABLE).map_err(unwatched)?;
+    let w = registered(w, Interest::WRITABLE).map_err(unwatched)?;
+    Ok((r, w))
+}
+
 /// The daemon's end of a stream, nonblocking, in the event loop.
 fn registered(fd: OwnedFd, interest: Interest) -> Result<AsyncFd<OwnedFd>, SpawnError> {
     fdio::set_nonblocking(&fd, true).map_err(|e| SpawnError::Start(e.into()))?;

@@ -13,9 +13,10 @@ use super::keywords::{
 };
 use super::locate::Locator;
 use super::raw::{RawConfig, RawService};
+use super::values::SharedKey;
 use super::{
     defaults, tls, ClientAuth, Config, ConfigError, Containment, Messages, Protocol, Service,
-    StdinMode, Tls, Transfer, WebSocket,
+    SharedCommand, StdinMode, Tls, Transfer, WebSocket,
 };
 use crate::access::Rules;
 use crate::cgroup::{Offer, Resources};
@@ -31,8 +32,12 @@ pub fn config(raw: RawConfig, loc: &Locator<'_>) -> Result<Config, ConfigError> 
     }
     let cgroups = Offer::probe(raw.delegated_cgroup.as_ref().map(|p| p.0.as_path()));
     let mut names = HashSet::new();
-    let mut services = Vec::with_capacity(raw.service.len());
+    let mut built = Vec::with_capacity(raw.service.len());
     for (i, s) in raw.service.into_iter().enumerate() {
+        let watches = match &s.shared {
+            Some(SharedKey::Of(name)) => Some(name.clone()),
+            _ => None,
+        };
         let service = service(s, &cgroups, &|key, message| {
             loc.error(Some(i), key, message)
         })?;
@@ -47,11 +52,15 @@ pub fn config(raw: RawConfig, loc: &Locator<'_>) -> Result<Config, ConfigError> 
             .span_of(Some(i), "name")
             .map_or((0, 0), |r| loc.line_col(r.start));
         let position = format!("{}:{line}:{col}: service {:?}", loc.origin, service.name);
-        services.push(Arc::new(Service {
-            position,
-            ..service
-        }));
+        built.push((
+            Service {
+                position,
+                ..service
+            },
+            watches,
+        ));
     }
+    let services = watchers(built, &|i, message| loc.error(Some(i), "shared", message))?;
     Ok(Config {
         origin: loc.origin.to_owned(),
         log_level: raw
@@ -68,11 +77,62 @@ pub fn config(raw: RawConfig, loc: &Locator<'_>) -> Result<Config, ConfigError> 
     })
 }
 
+/// Links each service with `shared = "NAME"` to NAME's shared command, and
+/// makes the services what the daemon runs on, in the file's order.
+fn watchers(
+    built: Vec<(Service, Option<String>)>,
+    err: &dyn Fn(usize, String) -> ConfigError,
+) -> Result<Vec<Arc<Service>>, ConfigError> {
+    // A service whose command is its own (or none's), or one that watches
+    // the shared command of the service it names.
+    type Slot = Result<Arc<Service>, (Box<Service>, String)>;
+    let slots: Vec<Slot> = built
+        .into_iter()
+        .map(|(service, watches)| match watches {
+            None => Ok(Arc::new(service)),
+            Some(name) => Err((Box::new(service), name)),
+        })
+        .collect();
+    let owners: Vec<Arc<Service>> = slots
+        .iter()
+        .filter_map(|s| s.as_ref().ok().cloned())
+        .collect();
+    let mut services = Vec::with_capacity(slots.len());
+    for (i, slot) in slots.into_iter().enumerate() {
+        let (service, name) = match slot {
+            Ok(service) => {
+                services.push(service);
+                continue;
+            }
+            Err(watcher) => watcher,
+        };
+        let owner = owners.iter().find(|o| o.name == name).ok_or_else(|| {
+            err(
+                i,
+                format!("{name:?}: no service of that name has shared = true"),
+            )
+        })?;
+        if owner.shared.is_none() {
+            return Err(err(
+                i,
+                format!("{name:?}: that service does not have shared = true"),
+            ));
+        }
+        services.push(Arc::new(Service {
+            program: owner.program.clone(),
+            argv: owner.argv.clone(),
+            shared_from: Some(Arc::clone(owner)),
+            ..*service
+        }));
+    }
+    Ok(services)
+}
+
 /// An error about one key of the service being checked.
 type KeyError<'a> = &'a dyn Fn(&str, String) -> ConfigError;
 
 fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service, ConfigError> {
-    let program = resolve_program(&s.command.0[0]).map_err(|m| err("command", m))?;
+    let (program, argv) = command(&s).map_err(|(key, m)| err(key, m))?;
     let containment = containment(&s, cgroups).map_err(|(key, m)| err(key, m))?;
     let transfer = transfer(&s);
     let protocol = protocol(&s, transfer).map_err(|(key, m)| err(key, m))?;
@@ -84,9 +144,11 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
         |p| p.0.clone(),
     );
     is_directory(&working_directory).map_err(|m| err("working_directory", m))?;
-    // A WebSocket client's messages are the command's input, as with websocketd.
+    let shared = shared(&s).map_err(|(key, m)| err(key, m))?;
+    // A WebSocket client's messages are the command's input, as with
+    // websocketd; a shared command has no one client to read.
     let stdin = match (s.stdin, &protocol) {
-        (None, Protocol::WebSocket(_)) => StdinMode::Client,
+        (None, Protocol::WebSocket(_)) if !is_shared(&s) => StdinMode::Client,
         (given, _) => stdin(given, transfer).map_err(|m| err("stdin", m))?,
     };
     let max_bytes = max_bytes(&s, transfer).map_err(|m| err("max_bytes", m))?;
@@ -101,7 +163,8 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
         name: s.name.0,
         listen: s.listen.0,
         program,
-        argv: s.command.0,
+        argv,
+        shared_from: None,
         env: s.env.0,
         working_directory,
         stdin,
@@ -124,6 +187,7 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
         protocol,
         tls,
         handshake_timeout,
+        shared,
     })
 }
 
@@ -131,6 +195,7 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
 /// pipe, each behind its header, and everything else takes the default.
 fn transfer(s: &RawService) -> Transfer {
     s.transfer.unwrap_or(match (s.protocol, s.messages) {
+        _ if is_shared(s) => defaults::SHARED_TRANSFER,
         (Some(RawProtocol::WebSocket), Some(Messages::Binary)) => Transfer::Splice,
         _ => defaults::TRANSFER,
     })
@@ -144,6 +209,99 @@ fn handshake_timeout(s: &RawService, protocol: &Protocol, tls: bool) -> Result<D
         }
         (t, _, _) => Ok(t.as_ref().map_or(defaults::HANDSHAKE_TIMEOUT, |t| t.0)),
     }
+}
+
+/// Whether the service's clients watch a shared command (its own, or
+/// another service's).
+fn is_shared(s: &RawService) -> bool {
+    matches!(s.shared, Some(SharedKey::Own(true) | SharedKey::Of(_)))
+}
+
+/// The program and its arguments: the service's own, or, with `shared =
+/// "NAME"`, none (NAME's command is the one its clients watch).
+fn command(s: &RawService) -> Result<(PathBuf, Vec<String>), (&'static str, String)> {
+    let watches = matches!(s.shared, Some(SharedKey::Of(_)));
+    match (&s.command, watches) {
+        (Some(command), false) => {
+            let program = resolve_program(&command.0[0]).map_err(|m| ("command", m))?;
+            Ok((program, command.0.clone()))
+        }
+        (None, true) => Ok((PathBuf::new(), Vec::new())),
+        (Some(_), true) => Err((
+            "command",
+            r#"a service with shared = "NAME" has no command of its own: its clients watch NAME's"#
+                .into(),
+        )),
+        (None, false) => Err((
+            "command",
+            r#"missing: every service needs one, except one with shared = "NAME", whose clients watch NAME's"#.into(),
+        )),
+    }
+}
+
+/// The largest `replay`: what a shared command keeps of its latest output.
+const MAX_REPLAY: u64 = 256 << 20;
+
+/// `shared = true` and the keys that go with it. A shared command's one
+/// stdin is /dev/null, and its output passes through the daemon.
+fn shared(s: &RawService) -> Result<Option<SharedCommand>, (&'static str, String)> {
+    let watches = matches!(s.shared, Some(SharedKey::Of(_)));
+    if !matches!(s.shared, Some(SharedKey::Own(true))) {
+        let message = if watches {
+            "set it on the service whose command is shared"
+        } else {
+            "applies only with shared = true"
+        };
+        let given = [
+            ("start", s.start.is_some()),
+            ("linger", s.linger.is_some()),
+            ("max_lag", s.max_lag.is_some()),
+            ("replay", s.replay.is_some()),
+            ("lagging", s.lagging.is_some()),
+        ];
+        if let Some((key, _)) = given.into_iter().find(|(_, given)| *given) {
+            return Err((key, message.into()));
+        }
+        if !watches {
+            return Ok(None);
+        }
+    }
+    if s.stdin == Some(StdinMode::Client) {
+        return Err((
+            "stdin",
+            r#""client" does not apply to a shared command: the one command of all the clients reads /dev/null"#.into(),
+        ));
+    }
+    if s.transfer == Some(Transfer::Direct) {
+        return Err((
+            "transfer",
+            r#""direct" does not apply to a shared command: its output is fanned out by the daemon"#.into(),
+        ));
+    }
+    if watches {
+        return Ok(None);
+    }
+    let max_lag = s.max_lag.as_ref().map_or(defaults::MAX_LAG, |m| m.0);
+    if max_lag < 4096 {
+        return Err((
+            "max_lag",
+            format!("{max_lag}: must be at least 4096 (a page)"),
+        ));
+    }
+    let replay = s.replay.unwrap_or(defaults::REPLAY);
+    if replay > MAX_REPLAY {
+        return Err((
+            "replay",
+            format!("{replay}: must be at most {MAX_REPLAY} (256 MiB)"),
+        ));
+    }
+    Ok(Some(SharedCommand {
+        start: s.start.unwrap_or(defaults::START),
+        linger: s.linger.as_ref().map_or(Some(defaults::LINGER), |l| l.0),
+        max_lag,
+        replay,
+        lagging: s.lagging.unwrap_or(defaults::LAGGING),
+    }))
 }
 
 /// With `transfer = "direct"` the output does not pass through the daemon,
@@ -168,12 +326,23 @@ fn proxy_protocol(s: &RawService) -> Result<bool, String> {
     Ok(proxy_protocol)
 }
 
-/// Who may connect, and how many and how often.
+/// Who may connect, and how many and how often. Without `max_per_source`,
+/// one address may hold half the service's places (see
+/// [`defaults::max_per_source`]); loopback clients are not counted then.
 fn access(s: &RawService) -> Rules {
+    let max_connections = s
+        .max_connections
+        .as_ref()
+        .map_or(defaults::SERVICE_MAX_CONNECTIONS, |m| m.0);
+    let (max_per_source, loopback_counted) = match &s.max_per_source {
+        Some(m) => (Some(m.0), true),
+        None => (Some(defaults::max_per_source(max_connections)), false),
+    };
     Rules {
         allow: s.allow.as_ref().map(|r| r.0.clone()).unwrap_or_default(),
         deny: s.deny.as_ref().map(|r| r.0.clone()).unwrap_or_default(),
-        max_per_source: s.max_per_source.as_ref().map(|m| m.0),
+        max_per_source,
+        loopback_counted,
         source_prefix_v6: s
             .ipv6_source_prefix
             .as_ref()

@@ -6,7 +6,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-use super::{Messages, StdinMode, Transfer};
+use super::{Lagging, Messages, Start, StdinMode, Transfer};
 
 /// Deserializes a keyword enum with messages that name the choices (serde's
 /// derive gives "wanted string or table" for a value of the wrong type).
@@ -38,6 +38,8 @@ macro_rules! keywords {
 keywords!(StdinMode { "null" => Null, "client" => Client });
 keywords!(Transfer { "splice" => Splice, "copy" => Copy, "socketpair" => Socketpair, "direct" => Direct });
 keywords!(Messages { "text" => Text, "binary" => Binary });
+keywords!(Start { "first-client" => FirstClient, "daemon" => Daemon });
+keywords!(Lagging { "drop" => Drop, "wait" => Wait });
 
 /// Where a service's commands are contained, as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -98,11 +98,60 @@ pub struct Service {
     pub tls: Option<std::sync::Arc<Tls>>,
     /// Longest time for the TLS handshake, and for the WebSocket upgrade request.
     pub handshake_timeout: Duration,
+    /// `shared = true`: one command for all of the service's clients.
+    pub shared: Option<SharedCommand>,
+    /// `shared = "NAME"`: the shared service whose command this service's
+    /// clients watch (its `program` and `argv` are NAME's, for the log).
+    pub shared_from: Option<std::sync::Arc<Service>>,
     /// `PATH:LINE:COL: service "NAME"`, for errors found after loading.
     pub position: String,
 }
 
+/// A shared service's command: one for all of its clients, its output
+/// fanned out to each (see `shared`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedCommand {
+    /// When it starts: with the first client, or with the daemon.
+    pub start: Start,
+    /// How long it runs on after its last client left (None: for ever).
+    pub linger: Option<Duration>,
+    /// The most output a client may be behind the command, in bytes.
+    pub max_lag: u64,
+    /// The latest output a new client gets first, in bytes.
+    pub replay: u64,
+    /// What happens to a client more than `max_lag` behind.
+    pub lagging: Lagging,
+}
+
+/// When a shared command starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// With its first client; it stops `linger` after its last left.
+    FirstClient,
+    /// With the daemon; restarted after a back-off if it exits.
+    Daemon,
+}
+
+/// What happens to a client of a shared command that falls `max_lag` behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lagging {
+    /// It is disconnected (reason `lagging`): the others and the command go on.
+    Drop,
+    /// The command waits for it (backpressure): exact delivery to every client.
+    Wait,
+}
+
 impl Service {
+    /// The service whose shared command this service's clients watch: its
+    /// own (`shared = true`), another's (`shared = "NAME"`), or none.
+    pub fn shared_command(self: &std::sync::Arc<Service>) -> Option<&std::sync::Arc<Service>> {
+        match (&self.shared, &self.shared_from) {
+            (_, Some(owner)) => Some(owner),
+            (Some(_), None) => Some(self),
+            (None, None) => None,
+        }
+    }
+
     /// Whether a client completes a handshake before its command runs: TLS,
     /// a WebSocket upgrade, a PROXY header.
     pub fn has_handshake(&self) -> bool {

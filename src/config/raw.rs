@@ -6,10 +6,11 @@ use serde::Deserialize;
 
 use super::keywords::{ClientAuth, Containment, Protocol};
 use super::values::{
-    AbsolutePath, AtLeastOne, Bytes, Command, CpuQuota, Env, Ipv6Prefix, Listen, LogLevel, Message,
-    Name, Nice, Origins, Paths, PipeSize, Positive, Ranges, Rate, Seconds, Source, TasksMax,
-    Weight,
+    AbsolutePath, AtLeastOne, Bytes, Command, CpuQuota, Env, Ipv6Prefix, Linger, Listen, LogLevel,
+    Message, Name, Nice, Origins, Paths, PipeSize, Positive, Ranges, Rate, Seconds, SharedKey,
+    Source, TasksMax, Weight,
 };
+use super::{Lagging, Start};
 use super::{Messages, StdinMode, Transfer};
 
 #[derive(Deserialize)]
@@ -29,7 +30,8 @@ pub struct RawService {
     pub name: Name,
     #[serde(default)]
     pub listen: Listen,
-    pub command: Command,
+    /// Required, except with `shared = "NAME"` (the command is NAME's).
+    pub command: Option<Command>,
     #[serde(default)]
     pub env: Env,
     pub working_directory: Option<AbsolutePath>,
@@ -77,6 +79,12 @@ pub struct RawService {
     pub tls_key: Option<Source>,
     pub tls_client_ca: Option<Source>,
     pub tls_client_auth: Option<ClientAuth>,
+    pub shared: Option<SharedKey>,
+    pub start: Option<Start>,
+    pub linger: Option<Linger>,
+    pub max_lag: Option<AtLeastOne<u64>>,
+    pub replay: Option<u64>,
+    pub lagging: Option<Lagging>,
 }
 
 /// The keys of a struct as serde sees them: `deserialize_struct` is handed

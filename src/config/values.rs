@@ -351,6 +351,68 @@ impl<'de> Deserialize<'de> for Seconds {
     }
 }
 
+/// `shared`: `true` (the service's one command is shared by its clients),
+/// `false`, or the name of a shared service whose command this service's
+/// clients watch.
+pub enum SharedKey {
+    Own(bool),
+    Of(String),
+}
+
+impl<'de> Deserialize<'de> for SharedKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = SharedKey;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("true, false, or the name of a service with shared = true")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<SharedKey, E> {
+                Ok(SharedKey::Own(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SharedKey, E> {
+                if v.is_empty() {
+                    return Err(E::custom("a service's name must not be empty"));
+                }
+                Ok(SharedKey::Of(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `linger`: a duration as [`Seconds`] reads one, or `"never"` (None).
+pub struct Linger(pub Option<Duration>);
+
+impl<'de> Deserialize<'de> for Linger {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Linger;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a duration (seconds, or a string like "5s", "2m"), or "never""#)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Linger, E> {
+                Seconds::deserialize(de::value::I64Deserializer::<E>::new(v))
+                    .map(|s| Linger(Some(s.0)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Linger, E> {
+                Seconds::deserialize(de::value::F64Deserializer::<E>::new(v))
+                    .map(|s| Linger(Some(s.0)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Linger, E> {
+                if v.trim() == "never" {
+                    return Ok(Linger(None));
+                }
+                parse_duration(v)
+                    .map(|d| Linger(Some(d)))
+                    .map_err(|e| E::custom(format!(r#"{e}, or "never""#)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Parses `"250ms"`, `"5s"`, `"1.5s"`, `"2m"`, `"1h"`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();

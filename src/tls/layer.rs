@@ -14,6 +14,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -67,11 +68,19 @@ pub struct Layer {
     client_sends: bool,
     /// The pair still takes the client's bytes.
     feeding: bool,
+    /// The connection's traffic: its activity is the client taking records
+    /// (what `idle_timeout` watches, until the last of the output is
+    /// written); its bytes, when `counts`.
+    traffic: Arc<Traffic>,
+    /// The layer counts the bytes (a command that reads and writes the
+    /// pair itself: nothing else does).
+    counts: bool,
 }
 
 impl Layer {
-    /// The layer for a connection whose handshake is complete.
-    pub fn new(mut conn: ServerConnection) -> Layer {
+    /// The layer for a connection whose handshake is complete, whose
+    /// traffic is `traffic` (see [`Layer::counts`]).
+    pub fn new(mut conn: ServerConnection, traffic: Arc<Traffic>, counts: bool) -> Layer {
         // The layer bounds what waits itself: it reads no plaintext while
         // records wait for the client, and a turn reads at most TURN.
         conn.set_buffer_limit(None);
@@ -81,20 +90,16 @@ impl Layer {
             output_done: false,
             client_sends: true,
             feeding: true,
+            traffic,
+            counts,
         }
     }
 
     /// Moves the pair's plaintext to the client as records, and the
     /// client's plaintext to the pair (until the pair stops taking it); the
-    /// client's end shuts the pair down for writing. `counted`: where the
-    /// bytes are counted, if the layer counts them (a command that writes to
-    /// the pair itself). Safe to cancel: what was read is kept in the layer.
-    async fn pump(
-        &mut self,
-        tcp: &AsyncFd<OwnedFd>,
-        plain: &AsyncFd<OwnedFd>,
-        counted: Option<&Traffic>,
-    ) -> Pumped {
+    /// client's end shuts the pair down for writing. Safe to cancel: what
+    /// was read is kept in the layer.
+    async fn pump(&mut self, tcp: &AsyncFd<OwnedFd>, plain: &AsyncFd<OwnedFd>) -> Pumped {
         // No more plaintext is read than the client's socket takes now.
         let mut room = Room::of(tcp.get_ref());
         let mut full = false;
@@ -124,10 +129,10 @@ impl Layer {
                     r => self.write_records(r, &mut room),
                 },
                 r = plain.readable(), if reading => {
-                    self.encrypt(r, counted, (tcp.get_ref(), &mut room))
+                    self.encrypt(r, (tcp.get_ref(), &mut room))
                         .map(|filled| full = filled)
                 }
-                r = tcp.readable(), if receiving => self.read_records(r, counted),
+                r = tcp.readable(), if receiving => self.read_records(r),
                 r = plain.writable(), if feeding => {
                     self.feed(r);
                     Ok(())
@@ -151,10 +156,9 @@ impl Layer {
         mut self,
         tcp: &AsyncFd<OwnedFd>,
         plain: AsyncFd<OwnedFd>,
-        counted: Option<&Traffic>,
         grace: Duration,
     ) -> Outcome {
-        match self.pump(tcp, &plain, counted).await {
+        match self.pump(tcp, &plain).await {
             Pumped::OutputEnded => {
                 let _ = shutdown(plain.get_ref().as_raw_fd(), How::Write);
                 self.close(tcp, grace).await;
@@ -224,7 +228,10 @@ impl Layer {
         let mut ready = ready.map_err(|e| Pumped::ClientGone(fdio::errno(&e)))?;
         while self.conn.wants_write() {
             match self.conn.write_tls(&mut Fd(ready.get_inner())) {
-                Ok(n) => room.took(n),
+                Ok(n) => {
+                    room.took(n);
+                    self.traffic.active();
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     ready.clear_ready();
                     room.full();
@@ -243,7 +250,6 @@ impl Layer {
     fn encrypt(
         &mut self,
         ready: Ready<'_>,
-        counted: Option<&Traffic>,
         (tcp, room): (&OwnedFd, &mut Room),
     ) -> Result<bool, Pumped> {
         let mut ready = ready.map_err(|e| Pumped::Failed(format!("the plaintext side: {e}")))?;
@@ -262,8 +268,8 @@ impl Layer {
                 Ok(n) => {
                     room.took(n + RECORD_OVERHEAD);
                     space -= n + RECORD_OVERHEAD;
-                    if let Some(t) = counted {
-                        t.sent(n);
+                    if self.counts {
+                        self.traffic.sent(n);
                     }
                     if n < ask {
                         // Drained for now (a newer readiness survives the clear).
@@ -293,7 +299,7 @@ impl Layer {
 
     /// Reads records from the client and decrypts them; counted as received,
     /// or as dropped when the command does not take them.
-    fn read_records(&mut self, ready: Ready<'_>, counted: Option<&Traffic>) -> Result<(), Pumped> {
+    fn read_records(&mut self, ready: Ready<'_>) -> Result<(), Pumped> {
         let taken = self.feeding;
         let mut ready = ready.map_err(|e| Pumped::ClientGone(fdio::errno(&e)))?;
         match self.conn.read_tls(&mut Fd(ready.get_inner())) {
@@ -326,10 +332,10 @@ impl Layer {
                 .read(&mut self.pending[at..])
                 .unwrap_or(0);
             self.pending.truncate(at + n);
-            match counted {
-                Some(t) if taken => t.received(n),
-                Some(t) => t.dropped(n as u64),
-                None => {}
+            match self.counts {
+                true if taken => self.traffic.received(n),
+                true => self.traffic.dropped(n as u64),
+                false => {}
             }
         }
         if state.peer_has_closed() && self.client_sends {

@@ -511,6 +511,7 @@ fn close_code(end: &End) -> Option<(CloseCode, &'static str)> {
         End::Shutdown => (CloseCode::Away, "the server is stopping"),
         End::Timeout => (CloseCode::Policy, "timeout"),
         End::IdleTimeout => (CloseCode::Policy, "idle_timeout"),
+        End::Lagging => (CloseCode::Again, "lagging: too far behind"),
         End::ProtocolError(_) => (CloseCode::Protocol, "protocol error"),
         End::InvalidUtf8 => (CloseCode::Invalid, "invalid UTF-8"),
         End::MessageTooBig(_) => (CloseCode::Size, "message too big"),

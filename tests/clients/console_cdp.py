@@ -1,12 +1,16 @@
 """Drives the console page in headless Chromium over the DevTools protocol.
 
-usage: console_cdp.py DEVTOOLS_PORT PAGE_URL SCREENSHOT_PATH
+usage: console_cdp.py DEVTOOLS_PORT PAGE_URL SCREENSHOT_PATH [--watch]
 
 Opens the page, waits until the command's first line is shown, types a line
 into the input as a user would (the text, then Enter), waits for the
 command's answer, keeps a screenshot, clicks Disconnect and waits for the
 page to show the close. Prints one JSON line: the output rows and the close
 row's text.
+
+With --watch (a shared command, which reads no input): waits until the
+command's output ends and the page shows the close the server sent, keeps
+a screenshot, and prints the same JSON line.
 """
 
 import asyncio
@@ -57,11 +61,22 @@ class Page:
 OUT = "[...document.querySelectorAll('.row.out .text')].map((e) => e.textContent)"
 
 
-async def main(port, url, screenshot):
+CLOSED = ("[...document.querySelectorAll('.row.event .text')].map((e) => e.textContent)"
+          ".find((t) => t.startsWith('closed,'))")
+
+
+async def main(port, url, screenshot, mode=None):
     new = f"http://127.0.0.1:{port}/json/new?{urllib.parse.quote(url, safe='')}"
     target = json.load(urllib.request.urlopen(urllib.request.Request(new, method="PUT")))
     async with websockets.connect(target["webSocketDebuggerUrl"], max_size=None) as ws:
         page = Page(ws)
+        if mode == "--watch":
+            closed = await page.until(CLOSED, "close")
+            shot = await page.call("Page.captureScreenshot", format="png")
+            with open(screenshot, "wb") as f:
+                f.write(base64.b64decode(shot["data"]))
+            print(json.dumps({"out": await page.value(OUT), "closed": closed}))
+            return
         await page.until(f"{OUT}.includes('ready') && document.getElementById('status').textContent === 'open'",
                          "first line")
         await page.value("document.getElementById('input').focus()")
@@ -74,10 +89,8 @@ async def main(port, url, screenshot):
         with open(screenshot, "wb") as f:
             f.write(base64.b64decode(shot["data"]))
         await page.value("document.getElementById('toggle').click()")
-        closed = await page.until(
-            "[...document.querySelectorAll('.row.event .text')].map((e) => e.textContent)"
-            ".find((t) => t.startsWith('closed,'))", "close")
+        closed = await page.until(CLOSED, "close")
         print(json.dumps({"out": await page.value(OUT), "closed": closed}))
 
 
-asyncio.run(main(*sys.argv[1:4]))
+asyncio.run(main(*sys.argv[1:5]))

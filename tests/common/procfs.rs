@@ -16,6 +16,8 @@ pub struct Stat {
     pub ppid: i32,
     /// Field 5: the process group.
     pub pgrp: i32,
+    /// Field 6: the session.
+    pub session: i32,
     /// Fields 14 and 15, in clock ticks.
     pub utime: u64,
     pub stime: u64,
@@ -34,6 +36,7 @@ impl Stat {
             state: f.first()?.chars().next()?,
             ppid: f.get(1)?.parse().ok()?,
             pgrp: f.get(2)?.parse().ok()?,
+            session: f.get(3)?.parse().ok()?,
             utime: f.get(11)?.parse().ok()?,
             stime: f.get(12)?.parse().ok()?,
         })

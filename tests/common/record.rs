@@ -11,7 +11,7 @@ const RECORD: &str = "connection ended: ";
 /// A record's fields, in the order the daemon writes them: whether each is
 /// quoted (strings are; numbers and the peer are not), and whether it is
 /// always there (the others are left out when not known).
-const FIELDS: [(&str, bool, bool); 16] = [
+const FIELDS: [(&str, bool, bool); 17] = [
     ("conn", false, true),
     ("service", true, true),
     ("peer", false, true),
@@ -28,6 +28,7 @@ const FIELDS: [(&str, bool, bool); 16] = [
     ("messages_sent", false, false),
     ("messages_received", false, false),
     ("tls", true, false),
+    ("instance", false, false),
 ];
 
 /// The record the daemon logs when a connection ends.
@@ -59,6 +60,8 @@ pub struct Record {
     pub messages_received: Option<u64>,
     /// The TLS version, cipher and who encrypts; "none" (left out) without TLS.
     pub tls: String,
+    /// The shared command's instance the client watched (None: its own command).
+    pub instance: Option<u64>,
     /// The whole line, for messages.
     pub line: String,
 }
@@ -151,6 +154,7 @@ impl Record {
             messages_sent: maybe(13)?,
             messages_received: maybe(14)?,
             tls: text(15),
+            instance: maybe(16)?,
             line: line.to_owned(),
         })
     }

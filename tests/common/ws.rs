@@ -270,6 +270,24 @@ pub fn console_in_chromium(
     shot: &str,
     flags: &[&str],
 ) -> (serde_json::Value, std::path::PathBuf) {
+    chromium_console(url, shot, flags, &[])
+}
+
+/// As [`console_in_chromium`], for a shared command (which reads no
+/// input): the page watches until the output ends and the server closes.
+pub fn console_watching_in_chromium(
+    url: &str,
+    shot: &str,
+) -> (serde_json::Value, std::path::PathBuf) {
+    chromium_console(url, shot, &[], &["--watch"])
+}
+
+fn chromium_console(
+    url: &str,
+    shot: &str,
+    flags: &[&str],
+    mode: &[&str],
+) -> (serde_json::Value, std::path::PathBuf) {
     let profile = tempfile::tempdir().unwrap();
     let mut browser = Command::new("chromium")
         .args([
@@ -308,6 +326,7 @@ pub fn console_in_chromium(
             "/tests/clients/console_cdp.py"
         ))
         .args([&port, url, shot.to_str().unwrap()])
+        .args(mode)
         .output()
         .unwrap();
     let _ = browser.kill();

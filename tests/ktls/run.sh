@@ -1,6 +1,6 @@
 #!/bin/bash
 # The kernel-TLS tests (tests/ktls.rs) in a VM whose kernel has the TLS ULP
-# (Debian 12's own, booted by tests/ktls/vm.sh): the test binary is built on
+# (Debian 12's own, booted by tests/vm/vm.sh): the test binary is built on
 # the host and run in the guest, where it starts the daemon and real clients
 # (Python's ssl and websockets, curl, openssl) from the host's files.
 #
@@ -19,4 +19,4 @@ echo "ktls: running $bin in a VM with Debian's kernel"
 # One test at a time: the guest's CPUs are emulated, and slow. The test
 # that unloads a cipher module (which cannot come back in the guest) last.
 last=zz_a_session_the_kernel_refuses_is_closed_and_its_cipher_stays_in_user_space
-exec bash tests/ktls/vm.sh bash -c '"$0" --ignored --test-threads=1 --skip "$1" && "$0" --ignored --exact "$1"' "$bin" "$last"
+exec bash tests/vm/vm.sh bash -c '"$0" --ignored --test-threads=1 --skip "$1" && "$0" --ignored --exact "$1"' "$bin" "$last"

@@ -168,6 +168,38 @@ EOF
         sr_in journalctl -u splice-relay --no-pager
 }
 
+# --- a shared command: two clients, one command, its own record and cgroup --------
+t_shared() {
+    reconfigure <<'EOF' || return $(fail "reload")
+[[service]]
+name = "feed"
+command = ["sh", "-c", "while :; do echo tick; sleep 0.1; done"]
+shared = true
+linger = "500ms"
+EOF
+    local unit; unit=/sys/fs/cgroup$(show ControlGroup splice-relay)
+    sr_in sh -c 'for c in a b; do (timeout 3 socat -u TCP:127.0.0.1:9009 - > /tmp/shared-$c &); done'
+    eventually "2 client(s)" show StatusText splice-relay || return 1
+    local pid; pid=$(show StatusText splice-relay | sed -n 's/.*shared: feed (pid \([0-9]*\),.*/\1/p')
+    local cg; cg=$(sr_in grep '^0::' "/proc/$pid/cgroup") || fail "no shared command running" || return 1
+    [[ $cg == "0::$(show ControlGroup splice-relay)"/conn-* ]] || fail "not in a cgroup of its own: $cg" || return 1
+    eventually '"REASON":"lingered"' sr_in journalctl -u splice-relay SERVICE=feed -o json --no-pager || return 1
+    local rec; rec=$(sr_in journalctl -u splice-relay SERVICE=feed REASON=lingered -o json --no-pager | tail -n1)
+    [[ $rec == *'"CLIENTS":"2"'* && $rec == *'"CLIENTS_MAX":"2"'* && $rec == *'"EXIT":"SIGTERM"'* ]] \
+        || fail "the command's record: $rec" || return 1
+    [[ $rec =~ \"CPU_USEC\":\"[0-9]+\" ]] || fail "no CPU_USEC in $rec" || return 1
+    local instance; instance=$(sed -n 's/.*"INSTANCE":"\([0-9]*\)".*/\1/p' <<<"$rec")
+    local clients
+    clients=$(sr_in journalctl -u splice-relay SERVICE=feed INSTANCE="$instance" REASON=client-gone -o cat --no-pager | wc -l)
+    [ "$clients" = 2 ] || fail "$clients client records of instance $instance" || return 1
+    local c
+    for c in a b; do
+        sr_in grep -q tick "/tmp/shared-$c" || fail "client $c saw nothing" || return 1
+    done
+    local left; left=$(sr_in sh -c "ls -d $unit/conn-* 2>/dev/null")
+    [ -z "$left" ] || fail "a cgroup is left: $left" || return 1
+}
+
 # --- WebSocket: a browser's protocol on the same socket, contained the same -----------
 t_websocket() {
     reconfigure <<'EOF' || return $(fail "reload")
@@ -438,7 +470,7 @@ t_remove() {
     return 0
 }
 
-for t in t_install t_units_verify_and_score t_activation t_status t_journal t_cgroups t_websocket t_tls t_reload t_restart \
+for t in t_install t_units_verify_and_score t_activation t_status t_journal t_cgroups t_shared t_websocket t_tls t_reload t_restart \
          t_watchdog t_config_error t_controls t_named_sockets t_upgrade t_remove; do
     run "$t"
     [ "$t" = t_install ] && [ "$failed" -gt 0 ] && break

@@ -1,6 +1,8 @@
 //! Bad files and bad values: each error with its exact message and its
 //! position (file, line, column, service, key).
 
+use std::sync::Arc;
+
 use super::*;
 
 #[test]
@@ -143,7 +145,10 @@ fn syntax_error_has_a_position() {
 #[test]
 fn missing_command_names_the_service() {
     let e = err("[[service]]\nname = \"a\"\n");
-    assert!(e.contains("service \"a\": missing field `command`"), "{e}");
+    assert_eq!(
+        e,
+        r#"t.toml:1:1: service "a": command: missing: every service needs one, except one with shared = "NAME", whose clients watch NAME's"#
+    );
 }
 
 #[test]
@@ -227,4 +232,153 @@ fn cgroup_values_are_checked_where_they_stand() {
     )
     .unwrap();
     assert_eq!(c.services[0].containment, Containment::ProcessGroup);
+}
+
+#[test]
+fn shared_keys_are_checked_where_they_stand() {
+    let svc = |extra: &str| {
+        load_str(
+            "t.toml",
+            &format!("[[service]]\nname = \"a\"\ncommand = [\"true\"]\n{extra}\n"),
+        )
+    };
+    let e = |extra: &str| svc(extra).unwrap_err().to_string();
+    assert_eq!(
+        e("shared = true\nstdin = \"client\""),
+        r#"t.toml:5:9: service "a": stdin: "client" does not apply to a shared command: the one command of all the clients reads /dev/null"#
+    );
+    assert_eq!(
+        e("shared = true\ntransfer = \"direct\""),
+        r#"t.toml:5:12: service "a": transfer: "direct" does not apply to a shared command: its output is fanned out by the daemon"#
+    );
+    assert_eq!(
+        e("linger = \"1s\""),
+        r#"t.toml:4:10: service "a": linger: applies only with shared = true"#
+    );
+    assert_eq!(
+        e("shared = false\nreplay = 10"),
+        r#"t.toml:5:10: service "a": replay: applies only with shared = true"#
+    );
+    assert_eq!(
+        e("shared = true\nmax_lag = 100"),
+        r#"t.toml:5:11: service "a": max_lag: 100: must be at least 4096 (a page)"#
+    );
+    assert!(e("shared = true\nlinger = \"soon\"")
+        .contains(r#"linger: "soon": expected a number and a unit, like "5s", or "never""#));
+    assert!(e("shared = true\nstart = \"boot\"")
+        .contains(r#"start: "boot": expected one of "first-client" "daemon""#));
+    assert!(e("shared = true\nlagging = \"skip\"")
+        .contains(r#"lagging: "skip": expected one of "drop" "wait""#));
+    assert!(e("shared = 3").contains("shared: invalid type: integer `3`, expected true, false, or the name of a service with shared = true"));
+
+    let s = svc("shared = true").unwrap();
+    let shared = s.services[0].shared.clone().unwrap();
+    assert_eq!(
+        (
+            shared.start,
+            shared.linger,
+            shared.max_lag,
+            shared.replay,
+            shared.lagging
+        ),
+        (
+            Start::FirstClient,
+            Some(defaults::LINGER),
+            defaults::MAX_LAG,
+            0,
+            Lagging::Drop
+        )
+    );
+    let s = svc("shared = true\nlinger = \"never\"\nstart = \"daemon\"\nreplay = 65536\nmax_lag = 8192\nlagging = \"wait\"\nprotocol = \"websocket\"").unwrap();
+    let service = &s.services[0];
+    let shared = service.shared.clone().unwrap();
+    assert_eq!(
+        (
+            shared.start,
+            shared.linger,
+            shared.max_lag,
+            shared.replay,
+            shared.lagging
+        ),
+        (Start::Daemon, None, 8192, 65536, Lagging::Wait)
+    );
+    assert_eq!(
+        service.stdin,
+        StdinMode::Null,
+        "a shared WebSocket service reads no messages"
+    );
+    assert_eq!(
+        service.transfer,
+        defaults::SHARED_TRANSFER,
+        "fanned out by tee"
+    );
+    let copy = svc("shared = true\ntransfer = \"copy\"").unwrap();
+    assert_eq!(copy.services[0].transfer, Transfer::Copy, "as written");
+    assert!(Arc::ptr_eq(service.shared_command().unwrap(), service));
+    assert!(svc("").unwrap().services[0].shared_command().is_none());
+}
+
+#[test]
+fn a_service_can_watch_another_services_shared_command() {
+    let two = |first: &str, second: &str| {
+        load_str(
+            "t.toml",
+            &format!("[[service]]\nname = \"a\"\n{first}\n[[service]]\nname = \"b\"\n{second}\n"),
+        )
+    };
+    // Named before or after the shared service, it watches its command.
+    for (first, second, owner, watcher) in [
+        (
+            "command = [\"true\"]\nshared = true",
+            "shared = \"a\"\nprotocol = \"websocket\"",
+            0,
+            1,
+        ),
+        (
+            "shared = \"b\"",
+            "command = [\"true\"]\nshared = true",
+            1,
+            0,
+        ),
+    ] {
+        let c = two(first, second).unwrap();
+        let (owner, watcher) = (&c.services[owner], &c.services[watcher]);
+        assert!(Arc::ptr_eq(watcher.shared_command().unwrap(), owner));
+        assert_eq!(watcher.argv, owner.argv);
+        assert!(watcher.shared.is_none());
+    }
+    let e = |first: &str, second: &str| two(first, second).unwrap_err().to_string();
+    assert_eq!(
+        e("command = [\"true\"]", "shared = \"a\""),
+        r#"t.toml:6:10: service "b": shared: "a": that service does not have shared = true"#
+    );
+    assert_eq!(
+        e("command = [\"true\"]", "shared = \"c\""),
+        r#"t.toml:6:10: service "b": shared: "c": no service of that name has shared = true"#
+    );
+    assert_eq!(
+        e(
+            "command = [\"true\"]\nshared = true",
+            "command = [\"true\"]\nshared = \"a\""
+        ),
+        r#"t.toml:7:11: service "b": command: a service with shared = "NAME" has no command of its own: its clients watch NAME's"#
+    );
+    assert_eq!(
+        e(
+            "command = [\"true\"]\nshared = true",
+            "shared = \"a\"\nlinger = \"1s\""
+        ),
+        r#"t.toml:8:10: service "b": linger: set it on the service whose command is shared"#
+    );
+    assert_eq!(
+        e(
+            "command = [\"true\"]\nshared = true",
+            "shared = \"a\"\nstdin = \"client\""
+        ),
+        r#"t.toml:8:9: service "b": stdin: "client" does not apply to a shared command: the one command of all the clients reads /dev/null"#
+    );
+    // A watcher of a watcher has no command to watch.
+    assert!(
+        e("shared = \"b\"", "shared = \"a\"").contains("no service of that name has shared = true")
+    );
 }

@@ -23,7 +23,9 @@ fn example_config_loads_with_the_documented_defaults() {
         vec![ListenAddr::Tcp("127.0.0.1:9009".parse().unwrap())]
     );
     assert_eq!(s.access.source_prefix_v6, defaults::IPV6_SOURCE_PREFIX);
-    assert_eq!(s.access.max_per_source, None);
+    // One address may hold half the places; loopback clients are not counted.
+    assert_eq!(s.access.max_per_source, Some(32));
+    assert!(!s.access.loopback_counted);
     assert!(!s.proxy_protocol);
     assert!(s.timeout.is_none() && s.idle_timeout.is_none() && s.max_bytes.is_none());
     assert!(s.run_as.is_empty());
@@ -31,7 +33,7 @@ fn example_config_loads_with_the_documented_defaults() {
 
 /// Every commented-out example in the file is valid when uncommented
 /// (user and group only as root, who may switch; the cgroup keys are for
-/// the daemon's own subtree, which tests/cgroups.rs gives it).
+/// the daemon's own subtree, which tests/containment.rs gives it).
 #[test]
 fn example_config_with_every_option_uncommented_loads() {
     let root = nix::unistd::geteuid().is_root();
@@ -70,6 +72,7 @@ fn example_config_with_every_option_uncommented_loads() {
     let s = &c.services[0];
     assert_eq!(s.access.allow.len(), 2);
     assert_eq!(s.access.max_per_source, Some(8));
+    assert!(s.access.loopback_counted);
     assert_eq!(s.access.rate, Some(200.0));
     assert_eq!(s.timeout, Some(Duration::from_secs(3600)));
     assert_eq!(s.idle_timeout, Some(Duration::from_secs(300)));

@@ -1,10 +1,10 @@
-//! How single values are read: durations, and sizes as systemd writes them;
-//! a command named without a path, looked up in PATH.
+//! How single values are read: durations, sizes and CPU quotas as systemd
+//! writes them; a command named without a path, looked up in PATH.
 
 use std::time::Duration;
 
 use super::*;
-use crate::config::values::parse_size;
+use crate::config::values::{parse_size, CpuQuota};
 
 #[test]
 fn durations() {
@@ -31,6 +31,26 @@ fn sizes_are_read_as_systemd_reads_them() {
         .unwrap() as u64;
     assert_eq!(half % page, 0, "a percentage is rounded to pages");
     assert!(parse_size("0").is_err() && parse_size("101%").is_err() && parse_size("5X").is_err());
+}
+
+/// A quota is kept in hundredths of a percent, and written to `cpu.max`
+/// per 100 ms period as systemd writes `CPUQuota=`.
+#[test]
+fn cpu_quotas_are_written_as_systemd_writes_them() {
+    use serde::de::value::{Error, StrDeserializer};
+    use serde::Deserialize;
+    let cpu_max = |text: &str| {
+        let quota = CpuQuota::deserialize(StrDeserializer::<Error>::new(text)).unwrap();
+        let limits = crate::cgroup::Resources {
+            cpu_quota: Some(quota.0),
+            ..Default::default()
+        };
+        limits.files()[0].2.clone()
+    };
+    assert_eq!(cpu_max("20%"), "20000 100000");
+    assert_eq!(cpu_max("12.5%"), "12500 100000");
+    assert_eq!(cpu_max("150%"), "150000 100000");
+    assert_eq!(cpu_max("0.1%"), "1000 100000", "at least 1 ms");
 }
 
 #[test]

@@ -1,14 +1,16 @@
 #!/bin/bash
 # Runs a command inside a QEMU VM booted with Debian 12's own kernel
-# (linux-image-amd64, where CONFIG_TLS=m), so that the kernel's TLS (kTLS)
-# can be tested on a host whose kernel has no TLS ULP. The guest sees the
-# host's / read-only over 9p with a tmpfs overlay on top (the guest may write
+# (linux-image-amd64), for what the kernel this runs on cannot test: the
+# kernel's TLS (kTLS, CONFIG_TLS=m there; tests/ktls/run.sh) and cgroup v2
+# with its controllers (tests/cgroups/run.sh). The guest sees the host's /
+# read-only over 9p with a tmpfs overlay on top (the guest may write
 # anywhere; nothing reaches the host but a per-run directory mounted at /io).
-# The command runs as root under bash, in the caller's directory with the
-# caller's exported environment; its output goes to the serial console
-# (stdout).
+# The guest mounts proc, sysfs, devtmpfs and tmpfs on /run and /dev/shm,
+# nothing else (no cgroup file system). The command runs as root under bash,
+# as PID 1's child, in the caller's directory with the caller's exported
+# environment; its output goes to the serial console (stdout).
 #
-# usage:  tests/ktls/vm.sh COMMAND [ARGS...]
+# usage:  tests/vm/vm.sh COMMAND [ARGS...]
 # env:    KVM_KERNEL_PKG  the kernel package (default: what linux-image-amd64
 #                         depends on, 6.1 on Debian 12)
 #         KVM_CACHE       where the kernel and initramfs are kept
