@@ -476,7 +476,11 @@ max_connections = 1000
         beside / 1e9,
         beside / alone,
     );
-    assert!(beside > alone * 0.5, "alone {alone}, beside {beside}");
+    // Only a gross loss fails here (an event loop the slow clients block
+    // reaches a few percent); the ratio itself is the benchmark's to
+    // measure: on a shared machine, with the suite's other tests beside
+    // it, it moves between 0.5 and 1.0 from run to run.
+    assert!(beside > alone * 0.25, "alone {alone}, beside {beside}");
     // Each ended at its timeout (12 s), not later.
     for record in d.wait_records_where(SLOW, timed_out) {
         assert!((12000..15000).contains(&record.duration_ms), "{record}");
