@@ -230,8 +230,7 @@ fn stalled_reader(transfer: &str) {
     assert_eq!(gone.instance, dropped.instance, "{gone}");
 }
 
-/// `max_bytes` and `idle_timeout` apply to each client of a shared command
-/// on its own.
+/// `max_bytes` applies to each client of a shared command on its own.
 #[test]
 fn each_client_keeps_its_own_limits() {
     let (d, addr) = serve(
@@ -249,6 +248,31 @@ fn each_client_keeps_its_own_limits() {
         record.instance,
         "the same command"
     );
+}
+
+/// So does `idle_timeout`: each client's own traffic counts, and a client
+/// that idles out leaves the command running for the others.
+#[test]
+fn each_client_has_its_own_idle_timeout() {
+    let (d, addr) = serve(
+        &sh("echo hi; sleep 30"),
+        "shared = true\nidle_timeout = \"400ms\"",
+    );
+    let mut first = connect(addr);
+    assert_eq!(read_line(&mut first), "hi\n");
+    let mut second = connect(addr);
+    // Each idles out on its own: the first 400 ms after its line, the
+    // second 400 ms after it came (it got nothing).
+    let records = d.wait_records(2);
+    for r in &records {
+        assert_eq!(r.reason, "idle-timeout", "{r}");
+        assert!(r.duration_ms >= 400, "{r}");
+        assert_eq!(r.instance, records[0].instance, "{r}");
+    }
+    assert_eq!(read_all(&mut first), b"");
+    assert_eq!(read_all(&mut second), b"");
+    // The command went on without them: no record of its end yet.
+    assert!(d.log_lines(&["shared command ended"]).is_empty());
 }
 
 /// A late joiner gets the latest `replay` bytes first; in WebSocket text

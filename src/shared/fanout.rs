@@ -27,7 +27,6 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::errno::Errno;
@@ -35,6 +34,7 @@ use nix::fcntl::{splice, tee, SpliceFFlags};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
+use super::flag::Flag;
 use crate::fdio;
 use crate::sys;
 
@@ -83,37 +83,6 @@ pub enum Way {
     Copy,
 }
 
-/// Tells a client's connection that it was dropped for lagging.
-#[derive(Default)]
-pub struct Lag {
-    dropped: AtomicBool,
-    notify: Notify,
-}
-
-impl Lag {
-    pub fn dropped(&self) -> bool {
-        self.dropped.load(Ordering::Acquire)
-    }
-
-    /// Resolves once the client has been dropped.
-    pub async fn wait(&self) {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.dropped() {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    fn drop_client(&self) {
-        self.dropped.store(true, Ordering::Release);
-        self.notify.notify_waiters();
-    }
-}
-
 /// One client's side of the fan-out: the writing end of its pipe and its
 /// backlog, shared by the fan-out and the client's writer task.
 pub struct Feed {
@@ -121,7 +90,8 @@ pub struct Feed {
     backlog: Mutex<Backlog>,
     /// Wakes the writer: its backlog grew, or it should stop.
     wake: Notify,
-    pub lag: Arc<Lag>,
+    /// Raised when the client is dropped for lagging.
+    pub lag: Arc<Flag>,
 }
 
 #[derive(Default)]
@@ -207,7 +177,7 @@ impl Feed {
         backlog.chunks.clear();
         backlog.len = 0;
         drop(backlog);
-        self.lag.drop_client();
+        self.lag.raise();
         self.wake.notify_one();
     }
 

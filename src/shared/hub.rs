@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
-use super::fanout::{Fanout, Feed, Lag, Replay, Round, Way};
+use super::fanout::{Fanout, Feed, Replay, Round, Way};
+use super::flag::Flag;
 use crate::command::{self, Command, Ended};
 use crate::config::{Lagging, Service, SharedCommand, Start, Transfer};
 use crate::end::End;
@@ -37,16 +38,14 @@ pub struct Hub {
     members: Notify,
     /// A backlog shrank.
     progress: Arc<Notify>,
-    /// The daemon is stopping, or a reload replaced the service.
-    stop: Notify,
-    stopping: AtomicBool,
+    /// The daemon is stopping: the command ends now.
+    stop: Flag,
     retired: AtomicBool,
     /// The first client not in the fan-out's latest snapshot of them: one
     /// that joined during a round gets that round's output afterwards.
     snapshot: AtomicU64,
     /// The command has ended and its record is written.
-    done: AtomicBool,
-    finished: Notify,
+    done: Flag,
 }
 
 struct State {
@@ -67,7 +66,7 @@ struct State {
 /// and word of it being dropped for lagging. Leaves when dropped.
 pub struct Watcher {
     pub output: AsyncFd<OwnedFd>,
-    lag: Arc<Lag>,
+    lag: Arc<Flag>,
     hub: Arc<Hub>,
     id: u64,
 }
@@ -75,13 +74,13 @@ pub struct Watcher {
 impl Watcher {
     /// Resolves when the client has been dropped for lagging.
     pub async fn lagged(&self) -> End {
-        self.lag.wait().await;
+        self.lag.raised().await;
         End::Lagging
     }
 
     /// Whether it was dropped for lagging (its output then ends early).
     pub fn was_dropped(&self) -> bool {
-        self.lag.dropped()
+        self.lag.is_raised()
     }
 
     pub fn hub(&self) -> &Hub {
@@ -153,12 +152,10 @@ impl Hub {
             }),
             members: Notify::new(),
             progress: Arc::new(Notify::new()),
-            stop: Notify::new(),
-            stopping: AtomicBool::new(false),
+            stop: Flag::default(),
             retired: AtomicBool::new(false),
             snapshot: AtomicU64::new(0),
-            done: AtomicBool::new(false),
-            finished: Notify::new(),
+            done: Flag::default(),
         });
         tracing::info!(
             service = %service.name,
@@ -213,8 +210,7 @@ impl Hub {
 
     /// The daemon stops: the command ends now.
     pub fn stop(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
-        self.stop.notify_one();
+        self.stop.raise();
     }
 
     /// A reload replaced the service: no new clients; the command ends
@@ -331,27 +327,7 @@ impl Hub {
 
     /// Resolves once the command has ended and its record is written.
     pub async fn ended(&self) {
-        loop {
-            let notified = self.finished.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.done.load(Ordering::Acquire) {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    async fn stopped(&self) {
-        loop {
-            let notified = self.stop.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.stopping.load(Ordering::Relaxed) {
-                return;
-            }
-            notified.await;
-        }
+        self.done.raised().await;
     }
 
     /// No new clients; each client gets what is left, then the end.
@@ -375,7 +351,7 @@ async fn run(hub: Arc<Hub>, command: Command, fanout: Fanout, shutdown: Watch) {
         // Made once: each runs its own clock across the rounds.
         let held = command.held(&fanout.source);
         let unwatched = hub.unwatched(&shared, &shutdown);
-        let stopped = hub.stopped();
+        let stopped = hub.stop.raised();
         tokio::pin!(held, unwatched, stopped);
         loop {
             let held_back = hub.held_back(&shared);
@@ -400,8 +376,7 @@ async fn run(hub: Arc<Hub>, command: Command, fanout: Fanout, shutdown: Watch) {
     let ended = command.finish(patience).await;
     record(&hub, &why, &ended, started.elapsed());
     ended.remove_cgroup().await;
-    hub.done.store(true, Ordering::Release);
-    hub.finished.notify_waiters();
+    hub.done.raise();
 }
 
 /// The shared command's own record.

@@ -16,6 +16,7 @@
 //! them all at the stop.
 
 mod fanout;
+mod flag;
 mod hub;
 
 use std::ffi::OsString;
@@ -104,17 +105,20 @@ impl Commands {
 
     /// Joins the service's running command, if one takes clients.
     fn join_running(&self, service: &Service, lines: bool) -> Result<Option<Watcher>, SpawnError> {
-        let running = self
-            .hubs()
+        match self.running(service) {
+            Some(hub) => hub.join(lines).map_err(SpawnError::Start),
+            None => Ok(None),
+        }
+    }
+
+    /// The service's running command, if one takes clients.
+    fn running(&self, service: &Service) -> Option<Arc<Hub>> {
+        self.hubs()
             .iter()
             .find(|(hub, task)| {
                 !task.is_finished() && hub.service.name == service.name && hub.is_open()
             })
-            .map(|(hub, _)| Arc::clone(hub));
-        match running {
-            Some(hub) => hub.join(lines).map_err(SpawnError::Start),
-            None => Ok(None),
-        }
+            .map(|(hub, _)| Arc::clone(hub))
     }
 
     /// Starts an instance of `service`'s command.
@@ -244,14 +248,7 @@ async fn keep(commands: Arc<Commands>, service: Arc<Service>) {
         let began = Instant::now();
         let running = {
             let _one_at_a_time = commands.starting.lock().await;
-            let open = commands
-                .hubs()
-                .iter()
-                .find(|(hub, task)| {
-                    !task.is_finished() && hub.service.name == service.name && hub.is_open()
-                })
-                .map(|(hub, _)| Arc::clone(hub));
-            match open {
+            match commands.running(&service) {
                 Some(hub) => Ok(hub),
                 None => commands.start(&service).await,
             }
