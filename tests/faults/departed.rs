@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use crate::left_before_count;
 
 /// Clients that connect to `addr`, read the first line, then close with a
 /// FIN timeout of one second (TCP_LINGER2), so their kernel forgets them
@@ -142,12 +143,7 @@ reset(probe)
     assert_eq!(out, "hello\nready\n", "the probe is served");
 
     let ended = d.wait_log(&["client(s) left before their command started"]);
-    let counted: usize = ended
-        .split(" client(s)")
-        .next()
-        .and_then(|s| s.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no count in {ended}"));
+    let counted = left_before_count(&ended);
     assert_eq!(counted, LEAVERS, "{ended}");
     let firsts = d.log_lines(&["left before its command started"]);
     assert_eq!(firsts.len(), 1, "{firsts:?}");

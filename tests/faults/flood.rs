@@ -7,7 +7,7 @@ use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use crate::median;
+use crate::{left_before_count, median};
 
 /// 5,000 connection attempts from 64 threads against `max_connections = 50`:
 /// the commands' own ledger (O_APPEND lines before and after the work, so
@@ -159,12 +159,7 @@ fn resets_before_service_are_counted_not_recorded_one_by_one() {
     assert_eq!(records[0].reason, "client-gone", "{}", records[0]);
     let firsts = d.log_lines(&["left before its command started"]);
     assert_eq!(firsts.len(), 1, "{firsts:?}");
-    let counted: usize = ended
-        .split(" client(s)")
-        .next()
-        .and_then(|s| s.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no count in {ended}"));
+    let counted = left_before_count(&ended);
     assert_eq!(counted, RESETS, "{ended}");
 }
 

@@ -69,6 +69,16 @@ fn seed() -> u64 {
     }
 }
 
+/// The count in the line that ends an episode of clients that left
+/// before their command started ("… N client(s) left before …").
+fn left_before_count(line: &str) -> usize {
+    line.split(" client(s)")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line}"))
+}
+
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
     v.get(v.len() / 2).copied().unwrap_or_default()
