@@ -39,6 +39,8 @@ RELEASE = ROOT / "target" / "release"
 RELAY = RELEASE / "splice-relay"
 PRODUCER = RELEASE / "examples" / "bench-producer"
 LOAD = RELEASE / "examples" / "bench-load"
+# The floor (bench/floor.c), built by `cc` at the start of a run.
+FLOOR = RELEASE / "bench-floor"
 CGROOT = Path("/sys/fs/cgroup/unified/splice-relay-bench")
 GIB = 1 << 30
 # --baseline: another build's splice-relay, run beside this one's.
@@ -145,6 +147,24 @@ class SpliceRelay(Contender):
             + 'max_connections = 4096\n' + self.extra)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "JOURNAL_"))}
         return [str(self.binary), "--config", str(cfg)], env
+
+
+class Floor(Contender):
+    """The floor (bench/floor.c): one thread, epoll, one read(2) a line
+    and one write(2) per client; a command per connection on a socket pair
+    ("relay"), or one command for every client ("shared")."""
+
+    def __init__(self, mode):
+        super().__init__(f"floor {mode} (C)", "relay")
+        self.mode = mode
+        self.scenarios = {"relay": {"slow"}, "shared": {"shared-slow"}}[mode]
+
+    def argv(self, port, command, tmp):
+        return [str(FLOOR), self.mode, str(port), *command], None
+
+
+def build_floor():
+    subprocess.run(["cc", "-O2", "-Wall", "-o", str(FLOOR), str(ROOT / "bench" / "floor.c")], check=True)
 
 
 SHARED_SCENARIOS = {"fanout1", "fanout10", "fanout100", "fanout-stall", "shared-slow"}
@@ -471,7 +491,8 @@ def contenders(names, scenario):
             SpliceRelayWs(), SpliceRelayWs("binary"), Websocketd(), Websocketd(binary=True),
             SpliceRelayTls(), SpliceRelayTls("direct"), Stunnel(), SocatTls(), SocatTls(1 << 20),
             SpliceRelayShared(), SpliceRelayShared("copy"),
-            SpliceRelayShared(lagging="wait"), SpliceRelayShared("copy", lagging="wait")]
+            SpliceRelayShared(lagging="wait"), SpliceRelayShared("copy", lagging="wait"),
+            Floor("relay"), Floor("shared")]
     if BASELINE:
         # Another build's relayed rows, beside this one's in the same run.
         all_ += [SpliceRelay(t, binary=BASELINE, tag=" baseline") for t in (None, "splice", "copy")]
@@ -629,6 +650,7 @@ def main():
             return names + tuple(f"{n} baseline" for n in names if n.startswith("splice-relay"))
         real, text_ws, binary_ws, tls_who = map(with_baseline, (real, text_ws, binary_ws, tls_who))
     make_certificate(files)
+    build_floor()
     # A bulk stream outruns its readers: exact delivery (lagging = "wait")
     # paces the command by the slowest. A stalled client is dropped
     # (lagging = "drop") from a stream the others keep up with.
@@ -706,7 +728,7 @@ def main():
          "splice-relay shared", ("paced", 50), lambda c: scenario_stall(c, smoke), shared_only),
         ("shared-slow", f"8e. {slow_clients} clients of one command ticking once a second, against a command each",
          "splice-relay", ("ticks", 1000, window + 5), lambda c: scenario_slow(c, smoke, slow_clients, window),
-         ("splice-relay", "splice-relay shared")),
+         ("splice-relay", "splice-relay shared", "floor shared (C)")),
     ]
     results = []
     with tempfile.TemporaryDirectory(prefix="splice-relay-bench.") as tmpdir:

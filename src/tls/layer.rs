@@ -79,7 +79,8 @@ pub struct Layer {
 
 impl Layer {
     /// The layer for a connection whose handshake is complete, whose
-    /// traffic is `traffic` (see [`Layer::counts`]).
+    /// traffic is `traffic`. `counts`: the layer counts the bytes (a command
+    /// that reads and writes the pair itself: nothing else does).
     pub fn new(mut conn: ServerConnection, traffic: Arc<Traffic>, counts: bool) -> Layer {
         // The layer bounds what waits itself: it reads no plaintext while
         // records wait for the client, and a turn reads at most TURN.
