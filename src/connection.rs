@@ -148,11 +148,11 @@ async fn pipeline(
     )
     .await;
     // An answer that ended the exchange early (a page, an HTTP error, a
-    // close frame) still gets through the TLS layer.
+    // close frame) still gets through the TLS layer; a client that stops
+    // taking the rest ends as a bound says.
     let clean = exchanged.as_ref().map_or(true, |(_, _, clean)| *clean);
     let idle = Idle::Traffic(record.traffic());
     let cut = transport.close(clean, &bounds, idle).await;
-    // A client that stopped taking the rest ends as a bound said.
     exchanged.map(|(ended, end, _)| (ended, cut.unwrap_or(end)))
 }
 
@@ -330,7 +330,7 @@ impl Conn<'_> {
             admissions.refused_tls(service, peer, &refused);
             Early::Refused
         })?;
-        let summary = &accepted.summary;
+        let (summary, direct) = (&accepted.summary, service.transfer == Transfer::Direct);
         let transport = match tls::hand_off(socket.get_ref().as_fd(), accepted.conn) {
             HandOff::Kernel => {
                 record.tls(format!("{summary} kernel"));
@@ -339,8 +339,7 @@ impl Conn<'_> {
             HandOff::Declined(conn) => {
                 record.tls(format!("{summary} userspace"));
                 // A command given the layer's pair writes to it itself: the layer counts.
-                let counts = service.transfer == Transfer::Direct;
-                let layer = Layer::new(*conn, record.shared_traffic(), counts);
+                let layer = Layer::new(*conn, record.shared_traffic(), direct);
                 Transport::encrypted(socket, layer, service.kill_grace)
                     .map_err(|e| Early::Ended(End::Error(unregistered(&e))))?
             }
@@ -503,10 +502,8 @@ impl Conn<'_> {
 }
 
 fn unregistered(e: &std::io::Error) -> String {
-    format!(
-        "cannot register the connection with the event loop: {}",
-        fdio::reason(e)
-    )
+    let why = fdio::reason(e);
+    format!("cannot register the connection with the event loop: {why}")
 }
 
 #[cfg(test)]

@@ -78,9 +78,9 @@ pub(super) async fn copy_loop(
                     if let Some(errno) = failed {
                         return Err(writing(errno));
                     }
-                    if !rest.is_empty() {
+                    held = rest;
+                    if !held.is_empty() {
                         room.full();
-                        held = rest;
                     }
                     if read < ask {
                         // A short read: the source is dry for now. (A newer
@@ -129,17 +129,27 @@ pub(super) async fn copy_loop(
                 continue;
             }
         }
-        if n == buf.len() && buf.len() < COPY_MAX {
-            // Empty now: a larger one replaces it.
-            if let Ok(larger) = Pages::new(buf.len() * 4) {
-                *buf = larger;
-            }
-        } else if n < ask {
+        if n < ask {
             ready.clear_ready();
-            if n < COPY_SMALL {
-                bulk = None;
-            }
         }
+        resize(&mut bulk, n, ask);
+    }
+}
+
+/// After a read of `n` into the bulk buffer (of `ask` asked for), emptied
+/// since: a read that filled it makes it grow (up to `COPY_MAX`), one that
+/// brought no more than a trickle frees it.
+fn resize(bulk: &mut Option<Pages>, n: usize, ask: usize) {
+    let Some(buf) = bulk.as_mut() else {
+        return;
+    };
+    if n == buf.len() && buf.len() < COPY_MAX {
+        // Empty now: a larger one replaces it.
+        if let Ok(larger) = Pages::new(buf.len() * 4) {
+            *buf = larger;
+        }
+    } else if n < ask && n < COPY_SMALL {
+        *bulk = None;
     }
 }
 
