@@ -382,7 +382,8 @@ fn the_command_starts_with_the_first_client_and_ends_linger_after_the_last() {
     );
     let mut a = connect(addr);
     let pid: i32 = read_line(&mut a).trim().parse().unwrap();
-    assert_eq!(processes_with(&mark), vec![pid]);
+    // (The shell's fork for each `sleep` shows its mark until the exec.)
+    assert!(processes_with(&mark).contains(&pid));
     let b = connect(addr);
     wait_clients(&mut d, "test", 2);
     drop((a, b));
