@@ -11,6 +11,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -212,7 +213,11 @@ async fn exchange(
             }
         }
     };
-    let end = supervise(bounds, idle, client.pump(), transport.lost(), command_side).await;
+    let end = {
+        // Pinned here, so that each lives once in the connection's future.
+        let (pump, lost) = (pin!(client.pump()), pin!(transport.lost()));
+        supervise(bounds, idle, pump, lost, pin!(command_side)).await
+    };
     let end = transport.explain(end);
     let (ended, clean) = finish(client, command, &end, service.kill_grace).await;
     // The command has ended: its output may close now without a SIGPIPE.
@@ -238,14 +243,10 @@ async fn watch(
     let output = Some(&watcher.output);
     let mut client = Client::new(opening, transport, (output, Input::Null), service, traffic);
     let idle = client.idle(record.started());
-    let end = supervise(
-        bounds,
-        idle,
-        client.pump(),
-        transport.lost(),
-        watcher.lagged(),
-    )
-    .await;
+    let end = {
+        let (pump, lost) = (pin!(client.pump()), pin!(transport.lost()));
+        supervise(bounds, idle, pump, lost, pin!(watcher.lagged())).await
+    };
     // Dropped, its pipe may end before the word of it arrives.
     let end = match end {
         End::OutputEnded if watcher.was_dropped() => End::Lagging,

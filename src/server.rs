@@ -374,7 +374,12 @@ fn serve(
         places,
         context: Arc::clone(&shared.context),
     };
-    tokio::spawn(handler.run());
+    let connection = handler.run();
+    // On the heap while it lives, for each of a thousand idle streams; a
+    // future passed by value down async calls is stored once per level.
+    let size = std::mem::size_of_val(&connection);
+    debug_assert!(size <= 11 << 10, "a connection's future: {size} B");
+    tokio::spawn(connection);
 }
 
 /// Takes a place in the service's limit and in the daemon's, waiting while
