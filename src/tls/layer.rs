@@ -152,7 +152,9 @@ impl Layer {
 
     /// Between the client and the layer's end of a socket pair, whose
     /// other end (`Layer::pair`) the rest of the connection takes for the
-    /// client; until both sides are done, at most `grace` after the pair's.
+    /// client; until both sides are done: the pair's last byte written to
+    /// the client, then at most `grace` for the client's close. (Whoever
+    /// runs it bounds the whole: `Transport::close`.)
     pub async fn run(
         mut self,
         tcp: &AsyncFd<OwnedFd>,
