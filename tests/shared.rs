@@ -80,7 +80,7 @@ fn every_protocol_watches_one_command_and_gets_the_same_bytes() {
                 &pki,
                 r#"ctx = ssl.create_default_context(cafile=ca)
 with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost") as s:
-    data = b""
+    data = bytearray()
     while True:
         chunk = s.recv(1 << 20)
         if not chunk:
@@ -105,7 +105,7 @@ print(json.dumps({"sha": hashlib.sha256("".join(l + "\n" for l in lines).encode(
             python_ws(
                 &format!("ws://{bin}/"),
                 r#"import hashlib
-data = b""
+data = bytearray()
 async with websockets.connect(url, max_size=None) as ws:
     async for m in ws:
         data += m
@@ -281,10 +281,17 @@ fn each_client_has_its_own_idle_timeout() {
 fn late_joiners_get_the_replay() {
     let (passed, addr) = pass_tcp("log");
     let (ws_passed, ws) = pass_tcp("log-ws");
+    // The command waits for a line on a FIFO the test writes when done.
+    let dir = tempfile::tempdir().unwrap();
+    let done = dir.path().join("done");
+    nix::unistd::mkfifo(&done, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let config = format!(
         "[[service]]\nname = \"log\"\ncommand = {}\nshared = true\nreplay = 9\n\
          [[service]]\nname = \"log-ws\"\nshared = \"log\"\nprotocol = \"websocket\"\n",
-        sh("printf 'one\\ntwo\\nthree\\n'; sleep 30")
+        sh(&format!(
+            "printf 'one\\ntwo\\nthree\\n'; read -r _ < {}",
+            done.display()
+        ))
     );
     let d = Daemon::start(&config, vec![passed, ws_passed]);
     let mut first = connect(addr);
@@ -306,8 +313,15 @@ fn late_joiners_get_the_replay() {
         r#"["three"]"#,
         "a text client starts at a line"
     );
-    drop((first, late));
-    d.wait_records(3);
+    std::fs::write(&done, "\n").unwrap();
+    // The output ended: each client gets its end and its record.
+    for mut client in [first, late] {
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+    }
+    let ended = d.wait_records_where(2, |r| r.reason == "output-ended");
+    assert_eq!(ended.len(), 2, "{ended:?}");
 }
 
 /// Clients that join while the output flows, with a replay that holds

@@ -205,7 +205,7 @@ fn output_arrives_whole_on_every_transfer() {
             r#"import hashlib
 ctx = ssl.create_default_context(cafile=ca)
 with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost") as s:
-    data = b""
+    data = bytearray()
     while True:
         chunk = s.recv(1 << 20)
         if not chunk:
@@ -771,7 +771,7 @@ print(n)"#,
         r#"ctx = ssl.create_default_context(cafile=ca)
 with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost") as s:
     s.settimeout(20)
-    data = b""
+    data = bytearray()
     while True:
         chunk = s.recv(100)
         if not chunk:
@@ -807,7 +807,7 @@ fn a_flood_of_handshakes_is_served_within_max_connections() {
 ctx = ssl.create_default_context(cafile=ca)
 def one(_):
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=60), server_hostname="localhost") as s:
-        data = b""
+        data = bytearray()
         while True:
             chunk = s.recv(100)
             if not chunk:
