@@ -368,6 +368,82 @@ mod tests {
         assert!(l.dropped.due().is_none() && l.dropped.lines == 0);
     }
 
+    /// The documented bounds, in numbers: 200 lines or 128 KiB at once,
+    /// then 100 lines and 64 KiB a second.
+    #[test]
+    fn the_bounds_are_the_documented_ones() {
+        let t0 = Instant::now();
+        let mut b = Budget::full(t0);
+        assert_eq!((0..1000).filter(|_| b.take(1)).count(), 200);
+        b.refill(t0 + Duration::from_secs(1));
+        assert_eq!((0..1000).filter(|_| b.take(1)).count(), 100);
+        let mut b = Budget::full(t0);
+        assert_eq!((0..1000).filter(|_| b.take(1024)).count(), 128);
+        b.refill(t0 + Duration::from_secs(1));
+        assert_eq!((0..1000).filter(|_| b.take(1024)).count(), 64);
+    }
+
+    /// A pipe whose read end is registered, non-blocking, and its write end.
+    fn pipe() -> (AsyncFd<OwnedFd>, std::fs::File) {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+        let r = fdio::register(r, tokio::io::Interest::READABLE).unwrap();
+        // Room for what the tests write before anything reads.
+        let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+        (r, std::fs::File::from(w))
+    }
+
+    /// Lines logged so far (the refills between reads add a fraction).
+    fn taken(l: &Lines) -> f64 {
+        (f64::from(LINES_BURST) - l.budget.lines).round()
+    }
+
+    #[tokio::test]
+    async fn until_end_takes_every_line_then_returns_at_the_end_of_file() {
+        use std::io::Write;
+        let (r, mut w) = pipe();
+        w.write_all(b"one\ntwo\nthr").unwrap();
+        drop(w);
+        let mut l = lines();
+        tokio::time::timeout(Duration::from_secs(10), l.until_end(&r))
+            .await
+            .expect("until_end returns at the end of file");
+        assert_eq!(taken(&l), 2.0);
+        assert_eq!(l.pending, b"thr");
+        l.rest();
+        assert_eq!(taken(&l), 3.0);
+    }
+
+    /// A flood's drops are reported once a second, not at every read: a
+    /// flood read at once is still counted when the pipe ends.
+    #[tokio::test]
+    async fn drops_are_reported_when_due_not_before() {
+        use std::io::Write;
+        let (r, mut w) = pipe();
+        w.write_all(&b"x\n".repeat(300)).unwrap();
+        drop(w);
+        let mut l = lines();
+        tokio::time::timeout(Duration::from_secs(10), l.until_end(&r))
+            .await
+            .unwrap();
+        assert_eq!(l.dropped.lines, 100, "reported before it was due");
+    }
+
+    /// What is already written is taken without waiting for more, however
+    /// many reads it needs, while the writer stays open.
+    #[tokio::test]
+    async fn what_is_written_takes_it_all_and_does_not_wait() {
+        use std::io::Write;
+        let (r, mut w) = pipe();
+        // 1,000 lines of 200 bytes: four reads.
+        let line = [b"y".repeat(199), b"\n".to_vec()].concat();
+        w.write_all(&line.repeat(1000)).unwrap();
+        let mut l = lines();
+        l.what_is_written(&r);
+        assert_eq!(taken(&l) as u64 + l.dropped.lines, 1000);
+        assert!(l.pending.is_empty());
+        drop(w);
+    }
+
     #[test]
     fn lines_are_cut_at_max_line_and_joined_across_reads() {
         let mut l = lines();
