@@ -95,18 +95,11 @@ pub(super) async fn copy_loop(
             }
             continue;
         };
-        let read = ready.try_io(|fd| loop {
-            match fdio::read(fd.get_ref(), &mut buf[..ask]) {
-                Err(Errno::EINTR) => continue,
-                other => break other.map_err(std::io::Error::from),
-            }
-        });
-        let n = match read {
-            Ok(Ok(0)) => return Ok(Pumped::EndOfFile),
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => return Err(reading(fdio::errno(&e))),
-            // Dry (try_io cleared the readiness): wait, buffer kept.
-            Err(_would_block) => continue,
+        let n = match read_ready(&mut ready, &mut buf[..ask]).map_err(&reading)? {
+            Some(0) => return Ok(Pumped::EndOfFile),
+            Some(n) => n,
+            // Dry (the readiness is cleared): wait, buffer kept.
+            None => continue,
         };
         budget.read(n);
         let (sent, failed) = write_now(dst.get_ref(), &buf[..n]);
@@ -133,6 +126,25 @@ pub(super) async fn copy_loop(
             ready.clear_ready();
         }
         resize(&mut bulk, n, ask);
+    }
+}
+
+/// One read into `buf` from a source said to be readable: the bytes read
+/// (0 at its end), or None if it was dry after all (its readiness cleared).
+fn read_ready(
+    ready: &mut tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>,
+    buf: &mut [u8],
+) -> Result<Option<usize>, Errno> {
+    let read = ready.try_io(|fd| loop {
+        match fdio::read(fd.get_ref(), buf) {
+            Err(Errno::EINTR) => continue,
+            other => break other.map_err(std::io::Error::from),
+        }
+    });
+    match read {
+        Ok(Ok(n)) => Ok(Some(n)),
+        Ok(Err(e)) => Err(fdio::errno(&e)),
+        Err(_would_block) => Ok(None),
     }
 }
 
