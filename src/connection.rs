@@ -374,7 +374,9 @@ impl Conn<'_> {
             Early::Refused
         };
         let tls = service.tls.is_some();
-        match websocket::handshake(transport.plain(), ws, tls, limit).await {
+        // Boxed: only a WebSocket connection makes room for the handshake,
+        // not every connection's future.
+        match Box::pin(websocket::handshake(transport.plain(), ws, tls, limit)).await {
             Ok(mut upgraded) => {
                 record.framed();
                 let env = std::mem::take(&mut upgraded.env);

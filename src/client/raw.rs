@@ -108,7 +108,12 @@ async fn feed(
             mode
         };
         let counted = (None, Count::Reads);
-        let fed = relay::pump(socket, to, mode, chunk, counted, |n| traffic.received(n)).await;
+        // Boxed: only a connection whose command reads the client makes
+        // room for this pump, not every raw connection's future.
+        let fed = Box::pin(relay::pump(socket, to, mode, chunk, counted, |n| {
+            traffic.received(n)
+        }))
+        .await;
         match fed {
             Ok(_) => {
                 input.close(output);
