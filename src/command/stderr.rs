@@ -444,6 +444,26 @@ mod tests {
         drop(w);
     }
 
+    /// finish() ends the log even while something still holds the pipe
+    /// open (a process that left the command's group): the daemon's end
+    /// of it is closed once finish() returns.
+    #[tokio::test]
+    async fn finish_ends_the_log_while_the_pipe_is_held_open() {
+        use std::io::Write;
+        let (r, mut w) = pipe();
+        w.write_all(b"last words\n").unwrap();
+        let tag = Tag {
+            conn: 1,
+            service: "t".into(),
+        };
+        let log = StderrLog::start(r, tag, 1);
+        tokio::time::timeout(Duration::from_secs(10), log.finish())
+            .await
+            .expect("finish() is bounded");
+        let after = w.write(b"more\n").map_err(|e| e.raw_os_error());
+        assert_eq!(after, Err(Some(libc::EPIPE)), "the log still reads");
+    }
+
     #[test]
     fn lines_are_cut_at_max_line_and_joined_across_reads() {
         let mut l = lines();
