@@ -19,6 +19,7 @@
 //!
 //! The same over WebSocket (text messages for lines, binary ones for bulk):
 //!
+//!   bench-load wsfanout ADDR CLIENTS SECS [STALLED]   payload bytes of binary messages
 //!   bench-load wsbulk ADDR CLIENTS BYTES      binary payload, to the server's close
 //!   bench-load wsrate ADDR CONCURRENCY SECS   upgrade, one message "hello", the close
 //!   bench-load wsslow ADDR CLIENTS SECS [WARMUP]
@@ -78,11 +79,16 @@ fn main() {
         "wstext" => text(addr, num(2)),
         "ttfb" => ttfb(addr, num(2)),
         "burst" => burst(addr, num(2) as usize, num(3) as usize, num(4)),
-        "fanout" => fanout(
+        "fanout" | "wsfanout" => fanout(
             addr,
             num(2) as usize,
             num(3),
             args.get(4).map_or(0, |_| num(4)) as usize,
+            if args[0] == "wsfanout" {
+                Wire::WebSocket
+            } else {
+                Wire::Raw
+            },
         ),
         other => panic!("unknown mode {other}"),
     }
@@ -399,7 +405,7 @@ fn burst(addr: SocketAddr, streams: usize, burst: usize, secs: u64) {
 /// Readers of an endless stream, beside clients that never read: the
 /// bytes a second the readers got in a window of `secs` after a second of
 /// warm-up, in total and for the slowest reader, and every byte they got.
-fn fanout(addr: SocketAddr, clients: usize, secs: u64, stalled: usize) {
+fn fanout(addr: SocketAddr, clients: usize, secs: u64, stalled: usize, wire: Wire) {
     let stalled: Vec<TcpStream> = (0..stalled)
         .map(|_| {
             let s = connect(addr).expect("connect");
@@ -413,13 +419,21 @@ fn fanout(addr: SocketAddr, clients: usize, secs: u64, stalled: usize) {
     let threads: Vec<_> = (0..clients)
         .map(|i| {
             let (counts, stop) = (Arc::clone(&counts), Arc::clone(&stop));
-            let mut s = connect(addr).expect("connect");
+            let s = connect(addr).expect("connect");
+            let mut ws = (wire == Wire::WebSocket)
+                .then(|| ws::Ws::upgrade(s.try_clone().unwrap(), "127.0.0.1").expect("upgrade"));
+            let mut s = s;
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; 1 << 20];
                 while !stop.load(Ordering::Relaxed) {
-                    match s.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => {
+                    // The bytes of a read (a message's payload), None at the end.
+                    let read = match ws.as_mut() {
+                        Some(ws) => ws.next(None).map(|f| f.map(|f| f.len)),
+                        None => s.read(&mut buf).map(|n| (n > 0).then_some(n)),
+                    };
+                    match read {
+                        Ok(None) => break,
+                        Ok(Some(n)) => {
                             counts[i].fetch_add(n as u64, Ordering::Relaxed);
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

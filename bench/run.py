@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -187,6 +188,9 @@ class SpliceRelayShared(SpliceRelay):
 
 
 WS_SCENARIOS = {"ws-rate1", "ws-rate32", "ws-text", "ws-bulk", "ws-bulk4", "ws-slow"}
+# One bulk stream to many WebSocket readers: a shared command, a command
+# each (splice-relay's and websocketd's), and the broadcasters people use.
+WS_FANOUT = {"ws-fanout1", "ws-fanout10", "ws-fanout100"}
 
 
 class SpliceRelayWs(SpliceRelay):
@@ -198,7 +202,65 @@ class SpliceRelayWs(SpliceRelay):
         self.cgroup = CGROOT / self.name.replace(" ", "_")
         self.extra = f'protocol = "websocket"\nmessages = "{messages}"\n'
         self.ws = True
-        self.scenarios = WS_SCENARIOS
+        self.scenarios = WS_SCENARIOS | (WS_FANOUT if messages == "binary" and not tag else set())
+
+
+class SpliceRelayWsShared(SpliceRelay):
+    """A shared command's binary WebSocket clients, each sent every byte
+    (`lagging = "wait"`, as the raw fan-out rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.name = "splice-relay websocket shared wait"
+        self.cgroup = CGROOT / self.name.replace(" ", "_")
+        self.extra = ('protocol = "websocket"\nmessages = "binary"\nshared = true\nlinger = "never"\n'
+                      'lagging = "wait"\n')
+        self.ws = True
+        self.scenarios = WS_FANOUT
+
+
+class WebsocatBroadcast(Contender):
+    """websocat's `broadcast:` overlay: one command (`exec:`) for every
+    client, its output sent to each as binary messages."""
+
+    def __init__(self):
+        super().__init__("websocat broadcast", "relay")
+        self.ws = True
+        self.scenarios = WS_FANOUT
+
+    def argv(self, port, command, tmp):
+        return ["websocat", "-q", "-b", "-E", f"ws-l:127.0.0.1:{port}", "broadcast:exec:" + command[0],
+                "--exec-args", *command[1:]], None
+
+
+class Wsbroad(Contender):
+    """wsbroad, a WebSocket broadcast server: what one client sends, the
+    others on its path get. The command's output goes in through a websocat
+    client (`-u`, one way), which counts as part of the relay."""
+
+    def __init__(self):
+        super().__init__("wsbroad", "relay")
+        self.ws = True
+        self.scenarios = WS_FANOUT
+        self.publisher = None
+
+    def argv(self, port, command, tmp):
+        return ["wsbroad", f"127.0.0.1:{port}"], None
+
+    def start(self, port, command, tmp):
+        super().start(port, command, tmp)
+        procs = self.cgroup / "cgroup.procs"
+        pipeline = " ".join(map(shlex.quote, command)) + f" | websocat -q -b -u ws://127.0.0.1:{port}/"
+        self.publisher = subprocess.Popen(
+            ["sh", "-c", pipeline], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(tmp / "wsbroad-publisher.log", "w"),
+            preexec_fn=lambda: procs.write_text(str(os.getpid())))
+
+    def stop(self):
+        if self.publisher and self.publisher.poll() is None:
+            self.publisher.kill()
+            self.publisher.wait()
+        super().stop()
 
 
 TLS_SCENARIOS = {"tls-rate1", "tls-rate32", "tls-bulk", "tls-bulk4"}
@@ -256,7 +318,7 @@ class Websocketd(Contender):
         super().__init__("websocketd" + (" --binary" if binary else ""), "relay")
         self.binary = binary
         self.ws = True
-        self.scenarios = WS_SCENARIOS
+        self.scenarios = WS_SCENARIOS | (WS_FANOUT if binary else set())
 
     def argv(self, port, command, tmp):
         binary = ["--binary"] if self.binary else []
@@ -440,7 +502,7 @@ def scenario_fanout(c, smoke, clients, stalled=0):
     all of them, and the relay's CPU per GiB delivered."""
     secs = 1 if smoke else 4
     cpu0 = c.cpu_seconds()
-    r = load("fanout", f"127.0.0.1:{c.port}", clients, secs, stalled)
+    r = load(wire(c) + "fanout", f"127.0.0.1:{c.port}", clients, secs, stalled)
     cpu = c.cpu_seconds() - cpu0
     if not r["ok"]:
         raise RuntimeError(f"{c.name}: a reader got nothing")
@@ -495,7 +557,9 @@ def contenders(names, scenario):
             SpliceRelayTls(), SpliceRelayTls("direct"), Stunnel(), SocatTls(), SocatTls(1 << 20),
             SpliceRelayShared(), SpliceRelayShared("copy"),
             SpliceRelayShared(lagging="wait"), SpliceRelayShared("copy", lagging="wait"),
-            Floor("relay"), Floor("shared")]
+            SpliceRelayWsShared(), Floor("relay"), Floor("shared")]
+    # The Rust broadcasters, where installed (ensure_tools installs them).
+    all_ += [c for c, exe in ((WebsocatBroadcast(), "websocat"), (Wsbroad(), "wsbroad")) if shutil.which(exe)]
     if BASELINE:
         # Another build's relayed rows, beside this one's in the same run.
         all_ += [SpliceRelay(t, binary=BASELINE, tag=" baseline") for t in (None, "splice", "copy")]
@@ -587,12 +651,22 @@ def machine_line():
             f"Linux {platform.release()}, loopback")
 
 
-def ensure_tools():
+# The Rust broadcasters, installed by cargo (minutes of building, once) when
+# a scenario they take part in runs.
+CRATES = (("websocat@1.14.1", "websocat"), ("wsbroad@0.3.0", "wsbroad"))
+
+
+def ensure_tools(scenarios):
     need = [p for p, exe in (("socat", "socat"), ("ucspi-tcp", "tcpserver"), ("xinetd", "xinetd"),
                              ("websocketd", "websocketd"), ("stunnel4", "stunnel4"), ("openssl", "openssl"))
             if not shutil.which(exe)]
     if need:
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *need], check=True)
+    if scenarios & WS_FANOUT:
+        for crate, exe in CRATES:
+            if not shutil.which(exe):
+                print(f"bench: installing {crate} (cargo install; a few minutes, once)", flush=True)
+                subprocess.run(["cargo", "install", "--locked", "--quiet", crate], check=True)
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "splice-relay",
                     "--example", "bench-producer", "--example", "bench-load"], cwd=ROOT, check=True)
 
@@ -603,7 +677,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", help="scenarios: bulk,bulk4,vmsplice,cat,cat4,head,head4,gzip,gzip4,"
                     "rate1,rate32,slow,burst,latency,lines,ws-rate1,ws-rate32,ws-text,ws-bulk,ws-bulk4,ws-slow,"
-                    "tls-rate1,tls-rate32,tls-bulk,tls-bulk4,fanout1,fanout10,fanout100,fanout-stall,shared-slow")
+                    "tls-rate1,tls-rate32,tls-bulk,tls-bulk4,fanout1,fanout10,fanout100,ws-fanout1,ws-fanout10,"
+                    "ws-fanout100,fanout-stall,shared-slow")
     ap.add_argument("--contenders", help="comma-separated names (default: all)")
     ap.add_argument("--baseline", type=Path, help="another build's splice-relay binary: its rows "
                     "(`splice-relay baseline`, `splice-relay splice baseline`, `splice-relay copy baseline`, "
@@ -615,11 +690,11 @@ def main():
     BASELINE = args.baseline.resolve() if args.baseline else None
     if os.geteuid() != 0:
         sys.exit("bench: run as root (cgroups for CPU accounting; apt for the contenders)")
-    ensure_tools()
+    only = set(args.only.split(",")) if args.only else None
+    ensure_tools(only if only is not None else WS_FANOUT if not args.smoke else set(SMOKE))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     rounds = 1 if args.smoke else args.rounds
-    only = set(args.only.split(",")) if args.only else None
     names = set(args.contenders.split(",")) if args.contenders else None
     smoke = args.smoke
     slow_clients = 5 if smoke else 1000
@@ -659,6 +734,8 @@ def main():
     # (lagging = "drop") from a stream the others keep up with.
     shared_who = ("splice-relay", "splice-relay shared wait", "splice-relay shared copy wait")
     shared_only = ("splice-relay shared", "splice-relay shared copy")
+    ws_fanout_who = ("splice-relay websocket binary", "websocketd --binary", "splice-relay websocket shared wait",
+                     "websocat broadcast", "wsbroad")
 
     def real_bulk(key, title, argv, per, clients):
         return (key, title, "direct", ("exec", *argv), lambda c: scenario_bulk(c, smoke, clients, per), real)
@@ -727,6 +804,13 @@ def main():
          ("bulk", 1 << 50), lambda c: scenario_fanout(c, smoke, 10), shared_who),
         ("fanout100", "8c. Shared command: one bulk stream to 100 readers (aggregate)", "splice-relay",
          ("bulk", 1 << 50), lambda c: scenario_fanout(c, smoke, 100 if not smoke else 20), shared_who),
+        ("ws-fanout1", "8f. WebSocket: one bulk stream to 1 binary reader", "splice-relay websocket binary",
+         ("bulk", 1 << 50), lambda c: scenario_fanout(c, smoke, 1), ws_fanout_who),
+        ("ws-fanout10", "8g. WebSocket: one bulk stream to 10 binary readers (aggregate)",
+         "splice-relay websocket binary", ("bulk", 1 << 50), lambda c: scenario_fanout(c, smoke, 10), ws_fanout_who),
+        ("ws-fanout100", "8h. WebSocket: one bulk stream to 100 binary readers (aggregate)",
+         "splice-relay websocket binary", ("bulk", 1 << 50),
+         lambda c: scenario_fanout(c, smoke, 100 if not smoke else 20), ws_fanout_who),
         ("fanout-stall", "8d. Shared command, 50 MB/s: 10 readers, then 9 and one that never reads",
          "splice-relay shared", ("paced", 50), lambda c: scenario_stall(c, smoke), shared_only),
         ("shared-slow", f"8e. {slow_clients} clients of one command ticking once a second, against a command each",
@@ -785,6 +869,14 @@ def remove_cgroups(top):
         return
     dirs = [p for p in top.rglob("*") if p.is_dir()] + [top]
     for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        # What is left there (a broadcaster's command outliving it, for a
+        # moment) is killed, and gone, first.
+        kill, events = d / "cgroup.kill", d / "cgroup.events"
+        if kill.exists():
+            kill.write_text("1")
+            deadline = time.monotonic() + 5
+            while "populated 1" in events.read_text() and time.monotonic() < deadline:
+                time.sleep(0.02)
         try:
             d.rmdir()
         except OSError as e:
