@@ -125,8 +125,7 @@ impl Handler {
 
 /// The pipeline, step by step. Each step either hands the next what it
 /// needs or ends the connection (`Err`). Returns how the connection's
-/// command ended (None: it watched a shared one) and why the connection
-/// ended.
+/// command ended (None: it watched a shared one) and why it ended.
 async fn pipeline(
     conn: &Conn<'_>,
     socket: OwnedFd,
@@ -374,8 +373,7 @@ impl Conn<'_> {
             Early::Refused
         };
         let tls = service.tls.is_some();
-        // Boxed: only a WebSocket connection makes room for the handshake,
-        // not every connection's future.
+        // Boxed: a raw connection's future needs no room for the handshake.
         match Box::pin(websocket::handshake(transport.plain(), ws, tls, limit)).await {
             Ok(mut upgraded) => {
                 record.framed();
