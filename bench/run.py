@@ -11,9 +11,11 @@ own cgroup), then runs rounds interleaved (A B C A B C ...), and reports the
 median, min and max of each measure and the ratio of medians to the
 scenario's reference. Ratios from one run are the result: the machines are
 shared and noisy, single absolute numbers are not. Results go to
-bench/results/latest.md (and .json, and bulk.png when matplotlib is there);
-`--results NAME` writes bench/results/NAME.md and .json instead (a run of
-some scenarios, kept beside the full suite's).
+bench/results/latest.md (and .json, and latest.png, a panel a scenario
+drawn from the same results, when matplotlib is there); `--results NAME`
+writes bench/results/NAME.md, .json and .png instead (a run of some
+scenarios, kept beside the full suite's); `--chart NAME` only draws
+NAME.png again from NAME.json.
 
 Root is needed for the cgroups that separate a relay's CPU time from its
 command's, and to install the contenders from Debian's packages.
@@ -685,7 +687,11 @@ def main():
                     "`splice-relay websocket baseline`, `splice-relay websocket binary baseline`, "
                     "`splice-relay tls baseline`) run beside this build's, for a before and after in one run")
     ap.add_argument("--results", default="latest", help="the name of the results files (default: latest)")
+    ap.add_argument("--chart", metavar="NAME", help="only draw bench/results/NAME.png from NAME.json")
     args = ap.parse_args()
+    if args.chart:
+        chart(json.loads((RESULTS / f"{args.chart}.json").read_text())["results"], args.chart)
+        return
     global BASELINE
     BASELINE = args.baseline.resolve() if args.baseline else None
     if os.geteuid() != 0:
@@ -837,8 +843,7 @@ def main():
     if smoke:
         print("\nbench: smoke run passed: every contender served every byte")
         return
-    if args.results == "latest":
-        chart(results)
+    chart(results, args.results)
     print("\n" + markdown(results, machine_line(), rounds))
 
 
@@ -890,30 +895,38 @@ def write_results(results, rounds, name="latest"):
     (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine_line(), "results": results}, indent=1))
 
 
-def chart(results):
+def chart(results, name):
+    """bench/results/NAME.png: one panel a scenario, its first measure for
+    each contender (median, min–max), from the same results as NAME.md."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("(no matplotlib: no chart; `pip install matplotlib` for bench/results/bulk.png)")
+        print(f"(no matplotlib: no chart; `pip install matplotlib` for bench/results/{name}.png)")
         return
-    bulk = [r for r in results if r["title"].startswith("1")]
-    if not bulk:
+    drawn = [(res, *summarize(res)) for res in results]
+    drawn = [(res, keys, rows) for res, keys, rows in drawn if rows]
+    if not drawn:
         return
-    fig, axes = plt.subplots(1, len(bulk), figsize=(6 * len(bulk), 4))
-    axes = axes if len(bulk) > 1 else [axes]
-    for ax, res in zip(axes, bulk):
-        keys, rows = summarize(res)
+    cols = min(3, len(drawn))
+    lines = -(-len(drawn) // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(6.5 * cols, 3.2 * lines), squeeze=False)
+    for ax in axes.flat[len(drawn):]:
+        ax.axis("off")
+    for ax, (res, keys, rows) in zip(axes.flat, drawn):
+        main = keys[0]
         names = [r["contender"] for r in rows]
-        med = [r["GB/s"][0] for r in rows]
-        err = [[m - r["GB/s"][1] for m, r in zip(med, rows)], [r["GB/s"][2] - m for m, r in zip(med, rows)]]
-        ax.barh(names, med, xerr=err, color="#4a7ab5")
-        ax.set_xlabel("GB/s (median, min–max)")
-        ax.set_title(res["title"], fontsize=9)
+        med = [r[main][0] for r in rows]
+        err = [[m - r[main][1] for m, r in zip(med, rows)], [r[main][2] - m for m, r in zip(med, rows)]]
+        colors = ["#4a7ab5" if n.startswith("splice-relay") else "#9a9a9a" for n in names]
+        ax.barh(names, med, xerr=err, color=colors)
+        ax.set_xlabel(f"{main} (median, min–max)", fontsize=8)
+        ax.set_title(res["title"], fontsize=8)
+        ax.tick_params(labelsize=7)
         ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(RESULTS / "bulk.png", dpi=110)
+    fig.savefig(RESULTS / f"{name}.png", dpi=90)
 
 
 if __name__ == "__main__":
