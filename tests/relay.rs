@@ -116,6 +116,19 @@ fn a_quiet_command_never_holds_up_the_event_loop() {
     );
 }
 
+/// `pipe_size` is the size of the command's stdout pipe, as the command
+/// itself sees it (F_GETPIPE_SZ), on both paths that give it a pipe.
+#[test]
+fn the_commands_stdout_pipe_has_pipe_size() {
+    for transfer in ["splice", "copy"] {
+        let (_d, addr) = serve(
+            &sh("python3 -c 'import fcntl; print(fcntl.fcntl(1, 1032))'"),
+            &format!("transfer = \"{transfer}\"\npipe_size = 262144"),
+        );
+        assert_eq!(fetch_text(addr), "262144\n", "{transfer}");
+    }
+}
+
 /// A splice that ends at the end of the output is an end, not a reason to
 /// fall back to copying: no warning at a normal end.
 #[test]
