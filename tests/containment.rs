@@ -10,12 +10,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::signal::Signal;
+use nix::sys::socket::{setsockopt, sockopt};
 
 /// Starts the daemon on `config` inside `cgroup`, with one socket.
 fn start_in(cgroup: &TestCgroup, config: &str) -> (Daemon, SocketAddr) {
@@ -348,20 +349,25 @@ fn a_command_that_forks_in_a_loop_is_ended() {
 fn the_record_counts_the_cpu_a_command_burns() {
     require_root();
     let cgroup = TestCgroup::delegated();
+    cpu_in_the_record(|command| start_in(&cgroup, &one_service(command, "")));
+}
+
+/// The same with a process group: the CPU time is the kernel's account of
+/// the command (and the children it waited for), from its reaping.
+#[test]
+fn the_record_counts_the_cpu_a_process_group_command_burns() {
+    cpu_in_the_record(|command| serve(command, "containment = \"process-group\""));
+}
+
+fn cpu_in_the_record(start: impl FnOnce(&str) -> (Daemon, SocketAddr)) {
     let ticks = clock_ticks_per_second();
     // utime and stime are the 14th and 15th fields of /proc/PID/stat.
-    let (d, addr) = start_in(
-        &cgroup,
-        &one_service(
-            &sh(&format!(
-                "t=0; while [ $t -lt {} ]; do i=0; while [ $i -lt 1000 ]; do i=$((i+1)); done; \
-                 read -r s < /proc/$$/stat; set -- $s; t=$((${{14}}+${{15}})); done; \
-                 read -r s < /proc/$$/stat; echo $s",
-                ticks / 2
-            )),
-            "",
-        ),
-    );
+    let (d, addr) = start(&sh(&format!(
+        "t=0; while [ $t -lt {} ]; do i=0; while [ $i -lt 1000 ]; do i=$((i+1)); done; \
+         read -r s < /proc/$$/stat; set -- $s; t=$((${{14}}+${{15}})); done; \
+         read -r s < /proc/$$/stat; echo $s",
+        ticks / 2
+    )));
     let stat = Stat::parse(&fetch_text(addr)).expect("the shell's /proc stat");
     let record = d.wait_record(1);
     let tick_usec = 1_000_000 / ticks;
@@ -638,6 +644,44 @@ fn delegated_cgroup_names_the_subtree_for_a_run_by_hand() {
     assert!(fetch_text(addr).contains(&format!("/{leaf}/conn-1\n")));
     d.wait_record(1);
     cgroup.wait_no_connections();
+}
+
+/// With process groups, what the command wrote before it exited still
+/// reaches a client that takes it late, though a process that left the
+/// group holds the output open: once the group's `kill_grace` (2 s here) is
+/// over, the relay abandons the output when it is drained, not before (what
+/// the pipe held would be lost) and not a second `kill_grace` later.
+#[test]
+fn what_the_group_wrote_is_drained_before_a_held_output_is_abandoned() {
+    let mark = format!("sr-drained-{}", std::process::id());
+    let (passed, addr) = pass_tcp("test");
+    // Socket buffers smaller than the output: the rest waits in the pipe
+    // while the client pauses.
+    setsockopt(&passed.fd, sockopt::SndBuf, &65536).unwrap();
+    let config = format!(
+        "[[service]]\nname = \"test\"\ncommand = {}\nkill_grace = \"2s\"\n\
+         containment = \"process-group\"\ntransfer = \"copy\"\npipe_size = 1048576\n",
+        sh(&format!(
+            "setsid sh -c ': > /tmp/$0; sleep 20' {mark} & \
+             while [ ! -e /tmp/{mark} ]; do sleep 0.01; done; rm /tmp/{mark}; head -c 800000 /dev/zero"
+        ))
+    );
+    let d = Daemon::start(&config, vec![passed]);
+    let s = TcpStream::connect(addr).unwrap();
+    setsockopt(&s, sockopt::RcvBuf, &65536).unwrap();
+    // The client pauses past the group's kill_grace; then takes it all.
+    std::thread::sleep(Duration::from_millis(2300));
+    let mut got = Vec::new();
+    (&s).read_to_end(&mut got).unwrap();
+    // Closed at once: the daemon waits for that (kill_grace at most).
+    drop(s);
+    let record = d.wait_record(1);
+    for pid in processes_with(&mark) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    assert_eq!((got.len(), record.bytes), (800_000, 800_000), "{record}");
+    // Drained at about 2.3 s: abandoned then, not at 4 s.
+    assert!(record.duration_ms < 3500, "{record}");
 }
 
 /// With process groups, a process that leaves the group cannot be ended; it

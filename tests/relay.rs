@@ -620,6 +620,38 @@ fn a_command_that_cannot_start_is_recorded_and_the_daemon_serves_on() {
     assert_eq!(fetch_text(addr), "fine\n");
 }
 
+/// Only running out of descriptors makes a command wait for another
+/// connection to end: any other failure to start is recorded at once, while
+/// other connections run.
+#[test]
+fn a_command_that_cannot_start_does_not_wait_for_other_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let wd = dir.path().join("wd");
+    std::fs::create_dir(&wd).unwrap();
+    let (hold, hold_addr) = pass_tcp("hold");
+    let (fail, fail_addr) = pass_tcp("fail");
+    let config = format!(
+        "[[service]]\nname = \"hold\"\ncommand = {}\n\
+         [[service]]\nname = \"fail\"\ncommand = [\"echo\", \"fine\"]\ntimeout = \"5s\"\n\
+         working_directory = \"{}\"\n",
+        sh("echo held; exec sleep 30"),
+        wd.display()
+    );
+    let d = Daemon::start(&config, vec![hold, fail]);
+    let mut held = connect(hold_addr);
+    assert_eq!(read_line(&mut held), "held\n");
+    std::fs::remove_dir(&wd).unwrap();
+    assert_eq!(
+        fetch_text(fail_addr),
+        "",
+        "the client is closed without output"
+    );
+    let record = d.wait_record_where(|r| r.service == "fail");
+    assert_eq!(record.reason, "spawn-failed", "{record}");
+    let waits = d.log_lines(&["out of descriptors"]);
+    assert!(waits.is_empty(), "{waits:?}");
+}
+
 #[test]
 fn direct_transfer_hands_the_socket_to_the_command() {
     checksum_direct();
