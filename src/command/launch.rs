@@ -211,3 +211,35 @@ fn spawn_error(service: &Service, stage: Stage, e: io::Error) -> io::Error {
         None => io::Error::new(e.kind(), text),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(extra: &str) -> Arc<Service> {
+        let text = format!(
+            "[[service]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\ncommand = [\"true\"]\n{extra}"
+        );
+        let config = crate::config::load_str("t.toml", &text).unwrap();
+        Arc::clone(&config.services[0])
+    }
+
+    /// EAGAIN from switching the user or from the exec, where the service
+    /// sets `rlimit_nproc`, is the user at that limit: the message says so,
+    /// and only then.
+    #[test]
+    fn the_message_names_rlimit_nproc_only_where_it_is_the_cause() {
+        let (with, without) = (service("rlimit_nproc = 10"), service(""));
+        let error = |errno| io::Error::from_raw_os_error(errno);
+        let hinted = |service: &Service, stage, errno| {
+            let message = spawn_error(service, stage, error(errno)).to_string();
+            message.contains("(the user is at rlimit_nproc)")
+        };
+        for stage in [Stage::Credentials, Stage::Exec] {
+            assert!(hinted(&with, stage, libc::EAGAIN), "{stage:?}");
+            assert!(!hinted(&without, stage, libc::EAGAIN), "{stage:?}");
+            assert!(!hinted(&with, stage, libc::EPERM), "{stage:?}");
+        }
+        assert!(!hinted(&with, Stage::Limits, libc::EAGAIN));
+    }
+}
