@@ -1,8 +1,8 @@
 //! What a client gets: every byte in order, promptly, with the right
 //! environment; and what the daemon keeps: no process, fd or zombie left over.
 //!
-//! The long tier (`cargo test --release --test relay -- --ignored`, which
-//! `.ci/run` runs) sends a gibibyte down the splice and socket-pair paths.
+//! The long tier (`cargo test --release --test relay -- --ignored`) sends a
+//! gibibyte down the splice and socket-pair paths.
 
 mod common;
 
