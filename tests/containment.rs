@@ -654,6 +654,7 @@ fn delegated_cgroup_names_the_subtree_for_a_run_by_hand() {
 #[test]
 fn what_the_group_wrote_is_drained_before_a_held_output_is_abandoned() {
     let mark = format!("sr-drained-{}", std::process::id());
+    let done = std::env::temp_dir().join(format!("{mark}-done"));
     let (passed, addr) = pass_tcp("test");
     // Socket buffers smaller than the output: the rest waits in the pipe
     // while the client pauses.
@@ -663,25 +664,44 @@ fn what_the_group_wrote_is_drained_before_a_held_output_is_abandoned() {
          containment = \"process-group\"\ntransfer = \"copy\"\npipe_size = 1048576\n",
         sh(&format!(
             "setsid sh -c ': > /tmp/$0; sleep 20' {mark} & \
-             while [ ! -e /tmp/{mark} ]; do sleep 0.01; done; rm /tmp/{mark}; head -c 800000 /dev/zero"
+             while [ ! -e /tmp/{mark} ]; do sleep 0.01; done; rm /tmp/{mark}; \
+             head -c 800000 /dev/zero; : > {}",
+            done.display()
         ))
     );
     let d = Daemon::start(&config, vec![passed]);
     let s = TcpStream::connect(addr).unwrap();
     setsockopt(&s, sockopt::RcvBuf, &65536).unwrap();
-    // The client pauses past the group's kill_grace; then takes it all.
-    std::thread::sleep(Duration::from_millis(2300));
-    let mut got = Vec::new();
-    (&s).read_to_end(&mut got).unwrap();
+    // The command has written all and exited; the client pauses past the
+    // group's kill_grace, then takes it all.
+    poll(PATIENCE, || done.exists().then_some(())).expect("the command ran");
+    std::thread::sleep(Duration::from_millis(2500));
+    let (mut got, mut buf) = (0, vec![0u8; 65536]);
+    let mut drained = None;
+    loop {
+        let n = (&s).read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n;
+        if got == 800_000 {
+            drained = Some(Instant::now());
+        }
+    }
+    let after_drained = drained.map(|t| t.elapsed());
     // Closed at once: the daemon waits for that (kill_grace at most).
     drop(s);
     let record = d.wait_record(1);
+    let _ = std::fs::remove_file(&done);
     for pid in processes_with(&mark) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
     }
-    assert_eq!((got.len(), record.bytes), (800_000, 800_000), "{record}");
-    // Drained at about 2.3 s: abandoned then, not at 4 s.
-    assert!(record.duration_ms < 3500, "{record}");
+    assert_eq!((got, record.bytes), (800_000, 800_000), "{record}");
+    // Abandoned once drained, not at a second kill_grace (1.5 s later).
+    assert!(
+        after_drained.is_some_and(|t| t < Duration::from_secs(1)),
+        "the end came {after_drained:?} after the last byte: {record}"
+    );
 }
 
 /// With process groups, a process that leaves the group cannot be ended; it
