@@ -378,7 +378,7 @@ fn serve(
     // On the heap while it lives, for each of a thousand idle streams; a
     // future passed by value down async calls is stored once per level.
     let size = std::mem::size_of_val(&connection);
-    debug_assert!(size <= 11 << 10, "a connection's future: {size} B");
+    debug_assert!(size <= 6 << 10, "a connection's future: {size} B");
     tokio::spawn(connection);
 }
 
