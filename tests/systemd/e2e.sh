@@ -44,6 +44,14 @@ config() { sr_in sh -c 'cat > /etc/splice-relay.toml'; }
 reconfigure() { config && sr_in systemctl reload splice-relay; }
 show() { sr_in systemctl show -p "$1" --value "$2"; }
 # Waits up to 10 s for a command's output to contain a string.
+# Runs a command to its end and succeeds if its output (stdout and stderr)
+# holds WANT. Unlike `cmd | grep -q`, it never cuts the command off with
+# SIGPIPE, which `pipefail` would count as a failure.
+prints() {
+    local want=$1 out; shift
+    out=$("$@" 2>&1); [[ $out == *"$want"* ]]
+}
+
 eventually() {
     local want=$1 i out; shift
     for i in $(seq 1 100); do
@@ -62,10 +70,10 @@ t_install() {
     [ "$(sr_in systemctl is-enabled splice-relay.socket)" = enabled ] || fail "socket not enabled" || return 1
     [ "$(sr_in systemctl is-active splice-relay.socket)" = active ] || fail "socket not started" || return 1
     [ "$(sr_in systemctl is-active splice-relay.service)" = inactive ] || fail "service started before any client" || return 1
-    sr_in dpkg-query -W -f='${Conffiles}\n' splice-relay | grep -q /etc/splice-relay.toml || fail "config is not a conffile" || return 1
-    sr_in splice-relay --version | grep -q '^splice-relay ' || fail "--version" || return 1
-    sr_in man -l /usr/share/man/man8/splice-relay.8.gz 2>&1 | grep -q 'SIGHUP' || fail "man page 8" || return 1
-    sr_in man -l /usr/share/man/man5/splice-relay.toml.5.gz 2>&1 | grep -q 'kill_grace' || fail "man page 5" || return 1
+    prints /etc/splice-relay.toml sr_in dpkg-query -W -f='${Conffiles}\n' splice-relay || fail "config is not a conffile" || return 1
+    [[ $(sr_in splice-relay --version) == 'splice-relay '* ]] || fail "--version" || return 1
+    prints SIGHUP sr_in man -l /usr/share/man/man8/splice-relay.8.gz || fail "man page 8" || return 1
+    prints kill_grace sr_in man -l /usr/share/man/man5/splice-relay.toml.5.gz || fail "man page 5" || return 1
 }
 
 # --- 9. verify and security score ------------------------------------------------
@@ -232,7 +240,7 @@ asyncio.run(main())' "$unit") || return $(fail "the Python client failed: $out")
     local rec; rec=$(sr_in journalctl -u splice-relay SERVICE=ws REASON=client-closed -o json --no-pager | tail -n1)
     [[ $rec =~ \"MESSAGES_SENT\":\"2\" && $rec =~ \"CPU_USEC\":\"[0-9]+\" ]] || fail "record: $rec" || return 1
     # The page, and a request that is not an upgrade: 405, and a refusal in the journal.
-    sr_in curl -fsS http://127.0.0.1:9009/ | grep -q '<title>splice-relay console</title>' \
+    prints '<title>splice-relay console</title>' sr_in curl -fsS http://127.0.0.1:9009/ \
         || fail "no console page" || return 1
     [ "$(sr_in curl -s -o /dev/null -w '%{http_code}' -X POST http://127.0.0.1:9009/)" = 405 ] \
         || fail "POST not refused" || return 1
@@ -375,7 +383,7 @@ t_config_error() {
     [ "$(show ExecMainStatus splice-relay)" = 78 ] || fail "exit status $(show ExecMainStatus splice-relay)" || return 1
     [ "$(show NRestarts splice-relay)" = 0 ] || fail "restarted on a config error" || return 1
     [ "$(sr_in systemctl is-active splice-relay.socket)" = active ] || fail "socket not active" || return 1
-    sr_in ss -Hltn 'sport = :9009' | grep -q LISTEN || fail "port 9009 is not held" || return 1
+    prints LISTEN sr_in ss -Hltn 'sport = :9009' || fail "port 9009 is not held" || return 1
     # Fixed: the next client starts it again.
     printf '[[service]]\nname = "good"\ncommand = ["echo", "fixed"]\n' | config
     sr_in systemctl reset-failed splice-relay
@@ -466,7 +474,7 @@ t_remove() {
     sr_in dpkg -r splice-relay >/dev/null || return $(fail "dpkg -r")
     sr_in pgrep -x splice-relay >/dev/null && { fail "splice-relay still running"; return 1; }
     [ "$(sr_in systemctl is-active splice-relay.socket)" != active ] || fail "socket still active" || return 1
-    sr_in ss -Hltn 'sport = :9009' | grep -q LISTEN && { fail "port 9009 still open"; return 1; }
+    prints LISTEN sr_in ss -Hltn 'sport = :9009' && { fail "port 9009 still open"; return 1; }
     return 0
 }
 
