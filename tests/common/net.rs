@@ -66,12 +66,33 @@ pub fn read_all(mut s: impl Read) -> Vec<u8> {
     }
 }
 
+/// One read, again if a signal cuts it short; panics on an error.
+pub fn read_some(mut s: impl Read, buf: &mut [u8]) -> usize {
+    loop {
+        match s.read(buf) {
+            Ok(n) => return n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
 /// Reads one line a byte at a time, so nothing after it is taken from the
 /// socket; "" at end-of-file.
 pub fn read_line(s: &mut impl Read) -> String {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
-    while s.read(&mut byte).unwrap() == 1 {
+    loop {
+        match s.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) => {}
+            // A signal to the test's process (a child's SIGCHLD) may cut a read short.
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => panic!(
+                "reading a line after {:?}: {e}",
+                String::from_utf8_lossy(&line)
+            ),
+        }
         line.push(byte[0]);
         if byte[0] == b'\n' {
             break;
