@@ -26,6 +26,7 @@ use crate::command::{Command, Ended, Input, SpawnError, Streams, Tag};
 use crate::config::{Messages, Protocol, Service, Transfer};
 use crate::end::{End, Ending};
 use crate::fdio;
+use crate::http;
 use crate::peer::Peer;
 use crate::places::{Place, ServicePlace};
 use crate::record::{Record, Stats};
@@ -253,7 +254,7 @@ async fn watch(
     };
     let end = transport.explain(end);
     let ending = Ending::after(&end, service.kill_grace);
-    let clean = client.close(&end, &ending).await;
+    let clean = client.close(&end, &ending, None).await;
     Ok((None, end, clean))
 }
 
@@ -263,7 +264,15 @@ async fn watch(
 /// side ended its output in order.
 async fn finish(client: Client<'_>, command: Command, end: &End, grace: Duration) -> (Ended, bool) {
     let ending = Ending::after(end, grace);
-    tokio::join!(command.finish(ending.patience), client.close(end, &ending))
+    if client.awaits_exit() {
+        let ended = command.finish(ending.patience).await;
+        let clean = client.close(end, &ending, Some(&ended.exit)).await;
+        return (ended, clean);
+    }
+    tokio::join!(
+        command.finish(ending.patience),
+        client.close(end, &ending, None)
+    )
 }
 
 /// One connection's service and the daemon's context: what each step needs.
@@ -351,10 +360,11 @@ impl Conn<'_> {
         Ok((transport, accepted.env))
     }
 
-    /// The protocol's opening: a WebSocket service's upgrade (None for raw).
-    /// A client that sends no valid upgrade is refused as admission refuses,
-    /// in episodes; one that asks for the console page gets it, and its
-    /// connection a record. Returns the opening and the request's variables.
+    /// The protocol's opening: a WebSocket service's upgrade, an HTTP
+    /// service's request (nothing for raw). A client that sends no valid
+    /// request is refused as admission refuses, in episodes; one that asks
+    /// for the console page or a HEAD gets it, and its connection a record.
+    /// Returns the opening and the request's variables.
     async fn open(
         &self,
         transport: &Transport,
@@ -363,9 +373,6 @@ impl Conn<'_> {
         record: &mut Record,
     ) -> Result<(Opening<'_>, Vec<(String, String)>), Early> {
         let service = self.service;
-        let Protocol::WebSocket(ws) = &service.protocol else {
-            return Ok((Opening::Raw, Vec::new()));
-        };
         let limit = bounds.within(service.handshake_timeout);
         let refused = |why| {
             let admissions = &self.context.admissions;
@@ -373,6 +380,24 @@ impl Conn<'_> {
             Early::Refused
         };
         let tls = service.tls.is_some();
+        let ws = match &service.protocol {
+            Protocol::Raw => return Ok((Opening::Raw, Vec::new())),
+            Protocol::WebSocket(ws) => ws,
+            Protocol::Http(settings) => {
+                // Boxed, as the upgrade is below.
+                return match Box::pin(http::open(transport.plain(), settings, tls, limit)).await {
+                    Ok(mut opened) => {
+                        let env = std::mem::take(&mut opened.env);
+                        Ok((Opening::Http(settings, opened), env))
+                    }
+                    Err(http::NoResponse::Head) => Err(Early::Ended(End::HeadersOnly)),
+                    Err(http::NoResponse::Answered { status, why }) => {
+                        Err(refused(format!("answered {status}: {why}")))
+                    }
+                    Err(http::NoResponse::Gone(why)) => Err(refused(why)),
+                };
+            }
+        };
         // Boxed: a raw connection's future needs no room for the handshake.
         match Box::pin(websocket::handshake(transport.plain(), ws, tls, limit)).await {
             Ok(mut upgraded) => {
@@ -461,12 +486,7 @@ impl Conn<'_> {
                 Ok((command, streams))
             }
             Err(e) => {
-                if let Opening::WebSocket(..) = opening {
-                    websocket::close_unserved(
-                        transport.plain(),
-                        "the command could not be started",
-                    );
-                }
+                unserved(transport, opening);
                 Err(Early::Ended(match e {
                     SpawnError::Start(_) => End::SpawnFailed(e.to_string()),
                     SpawnError::Unwatched(_) => End::Error(e.to_string()),
@@ -474,7 +494,8 @@ impl Conn<'_> {
             }
         }
     }
-    /// Joins (or starts) the shared command; a WebSocket client it fails gets a close frame.
+    /// Joins (or starts) the shared command; a WebSocket or HTTP client it
+    /// fails is told so.
     async fn join(
         &self,
         owner: &Arc<Service>,
@@ -482,7 +503,11 @@ impl Conn<'_> {
         opening: &Opening<'_>,
         record: &mut Record,
     ) -> Result<Watcher, Early> {
-        let lines = matches!(opening, Opening::WebSocket(ws, _) if ws.messages == Messages::Text);
+        let lines = match opening {
+            Opening::WebSocket(ws, _) => ws.messages == Messages::Text,
+            Opening::Http(_, opened) => opened.response.events,
+            Opening::Raw => false,
+        };
         match self.context.shared.join(owner, lines).await {
             Ok(watcher) => {
                 let hub = watcher.hub();
@@ -490,15 +515,21 @@ impl Conn<'_> {
                 Ok(watcher)
             }
             Err(e) => {
-                if let Opening::WebSocket(..) = opening {
-                    websocket::close_unserved(
-                        transport.plain(),
-                        "the command could not be started",
-                    );
-                }
+                unserved(transport, opening);
                 Err(Early::Ended(End::SpawnFailed(e.to_string())))
             }
         }
+    }
+}
+
+/// A client whose command could not start, told so where its protocol can
+/// say it: a WebSocket close frame, an HTTP 500.
+fn unserved(transport: &Transport, opening: &Opening<'_>) {
+    let why = "the command could not be started";
+    match opening {
+        Opening::WebSocket(..) => websocket::close_unserved(transport.plain(), why),
+        Opening::Http(..) => http::fail_unserved(transport.plain(), why),
+        Opening::Raw => {}
     }
 }
 

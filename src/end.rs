@@ -54,16 +54,19 @@ pub enum End {
     /// (`client-gone`).
     Unannounced,
     /// WebSocket: an invalid frame, or a close code no endpoint may send
-    /// (closed with 1002).
+    /// (closed with 1002); HTTP: a malformed request body, or one cut short.
     ProtocolError(String),
     /// WebSocket: a text message that is not UTF-8 (closed with 1007).
     InvalidUtf8,
-    /// WebSocket: a message over `max_message_size` (closed with 1009).
+    /// WebSocket: a message over `max_message_size` (closed with 1009);
+    /// HTTP: a request body over `max_body_size` (413 if nothing was sent).
     MessageTooBig(String),
     /// WebSocket: no pong within `ping_interval`.
     PingTimeout,
     /// WebSocket: a plain GET got the console page.
     Page,
+    /// HTTP: a HEAD request got the response's headers alone (no command).
+    HeadersOnly,
     /// A client of a shared command fell more than `max_lag` behind it.
     Lagging,
     /// The OOM killer killed the command (its main process died of SIGKILL,
@@ -157,6 +160,7 @@ impl End {
             End::MessageTooBig(_) => "message-too-big",
             End::PingTimeout => "ping-timeout",
             End::Page => "page",
+            End::HeadersOnly => "headers-only",
             End::OomKilled => "oom-killed",
             End::Lagging => "lagging",
         }
@@ -246,7 +250,8 @@ impl Ending {
             | End::InvalidUtf8
             | End::MessageTooBig(_)
             | End::PingTimeout
-            | End::Page => Farewell::Abrupt,
+            | End::Page
+            | End::HeadersOnly => Farewell::Abrupt,
         };
         // Only a command whose output has ended is on its way out by itself;
         // at max_bytes it is still writing, and nobody reads it any more.
@@ -297,6 +302,7 @@ mod tests {
             (End::MessageTooBig("x".into()), z, Abrupt),
             (End::PingTimeout, z, Abrupt),
             (End::Page, z, Abrupt),
+            (End::HeadersOnly, z, Abrupt),
             (End::OomKilled, g, Complete),
             (End::Lagging, z, Cut),
         ];

@@ -6,7 +6,8 @@
 //!
 //! Start-up, in `main.rs`: inherited sockets → config → logging → listeners →
 //! READY=1 → serve. Then each connection is a pipeline (`connection`):
-//! admit → secure (TLS) → open (a WebSocket upgrade) → banner → spawn →
+//! admit → secure (TLS) → open (an HTTP request or a WebSocket upgrade) →
+//! banner → spawn →
 //! supervise the transfer → end, by one policy → one record.
 //!
 //! The daemon:
@@ -28,10 +29,14 @@
 //! - [`peer`]: who is connected, for the log and the command's environment.
 //! - [`tls`]: TLS on the client's connection: certificates and keys, the
 //!   handshake, the command's `SSL_*` variables, the kernel's TLS, the layer.
+//! - [`http`]: `protocol = "http"`: the request (read within bounds, its
+//!   CGI environment, the errors), the response streamed as chunks or
+//!   events, the body as the command's stdin; the WebSocket upgrade's
+//!   request is read by it too.
 //! - [`websocket`]: `protocol = "websocket"`: the upgrade, messages both
 //!   ways, pings, the close, and the console page.
 //! - [`client`]: the client's side: its transport (socket, kernel TLS, the
-//!   TLS layer) and its protocol (raw, WebSocket, direct), each with one
+//!   TLS layer) and its protocol (raw, WebSocket, HTTP, direct), each with one
 //!   `pump` and one `close`.
 //! - [`command`]: the command: spawn, standard streams, stderr log, ending, reaping.
 //! - [`shared`]: `shared = true`: one command for all of a service's
@@ -61,6 +66,7 @@ pub mod connection;
 pub mod end;
 pub mod episode;
 pub mod fdio;
+pub mod http;
 pub mod listen;
 pub mod log;
 pub mod notify;

@@ -243,9 +243,9 @@ fn bad_upgrades_get_their_http_answer_and_no_command() {
         (
             "headers over 8 KiB",
             upgrade(&format!("X-Big: {}\r\n", "b".repeat(9000))),
-            400,
+            431,
         ),
-        ("70 headers", upgrade(&"X-N: 1\r\n".repeat(70)), 400),
+        ("70 headers", upgrade(&"X-N: 1\r\n".repeat(70)), 431),
         (
             "not HTTP",
             "\x16\x03\x01\x02\x00\x01\x00\x01\x7c\x03\x03\r\n\r\n".into(),

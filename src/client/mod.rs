@@ -1,7 +1,7 @@
 //! The client's side of a connection: what carries its bytes (a
 //! [`Transport`]: its socket, the kernel's TLS, or TLS in the daemon, which
 //! looks like a plaintext socket to the rest), and what it speaks over it (a
-//! protocol: raw bytes, or WebSocket messages; or, with `transfer =
+//! protocol: raw bytes, WebSocket messages, or an HTTP response; or, with `transfer =
 //! "direct"`, whatever the command speaks on the socket itself).
 //!
 //! Every protocol makes the same two moves, and the pipeline knows no
@@ -13,7 +13,8 @@
 //! - `transport`: the socket, or the TLS layer's task and its socket pair;
 //! - `raw`: raw bytes, moved by the relay's loops;
 //! - `direct`: the command has the socket; the daemon watches;
-//! - WebSocket sessions are `websocket::Session`.
+//! - WebSocket sessions are `websocket::Session`, HTTP responses
+//!   `http::Session`.
 
 mod direct;
 mod raw;
@@ -25,8 +26,9 @@ use std::time::Instant;
 use tokio::io::unix::AsyncFd;
 
 use crate::command::Input;
-use crate::config::{Service, Transfer, WebSocket};
-use crate::end::{End, Ending};
+use crate::config::{Http, Service, Transfer, WebSocket};
+use crate::end::{End, Ending, Exit};
+use crate::http;
 use crate::record::Traffic;
 use crate::relay::Mode;
 use crate::supervise::Idle;
@@ -39,6 +41,7 @@ pub use transport::Transport;
 pub enum Client<'a> {
     Raw(Raw<'a>),
     WebSocket(Box<Session<'a>>),
+    Http(Box<http::Session<'a>>),
     Direct(Direct<'a>),
 }
 
@@ -48,6 +51,8 @@ pub enum Opening<'a> {
     Raw,
     /// A WebSocket upgrade, done.
     WebSocket(&'a WebSocket, Upgraded),
+    /// An HTTP request, read and checked.
+    Http(&'a Http, http::Opened),
 }
 
 impl<'a> Client<'a> {
@@ -94,6 +99,14 @@ impl<'a> Client<'a> {
                 (output, mode == Mode::Splice, input),
                 service.max_bytes,
             ))),
+            Opening::Http(settings, opened) => Client::Http(Box::new(http::Session::new(
+                socket,
+                settings,
+                traffic,
+                opened,
+                (output, input),
+                service.max_bytes,
+            ))),
         }
     }
 
@@ -103,18 +116,30 @@ impl<'a> Client<'a> {
         match self {
             Client::Raw(raw) => raw.pump().await,
             Client::WebSocket(session) => session.pump().await,
+            Client::Http(session) => session.pump().await,
             Client::Direct(direct) => direct.pump().await,
         }
     }
 
-    /// Ends the client's side after `end`, as `ending` says. True when the
-    /// protocol ended its output in order (the transport may then end in
-    /// order too).
-    pub async fn close(self, end: &End, ending: &Ending) -> bool {
+    /// Ends the client's side after `end`, as `ending` says; `exit` is the
+    /// command's, when it has been waited for ([`Client::awaits_exit`]).
+    /// True when the protocol ended its output in order (the transport may
+    /// then end in order too).
+    pub async fn close(self, end: &End, ending: &Ending, exit: Option<&Exit>) -> bool {
         match self {
             Client::Raw(raw) => raw.close(ending).await,
             Client::WebSocket(session) => session.close(end, ending).await,
+            Client::Http(session) => session.close(end, ending, exit).await,
             Client::Direct(direct) => direct.close(ending).await,
+        }
+    }
+
+    /// Whether what the client is told waits for the command's exit: an
+    /// HTTP response whose command wrote nothing gets its status from it.
+    pub fn awaits_exit(&self) -> bool {
+        match self {
+            Client::Http(session) => session.awaits_exit(),
+            _ => false,
         }
     }
 
@@ -129,6 +154,7 @@ impl<'a> Client<'a> {
                 Idle::Traffic(traffic)
             }
             Client::WebSocket(session) => Idle::Traffic(session.traffic()),
+            Client::Http(session) => Idle::Traffic(session.traffic()),
         }
     }
 }

@@ -15,7 +15,7 @@ use super::locate::Locator;
 use super::raw::{RawConfig, RawService};
 use super::values::SharedKey;
 use super::{
-    defaults, tls, ClientAuth, Config, ConfigError, Containment, Messages, Protocol, Service,
+    defaults, tls, ClientAuth, Config, ConfigError, Containment, Http, Messages, Protocol, Service,
     SharedCommand, StdinMode, Tls, Transfer, WebSocket,
 };
 use crate::access::Rules;
@@ -146,9 +146,10 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
     is_directory(&working_directory).map_err(|m| err("working_directory", m))?;
     let shared = shared(&s).map_err(|(key, m)| err(key, m))?;
     // A WebSocket client's messages are the command's input, as with
-    // websocketd; a shared command has no one client to read.
+    // websocketd, and an HTTP request's body; a shared command has no one
+    // client to read.
     let stdin = match (s.stdin, &protocol) {
-        (None, Protocol::WebSocket(_)) if !is_shared(&s) => StdinMode::Client,
+        (None, Protocol::WebSocket(_) | Protocol::Http(_)) if !is_shared(&s) => StdinMode::Client,
         (given, _) => stdin(given, transfer).map_err(|m| err("stdin", m))?,
     };
     let max_bytes = max_bytes(&s, transfer).map_err(|m| err("max_bytes", m))?;
@@ -201,11 +202,12 @@ fn transfer(s: &RawService) -> Transfer {
     })
 }
 
-/// The handshake timeout applies to a TLS handshake or a WebSocket upgrade.
+/// The handshake timeout applies to a TLS handshake, a WebSocket upgrade
+/// or an HTTP request.
 fn handshake_timeout(s: &RawService, protocol: &Protocol, tls: bool) -> Result<Duration, String> {
     match (&s.handshake_timeout, protocol, tls) {
         (Some(_), Protocol::Raw, false) => {
-            Err(r#"applies only with protocol = "websocket" or tls_certificate"#.into())
+            Err(r#"applies only with protocol = "websocket" or "http", or tls_certificate"#.into())
         }
         (t, _, _) => Ok(t.as_ref().map_or(defaults::HANDSHAKE_TIMEOUT, |t| t.0)),
     }
@@ -401,34 +403,81 @@ fn encryption(s: &RawService) -> Result<Option<Arc<Tls>>, (&'static str, String)
     tls::load(&sources).map(|t| Some(Arc::new(t)))
 }
 
-/// Raw bytes, or WebSocket with its settings; the WebSocket keys apply to
-/// WebSocket services only.
+/// Raw bytes, WebSocket or HTTP, with their settings; each protocol's keys
+/// apply to it only.
 fn protocol(s: &RawService, transfer: Transfer) -> Result<Protocol, (&'static str, String)> {
-    let websocket_keys = [
+    let websocket_only = [
         ("messages", s.messages.is_some()),
         ("allowed_origins", s.allowed_origins.is_some()),
-        ("paths", s.paths.is_some()),
-        ("ping_interval", s.ping_interval.is_some()),
         ("max_message_size", s.max_message_size.is_some()),
         ("console", s.console.is_some()),
     ];
-    if s.protocol.unwrap_or(defaults::PROTOCOL) == RawProtocol::Raw {
-        return match websocket_keys.iter().find(|(_, given)| *given) {
-            Some((key, _)) => Err((key, r#"applies only with protocol = "websocket""#.into())),
-            None => Ok(Protocol::Raw),
-        };
+    let http_only = [
+        ("content_type", s.content_type.is_some()),
+        ("max_body_size", s.max_body_size.is_some()),
+    ];
+    let either = [
+        ("paths", s.paths.is_some()),
+        ("ping_interval", s.ping_interval.is_some()),
+    ];
+    let given =
+        |keys: &[(&'static str, bool)]| keys.iter().find(|(_, given)| *given).map(|(k, _)| *k);
+    let protocol = s.protocol.unwrap_or(defaults::PROTOCOL);
+    let misplaced = match protocol {
+        RawProtocol::Raw => given(&websocket_only)
+            .map(|k| (k, r#"applies only with protocol = "websocket""#))
+            .or(given(&http_only).map(|k| (k, r#"applies only with protocol = "http""#)))
+            .or(given(&either)
+                .map(|k| (k, r#"applies only with protocol = "websocket" or "http""#))),
+        RawProtocol::WebSocket => {
+            given(&http_only).map(|k| (k, r#"applies only with protocol = "http""#))
+        }
+        RawProtocol::Http => {
+            given(&websocket_only).map(|k| (k, r#"applies only with protocol = "websocket""#))
+        }
+    };
+    if let Some((key, why)) = misplaced {
+        return Err((key, why.into()));
     }
+    let name = match protocol {
+        RawProtocol::Raw => return Ok(Protocol::Raw),
+        RawProtocol::WebSocket => "websocket",
+        RawProtocol::Http => "http",
+    };
     if transfer == Transfer::Direct {
         return Err((
             "transfer",
-            r#""direct" does not apply with protocol = "websocket": the daemon frames the command's output"#.into(),
+            format!(
+                r#""direct" does not apply with protocol = "{name}": the daemon frames the command's output"#
+            ),
         ));
     }
     if s.banner.is_some() {
+        let first = if name == "http" {
+            "the response's head"
+        } else {
+            "the handshake's answer"
+        };
         return Err((
             "banner",
-            r#"does not apply with protocol = "websocket": nothing may come before the handshake's answer"#.into(),
+            format!(r#"does not apply with protocol = "{name}": nothing may come before {first}"#),
         ));
+    }
+    let paths = s.paths.as_ref().map(|p| p.0.clone()).unwrap_or_default();
+    let ping_interval = s
+        .ping_interval
+        .as_ref()
+        .map_or(defaults::PING_INTERVAL, |p| p.0);
+    if protocol == RawProtocol::Http {
+        return Ok(Protocol::Http(Http {
+            paths,
+            content_type: s
+                .content_type
+                .as_ref()
+                .map_or_else(|| defaults::CONTENT_TYPE.into(), |c| c.0.clone()),
+            ping_interval,
+            max_body_size: s.max_body_size.unwrap_or(defaults::MAX_BODY_SIZE),
+        }));
     }
     Ok(Protocol::WebSocket(WebSocket {
         messages: s.messages.unwrap_or(defaults::MESSAGES),
@@ -437,11 +486,8 @@ fn protocol(s: &RawService, transfer: Transfer) -> Result<Protocol, (&'static st
             .as_ref()
             .map(|o| o.0.clone())
             .unwrap_or_default(),
-        paths: s.paths.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
-        ping_interval: s
-            .ping_interval
-            .as_ref()
-            .map_or(defaults::PING_INTERVAL, |p| p.0),
+        paths,
+        ping_interval,
         max_message_size: s
             .max_message_size
             .as_ref()

@@ -60,3 +60,7 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(30);
 pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
 pub const CONSOLE: bool = false;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTP services (`protocol = "http"`).
+pub const CONTENT_TYPE: &str = "text/plain; charset=utf-8";
+pub const MAX_BODY_SIZE: u64 = 1 << 20;

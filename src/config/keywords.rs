@@ -60,9 +60,10 @@ keywords!(Containment { "auto" => Auto, "cgroup" => Cgroup, "process-group" => P
 pub enum Protocol {
     Raw,
     WebSocket,
+    Http,
 }
 
-keywords!(Protocol { "raw" => Raw, "websocket" => WebSocket });
+keywords!(Protocol { "raw" => Raw, "websocket" => WebSocket, "http" => Http });
 
 /// Whether TLS clients present a certificate, as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -92,11 +92,11 @@ pub struct Service {
     pub run_as: RunAs,
     /// A process group, or a cgroup with limits, per connection.
     pub containment: Containment,
-    /// What the client speaks: bytes, or WebSocket.
+    /// What the client speaks: bytes, WebSocket or HTTP.
     pub protocol: Protocol,
     /// TLS on the client's connection, if the service has a certificate.
     pub tls: Option<std::sync::Arc<Tls>>,
-    /// Longest time for the TLS handshake, and for the WebSocket upgrade request.
+    /// Longest time for the TLS handshake, and for the HTTP request (or WebSocket upgrade).
     pub handshake_timeout: Duration,
     /// `shared = true`: one command for all of the service's clients.
     pub shared: Option<SharedCommand>,
@@ -155,7 +155,7 @@ impl Service {
     /// Whether a client completes a handshake before its command runs: TLS,
     /// a WebSocket upgrade, a PROXY header.
     pub fn has_handshake(&self) -> bool {
-        self.tls.is_some() || self.proxy_protocol || matches!(self.protocol, Protocol::WebSocket(_))
+        self.tls.is_some() || self.proxy_protocol || self.protocol != Protocol::Raw
     }
 }
 
@@ -166,6 +166,21 @@ pub enum Protocol {
     Raw,
     /// WebSocket (RFC 6455): an HTTP upgrade, then messages.
     WebSocket(WebSocket),
+    /// HTTP/1.1 and 1.0: a request, answered with the command's output.
+    Http(Http),
+}
+
+/// An HTTP service's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Http {
+    /// The paths answered (empty: any); each also answers below it.
+    pub paths: Vec<String>,
+    /// The response's `Content-Type` (except for `text/event-stream`).
+    pub content_type: String,
+    /// How often an event stream gets a keep-alive comment.
+    pub ping_interval: Duration,
+    /// The largest request body, in bytes (the command's stdin).
+    pub max_body_size: u64,
 }
 
 /// A WebSocket service's settings.

@@ -6,9 +6,9 @@ use serde::Deserialize;
 
 use super::keywords::{ClientAuth, Containment, Protocol};
 use super::values::{
-    AbsolutePath, AtLeastOne, Bytes, Command, CpuQuota, Env, Ipv6Prefix, Linger, Listen, LogLevel,
-    Message, Name, Nice, Origins, Paths, PipeSize, Positive, Ranges, Rate, Seconds, SharedKey,
-    Source, TasksMax, Weight,
+    AbsolutePath, AtLeastOne, Bytes, Command, ContentType, CpuQuota, Env, Ipv6Prefix, Linger,
+    Listen, LogLevel, Message, Name, Nice, Origins, Paths, PipeSize, Positive, Ranges, Rate,
+    Seconds, SharedKey, Source, TasksMax, Weight,
 };
 use super::{Lagging, Start};
 use super::{Messages, StdinMode, Transfer};
@@ -74,6 +74,8 @@ pub struct RawService {
     pub ping_interval: Option<Positive>,
     pub max_message_size: Option<AtLeastOne<usize>>,
     pub console: Option<bool>,
+    pub content_type: Option<ContentType>,
+    pub max_body_size: Option<u64>,
     pub handshake_timeout: Option<Positive>,
     pub tls_certificate: Option<Source>,
     pub tls_key: Option<Source>,

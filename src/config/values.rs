@@ -500,7 +500,23 @@ value_type!(
 );
 
 value_type!(
-    /// The paths a WebSocket service answers: absolute, no query.
+    /// An HTTP service's `Content-Type`: a media type and its parameters,
+    /// printable ASCII (it is sent as a header).
+    ContentType(String) from String,
+    |v| {
+        let (kind, _) = v.split_once(';').unwrap_or((&v, ""));
+        let (main, sub) = kind.trim().split_once('/').unwrap_or(("", ""));
+        let token = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b));
+        if token(main) && token(sub) && v.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+            Ok(v)
+        } else {
+            Err(format!("{v:?}: a media type such as \"text/plain; charset=utf-8\" expected"))
+        }
+    }
+);
+
+value_type!(
+    /// The paths a WebSocket or HTTP service answers: absolute, no query.
     Paths(Vec<String>) from Vec<String>,
     |v| {
         for p in &v {

@@ -32,7 +32,7 @@ pub fn close_unserved(socket: &tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>, r
     frame.extend_from_slice(&1011u16.to_be_bytes());
     frame.extend_from_slice(reason);
     let _ = nix::unistd::write(socket.get_ref(), &frame);
-    handshake::close_gently(socket);
+    crate::http::request::close_gently(socket);
 }
 
 /// Whether a browser's `Origin` header value names `origin`.

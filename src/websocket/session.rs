@@ -516,9 +516,12 @@ fn close_code(end: &End) -> Option<(CloseCode, &'static str)> {
         End::InvalidUtf8 => (CloseCode::Invalid, "invalid UTF-8"),
         End::MessageTooBig(_) => (CloseCode::Size, "message too big"),
         End::Error(_) | End::SpawnFailed(_) => (CloseCode::Error, "internal error"),
-        End::ClientGone(_) | End::Tls(_) | End::Unannounced | End::PingTimeout | End::Page => {
-            return None
-        }
+        End::ClientGone(_)
+        | End::Tls(_)
+        | End::Unannounced
+        | End::PingTimeout
+        | End::Page
+        | End::HeadersOnly => return None,
     })
 }
 

@@ -40,6 +40,7 @@ fn example_config_with_every_option_uncommented_loads() {
     let elsewhere = |key: &str| {
         ["user", "group"].contains(&key) && !root
             || WEBSOCKET_KEYS.contains(&key)
+            || HTTP_KEYS.contains(&key)
             || TLS_KEYS.contains(&key)
             || [
                 "delegated_cgroup",
@@ -96,6 +97,9 @@ const WEBSOCKET_KEYS: [&str; 6] = [
     "console",
 ];
 
+/// The HTTP keys of the example, which apply with protocol = "http".
+const HTTP_KEYS: [&str; 2] = ["content_type", "max_body_size"];
+
 /// The example's TLS keys, and `handshake_timeout` (with TLS or WebSocket):
 /// they need files (tls_keys_are_checked_where_they_stand loads them).
 const TLS_KEYS: [&str; 5] = [
@@ -137,4 +141,35 @@ fn example_websocket_section_loads() {
     assert_eq!(s.handshake_timeout, defaults::HANDSHAKE_TIMEOUT);
     assert_eq!(ws.paths, ["/"]);
     assert_eq!(ws.allowed_origins.len(), 1);
+}
+
+/// The example's HTTP section, uncommented under protocol = "http" with the
+/// keys it shares with WebSocket, loads with the documented defaults.
+#[test]
+fn example_http_section_loads() {
+    let shared = ["paths", "ping_interval"];
+    let text: String = EXAMPLE
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest
+                    .split_once(" = ")
+                    .is_some_and(|(k, _)| HTTP_KEYS.contains(&k) || shared.contains(&k)) =>
+            {
+                rest.to_owned()
+            }
+            _ => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("protocol = \"raw\"", "protocol = \"http\"");
+    let c = load_str("config.example.toml", &text).unwrap();
+    let s = &c.services[0];
+    let Protocol::Http(http) = &s.protocol else {
+        panic!("not an HTTP service: {:?}", s.protocol);
+    };
+    assert_eq!(http.content_type, defaults::CONTENT_TYPE);
+    assert_eq!(http.max_body_size, defaults::MAX_BODY_SIZE);
+    assert_eq!(http.ping_interval, defaults::PING_INTERVAL);
+    assert_eq!(http.paths, ["/"]);
 }

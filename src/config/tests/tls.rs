@@ -69,7 +69,7 @@ fn tls_keys_are_checked_where_they_stand() {
     assert!(e("tls_certificate = \"certs/x.pem\"")
         .contains("an absolute path, or the name of a systemd credential"));
     assert!(e("handshake_timeout = 3").contains(
-        r#"handshake_timeout: applies only with protocol = "websocket" or tls_certificate"#
+        r#"handshake_timeout: applies only with protocol = "websocket" or "http", or tls_certificate"#
     ));
     // A CA for client certificates asks for them unless told otherwise.
     let with_ca = svc(&format!(

@@ -1,0 +1,30 @@
+//! HTTP for `protocol = "http"`: a command's output streamed to curl, a
+//! browser's `EventSource` or any HTTP client, with the request's body as
+//! its stdin and the request as its CGI environment; and the request
+//! parsing the WebSocket upgrade shares.
+//!
+//! - `request`: a request's head, read within bounds of size, count and
+//!   time and parsed by httparse; the CGI environment; plain error answers.
+//! - `opening`: an HTTP service's request, checked (method, path, body
+//!   framing and size) before any command runs; HEAD answered at once.
+//! - `body`: the request body's decoding (length or chunked), and the
+//!   response's encoding (chunks, events).
+//! - `session`: the response in progress, and its end.
+
+mod body;
+mod opening;
+pub mod request;
+mod session;
+
+pub use opening::{open, NoResponse, Opened};
+pub use session::Session;
+
+/// When the command cannot start: 500, best effort, without waiting, and
+/// the connection closed.
+pub fn fail_unserved(socket: &tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>, why: &str) {
+    let _ = nix::unistd::write(
+        socket.get_ref(),
+        &request::error_response(500, why, &[], false),
+    );
+    request::close_gently(socket);
+}

@@ -1,0 +1,515 @@
+//! One HTTP response in progress: the command's output streamed to the
+//! client as it comes (chunks for HTTP/1.1, bytes until the close for
+//! 1.0, an event a line for `text/event-stream`), the request's body to the
+//! command's stdin (its end is the stdin's), a keep-alive comment every
+//! `ping_interval` on an event stream, and the end.
+//!
+//! The response's head waits for the command's first byte: a command that
+//! fails before it writes anything gets `502 Bad Gateway`, one that says
+//! nothing within `timeout` gets `504`, and a command that succeeds
+//! silently an empty `200`. Once the head is out, a response cut short (a
+//! limit of time, the stop, an error) ends without its last chunk, so the
+//! client can tell it from a whole one; an event stream's last event says
+//! how it ended (`event: end`).
+
+use std::io;
+use std::os::fd::OwnedFd;
+
+use nix::errno::Errno;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
+
+use super::body::{self, Body, Events, CHUNK_HEAD, KEEP_ALIVE, LAST_CHUNK};
+use super::opening::{head, Opened, Response};
+use super::request::error_response;
+use crate::command::Input;
+use crate::config::Http;
+use crate::end::{End, Ending, Exit, Farewell};
+use crate::fdio::{self, Class, Room};
+use crate::record::Traffic;
+
+/// The largest read of output.
+const READ: usize = 64 * 1024;
+/// How much of the request's body may wait for the command's stdin before
+/// the client is no longer read: the rest waits in TCP, not in memory.
+const INBOX_HIGH: usize = 64 * 1024;
+/// A buffer larger than this is freed once drained.
+const KEEP: usize = 16 * 1024;
+
+/// A response in progress.
+pub struct Session<'a> {
+    socket: &'a AsyncFd<OwnedFd>,
+    http: &'a Http,
+    traffic: &'a Traffic,
+    response: Response,
+    /// The command's stdout, and its stdin (taken out while the session pumps).
+    output: &'a AsyncFd<OwnedFd>,
+    input: Input,
+    /// Whether the command still takes the body (its stdin is the client's
+    /// and open).
+    feeding: bool,
+    /// The request's body still to come, and what it may still bring.
+    body: Body,
+    body_left: u64,
+    /// Body bytes on their way to the command's stdin.
+    inbox: Vec<u8>,
+    inbox_at: usize,
+    /// Whether the client's socket is still read (until its end-of-file).
+    reading: bool,
+    /// Whether the head is out (or on its way, in `out`).
+    begun: bool,
+    /// Bytes on their way to the client, from `at`, and how much command
+    /// output they carry (counted as sent once they are all written).
+    out: Vec<u8>,
+    at: usize,
+    carried: usize,
+    events: Events,
+    /// Output bytes read and waiting in `events` for their line's end.
+    held: usize,
+    room: Room,
+    /// The socket had no room for more output: its room is waited for.
+    full: bool,
+    output_open: bool,
+    /// Output `max_bytes` still allows.
+    budget: u64,
+    /// The body that came with the request's head was refused: the
+    /// response's end, once it begins.
+    refused: Option<End>,
+}
+
+impl<'a> Session<'a> {
+    /// A response on `socket` to the request `opened`; the command's output
+    /// comes from `output`, and its `input` takes the request's body.
+    pub fn new(
+        socket: &'a AsyncFd<OwnedFd>,
+        http: &'a Http,
+        traffic: &'a Traffic,
+        opened: Opened,
+        (output, input): (&'a AsyncFd<OwnedFd>, Input),
+        max_bytes: Option<u64>,
+    ) -> Session<'a> {
+        let mut session = Session {
+            socket,
+            http,
+            traffic,
+            response: opened.response,
+            output,
+            feeding: !matches!(input, Input::Null),
+            input,
+            body: opened.body,
+            body_left: http.max_body_size,
+            inbox: Vec::new(),
+            inbox_at: 0,
+            reading: true,
+            begun: false,
+            out: Vec::new(),
+            at: 0,
+            carried: 0,
+            events: Events::default(),
+            held: 0,
+            room: Room::of(socket.get_ref()),
+            full: false,
+            output_open: true,
+            budget: max_bytes.unwrap_or(u64::MAX),
+            refused: None,
+        };
+        // The body's start came with the request's head.
+        session.refused = session.take_body(&opened.leftover).err();
+        session
+    }
+
+    /// Where the session counts what it moves.
+    pub fn traffic(&self) -> &'a Traffic {
+        self.traffic
+    }
+
+    /// Moves the bytes until the output ends, the client fails, or
+    /// `max_bytes` of output has gone.
+    pub async fn pump(&mut self) -> End {
+        let (socket, output) = (self.socket, self.output);
+        let every = self.http.ping_interval;
+        let mut keep_alive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if let Some(end) = self.refused.take() {
+            return end;
+        }
+        let mut input = std::mem::replace(&mut self.input, Input::Null);
+        let end = loop {
+            if self.body.is_done() && self.inbox.is_empty() {
+                // The body has all come: the command reads its end.
+                input.close(output);
+            }
+            if let Some(end) = self.finished() {
+                break end;
+            }
+            let writing = self.at < self.out.len();
+            let producing = !writing && !self.full && self.output_open && self.budget > 0;
+            let receiving = self.reading && self.inbox.len() < INBOX_HIGH;
+            let stdin = input.fd(output).filter(|_| !self.inbox.is_empty());
+            let step = tokio::select! {
+                r = socket.writable(), if writing || self.full => self.send(r),
+                r = output.readable(), if producing => self.produce(r),
+                r = socket.readable(), if receiving => self.receive(r),
+                r = writable(stdin) => self.feed(r).map(|taken| {
+                    if !taken {
+                        input.close(output);
+                    }
+                }),
+                _ = keep_alive.tick(), if self.response.events && !writing => {
+                    self.keep_alive();
+                    Ok(())
+                }
+            };
+            if let Err(end) = step {
+                break end;
+            }
+        };
+        self.input = input;
+        end
+    }
+
+    /// The session's own ends: all output sent, or `max_bytes` of it.
+    fn finished(&self) -> Option<End> {
+        if self.at < self.out.len() {
+            return None;
+        }
+        if !self.output_open {
+            Some(End::OutputEnded)
+        } else if self.budget == 0 {
+            Some(End::MaxBytes)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the response's status still waits for the command (it has
+    /// written nothing): its exit decides it.
+    pub fn awaits_exit(&self) -> bool {
+        !self.begun
+    }
+
+    /// Queues `payload` (command output, `carried` bytes of it; or framing
+    /// alone), framed as the response is, behind the head if it is not out.
+    fn queue(&mut self, mut framed: Vec<u8>, start: usize, carried: usize) {
+        if !self.begun {
+            self.begun = true;
+            let mut bytes = head(self.http, self.response, 200).into_bytes();
+            bytes.extend_from_slice(&framed[start..]);
+            framed = bytes;
+        } else if start > 0 {
+            framed.drain(..start);
+        }
+        self.out = framed;
+        self.at = 0;
+        self.carried = carried;
+    }
+
+    /// `bytes` (at `CHUNK_HEAD` in `buf`) as the response frames them.
+    fn frame(&self, buf: &mut Vec<u8>) -> usize {
+        match self.response.chunked {
+            true if buf.len() > CHUNK_HEAD => body::frame_chunk(buf),
+            _ => CHUNK_HEAD,
+        }
+    }
+
+    /// Reads what the command wrote, as much as the client's socket takes.
+    fn produce(&mut self, ready: io::Result<AsyncFdReadyGuard<'_, OwnedFd>>) -> Result<(), End> {
+        let mut ready = ready.map_err(|e| output_error(fdio::errno(&e)))?;
+        let want = READ.min(usize::try_from(self.budget).unwrap_or(usize::MAX));
+        let limit = self.room.for_read(self.socket.get_ref(), want);
+        if limit == 0 {
+            // The output waits for the client's room.
+            self.full = true;
+            return Ok(());
+        }
+        let want = want.min(limit);
+        let mut buf = vec![0u8; CHUNK_HEAD + want];
+        let n = match fdio::read(self.output.get_ref(), &mut buf[CHUNK_HEAD..]) {
+            Ok(n) => n,
+            Err(Errno::EAGAIN) => {
+                ready.clear_ready();
+                return Ok(());
+            }
+            // A socket pair the command closed with input unread.
+            Err(e) if fdio::class(e) == Class::Disconnect => 0,
+            Err(e) => return Err(output_error(e)),
+        };
+        buf.truncate(CHUNK_HEAD + n);
+        if n == 0 {
+            self.output_open = false;
+            let mut last = Vec::new();
+            self.events.finish(&mut last);
+            self.queue_events(last);
+            return Ok(());
+        }
+        self.budget -= n as u64;
+        if self.response.events {
+            let mut events = Vec::new();
+            self.events.encode(&buf[CHUNK_HEAD..], &mut events);
+            if self.budget == 0 {
+                // No more comes: the line cut at max_bytes is an event too.
+                self.events.finish(&mut events);
+            }
+            self.held += n;
+            self.queue_events(events);
+        } else {
+            let start = self.frame(&mut buf);
+            self.queue(buf, start, n);
+        }
+        Ok(())
+    }
+
+    /// Queues encoded events, which carry the output read so far (none
+    /// yet while a line waits for its end).
+    fn queue_events(&mut self, events: Vec<u8>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut buf = vec![0u8; CHUNK_HEAD];
+        buf.extend_from_slice(&events);
+        let start = self.frame(&mut buf);
+        // What waits for its line's end is carried by a later event.
+        let waiting = self.events.waiting();
+        let carried = self.held.saturating_sub(waiting);
+        self.held = waiting.min(self.held);
+        self.queue(buf, start, carried);
+    }
+
+    /// An event stream's comment, so that proxies and clients see it alive
+    /// (and the head, if the command has said nothing yet).
+    fn keep_alive(&mut self) {
+        let mut buf = vec![0u8; CHUNK_HEAD];
+        buf.extend_from_slice(KEEP_ALIVE);
+        let start = self.frame(&mut buf);
+        self.queue(buf, start, 0);
+    }
+
+    /// Writes what waits; counts its output once all of it is written.
+    fn send(&mut self, ready: io::Result<AsyncFdReadyGuard<'_, OwnedFd>>) -> Result<(), End> {
+        let mut ready =
+            ready.map_err(|e| End::client_error(fdio::errno(&e), "writing to the client"))?;
+        if self.full {
+            if self.room.reported(&mut ready).is_none() {
+                return Ok(());
+            }
+            self.full = false;
+        }
+        while self.at < self.out.len() {
+            match write(self.socket.get_ref(), &self.out[self.at..]) {
+                Ok(n) => {
+                    self.at += n;
+                    self.room.took(n);
+                }
+                Err(Errno::EAGAIN) => {
+                    ready.clear_ready();
+                    self.room.full();
+                    return Ok(());
+                }
+                Err(e) => return Err(End::client_error(e, "writing to the client")),
+            }
+        }
+        self.traffic.sent(std::mem::take(&mut self.carried));
+        self.out.clear();
+        self.at = 0;
+        if self.out.capacity() > KEEP {
+            self.out = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Reads the client: the request's body, then (ignored) anything after it.
+    fn receive(&mut self, ready: io::Result<AsyncFdReadyGuard<'_, OwnedFd>>) -> Result<(), End> {
+        let mut ready =
+            ready.map_err(|e| End::client_error(fdio::errno(&e), "reading from the client"))?;
+        let mut buf = [0u8; 16 * 1024];
+        match fdio::read(self.socket.get_ref(), &mut buf) {
+            Ok(0) => {
+                self.reading = false;
+                if !self.body.is_done() {
+                    return Err(End::ProtocolError(
+                        "the client ended its request's body early".into(),
+                    ));
+                }
+                Ok(())
+            }
+            Ok(n) => {
+                self.traffic.received(n);
+                self.take_body(&buf[..n])
+            }
+            Err(Errno::EAGAIN) => {
+                ready.clear_ready();
+                Ok(())
+            }
+            Err(e) => Err(End::client_error(e, "reading from the client")),
+        }
+    }
+
+    /// Decodes body bytes into the inbox; bytes after the body are dropped
+    /// (one request a connection).
+    fn take_body(&mut self, bytes: &[u8]) -> Result<(), End> {
+        if self.body.is_done() {
+            return Ok(());
+        }
+        let before = self.inbox.len();
+        let decoded = self
+            .body
+            .decode(bytes, &mut self.inbox, &mut self.body_left);
+        if !self.feeding {
+            // No stdin takes it (`stdin` is not "client", or the command
+            // closed it): it is read and dropped.
+            self.inbox.truncate(before);
+        }
+        decoded
+            .map(|_| ())
+            .map_err(|why| match why.contains("max_body_size") {
+                true => End::MessageTooBig(why),
+                false => End::ProtocolError(why),
+            })
+    }
+
+    /// Writes waiting body bytes to the command's stdin; false once the
+    /// command takes no more (it closed its stdin).
+    fn feed(&mut self, ready: io::Result<AsyncFdReadyGuard<'_, OwnedFd>>) -> Result<bool, End> {
+        let written = match ready {
+            Ok(mut ready) => match write(ready.get_inner(), &self.inbox[self.inbox_at..]) {
+                Err(Errno::EAGAIN) => {
+                    ready.clear_ready();
+                    return Ok(true);
+                }
+                other => other,
+            },
+            Err(e) => Err(fdio::errno(&e)),
+        };
+        match written {
+            Ok(n) => self.inbox_at += n,
+            // The command closed its stdin: the rest of the body is dropped.
+            Err(e) if fdio::class(e) == Class::Disconnect => {
+                self.feeding = false;
+                self.inbox_at = self.inbox.len();
+            }
+            Err(e) => {
+                return Err(End::Error(format!(
+                    "writing to the command's stdin: {}",
+                    e.desc()
+                )))
+            }
+        }
+        if self.inbox_at == self.inbox.len() {
+            self.inbox.clear();
+            self.inbox_at = 0;
+            if self.inbox.capacity() > KEEP {
+                self.inbox = Vec::new();
+            }
+        }
+        Ok(self.feeding)
+    }
+
+    /// Ends the response after `end`, as `ending` says, within `kill_grace`:
+    /// a response not begun gets the status the end (and the command's
+    /// `exit`, where known) calls for; a whole one its last chunk; a cut
+    /// one none. Nothing is sent to a client that is gone. True when the
+    /// response ended in order.
+    pub async fn close(mut self, end: &End, ending: &Ending, exit: Option<&Exit>) -> bool {
+        self.input.close(self.output);
+        let gone = matches!(
+            end,
+            End::ClientGone(_) | End::Tls(_) | End::Unannounced | End::ClientClosed(_)
+        );
+        if gone || (self.begun && ending.farewell == Farewell::Abrupt) {
+            return false;
+        }
+        let complete = ending.farewell == Farewell::Complete;
+        let tail = if self.begun {
+            let mut tail = Vec::new();
+            if self.response.events {
+                let mut last = vec![0u8; CHUNK_HEAD];
+                body::end_event(end.reason(), &mut last);
+                let start = self.frame(&mut last);
+                tail.extend_from_slice(&last[start..]);
+            }
+            if complete && self.response.chunked {
+                tail.extend_from_slice(LAST_CHUNK);
+            }
+            tail
+        } else {
+            self.unbegun(end, exit)
+        };
+        let in_order = complete || !self.begun;
+        let (socket, traffic) = (self.socket, self.traffic);
+        let closing = async {
+            while self.at < self.out.len() {
+                if self.send(socket.writable().await).is_err() {
+                    return false;
+                }
+            }
+            if fdio::write_all(socket, &tail, |_| {}).await.is_err() {
+                return false;
+            }
+            fdio::end_output(socket.get_ref());
+            let _ = fdio::discard(socket, |n| traffic.dropped(n as u64)).await;
+            true
+        };
+        let written = tokio::time::timeout(ending.grace, closing)
+            .await
+            .unwrap_or(false);
+        written && in_order
+    }
+
+    /// The whole response to a request whose command wrote nothing.
+    fn unbegun(&self, end: &End, exit: Option<&Exit>) -> Vec<u8> {
+        let succeeded = matches!(exit, None | Some(Exit::Code(0)));
+        let (status, why) = match end {
+            End::OutputEnded | End::CommandExited | End::OutputHeld | End::MaxBytes
+                if succeeded =>
+            {
+                let mut empty = head(self.http, self.response, 200).into_bytes();
+                if self.response.events {
+                    let mut last = vec![0u8; CHUNK_HEAD];
+                    body::end_event(end.reason(), &mut last);
+                    let start = self.frame(&mut last);
+                    empty.extend_from_slice(&last[start..]);
+                }
+                if self.response.chunked {
+                    empty.extend_from_slice(LAST_CHUNK);
+                }
+                return empty;
+            }
+            End::OutputEnded | End::CommandExited | End::OutputHeld | End::MaxBytes => {
+                let exit = exit.map_or_else(|| "unknown".into(), |e| e.to_string());
+                (
+                    502,
+                    format!("the command ended (exit {exit}) before any output"),
+                )
+            }
+            End::Timeout | End::IdleTimeout => {
+                (504, format!("{}: the command wrote nothing", end.reason()))
+            }
+            End::Shutdown | End::Lagging => (503, end.reason().to_string()),
+            End::MessageTooBig(why) => (413, why.clone()),
+            End::ProtocolError(why) => (400, why.clone()),
+            _ => (500, end.reason().to_string()),
+        };
+        error_response(status, &why, &[], false)
+    }
+}
+
+/// Waits until `input` (if any) takes bytes; never without one.
+async fn writable(input: Option<&AsyncFd<OwnedFd>>) -> io::Result<AsyncFdReadyGuard<'_, OwnedFd>> {
+    match input {
+        Some(input) => input.writable().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One write(2), again if a signal interrupts it.
+fn write(fd: &OwnedFd, bytes: &[u8]) -> nix::Result<usize> {
+    loop {
+        match nix::unistd::write(fd, bytes) {
+            Err(Errno::EINTR) => {}
+            other => return other,
+        }
+    }
+}
+
+fn output_error(e: Errno) -> End {
+    End::Error(format!("reading the command's output: {}", e.desc()))
+}

@@ -1,0 +1,440 @@
+//! `protocol = "http"`: what real clients (curl, Python's http.client) get
+//! from a command's output: streamed as it is written, chunked for
+//! HTTP/1.1 and ended by the close for 1.0, as Server-Sent Events when
+//! asked for; the request's body as the command's stdin; the CGI
+//! environment; and an HTTP answer for every error, never a silent close.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+/// An HTTP service running `command`, with `extra` config lines.
+fn http_serve(command: &str, extra: &str) -> (Daemon, SocketAddr) {
+    serve(command, &format!("protocol = \"http\"\n{extra}"))
+}
+
+/// What curl got: its exit code, the response's head and its body.
+struct Got {
+    code: i32,
+    head: String,
+    body: Vec<u8>,
+    stderr: String,
+}
+
+impl Got {
+    /// The final status (after any `100 Continue`).
+    fn status(&self) -> u16 {
+        let mut statuses = self.head.lines().filter(|l| l.starts_with("HTTP/"));
+        let line = statuses.next_back().unwrap_or_default();
+        line.split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Runs curl on `url` with `args`; the head goes to a file of its own.
+fn curl(url: &str, args: &[&str]) -> Got {
+    let dir = tempfile::tempdir().unwrap();
+    let head = dir.path().join("head");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60", "-D"])
+        .arg(&head)
+        .args(args)
+        .arg(url)
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl (Debian's curl package)");
+    Got {
+        code: out.status.code().unwrap_or(-1),
+        head: std::fs::read_to_string(&head).unwrap_or_default(),
+        body: out.stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn url(addr: SocketAddr, path: &str) -> String {
+    format!("http://{addr}{path}")
+}
+
+// --- Streaming ---
+
+#[test]
+fn curl_gets_each_line_as_the_command_writes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let script = format!("echo first; cat {}; echo last", fifo.display());
+    let (d, addr) = http_serve(&sh(&script), "");
+    let mut child = Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "60", &url(addr, "/")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    // The first line arrived while the command still waits for the second:
+    // nothing is held back until the end.
+    assert_eq!(line, "first\n");
+    std::fs::write(&fifo, "second\n").unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "second\nlast\n");
+    assert!(child.wait().unwrap().success(), "a whole chunked response");
+    let r = d.wait_record_where(|r| r.reason == "output-ended");
+    assert_eq!((r.bytes, r.exit.as_str()), (18, "0"), "{r}");
+}
+
+#[test]
+fn http_1_1_is_chunked_and_http_1_0_ends_with_the_close() {
+    let (_d, addr) = http_serve(&sh("echo one; echo two"), "");
+    let chunked = curl(&url(addr, "/"), &[]);
+    assert_eq!(
+        (chunked.code, chunked.status()),
+        (0, 200),
+        "{}",
+        chunked.stderr
+    );
+    assert_eq!(
+        chunked.header("Transfer-Encoding").as_deref(),
+        Some("chunked")
+    );
+    assert_eq!(
+        chunked.header("Content-Type").as_deref(),
+        Some("text/plain; charset=utf-8")
+    );
+    assert_eq!(chunked.text(), "one\ntwo\n");
+    let old = curl(&url(addr, "/"), &["--http1.0"]);
+    assert_eq!((old.code, old.status()), (0, 200), "{}", old.stderr);
+    assert_eq!(old.header("Transfer-Encoding"), None, "{}", old.head);
+    assert_eq!(old.text(), "one\ntwo\n");
+}
+
+#[test]
+fn the_service_s_content_type_is_the_response_s() {
+    let (_d, addr) = http_serve(&sh("echo '{}'"), "content_type = \"application/json\"");
+    let got = curl(&url(addr, "/"), &[]);
+    assert_eq!(
+        got.header("Content-Type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(got.text(), "{}\n");
+}
+
+#[test]
+fn python_http_client_reads_the_stream_and_the_cgi_environment() {
+    let script = "echo $REQUEST_METHOD $SCRIPT_NAME $PATH_INFO $QUERY_STRING; \
+                  echo $CONTENT_TYPE $CONTENT_LENGTH $HTTP_X_TRACE $SERVER_PROTOCOL; cat";
+    let (_d, addr) = http_serve(&sh(script), "paths = [\"/run\"]");
+    let program = r#"
+import http.client, sys, json
+c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=60)
+c.request("POST", "/run/job?x=1", body=b"the body\n", headers={"Content-Type": "text/csv", "X-Trace": "t-1"})
+r = c.getresponse()
+print(json.dumps({"status": r.status, "chunked": r.chunked, "body": r.read().decode()}))
+"#;
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            program,
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["chunked"], true);
+    assert_eq!(
+        v["body"],
+        "POST /run /job x=1\ntext/csv 9 t-1 HTTP/1.1\nthe body\n"
+    );
+}
+
+// --- The request's body ---
+
+#[test]
+fn post_bodies_reach_the_command_whole_by_length_and_chunked() {
+    let (_d, addr) = http_serve(r#"["sha256sum"]"#, "max_body_size = 200000000");
+    let dir = tempfile::tempdir().unwrap();
+    for size in [0u64, 1, 100_000_000] {
+        let file = dir.path().join(format!("body-{size}"));
+        let sum = random_file(&file, size);
+        let data = format!("@{}", file.display());
+        for framing in [&[][..], &["-H", "Transfer-Encoding: chunked"][..]] {
+            let mut args = vec!["--data-binary", &data];
+            args.extend_from_slice(framing);
+            let got = curl(&url(addr, "/"), &args);
+            assert_eq!(
+                (got.code, got.status()),
+                (0, 200),
+                "{size} bytes {framing:?}: {}",
+                got.stderr
+            );
+            assert_eq!(
+                got.text(),
+                format!("{sum}  -\n"),
+                "{size} bytes {framing:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_body_over_max_body_size_is_refused_with_413() {
+    let (d, addr) = http_serve(r#"["cat"]"#, "max_body_size = 10");
+    let got = curl(&url(addr, "/"), &["--data-binary", "0123456789A"]);
+    assert_eq!(got.status(), 413, "{}", got.head);
+    assert!(got.text().contains("max_body_size is 10"), "{}", got.text());
+    d.wait_log(&["answered 413"]);
+    // Chunked, the size is known only as it comes: the command has started,
+    // and the answer is 413 all the same.
+    let chunked = curl(
+        &url(addr, "/"),
+        &[
+            "--data-binary",
+            "0123456789A",
+            "-H",
+            "Transfer-Encoding: chunked",
+        ],
+    );
+    assert_eq!(chunked.status(), 413, "{}", chunked.head);
+    let r = d.wait_record_where(|r| r.reason == "message-too-big");
+    assert!(r.message.contains("max_body_size"), "{r}");
+    // Exactly the limit is fine.
+    let fits = curl(&url(addr, "/"), &["--data-binary", "0123456789"]);
+    assert_eq!(fits.text(), "0123456789");
+}
+
+// --- Event streams ---
+
+#[test]
+fn an_event_stream_sends_a_line_an_event_and_says_how_it_ended() {
+    let (d, addr) = http_serve(&sh(r"printf 'one\\n\\ntwo\\rthree\\nlast'"), "");
+    let got = curl(&url(addr, "/"), &["-H", "Accept: text/event-stream"]);
+    assert_eq!(
+        got.header("Content-Type").as_deref(),
+        Some("text/event-stream")
+    );
+    assert_eq!(
+        got.text(),
+        "data: one\n\ndata: \n\ndata: two\ndata: three\n\ndata: last\n\nevent: end\ndata: output-ended\n\n"
+    );
+    let r = d.wait_record_where(|r| r.reason == "output-ended");
+    assert_eq!(r.bytes, 19, "the command's bytes, not the events': {r}");
+}
+
+#[test]
+fn a_quiet_event_stream_gets_keep_alive_comments() {
+    let (_d, addr) = http_serve(&sh("sleep 1; echo late"), "ping_interval = \"200ms\"");
+    let got = curl(&url(addr, "/"), &["-H", "Accept: text/event-stream"]);
+    let text = got.text();
+    let comments = text.matches(": keep-alive\n\n").count();
+    assert!(comments >= 2, "{text}");
+    assert!(
+        text.ends_with("data: late\n\nevent: end\ndata: output-ended\n\n"),
+        "{text}"
+    );
+}
+
+// --- HEAD ---
+
+#[test]
+fn head_gets_the_headers_alone_and_runs_no_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let ran = dir.path().join("ran");
+    let (d, addr) = http_serve(&sh(&format!("touch {}; echo hi", ran.display())), "");
+    let got = curl(&url(addr, "/"), &["-I"]);
+    assert_eq!((got.code, got.status()), (0, 200), "{}", got.stderr);
+    assert_eq!(
+        got.header("Content-Type").as_deref(),
+        Some("text/plain; charset=utf-8")
+    );
+    assert_eq!(
+        got.text(),
+        got.head,
+        "curl -I prints the head, and nothing came after it"
+    );
+    let r = d.wait_record_where(|r| r.reason == "headers-only");
+    assert_eq!(r.exit, "none", "{r}");
+    assert!(!ran.exists(), "the command ran for a HEAD");
+}
+
+// --- Errors: an HTTP answer, never a silent close ---
+
+#[test]
+fn each_refused_request_gets_its_status_and_refusals_are_logged_in_episodes() {
+    let (d, addr) = http_serve(&sh("echo hi"), "paths = [\"/here\"]");
+    let cases: [(&[&str], &str, u16); 4] = [
+        (&[], "/elsewhere", 404),
+        (&["-X", "PATCH"], "/here", 405),
+        (&["-H", "Transfer-Encoding: gzip"], "/here", 501),
+        (&["-H", "Expect: the-unexpected"], "/here", 417),
+    ];
+    for (args, path, status) in cases {
+        let got = curl(&url(addr, path), args);
+        assert_eq!(got.status(), status, "{args:?} {path}: {}", got.head);
+        assert!(
+            got.text().starts_with(&format!("{status} ")),
+            "{}",
+            got.text()
+        );
+    }
+    // The first refusal is logged with its answer; the rest are counted.
+    d.wait_log(&["answered 404: path /elsewhere is not served"]);
+    let patch = curl(&url(addr, "/here"), &["-X", "PATCH"]);
+    assert_eq!(
+        patch.header("Allow").as_deref(),
+        Some("GET, HEAD, POST, PUT")
+    );
+    let huge = "x".repeat(9000);
+    let got = curl(&url(addr, "/here"), &["-H", &format!("X-Huge: {huge}")]);
+    assert_eq!(got.status(), 431, "{}", got.head);
+    assert!(d.records().is_empty(), "refusals are episodes, not records");
+}
+
+#[test]
+fn a_malformed_request_gets_400_and_a_slow_one_408() {
+    let (d, addr) = http_serve(&sh("echo hi"), "handshake_timeout = \"300ms\"");
+    let mut s = connect(addr);
+    s.write_all(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+        .unwrap();
+    let text = String::from_utf8(read_all(&mut s)).unwrap();
+    assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+    let mut slow = connect(addr);
+    slow.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    let text = String::from_utf8(read_all(&mut slow)).unwrap();
+    assert!(
+        text.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{text}"
+    );
+    d.wait_log(&["answered 400: malformed request"]);
+}
+
+#[test]
+fn a_command_that_fails_silently_is_502_and_one_that_succeeds_silently_200() {
+    let (d, addr) = http_serve(&sh("exit 3"), "");
+    let got = curl(&url(addr, "/"), &[]);
+    assert_eq!(got.status(), 502, "{}", got.head);
+    assert!(got.text().contains("exit 3"), "{}", got.text());
+    let r = d.wait_record_where(|r| r.reason == "output-ended");
+    assert_eq!(r.exit, "3", "{r}");
+
+    let (_d, addr) = http_serve(&sh("exit 0"), "");
+    let got = curl(&url(addr, "/"), &[]);
+    assert_eq!((got.code, got.status()), (0, 200), "{}", got.stderr);
+    assert!(got.body.is_empty());
+}
+
+#[test]
+fn a_command_that_cannot_start_is_500() {
+    let dir = tempfile::tempdir().unwrap();
+    let gone = dir.path().join("gone");
+    std::fs::create_dir(&gone).unwrap();
+    let (d, addr) = http_serve(
+        &sh("echo hi"),
+        &format!("working_directory = \"{}\"", gone.display()),
+    );
+    std::fs::remove_dir(&gone).unwrap();
+    let got = curl(&url(addr, "/"), &[]);
+    assert_eq!(got.status(), 500, "{}", got.head);
+    assert!(got.text().contains("could not be started"));
+    d.wait_record_where(|r| r.reason == "spawn-failed");
+}
+
+#[test]
+fn a_timeout_before_any_output_is_504_and_after_it_a_cut_response() {
+    let (d, addr) = http_serve(&sh("sleep 30"), "timeout = \"300ms\"");
+    let got = curl(&url(addr, "/"), &[]);
+    assert_eq!(got.status(), 504, "{}", got.head);
+    d.wait_record_where(|r| r.reason == "timeout");
+
+    let (d, addr) = http_serve(&sh("echo partial; sleep 30"), "timeout = \"300ms\"");
+    let got = curl(&url(addr, "/"), &[]);
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.text(), "partial\n");
+    // No last chunk: curl knows the response is not whole.
+    assert_eq!(got.code, 18, "{}", got.stderr);
+    d.wait_record_where(|r| r.reason == "timeout");
+}
+
+#[test]
+fn max_bytes_ends_a_whole_response_at_the_limit() {
+    let (d, addr) = http_serve(&sh("yes"), "max_bytes = 1000");
+    let got = curl(&url(addr, "/"), &[]);
+    assert_eq!((got.code, got.body.len()), (0, 1000), "{}", got.stderr);
+    let r = d.wait_record_where(|r| r.reason == "max-bytes");
+    assert_eq!(r.bytes, 1000, "{r}");
+}
+
+// --- Configuration ---
+
+#[test]
+fn http_keys_elsewhere_are_errors_with_their_position() {
+    for (extra, key, why) in [
+        (
+            "content_type = \"text/html\"",
+            "content_type",
+            "protocol = \"http\"",
+        ),
+        ("max_body_size = 5", "max_body_size", "protocol = \"http\""),
+        (
+            "protocol = \"websocket\"\nmax_body_size = 5",
+            "max_body_size",
+            "protocol = \"http\"",
+        ),
+        (
+            "protocol = \"http\"\nmessages = \"binary\"",
+            "messages",
+            "protocol = \"websocket\"",
+        ),
+        (
+            "protocol = \"http\"\ntransfer = \"direct\"",
+            "transfer",
+            "frames the command's output",
+        ),
+        (
+            "protocol = \"http\"\ncontent_type = \"text\"",
+            "content_type",
+            "a media type",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, one_service(&sh("echo"), extra)).unwrap();
+        let out = Command::new(BIN)
+            .arg("--check")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(78), "{extra}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let at = format!("{}:", path.display());
+        assert!(
+            err.contains(&at) && err.contains(key) && err.contains(why),
+            "{extra}: {err}"
+        );
+    }
+}
