@@ -43,7 +43,6 @@ config() { sr_in sh -c 'cat > /etc/splice-relay.toml'; }
 # Writes the config from stdin and applies it, as a person would.
 reconfigure() { config && sr_in systemctl reload splice-relay; }
 show() { sr_in systemctl show -p "$1" --value "$2"; }
-# Waits up to 10 s for a command's output to contain a string.
 # Runs a command to its end and succeeds if its output (stdout and stderr)
 # holds WANT. Unlike `cmd | grep -q`, it never cuts the command off with
 # SIGPIPE, which `pipefail` would count as a failure.
@@ -52,6 +51,7 @@ prints() {
     out=$("$@" 2>&1); [[ $out == *"$want"* ]]
 }
 
+# Waits up to 10 s for a command's output to contain a string.
 eventually() {
     local want=$1 i out; shift
     for i in $(seq 1 100); do
@@ -245,6 +245,25 @@ asyncio.run(main())' "$unit") || return $(fail "the Python client failed: $out")
     [ "$(sr_in curl -s -o /dev/null -w '%{http_code}' -X POST http://127.0.0.1:9009/)" = 405 ] \
         || fail "POST not refused" || return 1
     eventually 'answered 405: method POST' sr_in journalctl -u splice-relay --no-pager
+}
+
+# --- HTTP: curl with a POST body as the command's stdin, an event stream ----------
+t_http() {
+    reconfigure <<'EOF' || return $(fail "reload")
+[[service]]
+name = "web"
+protocol = "http"
+command = ["sh", "-c", "echo method=$REQUEST_METHOD; sha256sum"]
+EOF
+    local want got
+    want=$(sr_in sh -c 'head -c 3000000 /dev/urandom > /tmp/body && sha256sum < /tmp/body')
+    got=$(sr_in curl -fsS --data-binary @/tmp/body http://127.0.0.1:9009/) || return $(fail "curl POST")
+    [ "$got" = "method=POST
+$want" ] || fail "POST answered: $got (want $want)" || return 1
+    got=$(sr_in curl -fsS -H 'Accept: text/event-stream' http://127.0.0.1:9009/) || return $(fail "curl events")
+    [[ $got == *"data: method=GET"* && $got == *"event: end"* ]] || fail "events: $got" || return 1
+    eventually '"BYTES_RECEIVED":"3000000"' \
+        sr_in journalctl -u splice-relay SERVICE=web REASON=output-ended -o json --no-pager
 }
 
 # --- TLS: the key as a systemd credential, as docs/tls.md's drop-in gives it --------
@@ -478,7 +497,7 @@ t_remove() {
     return 0
 }
 
-for t in t_install t_units_verify_and_score t_activation t_status t_journal t_cgroups t_shared t_websocket t_tls t_reload t_restart \
+for t in t_install t_units_verify_and_score t_activation t_status t_journal t_cgroups t_shared t_websocket t_http t_tls t_reload t_restart \
          t_watchdog t_config_error t_controls t_named_sockets t_upgrade t_remove; do
     run "$t"
     [ "$t" = t_install ] && [ "$failed" -gt 0 ] && break
