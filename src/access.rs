@@ -211,6 +211,19 @@ struct State {
     pruned_to: usize,
 }
 
+/// Which of a service's rules a decision applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every rule: a client connected directly.
+    All,
+    /// The service's own (`rate`): a trusted reverse proxy's connection,
+    /// whose client is decided once its request names it.
+    Service,
+    /// The client's own (`allow`/`deny`, `max_per_source`,
+    /// `rate_per_source`): the client a trusted reverse proxy names.
+    Source,
+}
+
 /// The admission state of one service, shared by its connections.
 #[derive(Debug)]
 pub struct Admission {
@@ -246,6 +259,18 @@ impl Admission {
         rules: &Rules,
         now: Instant,
     ) -> Result<SourceGuard, Refusal> {
+        self.admit_in(Scope::All, ip, rules, now)
+    }
+
+    /// As [`Admission::admit`], the rules of `scope` only.
+    pub fn admit_in(
+        self: &Arc<Self>,
+        scope: Scope,
+        ip: Option<IpAddr>,
+        rules: &Rules,
+        now: Instant,
+    ) -> Result<SourceGuard, Refusal> {
+        let ip = ip.filter(|_| scope != Scope::Service);
         if let Some(ip) = ip {
             let denied = rules.deny.iter().any(|c| c.contains(ip));
             if denied || !(rules.allow.is_empty() || rules.allow.iter().any(|c| c.contains(ip))) {
@@ -271,13 +296,13 @@ impl Admission {
         } else if rules.rate_per_source.is_none() {
             s.buckets.clear(); // the rate was removed on reload
         }
-        if let Some(rate) = rules.rate {
+        if let Some(rate) = rules.rate.filter(|_| scope != Scope::Source) {
             let bucket = s.service.get_or_insert_with(|| Bucket::full(rate, now));
             if bucket.level(rate, now) < 1.0 - EPSILON {
                 return Err(Refusal::Rate);
             }
             bucket.take(rate, now);
-        } else {
+        } else if rules.rate.is_none() {
             s.service = None;
         }
         if let Some((key, rate)) = per_source {
@@ -295,6 +320,19 @@ impl Admission {
         }
         let admission = Arc::clone(self);
         Ok(SourceGuard { admission, key })
+    }
+
+    /// Takes a token of `rate_per_source` from the source of `ip`, if the
+    /// rules have one (a wrong login costs as a connection does).
+    pub fn spend(&self, ip: IpAddr, rules: &Rules, now: Instant) {
+        if let Some(rate) = rules.rate_per_source {
+            let key = source_key(ip, rules.source_prefix_v6);
+            let mut s = self.state();
+            s.buckets
+                .entry(key)
+                .or_insert_with(|| Bucket::full(rate, now))
+                .take(rate, now);
+        }
     }
 
     /// Connections counted now for the source of `ip` (for tests and status).

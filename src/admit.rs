@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{shutdown, Shutdown as How};
 use tokio::io::unix::AsyncFd;
 
-use crate::access::{Admission, Refusal, SourceGuard};
+use crate::access::{Admission, Refusal, Scope, SourceGuard};
 use crate::config::Service;
 use crate::episode::Counted;
 use crate::peer::Peer;
@@ -56,6 +56,9 @@ pub enum Refused {
     /// A WebSocket service's client sent no valid upgrade (it got the HTTP
     /// answer that says why, or left).
     Handshake(String),
+    /// An HTTP or WebSocket service's client offered no login, or a wrong
+    /// one (it got 401).
+    Login(String),
     /// A TLS service's client did not complete the TLS handshake: the
     /// reason (`tls-timeout`, …) and what happened.
     Tls(&'static str, String),
@@ -74,6 +77,7 @@ impl Refused {
             Refused::ProxyHeader(_) => "proxy-header",
             Refused::ProxyUntrusted => "proxy-untrusted",
             Refused::Handshake(_) => "handshake",
+            Refused::Login(_) => "login",
             Refused::Tls(reason, _) => reason,
             Refused::Left(_) => LEFT,
         }
@@ -133,7 +137,16 @@ impl Admissions {
             Peer::Tcp { remote, .. } => Some(remote.ip()),
             Peer::Unix { .. } => None,
         };
-        match self.of(service).admit(ip, &service.access, Instant::now()) {
+        // A trusted reverse proxy's client is decided once its request says
+        // who it is (`admit_forwarded`).
+        let scope = match ip {
+            Some(ip) if service.forwarded_from.iter().any(|c| c.contains(ip)) => Scope::Service,
+            _ => Scope::All,
+        };
+        match self
+            .of(service)
+            .admit_in(scope, ip, &service.access, Instant::now())
+        {
             Ok(guard) => Ok((peer, guard)),
             Err(refusal) => {
                 if refusal != Refusal::Denied {
@@ -145,6 +158,40 @@ impl Admissions {
                 self.note(service, &peer, &refused);
                 Err((peer, refused))
             }
+        }
+    }
+
+    /// The client a trusted reverse proxy names in its request (or the
+    /// proxy itself, if it names none): `allow`/`deny`, `max_per_source`
+    /// and `rate_per_source` applied to it; refusals are counted and logged
+    /// as admission's are. Returns the client's place in `max_per_source`.
+    pub fn admit_forwarded(
+        &self,
+        service: &Service,
+        client: &Peer,
+    ) -> Result<SourceGuard, Refusal> {
+        let ip = match client {
+            Peer::Tcp { remote, .. } => Some(remote.ip()),
+            Peer::Unix { .. } => None,
+        };
+        let admitted =
+            self.of(service)
+                .admit_in(Scope::Source, ip, &service.access, Instant::now());
+        admitted.inspect_err(|refusal| self.note(service, client, &Refused::Rule(*refusal)))
+    }
+
+    /// A client turned away for its login (none, or a wrong one): counted
+    /// and logged in episodes, never a line per attempt.
+    pub fn refused_login(&self, service: &Service, peer: &Peer, why: String) {
+        self.note(service, peer, &Refused::Login(why));
+    }
+
+    /// A wrong login spends a token of the client's `rate_per_source`, so
+    /// that guessing is slowed as connecting is.
+    pub fn failed_login(&self, service: &Service, peer: &Peer) {
+        if let Peer::Tcp { remote, .. } = peer {
+            self.of(service)
+                .spend(remote.ip(), &service.access, Instant::now());
         }
     }
 
@@ -184,6 +231,7 @@ impl Admissions {
             Refused::Rule(r) => r.to_string(),
             Refused::ProxyHeader(e)
             | Refused::Handshake(e)
+            | Refused::Login(e)
             | Refused::Tls(_, e)
             | Refused::Left(e) => e.clone(),
             Refused::ProxyUntrusted => {

@@ -63,7 +63,7 @@ pub enum End {
     MessageTooBig(String),
     /// WebSocket: no pong within `ping_interval`.
     PingTimeout,
-    /// WebSocket: a plain GET got the console page.
+    /// A browser's plain GET got the console page (`console = true`).
     Page,
     /// HTTP: a HEAD request got the response's headers alone (no command).
     HeadersOnly,

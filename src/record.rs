@@ -185,6 +185,8 @@ pub struct Record {
     tls: String,
     /// The shared command watched: its instance's number.
     instance: Option<u64>,
+    /// Who logged in (`htpasswd`).
+    user: Option<String>,
 }
 
 impl Record {
@@ -204,6 +206,7 @@ impl Record {
             framed: false,
             tls: "none".into(),
             instance: None,
+            user: None,
         }
     }
 
@@ -232,6 +235,11 @@ impl Record {
 
     /// The client came over TLS: `how` is the version, the cipher and who
     /// encrypts ("TLSv1.3 TLS_AES_128_GCM_SHA256 userspace").
+    /// The client logged in as `user`.
+    pub fn user(&mut self, user: &str) {
+        self.user = Some(user.to_owned());
+    }
+
     pub fn tls(&mut self, how: String) {
         self.tls = how;
     }
@@ -298,6 +306,7 @@ impl Record {
         let tls = (self.tls != "none").then_some(self.tls.as_str());
         let messages = self.framed.then(|| self.traffic.messages());
         let instance = self.instance;
+        let user = self.user.as_deref();
         let (messages_sent, messages_received) = (messages.map(|m| m.0), messages.map(|m| m.1));
         let Usage {
             cpu_usec,
@@ -317,7 +326,7 @@ impl Record {
             ($level:ident) => {
                 tracing::$level!(
                     conn, service, peer = %peer, pid, bytes, bytes_received, duration_ms, exit, reason,
-                    cpu_usec, memory_peak, tasks_peak, oom_kills, messages_sent, messages_received, tls, instance,
+                    cpu_usec, memory_peak, tasks_peak, oom_kills, messages_sent, messages_received, tls, instance, user,
                     "connection ended: {end}{exit_text}{oom}, {bytes} bytes sent in {duration_ms} ms"
                 )
             };

@@ -438,3 +438,327 @@ fn http_keys_elsewhere_are_errors_with_their_position() {
         );
     }
 }
+
+// --- The console page: EventSource in a real browser ---
+
+/// Headless Chromium opens an HTTP service's address and gets the console
+/// page, whose `EventSource` shows each line and then the end the last
+/// event names; curl at the same address gets the output itself.
+#[test]
+fn the_console_page_watches_the_output_with_eventsource_in_chromium() {
+    let (d, addr) = http_serve(&sh("echo one; echo two"), "console = true");
+    let (v, shot) = console_watching_in_chromium(&url(addr, "/"), "http-console.png");
+    assert_eq!(v["out"], serde_json::json!(["one", "two"]), "{v}");
+    assert_eq!(v["closed"], "closed, output-ended", "{v}");
+    assert!(std::fs::read(&shot).unwrap().starts_with(b"\x89PNG"));
+    d.wait_record_where(|r| r.reason == "page");
+    let r = d.wait_record_where(|r| r.reason == "output-ended");
+    assert_eq!(r.bytes, 8, "{r}");
+    assert_eq!(
+        curl(&url(addr, "/"), &[]).text(),
+        "one\ntwo\n",
+        "curl asks for no HTML"
+    );
+}
+
+// --- Behind a reverse proxy: Debian's nginx in front ---
+
+/// Debian's nginx, run for one test: `proxy_pass` to the daemon with the
+/// usual headers, for HTTP and for WebSocket, on a port of its own.
+struct Nginx {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn before(daemon: SocketAddr) -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        let (probe, addr) = tcp_listener();
+        drop(probe);
+        let conf = dir.path().join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process off;\nerror_log {dir}/error.log warn;\npid {dir}/nginx.pid;\n\
+                 events {{ worker_connections 64; }}\n\
+                 http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n\
+                 server {{\n    listen {addr};\n    location / {{\n\
+                 proxy_pass http://{daemon};\n      proxy_http_version 1.1;\n      proxy_buffering off;\n\
+                 proxy_set_header Host $host;\n\
+                 proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+                 proxy_set_header X-Forwarded-Proto $scheme;\n\
+                 proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection $http_connection;\n\
+                 }}\n  }}\n}}\n",
+                dir = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx (Debian's nginx-light package)");
+        let nginx = Nginx {
+            child,
+            addr,
+            _dir: dir,
+        };
+        // nginx says nothing when it is ready: it is once it accepts.
+        let log = nginx._dir.path().join("error.log");
+        poll(PATIENCE, || std::net::TcpStream::connect(addr).ok()).unwrap_or_else(|| {
+            panic!(
+                "nginx is not listening: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        nginx
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Behind nginx, the record, the command's REMOTE_ADDR and the service's
+/// rules see the client nginx names (curl at 127.0.0.7), not nginx at
+/// 127.0.0.1, nor the address the client forged in its own header; a
+/// client that is not a trusted proxy cannot name another.
+#[test]
+fn behind_nginx_the_client_is_the_one_nginx_names_and_only_nginx_may_name_one() {
+    let (d, addr) = http_serve(
+        &sh("echo $REMOTE_ADDR $HTTPS; echo $HTTP_X_FORWARDED_FOR"),
+        "forwarded_from = [\"127.0.0.1/32\"]\ndeny = [\"127.0.0.9/32\"]",
+    );
+    let nginx = Nginx::before(addr);
+    let from = |ip: &str, target: SocketAddr| {
+        curl(
+            &url(target, "/"),
+            &["--interface", ip, "-H", "X-Forwarded-For: 203.0.113.66"],
+        )
+    };
+    let got = from("127.0.0.7", nginx.addr);
+    assert_eq!((got.code, got.status()), (0, 200), "{}", got.stderr);
+    assert_eq!(got.text(), "127.0.0.7\n203.0.113.66, 127.0.0.7\n");
+    let r = d.wait_record_where(|r| r.reason == "output-ended");
+    assert!(r.peer.starts_with("127.0.0.7:"), "{r}");
+
+    // The rules apply to the named client: 403 through nginx.
+    let denied = from("127.0.0.9", nginx.addr);
+    assert_eq!(denied.status(), 403, "{}", denied.head);
+    d.wait_log(&["refused 127.0.0.9:0: not in allow or in deny"]);
+
+    // Straight to the daemon from 127.0.0.7, which is not in
+    // forwarded_from: its header is only a variable.
+    let direct = from("127.0.0.7", addr);
+    assert_eq!(direct.text(), "127.0.0.7\n203.0.113.66\n");
+}
+
+/// A WebSocket through nginx (`proxy_pass` with the upgrade's headers):
+/// the session works and its record names the client behind nginx.
+#[test]
+fn a_websocket_behind_nginx_is_recorded_with_the_client_nginx_names() {
+    let (passed, addr) = pass_tcp("test");
+    let d = Daemon::start(
+        &one_service(
+            &sh("echo $REMOTE_ADDR; read l; echo got:$l"),
+            "protocol = \"websocket\"\nforwarded_from = [\"127.0.0.1/32\"]",
+        ),
+        vec![passed],
+    );
+    let nginx = Nginx::before(addr);
+    let out = python_ws(
+        &format!("ws://{}/", nginx.addr),
+        r#"async with websockets.connect(url, local_addr=("127.0.0.7", 0)) as ws:
+    first = await ws.recv()
+    await ws.send("x")
+    print(json.dumps([first, await ws.recv()]))"#,
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v, serde_json::json!(["127.0.0.7", "got:x"]));
+    let r = d.wait_record_where(|r| r.reason == "output-ended");
+    assert!(r.peer.starts_with("127.0.0.7:"), "{r}");
+    assert_eq!(r.messages_received, Some(1), "{r}");
+}
+
+// --- Logins ---
+
+/// Files of logins as the tools people use write them: `htpasswd -B`
+/// (bcrypt) and `openssl passwd -6` (SHA-512-crypt), and a token file.
+struct Logins {
+    dir: tempfile::TempDir,
+}
+
+const TOKEN: &str = "tok-0123456789abcdef0123";
+
+impl Logins {
+    fn new() -> Logins {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("htpasswd");
+        let ok = Command::new("htpasswd")
+            .args(["-c", "-b", "-B", "-C", "5"])
+            .arg(&file)
+            .args(["alice", "secret"])
+            .output()
+            .expect("htpasswd (Debian's apache2-utils package)");
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        let sha = Command::new("openssl")
+            .args(["passwd", "-6", "-salt", "saltsalt", "hunter2"])
+            .output()
+            .unwrap();
+        let line = format!("bob:{}", String::from_utf8(sha.stdout).unwrap());
+        let mut htpasswd = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .unwrap();
+        htpasswd.write_all(line.as_bytes()).unwrap();
+        std::fs::write(
+            dir.path().join("tokens"),
+            format!("# the dashboard\n{TOKEN}\n"),
+        )
+        .unwrap();
+        Logins { dir }
+    }
+
+    fn config(&self) -> String {
+        let path = |name: &str| self.dir.path().join(name).display().to_string();
+        format!(
+            "htpasswd = \"{}\"\nbearer_tokens = \"{}\"",
+            path("htpasswd"),
+            path("tokens")
+        )
+    }
+}
+
+#[test]
+fn logins_right_wrong_and_missing_with_curl() {
+    let logins = Logins::new();
+    let (d, addr) = http_serve(
+        &sh("echo user=$REMOTE_USER auth=$AUTH_TYPE"),
+        &logins.config(),
+    );
+    let target = url(addr, "/");
+    let alice = curl(&target, &["-u", "alice:secret"]);
+    assert_eq!(
+        (alice.status(), alice.text().as_str()),
+        (200, "user=alice auth=Basic\n"),
+        "{}",
+        alice.head
+    );
+    let r = d.wait_record_where(|r| r.reason == "output-ended");
+    assert_eq!(r.user, "alice", "{r}");
+    let bob = curl(&target, &["-u", "bob:hunter2"]);
+    assert_eq!(
+        bob.text(),
+        "user=bob auth=Basic\n",
+        "SHA-512-crypt: {}",
+        bob.head
+    );
+    let bearer = curl(&target, &["-H", &format!("Authorization: Bearer {TOKEN}")]);
+    assert_eq!(bearer.text(), "user= auth=Bearer\n", "{}", bearer.head);
+
+    for (what, args) in [
+        ("a wrong password", &["-u", "alice:guess"][..]),
+        ("an unknown user", &["-u", "mallory:secret"][..]),
+        ("no login", &[][..]),
+        (
+            "a wrong token",
+            &["-H", "Authorization: Bearer tok-not-one-of-them-000"][..],
+        ),
+    ] {
+        let got = curl(&target, args);
+        assert_eq!(got.status(), 401, "{what}: {}", got.head);
+        let challenge = got.header("WWW-Authenticate").unwrap_or_default();
+        assert!(
+            challenge.starts_with("Basic realm=\"test\"") && challenge.contains("Bearer"),
+            "{challenge}"
+        );
+    }
+    // The refusals are one episode in the log, not a line each.
+    let first = d.wait_log(&["refused", "reason=\"login\""]);
+    assert!(
+        first.contains("a wrong password for user \"alice\""),
+        "{first}"
+    );
+    assert_eq!(
+        d.log_lines(&["refused 127.0.0.1", "reason=\"login\""])
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn a_flood_of_wrong_logins_is_slowed_by_rate_per_source() {
+    let logins = Logins::new();
+    let extra = format!("{}\nrate_per_source = 2", logins.config());
+    let (d, addr) = http_serve(&sh("echo in"), &extra);
+    let statuses: Vec<u16> = (0..2)
+        .map(|_| curl(&url(addr, "/"), &["-u", "alice:guess"]).status())
+        .collect();
+    // The bucket holds 2 tokens: the connection took one and the wrong
+    // login the other, so the second try, at once, is refused at admission
+    // (no answer at all), where without the login's token it would be let in.
+    assert_eq!(statuses, [401, 0]);
+    d.wait_log(&["reason=\"rate-per-source\""]);
+}
+
+#[test]
+fn a_browser_s_websocket_logs_in_with_a_token_in_the_query() {
+    let logins = Logins::new();
+    let (passed, addr) = pass_tcp("test");
+    let config = one_service(
+        &sh("echo hello $AUTH_TYPE"),
+        &format!("protocol = \"websocket\"\n{}", logins.config()),
+    );
+    let d = Daemon::start(&config, vec![passed]);
+    let out = python_ws(
+        &format!("ws://{addr}/?access_token={TOKEN}"),
+        r#"async with websockets.connect(url) as ws:
+    print(json.dumps(await ws.recv()))"#,
+    );
+    assert_eq!(out.trim(), "\"hello Bearer\"");
+    let refused = python_ws(
+        &format!("ws://{addr}/"),
+        r#"try:
+    async with websockets.connect(url) as ws:
+        print("connected")
+except websockets.exceptions.InvalidStatusCode as e:
+    print(e.status_code)"#,
+    );
+    assert_eq!(refused.trim(), "401");
+    d.wait_log(&["refused", "no login"]);
+}
+
+#[test]
+fn a_weak_hash_in_htpasswd_is_a_config_error_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, "carol:$apr1$Qm7sFiZ6$3nsOEkMnV3pFtaLLTRvbH/\n").unwrap();
+    let path = dir.path().join("relay.toml");
+    let extra = format!("protocol = \"http\"\nhtpasswd = \"{}\"", htpasswd.display());
+    std::fs::write(&path, one_service(&sh("echo"), &extra)).unwrap();
+    let out = Command::new(BIN)
+        .arg("--check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("htpasswd: line 1 (user \"carol\"): an MD5 hash, which is refused: re-hash"),
+        "{err}"
+    );
+}

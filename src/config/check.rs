@@ -15,8 +15,8 @@ use super::locate::Locator;
 use super::raw::{RawConfig, RawService};
 use super::values::SharedKey;
 use super::{
-    defaults, tls, ClientAuth, Config, ConfigError, Containment, Http, Messages, Protocol, Service,
-    SharedCommand, StdinMode, Tls, Transfer, WebSocket,
+    defaults, login, tls, ClientAuth, Config, ConfigError, Containment, Http, Messages, Protocol,
+    Service, SharedCommand, StdinMode, Tls, Transfer, WebSocket,
 };
 use crate::access::Rules;
 use crate::cgroup::{Offer, Resources};
@@ -137,6 +137,12 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
     let transfer = transfer(&s);
     let protocol = protocol(&s, transfer).map_err(|(key, m)| err(key, m))?;
     let tls = encryption(&s).map_err(|(key, m)| err(key, m))?;
+    let login = login::load(
+        s.htpasswd.as_ref().map(|p| p.0.as_str()),
+        s.bearer_tokens.as_ref().map(|p| p.0.as_str()),
+    )
+    .map_err(|(key, m)| err(key, m))?
+    .map(Arc::new);
     let handshake_timeout =
         handshake_timeout(&s, &protocol, tls.is_some()).map_err(|m| err("handshake_timeout", m))?;
     let working_directory = s.working_directory.as_ref().map_or_else(
@@ -178,6 +184,8 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
         access,
         proxy_protocol,
         proxy_from: s.proxy_from.map(|r| r.0).unwrap_or_default(),
+        forwarded_from: s.forwarded_from.map(|r| r.0).unwrap_or_default(),
+        login,
         timeout: s.timeout.map(|t| t.0),
         idle_timeout: s.idle_timeout.map(|t| t.0),
         max_bytes,
@@ -410,7 +418,6 @@ fn protocol(s: &RawService, transfer: Transfer) -> Result<Protocol, (&'static st
         ("messages", s.messages.is_some()),
         ("allowed_origins", s.allowed_origins.is_some()),
         ("max_message_size", s.max_message_size.is_some()),
-        ("console", s.console.is_some()),
     ];
     let http_only = [
         ("content_type", s.content_type.is_some()),
@@ -419,6 +426,10 @@ fn protocol(s: &RawService, transfer: Transfer) -> Result<Protocol, (&'static st
     let either = [
         ("paths", s.paths.is_some()),
         ("ping_interval", s.ping_interval.is_some()),
+        ("console", s.console.is_some()),
+        ("forwarded_from", s.forwarded_from.is_some()),
+        ("htpasswd", s.htpasswd.is_some()),
+        ("bearer_tokens", s.bearer_tokens.is_some()),
     ];
     let given =
         |keys: &[(&'static str, bool)]| keys.iter().find(|(_, given)| *given).map(|(k, _)| *k);
@@ -477,6 +488,7 @@ fn protocol(s: &RawService, transfer: Transfer) -> Result<Protocol, (&'static st
                 .map_or_else(|| defaults::CONTENT_TYPE.into(), |c| c.0.clone()),
             ping_interval,
             max_body_size: s.max_body_size.unwrap_or(defaults::MAX_BODY_SIZE),
+            console: s.console.unwrap_or(defaults::CONSOLE),
         }));
     }
     Ok(Protocol::WebSocket(WebSocket {

@@ -13,6 +13,7 @@ pub mod defaults;
 mod fuzz;
 mod keywords;
 mod locate;
+pub mod login;
 mod origin;
 mod raw;
 #[cfg(test)]
@@ -78,6 +79,11 @@ pub struct Service {
     pub proxy_protocol: bool,
     /// Peers allowed to send that header (empty: any).
     pub proxy_from: Vec<Cidr>,
+    /// HTTP and WebSocket: reverse proxies whose `Forwarded` or
+    /// `X-Forwarded-For` header names the client (empty: none).
+    pub forwarded_from: Vec<Cidr>,
+    /// HTTP and WebSocket: who may log in (`htpasswd`, `bearer_tokens`).
+    pub login: Option<std::sync::Arc<login::Login>>,
     /// Longest life of a connection.
     pub timeout: Option<Duration>,
     /// Longest time without a byte moving either way.
@@ -181,6 +187,8 @@ pub struct Http {
     pub ping_interval: Duration,
     /// The largest request body, in bytes (the command's stdin).
     pub max_body_size: u64,
+    /// A browser's GET gets a page that watches the output as events.
+    pub console: bool,
 }
 
 /// A WebSocket service's settings.

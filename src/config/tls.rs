@@ -224,7 +224,7 @@ fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, KeyProblem> {
 
 /// An absolute path as it is; a name without '/' is a systemd credential
 /// (`LoadCredential=NAME:…`), in `$CREDENTIALS_DIRECTORY`.
-fn resolve(source: &str) -> Result<PathBuf, String> {
+pub(super) fn resolve(source: &str) -> Result<PathBuf, String> {
     if source.starts_with('/') {
         return Ok(PathBuf::from(source));
     }

@@ -5,18 +5,24 @@
 //!
 //! - `request`: a request's head, read within bounds of size, count and
 //!   time and parsed by httparse; the CGI environment; plain error answers.
-//! - `opening`: an HTTP service's request, checked (method, path, body
-//!   framing and size) before any command runs; HEAD answered at once.
+//! - `opening`: an HTTP service's request, read and checked (method, path,
+//!   body framing and size) before any command runs, then answered (HEAD,
+//!   the page) or taken.
 //! - `body`: the request body's decoding (length or chunked), and the
 //!   response's encoding (chunks, events).
 //! - `session`: the response in progress, and its end.
+//! - `login`: `htpasswd` and `bearer_tokens`, checked before any answer.
+//! - `console`: the page a browser gets with `console = true` (WebSocket
+//!   and HTTP services both).
 
 mod body;
+pub mod console;
+pub mod login;
 mod opening;
 pub mod request;
 mod session;
 
-pub use opening::{open, NoResponse, Opened};
+pub use opening::{accept, read, Asked, NoResponse, Opened};
 pub use session::Session;
 
 /// When the command cannot start: 500, best effort, without waiting, and

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 
 use super::body::Body;
+use super::console::{self, Console};
 use super::request::{self, answer, close_gently, NoRequest, Request};
 use crate::config::Http;
 use crate::fdio;
@@ -38,13 +39,16 @@ pub struct Response {
     pub events: bool,
 }
 
-/// Why no command runs for the connection.
+/// Why no command runs for the connection (an HTTP request, or a WebSocket
+/// upgrade).
 #[derive(Debug)]
 pub enum NoResponse {
     /// Answered with `status`, and `why` for the log.
     Answered { status: u16, why: String },
     /// A HEAD request got the headers alone.
     Head,
+    /// A browser's GET got the console page.
+    Page,
     /// The client left, sent nothing usable, or was too slow.
     Gone(String),
 }
@@ -58,22 +62,56 @@ impl From<NoRequest> for NoResponse {
     }
 }
 
-/// Reads the client's request and decides: a response to stream, or an
-/// answer now. `tls` says whether the client came over TLS.
-pub async fn open(
+/// A request read and checked, not yet answered: the connection may still
+/// refuse it (the client a proxy names, a login).
+#[derive(Debug)]
+pub struct Asked {
+    pub request: Request,
+    leftover: Vec<u8>,
+    body: Body,
+    response: Response,
+}
+
+/// Reads the client's request and checks it; one that cannot be served is
+/// answered now. `tls` says whether the client came over TLS.
+pub async fn read(
     socket: &AsyncFd<OwnedFd>,
     http: &Http,
-    tls: bool,
-    limit: Duration,
-) -> Result<Opened, NoResponse> {
+    (tls, limit): (bool, Duration),
+) -> Result<Asked, NoResponse> {
     let (request, leftover) = request::read(socket, tls, limit).await?;
-    let (body, response) = match decide(&request, http) {
-        Ok(decided) => decided,
+    match decide(&request, http) {
+        Ok((body, response)) => Ok(Asked {
+            request,
+            leftover,
+            body,
+            response,
+        }),
         Err(Refusal { status, why, allow }) => {
             let headers: &[(&str, &str)] = if allow { &[("Allow", ALLOW)] } else { &[] };
-            return Err(answer(socket, status, why, headers).await.into());
+            Err(answer(socket, status, why, headers).await.into())
         }
-    };
+    }
+}
+
+/// Answers a request the connection takes: a HEAD with the headers alone,
+/// a browser with the console page (`console = true`); else the response
+/// is to stream, and a client that waits for `100 Continue` gets it.
+pub async fn accept(
+    socket: &AsyncFd<OwnedFd>,
+    http: &Http,
+    asked: Asked,
+) -> Result<Opened, NoResponse> {
+    let Asked {
+        request,
+        leftover,
+        body,
+        response,
+    } = asked;
+    if http.console && wants_page(&request) {
+        console::serve(socket, Console::Events).await;
+        return Err(NoResponse::Page);
+    }
     if request.method == "HEAD" {
         let head = head(http, response, 200);
         let _ = fdio::write_all(socket, head.as_bytes(), |_| {}).await;
@@ -91,6 +129,21 @@ pub async fn open(
         leftover,
         body,
         response,
+    })
+}
+
+/// A browser opening the address: a GET that takes HTML, not events.
+fn wants_page(r: &Request) -> bool {
+    r.method == "GET" && accepts(r, "text/html") && !accepts(r, "text/event-stream")
+}
+
+/// Whether the request's `Accept` names the media type `kind`.
+fn accepts(r: &Request, kind: &str) -> bool {
+    r.header("Accept").is_some_and(|accept| {
+        accept.split(',').any(|k| {
+            let k = k.split(';').next().unwrap_or("").trim();
+            k.eq_ignore_ascii_case(kind)
+        })
     })
 }
 
@@ -146,12 +199,7 @@ fn decide(r: &Request, http: &Http) -> Result<(Body, Response), Refusal> {
             return Err(refuse(417, format!("Expect: {expect}")));
         }
     }
-    let events = r.header("Accept").is_some_and(|accept| {
-        accept.split(',').any(|kind| {
-            let kind = kind.split(';').next().unwrap_or("").trim();
-            kind.eq_ignore_ascii_case("text/event-stream")
-        })
-    });
+    let events = accepts(r, "text/event-stream");
     let response = Response {
         chunked: r.version >= 1,
         events,
@@ -213,6 +261,7 @@ mod tests {
             content_type: "text/plain; charset=utf-8".into(),
             ping_interval: Duration::from_secs(30),
             max_body_size: 100,
+            console: false,
         }
     }
 

@@ -3,11 +3,13 @@
 //! the command's CGI environment need; and the plain answers that end a
 //! connection with no command (400, 404, 408, 431, …).
 
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 
+use crate::access::Cidr;
 use crate::config::split_host_port;
 use crate::fdio;
 
@@ -239,6 +241,83 @@ impl Request {
     }
 }
 
+impl Request {
+    /// The client a trusted reverse proxy names, and whether it came over
+    /// TLS: from `Forwarded` (RFC 7239) if the request has one, else
+    /// `X-Forwarded-For` and `X-Forwarded-Proto`. Each proxy appends the
+    /// address it got the request from, so the client is the last address
+    /// that is not one of the `trusted` proxies; a name that is not an
+    /// address (`unknown`, an obfuscated one) ends the search there, and
+    /// None means the request names no client to believe.
+    pub fn forwarded(&self, trusted: &[Cidr]) -> Option<Forwarded> {
+        let (hops, schemes): (Vec<Option<SocketAddr>>, Vec<Option<String>>) =
+            match self.header("Forwarded") {
+                Some(value) => value.split(',').map(forwarded_element).unzip(),
+                None => {
+                    let chain = self.header("X-Forwarded-For")?;
+                    let proto = self.header("X-Forwarded-Proto");
+                    let first = proto.as_deref().map(|p| {
+                        p.split(',')
+                            .next()
+                            .unwrap_or("")
+                            .trim()
+                            .to_ascii_lowercase()
+                    });
+                    let hops: Vec<_> = chain.split(',').map(|h| node(h.trim())).collect();
+                    let schemes = vec![first; hops.len()];
+                    (hops, schemes)
+                }
+            };
+        let mut found = None;
+        for (hop, scheme) in hops.into_iter().zip(schemes).rev() {
+            let addr = hop?;
+            found = Some(Forwarded {
+                client: addr,
+                https: scheme.as_deref() == Some("https"),
+            });
+            if !trusted.iter().any(|c| c.contains(addr.ip())) {
+                break;
+            }
+        }
+        found
+    }
+}
+
+/// The client a reverse proxy names, and whether it came over TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forwarded {
+    /// Its address (port 0 when the proxy gives none).
+    pub client: SocketAddr,
+    pub https: bool,
+}
+
+/// One element of `Forwarded`: its `for` node and its `proto`.
+fn forwarded_element(element: &str) -> (Option<SocketAddr>, Option<String>) {
+    let (mut hop, mut proto) = (None, None);
+    for pair in element.split(';') {
+        let Some((name, value)) = pair.split_once('=') else {
+            continue;
+        };
+        let value = value.trim().trim_matches('"');
+        match name.trim().to_ascii_lowercase().as_str() {
+            "for" => hop = node(value),
+            "proto" => proto = Some(value.to_ascii_lowercase()),
+            _ => {}
+        }
+    }
+    (hop, proto)
+}
+
+/// A node: `192.0.2.1`, `192.0.2.1:4711`, `[2001:db8::1]`,
+/// `[2001:db8::1]:4711` or a bare IPv6 address; None for anything else.
+fn node(text: &str) -> Option<SocketAddr> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Some(addr);
+    }
+    let bare = text.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 0))
+}
+
 /// A value safe for the environment: control characters as spaces, at
 /// most `MAX_VALUE` bytes (cut at a character's start).
 pub fn clean(value: &str) -> String {
@@ -361,6 +440,53 @@ mod tests {
         let any = r.environment(&[]);
         assert!(any.contains(&("PATH_INFO".into(), "/chat/room".into())));
         assert_eq!(clean(&"é".repeat(600)).len(), 1024);
+    }
+
+    #[test]
+    fn the_client_is_the_last_address_no_trusted_proxy_owns() {
+        let trusted: Vec<Cidr> = ["127.0.0.1/32", "10.0.0.0/8"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        let with = |headers: &str| request(&format!("GET / HTTP/1.1\r\nHost: h\r\n{headers}\r\n"));
+        let client = |headers: &str| {
+            with(headers)
+                .forwarded(&trusted)
+                .map(|f| (f.client.to_string(), f.https))
+        };
+        assert_eq!(client(""), None);
+        assert_eq!(
+            client("X-Forwarded-For: 203.0.113.7\r\n"),
+            Some(("203.0.113.7:0".into(), false))
+        );
+        assert_eq!(
+            client("X-Forwarded-For: 198.51.100.1, 203.0.113.7, 10.1.2.3\r\nX-Forwarded-Proto: https\r\n"),
+            Some(("203.0.113.7:0".into(), true)),
+            "a client that sends its own X-Forwarded-For cannot choose its address"
+        );
+        assert_eq!(
+            client("Forwarded: for=\"[2001:db8::1]:4711\";proto=https, for=10.0.0.2\r\n"),
+            Some(("[2001:db8::1]:4711".into(), true))
+        );
+        assert_eq!(
+            client("Forwarded: for=192.0.2.60;proto=http;by=203.0.113.43\r\n"),
+            Some(("192.0.2.60:0".into(), false))
+        );
+        assert_eq!(
+            client("Forwarded: for=unknown, for=10.0.0.2\r\n"),
+            None,
+            "an unknown hop stops the search"
+        );
+        assert_eq!(
+            client("X-Forwarded-For: 10.9.9.9, 127.0.0.1\r\n"),
+            Some(("10.9.9.9:0".into(), false)),
+            "all trusted: the first"
+        );
+        assert_eq!(
+            client("Forwarded: for=192.0.2.1\r\nX-Forwarded-For: 203.0.113.9\r\n"),
+            Some(("192.0.2.1:0".into(), false)),
+            "Forwarded wins"
+        );
     }
 
     #[test]

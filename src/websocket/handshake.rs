@@ -11,10 +11,9 @@ use tokio::io::unix::AsyncFd;
 use super::Browser;
 use crate::config::WebSocket;
 use crate::fdio;
-use crate::http::request::{self, answer, close_gently, NoRequest, Request};
-
-/// The page a plain GET gets with `console = true`.
-const CONSOLE_PAGE: &str = include_str!("console.html");
+use crate::http::console::{self, Console};
+use crate::http::request::{self, answer, Request};
+use crate::http::NoResponse;
 
 /// A request that upgraded.
 #[derive(Debug)]
@@ -25,70 +24,63 @@ pub struct Upgraded {
     pub leftover: Vec<u8>,
 }
 
-/// Why no WebSocket session began.
-#[derive(Debug)]
-pub enum NoSession {
-    /// Not a valid upgrade: answered with `status`, and `why` for the log.
-    Answered { status: u16, why: String },
-    /// A plain GET got the console page.
-    Page,
-    /// The client left, sent nothing usable, or was too slow.
-    Gone(String),
+/// An upgrade request read and checked, not yet answered: the connection
+/// may still refuse it (the client a proxy names, a login).
+pub struct Asked {
+    pub request: Request,
+    leftover: Vec<u8>,
+    decision: Decision,
 }
 
-impl From<NoRequest> for NoSession {
-    fn from(no: NoRequest) -> NoSession {
-        match no {
-            NoRequest::Answered { status, why } => NoSession::Answered { status, why },
-            NoRequest::Gone(why) => NoSession::Gone(why),
-        }
-    }
-}
-
-/// Reads the client's upgrade request and answers it. `tls` says whether
-/// the client came over TLS (for the origin's default port and `HTTPS`).
-pub async fn handshake(
+/// Reads the client's upgrade request and checks it; one that is not a
+/// valid upgrade is answered now. `tls` says whether the client came over
+/// TLS (for the origin's default port and `HTTPS`).
+pub async fn read(
     socket: &AsyncFd<OwnedFd>,
     ws: &WebSocket,
-    tls: bool,
-    limit: Duration,
-) -> Result<Upgraded, NoSession> {
+    (tls, limit): (bool, Duration),
+) -> Result<Asked, NoResponse> {
     let (request, leftover) = request::read(socket, tls, limit).await?;
     match decide(&request, ws) {
-        Decision::Upgrade { accept } => {
-            let response = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-            );
-            fdio::write_all(socket, response.as_bytes(), |_| {})
-                .await
-                .map_err(|e| {
-                    NoSession::Gone(format!("writing the handshake's answer: {}", e.desc()))
-                })?;
-            Ok(Upgraded {
-                env: request.environment(&ws.paths),
-                leftover,
-            })
-        }
-        Decision::Page => {
-            let page = CONSOLE_PAGE;
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\n\
-                 Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n\
-                 Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src ws: wss:\r\n\
-                 Connection: close\r\n\r\n",
-                page.len()
-            );
-            let _ = fdio::write_all(socket, head.as_bytes(), |_| {}).await;
-            let _ = fdio::write_all(socket, page.as_bytes(), |_| {}).await;
-            close_gently(socket);
-            Err(NoSession::Page)
-        }
         Decision::Refuse {
             status,
             why,
             headers,
         } => Err(answer(socket, status, why, headers).await.into()),
+        decision => Ok(Asked {
+            request,
+            leftover,
+            decision,
+        }),
     }
+}
+
+/// Answers an upgrade the connection takes: 101 Switching Protocols, or
+/// the console page to a plain GET.
+pub async fn accept(
+    socket: &AsyncFd<OwnedFd>,
+    ws: &WebSocket,
+    asked: Asked,
+) -> Result<Upgraded, NoResponse> {
+    let Asked {
+        request,
+        leftover,
+        decision,
+    } = asked;
+    let Decision::Upgrade { accept } = decision else {
+        console::serve(socket, Console::WebSocket).await;
+        return Err(NoResponse::Page);
+    };
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    fdio::write_all(socket, response.as_bytes(), |_| {})
+        .await
+        .map_err(|e| NoResponse::Gone(format!("writing the handshake's answer: {}", e.desc())))?;
+    Ok(Upgraded {
+        env: request.environment(&ws.paths),
+        leftover,
+    })
 }
 
 enum Decision {

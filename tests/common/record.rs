@@ -11,7 +11,7 @@ const RECORD: &str = "connection ended: ";
 /// A record's fields, in the order the daemon writes them: whether each is
 /// quoted (strings are; numbers and the peer are not), and whether it is
 /// always there (the others are left out when not known).
-const FIELDS: [(&str, bool, bool); 17] = [
+const FIELDS: [(&str, bool, bool); 18] = [
     ("conn", false, true),
     ("service", true, true),
     ("peer", false, true),
@@ -29,6 +29,7 @@ const FIELDS: [(&str, bool, bool); 17] = [
     ("messages_received", false, false),
     ("tls", true, false),
     ("instance", false, false),
+    ("user", true, false),
 ];
 
 /// The record the daemon logs when a connection ends.
@@ -62,6 +63,8 @@ pub struct Record {
     pub tls: String,
     /// The shared command's instance the client watched (None: its own command).
     pub instance: Option<u64>,
+    /// Who logged in; "none" (left out) without a login.
+    pub user: String,
     /// The whole line, for messages.
     pub line: String,
 }
@@ -155,6 +158,7 @@ impl Record {
             messages_received: maybe(14)?,
             tls: text(15),
             instance: maybe(16)?,
+            user: text(17),
             line: line.to_owned(),
         })
     }

@@ -253,6 +253,7 @@ t_http() {
 [[service]]
 name = "web"
 protocol = "http"
+max_body_size = 10000000
 command = ["sh", "-c", "echo method=$REQUEST_METHOD; sha256sum"]
 EOF
     local want got

@@ -16,7 +16,7 @@ fn websocket_keys_are_checked() {
     let e = |extra: &str| svc(extra).unwrap_err().to_string();
     assert_eq!(
         e("console = true"),
-        r#"t.toml:4:11: service "a": console: applies only with protocol = "websocket""#
+        r#"t.toml:4:11: service "a": console: applies only with protocol = "websocket" or "http""#
     );
     assert_eq!(
         e("protocol = \"websocket\"\ntransfer = \"direct\""),

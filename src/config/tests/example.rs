@@ -41,6 +41,7 @@ fn example_config_with_every_option_uncommented_loads() {
         ["user", "group"].contains(&key) && !root
             || WEBSOCKET_KEYS.contains(&key)
             || HTTP_KEYS.contains(&key)
+            || LOGIN_KEYS.contains(&key)
             || TLS_KEYS.contains(&key)
             || [
                 "delegated_cgroup",
@@ -98,7 +99,10 @@ const WEBSOCKET_KEYS: [&str; 6] = [
 ];
 
 /// The HTTP keys of the example, which apply with protocol = "http".
-const HTTP_KEYS: [&str; 2] = ["content_type", "max_body_size"];
+const HTTP_KEYS: [&str; 3] = ["content_type", "max_body_size", "forwarded_from"];
+
+/// The login keys: they name files (the tests of `http` load real ones).
+const LOGIN_KEYS: [&str; 2] = ["htpasswd", "bearer_tokens"];
 
 /// The example's TLS keys, and `handshake_timeout` (with TLS or WebSocket):
 /// they need files (tls_keys_are_checked_where_they_stand loads them).
@@ -147,7 +151,7 @@ fn example_websocket_section_loads() {
 /// keys it shares with WebSocket, loads with the documented defaults.
 #[test]
 fn example_http_section_loads() {
-    let shared = ["paths", "ping_interval"];
+    let shared = ["paths", "ping_interval", "console"];
     let text: String = EXAMPLE
         .lines()
         .map(|l| match l.strip_prefix("# ") {
@@ -172,4 +176,5 @@ fn example_http_section_loads() {
     assert_eq!(http.max_body_size, defaults::MAX_BODY_SIZE);
     assert_eq!(http.ping_interval, defaults::PING_INTERVAL);
     assert_eq!(http.paths, ["/"]);
+    assert_eq!(http.console, defaults::CONSOLE);
 }
