@@ -115,6 +115,11 @@ impl End {
         }
     }
 
+    /// Reading the command's output failed with `e`.
+    pub fn reading_output(e: Errno) -> End {
+        End::Error(format!("reading the command's output: {}", e.desc()))
+    }
+
     /// What an errno on the client's side means, `doing` what.
     pub fn client_error(e: Errno, doing: &str) -> End {
         match fdio::class(e) {

@@ -114,6 +114,16 @@ async fn when_ready<R>(
     }
 }
 
+/// Runs `op` again while it says EINTR.
+pub fn retry<R>(mut op: impl FnMut() -> nix::Result<R>) -> nix::Result<R> {
+    loop {
+        match op() {
+            Err(Errno::EINTR) => {}
+            other => return other,
+        }
+    }
+}
+
 /// One read(2), where a client's socket may be the kernel's TLS (kTLS): a
 /// record that is not data makes the read say EIO, and is then read and
 /// taken for what it means. The client's close_notify is end-of-file;

@@ -487,3 +487,123 @@ max_connections = 1000
     }
     assert!(d.children().iter().all(|p| gone_soon(*p)));
 }
+
+/// How people grow past one machine: Debian's HAProxy in front of two
+/// daemons (TCP mode, `send-proxy-v2`). Clients from two addresses are
+/// spread over both daemons; every record names the real client, each
+/// command sees it in REMOTE_ADDR, and `max_per_source` holds for it.
+#[test]
+fn behind_haproxy_two_daemons_name_the_real_client_and_hold_max_per_source() {
+    let extra = "stdin = \"client\"\nproxy_protocol = true\nproxy_from = [\"127.0.0.1/32\"]\nmax_per_source = 1";
+    let command = sh("echo $REMOTE_ADDR; read x");
+    let (a, a_addr) = serve(&command, extra);
+    let (b, b_addr) = serve(&command, extra);
+    let dir = tempfile::tempdir().unwrap();
+    let (probe, front) = tcp_listener();
+    drop(probe);
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+             frontend front\n  bind {front}\n  default_backend relays\n\
+             backend relays\n  balance roundrobin\n  server a {a_addr} send-proxy-v2\n  server b {b_addr} send-proxy-v2\n"
+        ),
+    )
+    .unwrap();
+    let mut haproxy = std::process::Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("haproxy (Debian's haproxy package)");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _haproxy = Kill(&mut haproxy);
+    // HAProxy says nothing when it is ready: it is once it listens (a
+    // connection to see would go to a daemon, and turn the round robin).
+    let listens = || {
+        let ss = std::process::Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{}", front.port())])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&ss.stdout)
+            .contains("LISTEN")
+            .then_some(())
+    };
+    poll(PATIENCE, listens).expect("haproxy listening");
+
+    // A client bound to its own loopback address, as another host would be.
+    let client = |ip: &str| {
+        let socket = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Inet,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        let local: std::net::SocketAddr = format!("{ip}:0").parse().unwrap();
+        nix::sys::socket::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            &nix::sys::socket::SockaddrIn::from(match local {
+                std::net::SocketAddr::V4(v4) => v4,
+                _ => unreachable!(),
+            }),
+        )
+        .unwrap();
+        let stream = TcpStream::from(socket);
+        let target = nix::sys::socket::SockaddrIn::from(match front {
+            std::net::SocketAddr::V4(v4) => v4,
+            _ => unreachable!(),
+        });
+        nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&stream), &target).unwrap();
+        stream
+    };
+    // Round robin: .7 to a, .7 to b, .8 to a, .8 to b.
+    let mut held = Vec::new();
+    for ip in ["127.0.0.7", "127.0.0.7", "127.0.0.8", "127.0.0.8"] {
+        let mut s = client(ip);
+        assert_eq!(
+            read_line(&mut s),
+            format!("{ip}\n"),
+            "REMOTE_ADDR is the client"
+        );
+        held.push(s);
+    }
+    // A second client from .7 on a, where .7 holds its one place: refused.
+    let mut over = client("127.0.0.7");
+    assert_eq!(
+        read_line(&mut over),
+        "",
+        "max_per_source for the real client"
+    );
+    a.wait_log(&["refused 127.0.0.7", "max-per-source"]);
+    assert!(
+        b.log_lines(&["refused"]).is_empty(),
+        "b holds .7's and .8's one place each"
+    );
+    for s in &mut held {
+        s.write_all(b"bye\n").unwrap();
+    }
+    for d in [&a, &b] {
+        let records = d.wait_records(2);
+        let mut peers: Vec<&str> = records
+            .iter()
+            .map(|r| r.peer.split(':').next().unwrap())
+            .collect();
+        peers.sort();
+        assert_eq!(
+            peers,
+            ["127.0.0.7", "127.0.0.8"],
+            "each daemon served one of each"
+        );
+    }
+}

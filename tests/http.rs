@@ -762,3 +762,97 @@ fn a_weak_hash_in_htpasswd_is_a_config_error_with_its_line() {
         "{err}"
     );
 }
+
+/// `systemctl reload` re-reads the login files: a password changed in
+/// htpasswd takes effect for the next client, and a file broken by the
+/// change is refused with its line while the old logins go on.
+#[test]
+fn a_reload_re_reads_the_login_files() {
+    let logins = Logins::new();
+    let (passed, addr) = pass_tcp("test");
+    let config = one_service(
+        &sh("echo in"),
+        &format!("protocol = \"http\"\n{}", logins.config()),
+    );
+    let mut d = Daemon::start(&config, vec![passed]);
+    let target = url(addr, "/");
+    assert_eq!(curl(&target, &["-u", "alice:secret"]).status(), 200);
+    let file = logins.dir.path().join("htpasswd");
+    let changed = Command::new("htpasswd")
+        .args(["-b", "-B", "-C", "5"])
+        .arg(&file)
+        .args(["alice", "new-secret"])
+        .output()
+        .unwrap();
+    assert!(changed.status.success());
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    d.wait_note("RELOADING=1");
+    d.wait_note("READY=1");
+    assert_eq!(curl(&target, &["-u", "alice:secret"]).status(), 401);
+    assert_eq!(curl(&target, &["-u", "alice:new-secret"]).status(), 200);
+
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str("carol:plaintext\n");
+    std::fs::write(&file, text).unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    d.wait_note("RELOADING=1");
+    let ready = d.wait_note("READY=1");
+    assert!(ready.contains("reload failed"), "{ready}");
+    d.wait_log(&["htpasswd: line 3 (user \"carol\"): plain text"]);
+    assert_eq!(
+        curl(&target, &["-u", "alice:new-secret"]).status(),
+        200,
+        "the old logins go on"
+    );
+}
+
+// --- A CGI header block ---
+
+#[test]
+fn a_cgi_header_block_sets_the_status_the_type_and_headers() {
+    let script = r"printf 'Status: 404 Not Found\\r\\nContent-Type: application/json\\r\\nX-Job: 7\\r\\nContent-Length: 99\\r\\n\\r\\n{}'";
+    let (d, addr) = http_serve(&sh(script), "cgi_headers = true");
+    let got = curl(&url(addr, "/"), &[]);
+    assert_eq!((got.code, got.status()), (0, 404), "{}", got.stderr);
+    assert_eq!(
+        got.header("Content-Type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(got.header("X-Job").as_deref(), Some("7"));
+    assert_eq!(
+        got.header("Content-Length"),
+        None,
+        "the daemon owns the framing"
+    );
+    assert_eq!(got.text(), "{}");
+    let r = d.wait_record_where(|r| r.reason == "output-ended");
+    assert_eq!(r.bytes, 2, "the body, not the block: {r}");
+
+    let (_d, addr) = http_serve(
+        &sh(r"printf 'Location: /elsewhere\\n\\n'"),
+        "cgi_headers = true",
+    );
+    let got = curl(&url(addr, "/"), &[]);
+    assert_eq!(got.status(), 302);
+    assert_eq!(got.header("Location").as_deref(), Some("/elsewhere"));
+}
+
+#[test]
+fn a_bad_or_unfinished_cgi_header_block_is_502() {
+    for (script, why) in [
+        (
+            r"printf 'not a header\\n\\nbody'; sleep 30",
+            "without a colon",
+        ),
+        (
+            r"printf 'Status: 200 OK\\nX: y'",
+            "ended within its CGI header block",
+        ),
+    ] {
+        let (d, addr) = http_serve(&sh(script), "cgi_headers = true");
+        let got = curl(&url(addr, "/"), &[]);
+        assert_eq!(got.status(), 502, "{script}: {}", got.head);
+        assert!(got.text().contains(why), "{}", got.text());
+        d.wait_records(1);
+    }
+}

@@ -33,6 +33,7 @@
 //! process that left it cannot be reached; the relay then stops waiting for
 //! output `kill_grace` after the SIGKILL.
 
+mod inbox;
 mod launch;
 mod stderr;
 mod stdio;
@@ -57,6 +58,7 @@ pub use crate::end::Exit;
 use crate::fdio;
 use crate::peer::Peer;
 use crate::sys;
+pub use inbox::{writable, Inbox};
 pub use launch::{base_env, start as start_launchers};
 use launch::{Launch, Started};
 use stderr::StderrLog;

@@ -288,6 +288,12 @@ fn shared(s: &RawService) -> Result<Option<SharedCommand>, (&'static str, String
             r#""direct" does not apply to a shared command: its output is fanned out by the daemon"#.into(),
         ));
     }
+    if s.cgi_headers == Some(true) {
+        return Err((
+            "cgi_headers",
+            "does not apply to a shared command: its clients join after its first bytes".into(),
+        ));
+    }
     if watches {
         return Ok(None);
     }
@@ -422,6 +428,7 @@ fn protocol(s: &RawService, transfer: Transfer) -> Result<Protocol, (&'static st
     let http_only = [
         ("content_type", s.content_type.is_some()),
         ("max_body_size", s.max_body_size.is_some()),
+        ("cgi_headers", s.cgi_headers.is_some()),
     ];
     let either = [
         ("paths", s.paths.is_some()),
@@ -489,6 +496,7 @@ fn protocol(s: &RawService, transfer: Transfer) -> Result<Protocol, (&'static st
             ping_interval,
             max_body_size: s.max_body_size.unwrap_or(defaults::MAX_BODY_SIZE),
             console: s.console.unwrap_or(defaults::CONSOLE),
+            cgi_headers: s.cgi_headers.unwrap_or(false),
         }));
     }
     Ok(Protocol::WebSocket(WebSocket {

@@ -189,6 +189,8 @@ pub struct Http {
     pub max_body_size: u64,
     /// A browser's GET gets a page that watches the output as events.
     pub console: bool,
+    /// The command's output starts with a CGI header block.
+    pub cgi_headers: bool,
 }
 
 /// A WebSocket service's settings.

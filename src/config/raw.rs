@@ -79,6 +79,7 @@ pub struct RawService {
     pub console: Option<bool>,
     pub content_type: Option<ContentType>,
     pub max_body_size: Option<u64>,
+    pub cgi_headers: Option<bool>,
     pub handshake_timeout: Option<Positive>,
     pub tls_certificate: Option<Source>,
     pub tls_key: Option<Source>,

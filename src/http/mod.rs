@@ -11,11 +11,13 @@
 //! - `body`: the request body's decoding (length or chunked), and the
 //!   response's encoding (chunks, events).
 //! - `session`: the response in progress, and its end.
+//! - `cgi`: a command's CGI header block (`cgi_headers = true`).
 //! - `login`: `htpasswd` and `bearer_tokens`, checked before any answer.
 //! - `console`: the page a browser gets with `console = true` (WebSocket
 //!   and HTTP services both).
 
 mod body;
+mod cgi;
 pub mod console;
 pub mod login;
 mod opening;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 
 use super::body::Body;
+use super::cgi::CgiHead;
 use super::console::{self, Console};
 use super::request::{self, answer, close_gently, NoRequest, Request};
 use crate::config::Http;
@@ -149,20 +150,38 @@ fn accepts(r: &Request, kind: &str) -> bool {
 
 /// The response's head: the status, the content type, how the body ends.
 pub fn head(http: &Http, response: Response, status: u16) -> String {
-    let content_type = match response.events {
-        true => "text/event-stream",
-        false => &http.content_type,
+    let cgi = CgiHead {
+        status,
+        content_type: None,
+        headers: Vec::new(),
+    };
+    head_as(http, response, &cgi)
+}
+
+/// The head, as a command's CGI header block asks (its status, its type
+/// unless events were asked for, its other headers).
+pub fn head_as(http: &Http, response: Response, cgi: &CgiHead) -> String {
+    let content_type = match (response.events, &cgi.content_type) {
+        (true, _) => "text/event-stream",
+        (false, Some(own)) => own,
+        (false, None) => &http.content_type,
     };
     let framing = match response.chunked {
         true => "Transfer-Encoding: chunked\r\n",
         false => "",
     };
-    format!(
+    let status = cgi.status;
+    let mut head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\n{framing}\
          Cache-Control: no-cache\r\nX-Content-Type-Options: nosniff\r\n\
-         X-Accel-Buffering: no\r\nConnection: close\r\n\r\n",
+         X-Accel-Buffering: no\r\nConnection: close\r\n",
         request::reason(status)
-    )
+    );
+    for (name, value) in &cgi.headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    head
 }
 
 #[derive(Debug)]
@@ -262,6 +281,7 @@ mod tests {
             ping_interval: Duration::from_secs(30),
             max_body_size: 100,
             console: false,
+            cgi_headers: false,
         }
     }
 

@@ -19,9 +19,10 @@ use nix::errno::Errno;
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 
 use super::body::{self, Body, Events, CHUNK_HEAD, KEEP_ALIVE, LAST_CHUNK};
-use super::opening::{head, Opened, Response};
+use super::cgi::CgiHead;
+use super::opening::{head, head_as, Opened, Response};
 use super::request::error_response;
-use crate::command::Input;
+use crate::command::{writable, Inbox, Input};
 use crate::config::Http;
 use crate::end::{End, Ending, Exit, Farewell};
 use crate::fdio::{self, Class, Room};
@@ -44,15 +45,11 @@ pub struct Session<'a> {
     /// The command's stdout, and its stdin (taken out while the session pumps).
     output: &'a AsyncFd<OwnedFd>,
     input: Input,
-    /// Whether the command still takes the body (its stdin is the client's
-    /// and open).
-    feeding: bool,
     /// The request's body still to come, and what it may still bring.
     body: Body,
     body_left: u64,
     /// Body bytes on their way to the command's stdin.
-    inbox: Vec<u8>,
-    inbox_at: usize,
+    inbox: Inbox,
     /// Whether the client's socket is still read (until its end-of-file).
     reading: bool,
     /// Whether the head is out (or on its way, in `out`).
@@ -74,6 +71,12 @@ pub struct Session<'a> {
     /// The body that came with the request's head was refused: the
     /// response's end, once it begins.
     refused: Option<End>,
+    /// `cgi_headers`: the command's header block so far (None once it has
+    /// ended, or without the key), then what it asked for.
+    cgi: Option<Vec<u8>>,
+    cgi_head: Option<CgiHead>,
+    /// The command's header block was refused: why (a 502).
+    bad_gateway: Option<String>,
 }
 
 impl<'a> Session<'a> {
@@ -93,12 +96,10 @@ impl<'a> Session<'a> {
             traffic,
             response: opened.response,
             output,
-            feeding: !matches!(input, Input::Null),
+            inbox: Inbox::new(&input),
             input,
             body: opened.body,
             body_left: http.max_body_size,
-            inbox: Vec::new(),
-            inbox_at: 0,
             reading: true,
             begun: false,
             out: Vec::new(),
@@ -111,6 +112,9 @@ impl<'a> Session<'a> {
             output_open: true,
             budget: max_bytes.unwrap_or(u64::MAX),
             refused: None,
+            cgi: http.cgi_headers.then(Vec::new),
+            cgi_head: None,
+            bad_gateway: None,
         };
         // The body's start came with the request's head.
         session.refused = session.take_body(&opened.leftover).err();
@@ -144,12 +148,12 @@ impl<'a> Session<'a> {
             let writing = self.at < self.out.len();
             let producing = !writing && !self.full && self.output_open && self.budget > 0;
             let receiving = self.reading && self.inbox.len() < INBOX_HIGH;
-            let stdin = input.fd(output).filter(|_| !self.inbox.is_empty());
+            let stdin = self.inbox.stdin(&input, output);
             let step = tokio::select! {
                 r = socket.writable(), if writing || self.full => self.send(r),
                 r = output.readable(), if producing => self.produce(r),
                 r = socket.readable(), if receiving => self.receive(r),
-                r = writable(stdin) => self.feed(r).map(|taken| {
+                r = writable(stdin) => self.inbox.feed(r).map(|taken| {
                     if !taken {
                         input.close(output);
                     }
@@ -192,7 +196,11 @@ impl<'a> Session<'a> {
     fn queue(&mut self, mut framed: Vec<u8>, start: usize, carried: usize) {
         if !self.begun {
             self.begun = true;
-            let mut bytes = head(self.http, self.response, 200).into_bytes();
+            let mut bytes = match &self.cgi_head {
+                Some(cgi) => head_as(self.http, self.response, cgi),
+                None => head(self.http, self.response, 200),
+            }
+            .into_bytes();
             bytes.extend_from_slice(&framed[start..]);
             framed = bytes;
         } else if start > 0 {
@@ -213,7 +221,7 @@ impl<'a> Session<'a> {
 
     /// Reads what the command wrote, as much as the client's socket takes.
     fn produce(&mut self, ready: io::Result<AsyncFdReadyGuard<'_, OwnedFd>>) -> Result<(), End> {
-        let mut ready = ready.map_err(|e| output_error(fdio::errno(&e)))?;
+        let mut ready = ready.map_err(|e| End::reading_output(fdio::errno(&e)))?;
         let want = READ.min(usize::try_from(self.budget).unwrap_or(usize::MAX));
         let limit = self.room.for_read(self.socket.get_ref(), want);
         if limit == 0 {
@@ -231,7 +239,7 @@ impl<'a> Session<'a> {
             }
             // A socket pair the command closed with input unread.
             Err(e) if fdio::class(e) == Class::Disconnect => 0,
-            Err(e) => return Err(output_error(e)),
+            Err(e) => return Err(End::reading_output(e)),
         };
         buf.truncate(CHUNK_HEAD + n);
         if n == 0 {
@@ -242,6 +250,15 @@ impl<'a> Session<'a> {
             return Ok(());
         }
         self.budget -= n as u64;
+        if self.cgi.is_some() {
+            return self.cgi_block(&buf[CHUNK_HEAD..]);
+        }
+        self.emit(buf, n);
+        Ok(())
+    }
+
+    /// Output read at `CHUNK_HEAD` in `buf` (`n` bytes), framed and queued.
+    fn emit(&mut self, mut buf: Vec<u8>, n: usize) {
         if self.response.events {
             let mut events = Vec::new();
             self.events.encode(&buf[CHUNK_HEAD..], &mut events);
@@ -255,7 +272,42 @@ impl<'a> Session<'a> {
             let start = self.frame(&mut buf);
             self.queue(buf, start, n);
         }
-        Ok(())
+    }
+
+    /// Output while the command's CGI header block is not over: once it
+    /// is, the head goes out as it asks, and what follows is the body's
+    /// start. The block is not output: `max_bytes` and `BYTES` count the body.
+    fn cgi_block(&mut self, output: &[u8]) -> Result<(), End> {
+        let Some(block) = self.cgi.as_mut() else {
+            return Ok(());
+        };
+        block.extend_from_slice(output);
+        self.budget += output.len() as u64;
+        match super::cgi::parse(block) {
+            Ok(None) => Ok(()),
+            Ok(Some((head, at))) => {
+                let block = self.cgi.take().unwrap_or_default();
+                self.cgi_head = Some(head);
+                let body = &block[at..];
+                let body = &body[..body.len().min(clamp(self.budget))];
+                self.budget -= body.len() as u64;
+                if body.is_empty() {
+                    // The head goes out now, the body as it comes.
+                    self.queue(Vec::new(), 0, 0);
+                } else {
+                    let mut buf = vec![0u8; CHUNK_HEAD];
+                    buf.extend_from_slice(body);
+                    self.emit(buf, body.len());
+                }
+                Ok(())
+            }
+            Err(why) => {
+                self.cgi = None;
+                let why = format!("the command's CGI header block: {why}");
+                self.bad_gateway = Some(why.clone());
+                Err(End::Error(why))
+            }
+        }
     }
 
     /// Queues encoded events, which carry the output read so far (none
@@ -294,7 +346,7 @@ impl<'a> Session<'a> {
             self.full = false;
         }
         while self.at < self.out.len() {
-            match write(self.socket.get_ref(), &self.out[self.at..]) {
+            match fdio::retry(|| nix::unistd::write(self.socket.get_ref(), &self.out[self.at..])) {
                 Ok(n) => {
                     self.at += n;
                     self.room.took(n);
@@ -349,58 +401,17 @@ impl<'a> Session<'a> {
         if self.body.is_done() {
             return Ok(());
         }
-        let before = self.inbox.len();
-        let decoded = self
-            .body
-            .decode(bytes, &mut self.inbox, &mut self.body_left);
-        if !self.feeding {
-            // No stdin takes it (`stdin` is not "client", or the command
-            // closed it): it is read and dropped.
-            self.inbox.truncate(before);
-        }
+        // Without a stdin that takes it (`stdin` is not "client", or the
+        // command closed it), the body is read and dropped.
+        let mut body = Vec::new();
+        let decoded = self.body.decode(bytes, &mut body, &mut self.body_left);
+        self.inbox.push(&body);
         decoded
             .map(|_| ())
             .map_err(|why| match why.contains("max_body_size") {
                 true => End::MessageTooBig(why),
                 false => End::ProtocolError(why),
             })
-    }
-
-    /// Writes waiting body bytes to the command's stdin; false once the
-    /// command takes no more (it closed its stdin).
-    fn feed(&mut self, ready: io::Result<AsyncFdReadyGuard<'_, OwnedFd>>) -> Result<bool, End> {
-        let written = match ready {
-            Ok(mut ready) => match write(ready.get_inner(), &self.inbox[self.inbox_at..]) {
-                Err(Errno::EAGAIN) => {
-                    ready.clear_ready();
-                    return Ok(true);
-                }
-                other => other,
-            },
-            Err(e) => Err(fdio::errno(&e)),
-        };
-        match written {
-            Ok(n) => self.inbox_at += n,
-            // The command closed its stdin: the rest of the body is dropped.
-            Err(e) if fdio::class(e) == Class::Disconnect => {
-                self.feeding = false;
-                self.inbox_at = self.inbox.len();
-            }
-            Err(e) => {
-                return Err(End::Error(format!(
-                    "writing to the command's stdin: {}",
-                    e.desc()
-                )))
-            }
-        }
-        if self.inbox_at == self.inbox.len() {
-            self.inbox.clear();
-            self.inbox_at = 0;
-            if self.inbox.capacity() > KEEP {
-                self.inbox = Vec::new();
-            }
-        }
-        Ok(self.feeding)
     }
 
     /// Ends the response after `end`, as `ending` says, within `kill_grace`:
@@ -454,8 +465,16 @@ impl<'a> Session<'a> {
         written && in_order
     }
 
-    /// The whole response to a request whose command wrote nothing.
+    /// The whole response to a request whose command wrote nothing (or
+    /// not all of its CGI header block).
     fn unbegun(&self, end: &End, exit: Option<&Exit>) -> Vec<u8> {
+        if let Some(why) = &self.bad_gateway {
+            return error_response(502, why, &[], false);
+        }
+        if self.cgi.as_ref().is_some_and(|block| !block.is_empty()) {
+            let why = "the command's output ended within its CGI header block";
+            return error_response(502, why, &[], false);
+        }
         let succeeded = matches!(exit, None | Some(Exit::Code(0)));
         let (status, why) = match end {
             End::OutputEnded | End::CommandExited | End::OutputHeld | End::MaxBytes
@@ -492,24 +511,7 @@ impl<'a> Session<'a> {
     }
 }
 
-/// Waits until `input` (if any) takes bytes; never without one.
-async fn writable(input: Option<&AsyncFd<OwnedFd>>) -> io::Result<AsyncFdReadyGuard<'_, OwnedFd>> {
-    match input {
-        Some(input) => input.writable().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// One write(2), again if a signal interrupts it.
-fn write(fd: &OwnedFd, bytes: &[u8]) -> nix::Result<usize> {
-    loop {
-        match nix::unistd::write(fd, bytes) {
-            Err(Errno::EINTR) => {}
-            other => return other,
-        }
-    }
-}
-
-fn output_error(e: Errno) -> End {
-    End::Error(format!("reading the command's output: {}", e.desc()))
+/// A byte count as a length, saturated.
+fn clamp(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }

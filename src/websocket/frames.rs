@@ -10,6 +10,7 @@ use nix::errno::Errno;
 use nix::fcntl::{splice, SpliceFFlags};
 use nix::sys::socket::{send, MsgFlags};
 
+use crate::fdio::retry;
 use crate::record::Traffic;
 
 pub const TEXT: u8 = 0x1;
@@ -393,16 +394,6 @@ fn floor_char(text: &str, at: usize) -> usize {
 
 pub fn clamp(budget: u64) -> usize {
     usize::try_from(budget).unwrap_or(usize::MAX)
-}
-
-/// Runs `op` again while it says EINTR.
-pub fn retry<R>(mut op: impl FnMut() -> nix::Result<R>) -> nix::Result<R> {
-    loop {
-        match op() {
-            Err(Errno::EINTR) => {}
-            other => return other,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -29,11 +29,11 @@ use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Message, Role, WebSocketConfig, WebSocketContext};
 
-use super::frames::{clamp, retry, ClientClose, Lines, Wire, KEEP, TEXT_READ};
-use crate::command::Input;
+use super::frames::{clamp, ClientClose, Lines, Wire, TEXT_READ};
+use crate::command::{writable, Inbox, Input};
 use crate::config::{Messages, WebSocket};
 use crate::end::{End, Ending, Farewell};
-use crate::fdio::{self, Class, Room};
+use crate::fdio::{self, retry, Class, Room};
 use crate::record::Traffic;
 use crate::sys;
 
@@ -59,8 +59,6 @@ pub struct Session<'a> {
     splice: bool,
     /// The command's stdin (taken out while the session pumps).
     input: Input,
-    /// Whether the command still takes input.
-    feeding: bool,
     wire: Wire,
     /// What the client's socket takes now: no more output is read than
     /// that, so what a slow client cannot take waits in the command's
@@ -74,8 +72,7 @@ pub struct Session<'a> {
     /// Text output not yet ended by a newline.
     partial: Vec<u8>,
     /// Client messages on their way to the command's stdin.
-    inbox: Vec<u8>,
-    inbox_at: usize,
+    inbox: Inbox,
     output_open: bool,
     /// Payload `max_bytes` still allows.
     budget: u64,
@@ -113,15 +110,13 @@ impl<'a> Session<'a> {
             reader: WebSocketContext::from_partially_read(leftover, Role::Server, Some(config)),
             output,
             splice: splice && ws.messages == Messages::Binary,
-            feeding: !matches!(input, Input::Null),
+            inbox: Inbox::new(&input),
             input,
             wire: Wire::default(),
             room: Room::of(socket.get_ref()),
             full: false,
             outbox: Vec::new(),
             partial: Vec::new(),
-            inbox: Vec::new(),
-            inbox_at: 0,
             output_open: true,
             budget: max_bytes.unwrap_or(u64::MAX),
             awaiting_pong: false,
@@ -145,12 +140,12 @@ impl<'a> Session<'a> {
             let writing = !self.wire.is_empty() || !self.outbox.is_empty();
             let producing = !writing && !self.full && self.output_open && self.budget > 0;
             let receiving = self.inbox.len() < INBOX_HIGH && self.outbox.len() < OUTBOX_HIGH;
-            let stdin = input.fd(output).filter(|_| !self.inbox.is_empty());
+            let stdin = self.inbox.stdin(&input, output);
             let step = tokio::select! {
                 r = socket.writable(), if writing || self.full => self.send(r),
                 r = output.readable(), if producing => self.produce(r),
                 r = socket.readable(), if receiving => self.receive(r),
-                r = writable(stdin) => self.feed(r).map(|taken| {
+                r = writable(stdin) => self.inbox.feed(r).map(|taken| {
                     if !taken {
                         input.close(output);
                     }
@@ -227,7 +222,7 @@ impl<'a> Session<'a> {
 
     /// Turns what the command wrote into messages on the wire.
     fn produce(&mut self, ready: io::Result<AsyncFdReadyGuard<'_, OwnedFd>>) -> Result<(), End> {
-        let mut ready = ready.map_err(|e| output_error(fdio::errno(&e)))?;
+        let mut ready = ready.map_err(|e| End::reading_output(fdio::errno(&e)))?;
         let fd = self.output.get_ref();
         let max = self.ws.max_message_size;
         // What is read goes to the heap until the client takes it; what is
@@ -292,7 +287,7 @@ impl<'a> Session<'a> {
             Err(Errno::EAGAIN) => ready.clear_ready(),
             // A socket pair the command closed with input unread.
             Err(e) if fdio::class(e) == Class::Disconnect => self.output_open = false,
-            Err(e) => return Err(output_error(e)),
+            Err(e) => return Err(End::reading_output(e)),
         }
         Ok(())
     }
@@ -360,56 +355,11 @@ impl<'a> Session<'a> {
         };
         self.traffic.message_received();
         self.traffic.received(payload.len());
-        if self.feeding {
-            self.inbox.extend_from_slice(payload);
-            if self.ws.messages == Messages::Text {
-                self.inbox.push(b'\n');
-            }
+        self.inbox.push(payload);
+        if self.ws.messages == Messages::Text {
+            self.inbox.push(b"\n");
         }
         Ok(())
-    }
-
-    /// Writes waiting input to the command's stdin; false once the command
-    /// takes no more (it closed its stdin).
-    fn feed(&mut self, ready: io::Result<AsyncFdReadyGuard<'_, OwnedFd>>) -> Result<bool, End> {
-        let written = match ready {
-            Ok(mut ready) => {
-                let fd = ready.get_inner();
-                match retry(|| nix::unistd::write(fd, &self.inbox[self.inbox_at..])) {
-                    Err(Errno::EAGAIN) => {
-                        ready.clear_ready();
-                        return Ok(true);
-                    }
-                    other => other,
-                }
-            }
-            Err(e) => Err(fdio::errno(&e)),
-        };
-        let taken = match written {
-            Ok(n) => {
-                self.inbox_at += n;
-                true
-            }
-            // The command closed its stdin: what the client sends is dropped.
-            Err(e) if fdio::class(e) == Class::Disconnect => {
-                self.feeding = false;
-                false
-            }
-            Err(e) => {
-                return Err(End::Error(format!(
-                    "writing to the command's stdin: {}",
-                    e.desc()
-                )))
-            }
-        };
-        if self.inbox_at == self.inbox.len() || !taken {
-            self.inbox_at = 0;
-            self.inbox.clear();
-            if self.inbox.capacity() > KEEP {
-                self.inbox = Vec::new();
-            }
-        }
-        Ok(taken)
     }
 
     /// Pings the client; a client that did not answer the last ping is gone.
@@ -491,14 +441,6 @@ impl<'a> Session<'a> {
     }
 }
 
-/// Waits until `input` (if any) takes bytes; never without one.
-async fn writable(input: Option<&AsyncFd<OwnedFd>>) -> io::Result<AsyncFdReadyGuard<'_, OwnedFd>> {
-    match input {
-        Some(input) => input.writable().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// The close code and reason an end sends; None where the client cannot
 /// hear it (it is gone, or does not answer).
 fn close_code(end: &End) -> Option<(CloseCode, &'static str)> {
@@ -546,10 +488,6 @@ fn failed(e: WsError) -> End {
         WsError::ConnectionClosed | WsError::AlreadyClosed => End::ClientClosed(None),
         other => End::Error(other.to_string()),
     }
-}
-
-fn output_error(e: Errno) -> End {
-    End::Error(format!("reading the command's output: {}", e.desc()))
 }
 
 /// How many bytes the pipe holds: Some(0) at end-of-file (no writer left

@@ -99,7 +99,12 @@ const WEBSOCKET_KEYS: [&str; 6] = [
 ];
 
 /// The HTTP keys of the example, which apply with protocol = "http".
-const HTTP_KEYS: [&str; 3] = ["content_type", "max_body_size", "forwarded_from"];
+const HTTP_KEYS: [&str; 4] = [
+    "content_type",
+    "max_body_size",
+    "cgi_headers",
+    "forwarded_from",
+];
 
 /// The login keys: they name files (the tests of `http` load real ones).
 const LOGIN_KEYS: [&str; 2] = ["htpasswd", "bearer_tokens"];
@@ -114,17 +119,15 @@ const TLS_KEYS: [&str; 5] = [
     "handshake_timeout",
 ];
 
-/// The example's WebSocket section, uncommented under protocol = "websocket",
-/// loads with the documented defaults and examples.
-#[test]
-fn example_websocket_section_loads() {
-    let text: String = EXAMPLE
+/// The example with `keys` uncommented, under `protocol`.
+fn uncommented(keys: &[&str], protocol: &str) -> String {
+    EXAMPLE
         .lines()
         .map(|l| match l.strip_prefix("# ") {
             Some(rest)
                 if rest
                     .split_once(" = ")
-                    .is_some_and(|(k, _)| WEBSOCKET_KEYS.contains(&k)) =>
+                    .is_some_and(|(k, _)| keys.contains(&k)) =>
             {
                 rest.to_owned()
             }
@@ -132,7 +135,14 @@ fn example_websocket_section_loads() {
         })
         .collect::<Vec<_>>()
         .join("\n")
-        .replace("protocol = \"raw\"", "protocol = \"websocket\"");
+        .replace("protocol = \"raw\"", &format!("protocol = \"{protocol}\""))
+}
+
+/// The example's WebSocket section, uncommented under protocol = "websocket",
+/// loads with the documented defaults and examples.
+#[test]
+fn example_websocket_section_loads() {
+    let text = uncommented(&WEBSOCKET_KEYS, "websocket");
     let c = load_str("config.example.toml", &text).unwrap();
     let s = &c.services[0];
     let Protocol::WebSocket(ws) = &s.protocol else {
@@ -151,22 +161,8 @@ fn example_websocket_section_loads() {
 /// keys it shares with WebSocket, loads with the documented defaults.
 #[test]
 fn example_http_section_loads() {
-    let shared = ["paths", "ping_interval", "console"];
-    let text: String = EXAMPLE
-        .lines()
-        .map(|l| match l.strip_prefix("# ") {
-            Some(rest)
-                if rest
-                    .split_once(" = ")
-                    .is_some_and(|(k, _)| HTTP_KEYS.contains(&k) || shared.contains(&k)) =>
-            {
-                rest.to_owned()
-            }
-            _ => l.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        .replace("protocol = \"raw\"", "protocol = \"http\"");
+    let keys = [&HTTP_KEYS[..], &["paths", "ping_interval", "console"]].concat();
+    let text = uncommented(&keys, "http");
     let c = load_str("config.example.toml", &text).unwrap();
     let s = &c.services[0];
     let Protocol::Http(http) = &s.protocol else {
