@@ -25,6 +25,11 @@
 //!   bench-load wsslow ADDR CLIENTS SECS [WARMUP]
 //!   bench-load wstext ADDR SECS               text messages on one connection for SECS
 //!
+//! And over HTTP (an HTTP/1.0 GET of PATH; the body, after a 200):
+//!
+//!   bench-load httpbulk ADDR CLIENTS BYTES PATH
+//!   bench-load httprate ADDR CONCURRENCY SECS PATH
+//!
 //! And over TLS (`$BENCH_TLS_CA` names the servers' CA; full handshakes):
 //!
 //!   bench-load tlsbulk ADDR CLIENTS BYTES
@@ -41,6 +46,30 @@ enum Wire {
     Raw,
     WebSocket,
     Tls,
+    /// HTTP/1.0: a GET of [`HTTP_PATH`], and its body.
+    Http,
+}
+
+/// The path HTTP clients ask for (each server has its own).
+static HTTP_PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// An HTTP/1.0 GET: the response's body, once its head says 200.
+fn http_get(mut s: TcpStream) -> std::io::Result<BufReader<TcpStream>> {
+    use std::io::Write;
+    let path = HTTP_PATH.get().map_or("/", String::as_str);
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if line.split(' ').nth(1) != Some("200") {
+        return Err(std::io::Error::other(format!("the status line: {line:?}")));
+    }
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            return Ok(r);
+        }
+    }
 }
 
 use std::io::{BufRead, BufReader, Read};
@@ -65,6 +94,14 @@ fn main() {
         "rate" => rate(addr, num(2) as usize, num(3), Wire::Raw),
         "wsrate" => rate(addr, num(2) as usize, num(3), Wire::WebSocket),
         "tlsrate" => rate(addr, num(2) as usize, num(3), Wire::Tls),
+        mode @ ("httpbulk" | "httprate") => {
+            let path = args.get(4).cloned().unwrap_or_else(|| "/".into());
+            HTTP_PATH.set(path).expect("once");
+            match mode {
+                "httpbulk" => bulk(addr, num(2) as usize, num(3), Wire::Http),
+                _ => rate(addr, num(2) as usize, num(3), Wire::Http),
+            }
+        }
         "slow" | "wsslow" => slow(
             addr,
             num(2) as usize,
@@ -112,6 +149,10 @@ fn lines(s: TcpStream, wire: Wire) -> Box<dyn Iterator<Item = std::io::Result<St
             Err(e) => Box::new(std::iter::once(Err(e))),
         },
         Wire::Raw => Box::new(BufReader::new(s).lines()),
+        Wire::Http => match http_get(s) {
+            Ok(body) => Box::new(body.lines()),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        },
     }
 }
 
@@ -122,6 +163,7 @@ fn drain(s: TcpStream, wire: Wire) -> u64 {
     let mut s: Box<dyn Read> = match wire {
         Wire::Raw => Box::new(s),
         Wire::Tls => Box::new(tls::Tls::new(s).expect("TLS")),
+        Wire::Http => Box::new(http_get(s).expect("an HTTP response")),
         Wire::WebSocket => {
             let mut c = ws::Ws::upgrade(s, "127.0.0.1").expect("upgrade");
             while let Some(frame) = c.next(None).expect("read") {

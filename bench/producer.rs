@@ -14,12 +14,26 @@
 //! With `--cgroup DIR` first, it moves itself into that cgroup (v2), so the
 //! relay's own CPU time can be told apart from the producer's. (An argument,
 //! not a variable: xinetd passes no environment.)
+//!
+//! Run as a CGI program (`GATEWAY_INTERFACE` set, no arguments: lighttpd's
+//! mod_cgi, fcgiwrap), it reads its arguments from the file named as it was
+//! run plus `.args`, and writes a CGI header block before its output.
 
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.is_empty() && std::env::var_os("GATEWAY_INTERFACE").is_some() {
+        let me = std::env::args().next().unwrap_or_default();
+        let file = format!("{me}.args");
+        let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{file}: {e}"));
+        args = text.split_whitespace().map(str::to_owned).collect();
+        let mut out = std::io::stdout();
+        out.write_all(b"Content-Type: application/octet-stream\r\n\r\n")
+            .and_then(|()| out.flush())
+            .expect("the CGI header block");
+    }
     if args.first().map(String::as_str) == Some("--cgroup") && args.len() > 1 {
         let procs = std::path::Path::new(&args[1]).join("cgroup.procs");
         std::fs::write(procs, std::process::id().to_string()).expect("cannot enter the cgroup");

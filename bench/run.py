@@ -47,7 +47,7 @@ FLOOR = RELEASE / "bench-floor"
 CGROOT = Path("/sys/fs/cgroup/unified/splice-relay-bench")
 # What --smoke runs (unless --only names others): one scenario a protocol,
 # raw, WebSocket, TLS and a shared command, every contender of each.
-SMOKE = ("bulk", "ws-text", "tls-bulk", "fanout-stall")
+SMOKE = ("bulk", "ws-text", "tls-bulk", "fanout-stall", "http-bulk")
 GIB = 1 << 30
 # --baseline: another build's splice-relay, run beside this one's.
 BASELINE = None
@@ -61,9 +61,11 @@ class Contender:
 
     # The scenarios it takes part in (None: all).
     scenarios = None
-    # Whether its clients speak WebSocket, or TLS.
+    # Whether its clients speak WebSocket, TLS or HTTP (and the path they ask for).
     ws = False
     tls = False
+    http = False
+    path = "/"
 
     def __init__(self, name, kind):
         self.name, self.kind = name, kind
@@ -265,6 +267,118 @@ class Wsbroad(Contender):
         super().stop()
 
 
+HTTP_SCENARIOS = {"http-rate1", "http-rate32", "http-bulk"}
+
+
+class SpliceRelayHttp(SpliceRelay):
+    """An HTTP service: the command's output is the response's body."""
+
+    def __init__(self, binary=None, tag=""):
+        super().__init__(binary=binary)
+        self.name = "splice-relay http" + tag
+        self.cgroup = CGROOT / self.name.replace(" ", "_")
+        self.extra = 'protocol = "http"\n'
+        self.http = True
+        self.scenarios = HTTP_SCENARIOS
+
+
+def cgi_program(root, command):
+    """The producer as a CGI program at root/run: its arguments beside it in
+    run.args (bench/producer.rs reads them, and writes a CGI header)."""
+    root.mkdir(exist_ok=True)
+    program = root / "run"
+    if program.is_symlink() or program.exists():
+        program.unlink()
+    program.symlink_to(command[0])
+    (root / "run.args").write_text(" ".join(command[1:]))
+    return program
+
+
+class Lighttpd(Contender):
+    """lighttpd with mod_cgi, the response streamed as it comes."""
+
+    def __init__(self):
+        super().__init__("lighttpd mod_cgi", "relay")
+        self.http, self.path = True, "/run"
+        self.scenarios = HTTP_SCENARIOS
+
+    def argv(self, port, command, tmp):
+        root = tmp / "lighttpd"
+        cgi_program(root, command)
+        conf = tmp / "lighttpd.conf"
+        conf.write_text(
+            f'server.document-root = "{root}"\nserver.bind = "127.0.0.1"\nserver.port = {port}\n'
+            'server.modules = ("mod_cgi")\ncgi.assign = ("" => "")\nserver.stream-response-body = 2\n'
+            f'server.max-connections = 4096\nserver.errorlog = "{tmp}/lighttpd-error.log"\n')
+        return ["lighttpd", "-D", "-f", str(conf)], None
+
+
+class NginxFcgiwrap(Contender):
+    """nginx with fcgiwrap (32 workers, one request each at a time), the
+    response unbuffered."""
+
+    def __init__(self):
+        super().__init__("nginx fcgiwrap", "relay")
+        self.http, self.path = True, "/run"
+        self.scenarios = HTTP_SCENARIOS
+        self.wrapper = None
+
+    def start(self, port, command, tmp):
+        self.cgroup.mkdir(parents=True, exist_ok=True)
+        procs = self.cgroup / "cgroup.procs"
+        self.socket = tmp / "fcgiwrap.sock"
+        if self.socket.exists():
+            self.socket.unlink()
+        self.wrapper = subprocess.Popen(
+            ["fcgiwrap", "-c", "32", "-s", f"unix:{self.socket}"], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=open(tmp / "fcgiwrap.log", "w"),
+            preexec_fn=lambda: procs.write_text(str(os.getpid())))
+        deadline = time.monotonic() + 10
+        while not self.socket.exists():
+            if self.wrapper.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"fcgiwrap did not start; see {tmp}/fcgiwrap.log")
+            time.sleep(0.02)
+        super().start(port, command, tmp)
+
+    def argv(self, port, command, tmp):
+        program = cgi_program(tmp / "fcgi", command)
+        conf = tmp / "nginx-fcgiwrap.conf"
+        conf.write_text(
+            f"daemon off;\nuser root;\nworker_processes auto;\nerror_log {tmp}/nginx-error.log warn;\npid {tmp}/nginx.pid;\n"
+            "events { worker_connections 4096; }\n"
+            f"http {{\n  access_log off;\n  client_body_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n"
+            f"  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n"
+            f"      fastcgi_pass unix:{self.socket};\n      fastcgi_buffering off;\n"
+            f"      fastcgi_param SCRIPT_FILENAME {program};\n      fastcgi_param GATEWAY_INTERFACE CGI/1.1;\n"
+            "      fastcgi_param REQUEST_METHOD $request_method;\n      fastcgi_param QUERY_STRING $query_string;\n"
+            "    }\n  }\n}\n")
+        return ["nginx", "-c", str(conf), "-p", str(tmp)], None
+
+    def stop(self):
+        super().stop()
+        if self.wrapper and self.wrapper.poll() is None:
+            self.wrapper.kill()
+            self.wrapper.wait()
+
+
+class Webhook(Contender):
+    """adnanh/webhook (Debian's webhook): a hook that runs the command and
+    answers with its output (it buffers the output: it cannot stream it)."""
+
+    def __init__(self):
+        super().__init__("webhook", "relay")
+        self.http, self.path = True, "/hooks/run"
+        self.scenarios = HTTP_SCENARIOS
+
+    def argv(self, port, command, tmp):
+        hooks = tmp / "hooks.json"
+        hooks.write_text(json.dumps([{
+            "id": "run", "execute-command": command[0],
+            "pass-arguments-to-command": [{"source": "string", "name": a} for a in command[1:]],
+            "include-command-output-in-response": True}]))
+        return ["webhook", "-hooks", str(hooks), "-ip", "127.0.0.1", "-port", str(port)], None
+
+
 TLS_SCENARIOS = {"tls-rate1", "tls-rate32", "tls-bulk", "tls-bulk4"}
 # The certificate every TLS contender serves (made by main()).
 TLS_FILES = {}
@@ -414,7 +528,7 @@ def free_port():
 
 def wire(c):
     """The prefix of bench-load's modes for what the contender's clients speak."""
-    return "ws" if c.ws else "tls" if c.tls else ""
+    return "ws" if c.ws else "tls" if c.tls else "http" if c.http else ""
 
 
 def load(*args, timeout=600):
@@ -438,7 +552,7 @@ def bulk_bytes(smoke, clients):
 def scenario_bulk(c, smoke, clients, per=None):
     per = per or bulk_bytes(smoke, clients)
     cpu0 = c.cpu_seconds()
-    r = load(wire(c) + "bulk", f"127.0.0.1:{c.port}", clients, per)
+    r = load(wire(c) + "bulk", f"127.0.0.1:{c.port}", clients, per, *([c.path] if c.http else []))
     cpu = c.cpu_seconds() - cpu0
     if not r["ok"]:
         raise RuntimeError(f"{c.name}: bulk delivered {r['bytes']} bytes, not {clients * per}")
@@ -446,7 +560,8 @@ def scenario_bulk(c, smoke, clients, per=None):
 
 
 def scenario_rate(c, smoke, concurrency):
-    r = load(wire(c) + "rate", f"127.0.0.1:{c.port}", concurrency, 1 if smoke else 5)
+    r = load(wire(c) + "rate", f"127.0.0.1:{c.port}", concurrency, 1 if smoke else 5,
+             *([c.path] if c.http else []))
     if smoke and r["ok"] == 0:
         raise RuntimeError(f"{c.name}: no connection served")
     return {"conn/s": r["per_sec"], "failed": r["failed"]}
@@ -559,7 +674,8 @@ def contenders(names, scenario):
             SpliceRelayTls(), SpliceRelayTls("direct"), Stunnel(), SocatTls(), SocatTls(1 << 20),
             SpliceRelayShared(), SpliceRelayShared("copy"),
             SpliceRelayShared(lagging="wait"), SpliceRelayShared("copy", lagging="wait"),
-            SpliceRelayWsShared(), Floor("relay"), Floor("shared")]
+            SpliceRelayWsShared(), Floor("relay"), Floor("shared"),
+            SpliceRelayHttp(), Lighttpd(), NginxFcgiwrap(), Webhook()]
     # The Rust broadcasters, where installed (ensure_tools installs them).
     all_ += [c for c, exe in ((WebsocatBroadcast(), "websocat"), (Wsbroad(), "wsbroad")) if shutil.which(exe)]
     if BASELINE:
@@ -567,6 +683,7 @@ def contenders(names, scenario):
         all_ += [SpliceRelay(t, binary=BASELINE, tag=" baseline") for t in (None, "splice", "copy")]
         all_ += [SpliceRelayWs(m, binary=BASELINE, tag=" baseline") for m in ("text", "binary")]
         all_ += [SpliceRelayTls(binary=BASELINE, tag=" baseline")]
+        all_ += [SpliceRelayHttp(binary=BASELINE, tag=" baseline")]
     return [c for c in all_ if (names is None or c.name in names)
             and (c.scenarios is None or scenario in c.scenarios)]
 
@@ -660,7 +777,9 @@ CRATES = (("websocat@1.14.1", "websocat"), ("wsbroad@0.3.0", "wsbroad"))
 
 def ensure_tools(scenarios):
     need = [p for p, exe in (("socat", "socat"), ("ucspi-tcp", "tcpserver"), ("xinetd", "xinetd"),
-                             ("websocketd", "websocketd"), ("stunnel4", "stunnel4"), ("openssl", "openssl"))
+                             ("websocketd", "websocketd"), ("stunnel4", "stunnel4"), ("openssl", "openssl"),
+                             ("lighttpd", "lighttpd"), ("fcgiwrap", "fcgiwrap"), ("nginx-light", "nginx"),
+                             ("webhook", "webhook"))
             if not shutil.which(exe)]
     if need:
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *need], check=True)
@@ -680,7 +799,7 @@ def main():
     ap.add_argument("--only", help="scenarios: bulk,bulk4,vmsplice,cat,cat4,head,head4,gzip,gzip4,"
                     "rate1,rate32,slow,burst,latency,lines,ws-rate1,ws-rate32,ws-text,ws-bulk,ws-bulk4,ws-slow,"
                     "tls-rate1,tls-rate32,tls-bulk,tls-bulk4,fanout1,fanout10,fanout100,ws-fanout1,ws-fanout10,"
-                    "ws-fanout100,fanout-stall,shared-slow")
+                    "ws-fanout100,fanout-stall,shared-slow,http-rate1,http-rate32,http-bulk")
     ap.add_argument("--contenders", help="comma-separated names (default: all)")
     ap.add_argument("--baseline", type=Path, help="another build's splice-relay binary: its rows "
                     "(`splice-relay baseline`, `splice-relay splice baseline`, `splice-relay copy baseline`, "
@@ -726,6 +845,8 @@ def main():
     text_ws = ("splice-relay websocket", "websocketd")
     binary_ws = ("splice-relay splice", "splice-relay websocket binary", "websocketd --binary")
     ws_bulk = GIB // 4 if not smoke else 16 << 20
+    http_bulk = GIB // 4 if not smoke else 16 << 20
+    http_who = ("splice-relay http", "lighttpd mod_cgi", "nginx fcgiwrap", "webhook")
     tls_bulk = GIB if not smoke else 16 << 20
     tls_who = ("splice-relay tls", "splice-relay tls direct", "stunnel", "socat openssl",
                "socat openssl -b1048576")
@@ -733,6 +854,7 @@ def main():
         def with_baseline(names):
             return names + tuple(f"{n} baseline" for n in names if n.startswith("splice-relay"))
         real, text_ws, binary_ws, tls_who = map(with_baseline, (real, text_ws, binary_ws, tls_who))
+        http_who = with_baseline(http_who)
     make_certificate(files)
     build_floor()
     # A bulk stream outruns its readers: exact delivery (lagging = "wait")
@@ -819,6 +941,13 @@ def main():
          lambda c: scenario_fanout(c, smoke, 100 if not smoke else 20), ws_fanout_who),
         ("fanout-stall", "8d. Shared command, 50 MB/s: 10 readers, then 9 and one that never reads",
          "splice-relay shared", ("paced", 50), lambda c: scenario_stall(c, smoke), shared_only),
+        # HTTP: the CGI servers people use for this, and webhook; an HTTP/1.0 GET.
+        ("http-rate1", "9. HTTP: requests a second, concurrency 1 (one line)", "lighttpd mod_cgi", ("hello",),
+         lambda c: scenario_rate(c, smoke, 1), http_who),
+        ("http-rate32", "9b. HTTP: requests a second, concurrency 32 (one line)", "lighttpd mod_cgi", ("hello",),
+         lambda c: scenario_rate(c, smoke, 32), http_who),
+        ("http-bulk", "9c. HTTP: a 256 MiB response, one client", "lighttpd mod_cgi", ("bulk", http_bulk),
+         lambda c: scenario_bulk(c, smoke, 1, http_bulk), http_who),
         ("shared-slow", f"8e. {slow_clients} clients of one command ticking once a second, against a command each",
          "splice-relay", ("ticks", 1000, window + 5), lambda c: scenario_slow(c, smoke, slow_clients, window),
          ("splice-relay", "splice-relay shared", "floor shared (C)")),
@@ -831,7 +960,7 @@ def main():
                 continue
             if smoke and not only and key not in SMOKE:
                 continue
-            if cmd[0] in ("bulk", "vmsplice") and not key.startswith(("ws-", "tls-", "fanout")):
+            if cmd[0] in ("bulk", "vmsplice") and not key.startswith(("ws-", "tls-", "fanout", "http-")):
                 cmd = (cmd[0], bulk_bytes(smoke, 4 if key == "bulk4" else 1))
             picks = [c for c in contenders(names, key) if not who or c.name in who[0]]
             results.append(run_scenario(title, ref, cmd, measure, picks, rounds, tmp, smoke))

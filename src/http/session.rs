@@ -193,7 +193,7 @@ impl<'a> Session<'a> {
 
     /// Queues `payload` (command output, `carried` bytes of it; or framing
     /// alone), framed as the response is, behind the head if it is not out.
-    fn queue(&mut self, mut framed: Vec<u8>, start: usize, carried: usize) {
+    fn queue(&mut self, framed: Vec<u8>, start: usize, carried: usize) {
         if !self.begun {
             self.begun = true;
             let mut bytes = match &self.cgi_head {
@@ -202,12 +202,12 @@ impl<'a> Session<'a> {
             }
             .into_bytes();
             bytes.extend_from_slice(&framed[start..]);
-            framed = bytes;
-        } else if start > 0 {
-            framed.drain(..start);
+            self.out = bytes;
+            self.at = 0;
+        } else {
+            self.out = framed;
+            self.at = start;
         }
-        self.out = framed;
-        self.at = 0;
         self.carried = carried;
     }
 
@@ -222,7 +222,7 @@ impl<'a> Session<'a> {
     /// Reads what the command wrote, as much as the client's socket takes.
     fn produce(&mut self, ready: io::Result<AsyncFdReadyGuard<'_, OwnedFd>>) -> Result<(), End> {
         let mut ready = ready.map_err(|e| End::reading_output(fdio::errno(&e)))?;
-        let want = READ.min(usize::try_from(self.budget).unwrap_or(usize::MAX));
+        let want = READ.min(clamp(self.budget));
         let limit = self.room.for_read(self.socket.get_ref(), want);
         if limit == 0 {
             // The output waits for the client's room.
