@@ -20,7 +20,7 @@ use nix::sys::socket::{shutdown, Shutdown as How};
 use tokio::io::unix::AsyncFd;
 
 use crate::access::{Admission, Refusal, Scope, SourceGuard};
-use crate::config::Service;
+use crate::config::{Protocol, Service};
 use crate::episode::Counted;
 use crate::peer::Peer;
 use crate::proxy::{self, Header};
@@ -149,7 +149,9 @@ impl Admissions {
         {
             Ok(guard) => Ok((peer, guard)),
             Err(refusal) => {
-                if refusal != Refusal::Denied {
+                if let Some(answer) = http_refusal(service, refusal) {
+                    tell_and_close(socket, &answer);
+                } else if refusal != Refusal::Denied {
                     if let Some(message) = &service.busy_message {
                         tell_and_close(socket, message);
                     }
@@ -293,6 +295,31 @@ impl Admissions {
             false
         });
     }
+}
+
+/// An HTTP or WebSocket client refused before its request is read (its
+/// client speaks HTTP first, in plaintext): the HTTP answer that says why,
+/// 403 when it is denied, 429 at a limit or a rate (with `busy_message`, if
+/// the service has one, as what it says). None for other services, and
+/// over TLS, whose clients expect a handshake first.
+fn http_refusal(service: &Service, refusal: Refusal) -> Option<Vec<u8>> {
+    if service.protocol == Protocol::Raw || service.tls.is_some() {
+        return None;
+    }
+    let busy = service.busy_message.as_deref().map(String::from_utf8_lossy);
+    let why = match (refusal, busy) {
+        (Refusal::Denied, _) => refusal.to_string(),
+        (_, Some(message)) => message.trim_end().to_owned(),
+        (_, None) => refusal.to_string(),
+    };
+    let (status, headers): (u16, &[(&str, &str)]) = match refusal {
+        Refusal::Denied => (403, &[]),
+        Refusal::PerSource { .. } => (429, &[]),
+        Refusal::Rate | Refusal::RatePerSource => (429, &[("Retry-After", "1")]),
+    };
+    Some(crate::http::request::error_response(
+        status, &why, headers, false,
+    ))
 }
 
 /// Best effort, without waiting: the message if the socket takes it now,

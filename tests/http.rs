@@ -709,8 +709,9 @@ fn a_flood_of_wrong_logins_is_slowed_by_rate_per_source() {
         .collect();
     // The bucket holds 2 tokens: the connection took one and the wrong
     // login the other, so the second try, at once, is refused at admission
-    // (no answer at all), where without the login's token it would be let in.
-    assert_eq!(statuses, [401, 0]);
+    // (429, before its request is read), where without the login's token it
+    // would be let in.
+    assert_eq!(statuses, [401, 429]);
     d.wait_log(&["reason=\"rate-per-source\""]);
 }
 
@@ -855,4 +856,94 @@ fn a_bad_or_unfinished_cgi_header_block_is_502() {
         assert!(got.text().contains(why), "{}", got.text());
         d.wait_records(1);
     }
+}
+
+// --- Every guarantee of a connection ---
+
+/// A client refused at admission, before its request is read, still gets an
+/// HTTP answer: 403 when denied, 429 at max_per_source or a rate (with
+/// Retry-After for a rate, and busy_message as what it says).
+#[test]
+fn admission_refusals_are_http_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let script = format!("echo held; cat {}", fifo.display());
+    let extra = "max_per_source = 1\nbusy_message = \"come back later\"\ndeny = [\"127.0.0.9\"]";
+    let (_d, addr) = http_serve(&sh(&script), extra);
+    // One client holds the source's one place.
+    let mut held = Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "60", &url(addr, "/")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = BufReader::new(held.stdout.take().unwrap());
+    let mut line = String::new();
+    first.read_line(&mut line).unwrap();
+    assert_eq!(line, "held\n");
+    let busy = curl(&url(addr, "/"), &[]);
+    assert_eq!(busy.status(), 429, "{}", busy.head);
+    assert_eq!(busy.text(), "429 Too Many Requests: come back later\n");
+    let denied = curl(&url(addr, "/"), &["--interface", "127.0.0.9"]);
+    assert_eq!(denied.status(), 403, "{}", denied.head);
+    std::fs::write(&fifo, "").unwrap();
+    assert!(held.wait().unwrap().success());
+
+    let (_d, addr) = http_serve(&sh("echo hi"), "rate_per_source = 1");
+    assert_eq!(curl(&url(addr, "/"), &[]).status(), 200);
+    let fast = curl(&url(addr, "/"), &[]);
+    assert_eq!(fast.status(), 429, "{}", fast.head);
+    assert_eq!(fast.header("Retry-After").as_deref(), Some("1"));
+}
+
+/// HTTPS: an HTTP service with a certificate, to curl; the command sees
+/// HTTPS=on, and the body streams through the TLS layer (or the kernel's).
+#[test]
+fn an_http_service_over_tls_serves_curl() {
+    let pki = Pki::new();
+    let extra = format!("{}max_body_size = 10000", pki.tls_lines());
+    let (_d, addr) = http_serve(&sh("echo https=$HTTPS; cat"), &extra);
+    let url = format!("https://localhost:{}/", addr.port());
+    let resolve = format!("localhost:{}:127.0.0.1", addr.port());
+    let ca = pki.file("ca.pem");
+    let got = curl(
+        &url,
+        &[
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve,
+            "--data-binary",
+            "over tls",
+        ],
+    );
+    assert_eq!((got.code, got.status()), (0, 200), "{}", got.stderr);
+    assert_eq!(got.text(), "https=on\nover tls");
+}
+
+/// A shared command's HTTP clients: each is one more viewer, with its own
+/// response; the command goes on for the others when one leaves.
+#[test]
+fn a_shared_command_serves_http_clients_as_viewers() {
+    let (d, addr) = http_serve(
+        &sh("i=0; while [ $i -lt 3 ]; do echo tick $i; i=$((i+1)); sleep 0.2; done"),
+        "shared = true\nlinger = \"0s\"",
+    );
+    let a = Command::new("curl")
+        .args([
+            "-sS",
+            "-N",
+            "-H",
+            "Accept: text/event-stream",
+            &url(addr, "/"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&a.stdout);
+    assert!(
+        text.starts_with("data: tick 0\n\n") && text.contains("event: end\n"),
+        "{text}"
+    );
+    let r = d.wait_record_where(|r| r.reason == "output-ended");
+    assert!(r.instance.is_some(), "a viewer of the shared command: {r}");
 }

@@ -321,7 +321,8 @@ fn bad_upgrades_get_their_http_answer_and_no_command() {
     assert!(mark.exists());
 }
 
-/// Admission comes first: a denied client gets no handshake at all.
+/// Admission comes first: a denied client gets no handshake, only the HTTP
+/// answer that says so (403), sent before its request is read.
 #[test]
 fn admission_rules_apply_before_the_handshake() {
     let (d, addr) = ws_serve(&sh("echo hi"), "deny = [\"127.0.0.1\"]");
@@ -329,7 +330,9 @@ fn admission_rules_apply_before_the_handshake() {
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     let _ = s.write_all(upgrade_request("/", "").as_bytes());
     let (got, _) = read_until_end(&mut s);
-    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text:?}");
+    assert!(!text.contains("101"), "{text:?}");
     d.wait_log(&["refused", "reason=\"denied\""]);
 }
 
