@@ -1,5 +1,6 @@
 //! One connection, as a pipeline: admit → secure (TLS) → open (the
-//! protocol's opening: a WebSocket upgrade) → banner → spawn → supervise the
+//! protocol's opening: an HTTP request or a WebSocket upgrade, read, vetted
+//! and answered) → banner → spawn → supervise the
 //! transfer → end, by the one end policy → one record. `pipeline` reads
 //! top to bottom in that order; each step is a call into the module that
 //! owns it, and none knows which transport or protocol the client has: the
@@ -19,12 +20,12 @@ use nix::sys::socket::{setsockopt, sockopt};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use crate::access::{Refusal, SourceGuard};
 use crate::admit::Admissions;
 use crate::cgroup::Tree;
+use crate::client::opening::{self, Opened, Unopened};
 use crate::client::{Client, Opening, Transport};
 use crate::command::{Command, Ended, Input, SpawnError, Streams, Tag};
-use crate::config::{Http, Messages, Protocol, Service, Transfer, WebSocket};
+use crate::config::{Messages, Service, Transfer};
 use crate::end::{End, Ending};
 use crate::fdio;
 use crate::http;
@@ -285,54 +286,6 @@ async fn finish(client: Client<'_>, command: Command, end: &End, grace: Duration
     )
 }
 
-/// What the protocol's opening gives the rest: the opening, the request's
-/// variables, and the client a trusted reverse proxy named, with its place
-/// in `max_per_source`.
-type Opened<'a> = (
-    Opening<'a>,
-    Vec<(String, String)>,
-    Option<(Peer, SourceGuard)>,
-);
-
-/// A request read and checked by its protocol, not yet answered.
-enum Asked<'a> {
-    WebSocket(&'a WebSocket, websocket::Asked),
-    Http(&'a Http, http::Asked),
-}
-
-impl Asked<'_> {
-    fn request(&mut self) -> &mut http::request::Request {
-        match self {
-            Asked::WebSocket(_, asked) => &mut asked.request,
-            Asked::Http(_, asked) => &mut asked.request,
-        }
-    }
-}
-
-/// A request's checks, passed: the client a trusted proxy named, with its
-/// place in `max_per_source`, and who logged in.
-struct Vetted {
-    forwarded: Option<(Peer, SourceGuard)>,
-    login: Option<http::login::LoggedIn>,
-}
-
-/// A request turned away: the status, why, and a login's challenge.
-struct Turned {
-    status: u16,
-    why: String,
-    challenge: Option<String>,
-}
-
-impl Turned {
-    fn new(status: u16, why: String) -> Turned {
-        Turned {
-            status,
-            why,
-            challenge: None,
-        }
-    }
-}
-
 /// One connection's service and the daemon's context: what each step needs.
 struct Conn<'a> {
     service: &'a Arc<Service>,
@@ -418,12 +371,8 @@ impl Conn<'_> {
         Ok((transport, accepted.env))
     }
 
-    /// The protocol's opening: a WebSocket service's upgrade, an HTTP
-    /// service's request (nothing for raw), read, vetted (the client a
-    /// trusted proxy names; the login) and answered. A client that sends no
-    /// valid request, or is turned away, is refused as admission refuses,
-    /// in episodes; one that asks for the console page or a HEAD gets it,
-    /// and its connection a record. Returns what the rest needs.
+    /// The protocol's opening (`client::opening`): an HTTP request or a
+    /// WebSocket upgrade read, vetted and answered; nothing for raw.
     async fn open(
         &self,
         transport: &Transport,
@@ -431,152 +380,13 @@ impl Conn<'_> {
         peer: &Peer,
         record: &mut Record,
     ) -> Result<Opened<'_>, Early> {
-        let service = self.service;
-        let limit = bounds.within(service.handshake_timeout);
+        let limit = bounds.within(self.service.handshake_timeout);
         let admissions = &self.context.admissions;
-        let (tls, plain) = (service.tls.is_some(), transport.plain());
-        let refused = |why| {
-            admissions.refused_handshake(service, peer, why);
-            Early::Refused
-        };
+        let opening = opening::open(self.service, admissions, transport, limit, peer, record);
         // Boxed: a raw connection's future needs no room for the request.
-        let mut asked = match &service.protocol {
-            Protocol::Raw => return Ok((Opening::Raw, Vec::new(), None)),
-            Protocol::WebSocket(ws) => Box::pin(websocket::read(plain, ws, (tls, limit)))
-                .await
-                .map(|asked| Asked::WebSocket(ws, asked)),
-            Protocol::Http(settings) => Box::pin(http::read(plain, settings, (tls, limit)))
-                .await
-                .map(|asked| Asked::Http(settings, asked)),
-        }
-        .map_err(|no| self.no_response(no, &refused))?;
-        let vetted = Box::pin(self.vet(asked.request(), peer)).await;
-        let Vetted { forwarded, login } = match vetted {
-            Ok(vetted) => vetted,
-            Err(Turned {
-                status,
-                why,
-                challenge,
-            }) => {
-                let headers: Vec<(&str, &str)> = challenge
-                    .as_deref()
-                    .map(|c| ("WWW-Authenticate", c))
-                    .into_iter()
-                    .collect();
-                let _ = http::request::answer(plain, status, why, &headers).await;
-                return Err(Early::Refused);
-            }
-        };
-        let mut login_env = Vec::new();
-        if let Some(login) = login {
-            login_env.push(("AUTH_TYPE".to_string(), login.scheme.to_string()));
-            if let Some(user) = login.user {
-                record.user(&user);
-                login_env.push(("REMOTE_USER".to_string(), user));
-            }
-        }
-        let opened =
-            match asked {
-                Asked::WebSocket(ws, asked) => Box::pin(websocket::accept(plain, ws, asked))
-                    .await
-                    .map(|mut upgraded| {
-                        record.framed();
-                        let env = std::mem::take(&mut upgraded.env);
-                        (Opening::WebSocket(ws, upgraded), env)
-                    }),
-                Asked::Http(settings, asked) => Box::pin(http::accept(plain, settings, asked))
-                    .await
-                    .map(|mut opened| {
-                        let env = std::mem::take(&mut opened.env);
-                        (Opening::Http(settings, opened), env)
-                    }),
-            };
-        let (opening, env) = opened.map_err(|no| self.no_response(no, &refused))?;
-        Ok((opening, [env, login_env].concat(), forwarded))
-    }
-
-    /// What an opening that ends the connection means for it.
-    fn no_response(&self, no: http::NoResponse, refused: &dyn Fn(String) -> Early) -> Early {
-        match no {
-            http::NoResponse::Head => Early::Ended(End::HeadersOnly),
-            http::NoResponse::Page => Early::Ended(End::Page),
-            http::NoResponse::Answered { status, why } => {
-                refused(format!("answered {status}: {why}"))
-            }
-            http::NoResponse::Gone(why) => refused(why),
-        }
-    }
-
-    /// The checks of a request that can be served, before it is answered:
-    /// behind a trusted reverse proxy, the client it names, admitted as any
-    /// client is (403, 429); then the service's login (401). Refusals are
-    /// counted and logged in episodes, and a wrong login spends a token of
-    /// `rate_per_source`.
-    async fn vet(
-        &self,
-        request: &mut http::request::Request,
-        peer: &Peer,
-    ) -> Result<Vetted, Turned> {
-        let (service, admissions) = (self.service, &self.context.admissions);
-        let mut forwarded = None;
-        if let Some(client) = self.forwarded(request, peer) {
-            match admissions.admit_forwarded(service, &client) {
-                Ok(place) => forwarded = Some((client, place)),
-                Err(refusal) => {
-                    let status = if refusal == Refusal::Denied { 403 } else { 429 };
-                    return Err(Turned::new(status, refusal.to_string()));
-                }
-            }
-        }
-        let client = forwarded.as_ref().map_or(peer, |(client, _)| client);
-        let Some(login) = &service.login else {
-            return Ok(Vetted {
-                forwarded,
-                login: None,
-            });
-        };
-        match http::login::check(login, request).await {
-            Ok(logged_in) => Ok(Vetted {
-                forwarded,
-                login: Some(logged_in),
-            }),
-            Err(failed) => {
-                let why = match failed {
-                    http::login::Failed::Missing => "no login".to_string(),
-                    http::login::Failed::Wrong(why) => {
-                        admissions.failed_login(service, client);
-                        why
-                    }
-                };
-                admissions.refused_login(service, client, why.clone());
-                let mut turned = Turned::new(401, why);
-                turned.challenge = Some(http::login::challenge(login, &service.name));
-                Err(turned)
-            }
-        }
-    }
-
-    /// Behind a reverse proxy in `forwarded_from`: the client its request
-    /// names (or the proxy, if it names none), and whether that client came
-    /// over TLS (then the request is marked so, for `HTTPS`). From any
-    /// other peer: None, and the headers are only `HTTP_*` variables.
-    fn forwarded(&self, request: &mut http::request::Request, peer: &Peer) -> Option<Peer> {
-        let Peer::Tcp { remote, local } = peer else {
-            return None;
-        };
-        let trusted = &self.service.forwarded_from;
-        if !trusted.iter().any(|c| c.contains(remote.ip())) {
-            return None;
-        }
-        Some(match request.forwarded(trusted) {
-            Some(named) => {
-                request.tls |= named.https;
-                Peer::Tcp {
-                    remote: named.client,
-                    local: *local,
-                }
-            }
-            None => peer.clone(),
+        Box::pin(opening).await.map_err(|unopened| match unopened {
+            Unopened::Refused => Early::Refused,
+            Unopened::Ended(end) => Early::Ended(end),
         })
     }
 

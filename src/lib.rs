@@ -26,6 +26,8 @@
 //!   per-source limits, rates, and refusal episodes in the log.
 //! - [`access`]: the rules themselves: address ranges, per-source counts, token buckets.
 //! - [`proxy`]: the PROXY protocol v1/v2 header.
+//! - [`vet`]: an HTTP or WebSocket request's checks before it is answered:
+//!   the client a trusted reverse proxy names (`forwarded_from`), the login.
 //! - [`peer`]: who is connected, for the log and the command's environment.
 //! - [`tls`]: TLS on the client's connection: certificates and keys, the
 //!   handshake, the command's `SSL_*` variables, the kernel's TLS, the layer.
@@ -84,6 +86,7 @@ pub mod starved;
 pub mod supervise;
 mod sys;
 pub mod tls;
+pub mod vet;
 pub mod websocket;
 
 pub use sys::{cloexec_from_3, commands_get_nofile};

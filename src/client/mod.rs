@@ -10,6 +10,8 @@
 //! ([`crate::end::Ending`]) says. A new protocol is one more implementation
 //! of these two, whatever transport carries it.
 //!
+//! - `opening`: the protocol's opening, before any command (an HTTP request,
+//!   a WebSocket upgrade): read, vetted and answered;
 //! - `transport`: the socket, or the TLS layer's task and its socket pair;
 //! - `raw`: raw bytes, moved by the relay's loops;
 //! - `direct`: the command has the socket; the daemon watches;
@@ -17,6 +19,7 @@
 //!   `http::Session`.
 
 mod direct;
+pub mod opening;
 mod raw;
 mod transport;
 
