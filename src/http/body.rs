@@ -321,6 +321,12 @@ mod tests {
         );
         let (r, _, _) = decode_all(Body::Length(5), b"hello", 4);
         assert!(r.unwrap_err().contains("max_body_size"));
+        let (r, out, _) = decode_all(Body::Length(5), b"hello", 5);
+        assert_eq!(
+            (r, out.as_slice()),
+            (Ok(5), &b"hello"[..]),
+            "exactly the bound is taken"
+        );
     }
 
     #[test]
@@ -359,6 +365,22 @@ mod tests {
         let long = [b'1'; 2000];
         let (r, _, _) = decode_all(Body::chunked(), &long, u64::MAX);
         assert!(r.is_err());
+        // A size line made long by its extension, and trailers past their bound.
+        let mut line = b"5;".to_vec();
+        line.extend_from_slice(&[b'x'; 1100]);
+        let (r, _, _) = decode_all(Body::chunked(), &line, u64::MAX);
+        assert!(r.unwrap_err().contains("over 1 KiB"));
+        let mut trailers = b"0\r\n".to_vec();
+        for _ in 0..300 {
+            trailers.extend_from_slice(b"X-Trailer: 0123456789abcdef\r\n");
+        }
+        let (r, _, _) = decode_all(Body::chunked(), &trailers, u64::MAX);
+        assert!(r.unwrap_err().contains("trailers over 8 KiB"));
+        let (r, _, _) = decode_all(Body::chunked(), b";x\r\n", u64::MAX);
+        assert!(
+            r.unwrap_err().contains("not hexadecimal"),
+            "an extension needs a size first"
+        );
     }
 
     #[test]

@@ -136,5 +136,12 @@ mod tests {
         assert!(parse(&vec![b'x'; MAX_BLOCK + 1])
             .unwrap_err()
             .contains("no end"));
+        assert_eq!(
+            parse(&vec![b'x'; 8 * 1024]),
+            Ok(None),
+            "8 KiB without its end waits"
+        );
+        let status = parse(b"Status: 0404 Not Found\n\n").unwrap_err();
+        assert!(status.contains("200 to 599"), "three digits: {status}");
     }
 }
