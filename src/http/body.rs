@@ -376,6 +376,13 @@ mod tests {
         }
         let (r, _, _) = decode_all(Body::chunked(), &trailers, u64::MAX);
         assert!(r.unwrap_err().contains("trailers over 8 KiB"));
+        // Every byte of the trailers counts, line ends too.
+        for filler in [&b"a\n"[..], b"\r"] {
+            let mut trailers = b"0\r\n".to_vec();
+            trailers.extend(filler.iter().cycle().take(10_000));
+            let (r, _, _) = decode_all(Body::chunked(), &trailers, u64::MAX);
+            assert!(r.unwrap_err().contains("trailers over 8 KiB"), "{filler:?}");
+        }
         let (r, _, _) = decode_all(Body::chunked(), b";x\r\n", u64::MAX);
         assert!(
             r.unwrap_err().contains("not hexadecimal"),
