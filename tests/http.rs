@@ -72,6 +72,41 @@ fn url(addr: SocketAddr, path: &str) -> String {
     format!("http://{addr}{path}")
 }
 
+/// `splice-relay --check` of a one-service file with `extra` lines: its exit
+/// code, what it said, and the file's path.
+fn check(extra: &str) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, one_service(&sh("echo"), extra)).unwrap();
+    let out = Command::new(BIN)
+        .arg("--check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), said, path.display().to_string())
+}
+
+/// curl streaming `url` (`-N`), once it has printed its first line.
+fn streaming(
+    url: &str,
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+) {
+    let mut child = Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "60", url])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    (child, out, line)
+}
+
 // --- Streaming ---
 
 #[test]
@@ -81,14 +116,7 @@ fn curl_gets_each_line_as_the_command_writes_it() {
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let script = format!("echo first; cat {}; echo last", fifo.display());
     let (d, addr) = http_serve(&sh(&script), "");
-    let mut child = Command::new("curl")
-        .args(["-sS", "-N", "--max-time", "60", &url(addr, "/")])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let (mut child, mut out, line) = streaming(&url(addr, "/"));
     // The first line arrived while the command still waits for the second:
     // nothing is held back until the end.
     assert_eq!(line, "first\n");
@@ -420,18 +448,9 @@ fn http_keys_elsewhere_are_errors_with_their_position() {
             "a media type",
         ),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("relay.toml");
-        std::fs::write(&path, one_service(&sh("echo"), extra)).unwrap();
-        let out = Command::new(BIN)
-            .arg("--check")
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(78), "{extra}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        let at = format!("{}:", path.display());
+        let (code, err, path) = check(extra);
+        assert_eq!(code, Some(78), "{extra}");
+        let at = format!("{path}:");
         assert!(
             err.contains(&at) && err.contains(key) && err.contains(why),
             "{extra}: {err}"
@@ -747,17 +766,9 @@ fn a_weak_hash_in_htpasswd_is_a_config_error_with_its_line() {
     let dir = tempfile::tempdir().unwrap();
     let htpasswd = dir.path().join("htpasswd");
     std::fs::write(&htpasswd, "carol:$apr1$Qm7sFiZ6$3nsOEkMnV3pFtaLLTRvbH/\n").unwrap();
-    let path = dir.path().join("relay.toml");
     let extra = format!("protocol = \"http\"\nhtpasswd = \"{}\"", htpasswd.display());
-    std::fs::write(&path, one_service(&sh("echo"), &extra)).unwrap();
-    let out = Command::new(BIN)
-        .arg("--check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err, _) = check(&extra);
+    assert_eq!(code, Some(78));
     assert!(
         err.contains("htpasswd: line 1 (user \"carol\"): an MD5 hash, which is refused: re-hash"),
         "{err}"
@@ -872,14 +883,7 @@ fn admission_refusals_are_http_answers() {
     let extra = "max_per_source = 1\nbusy_message = \"come back later\"\ndeny = [\"127.0.0.9\"]";
     let (_d, addr) = http_serve(&sh(&script), extra);
     // One client holds the source's one place.
-    let mut held = Command::new("curl")
-        .args(["-sS", "-N", "--max-time", "60", &url(addr, "/")])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = BufReader::new(held.stdout.take().unwrap());
-    let mut line = String::new();
-    first.read_line(&mut line).unwrap();
+    let (mut held, _out, line) = streaming(&url(addr, "/"));
     assert_eq!(line, "held\n");
     let busy = curl(&url(addr, "/"), &[]);
     assert_eq!(busy.status(), 429, "{}", busy.head);
