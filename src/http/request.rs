@@ -148,12 +148,6 @@ impl Request {
         (!values.is_empty()).then(|| values.join(", "))
     }
 
-    /// How many times a header comes.
-    pub fn count(&self, name: &str) -> usize {
-        let named = |(n, _): &&(String, String)| n.eq_ignore_ascii_case(name);
-        self.headers.iter().filter(named).count()
-    }
-
     /// Whether a header's comma-separated tokens include `token`.
     pub fn has_token(&self, name: &str, token: &str) -> bool {
         self.header(name)
