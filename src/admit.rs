@@ -65,7 +65,13 @@ pub enum Refused {
     /// The client left before its command started (a reset in the backlog,
     /// during admission, a handshake or the banner): what happened.
     Left(String),
+    /// An HTTP client whose service was at its `max_connections` (it got
+    /// 503).
+    Busy(usize),
 }
+
+/// An HTTP refusal: the status, why, and the headers to send with it.
+pub type HttpRefusal = (u16, String, &'static [(&'static str, &'static str)]);
 
 /// The reason of [`Refused::Left`] episodes.
 const LEFT: &str = "left-unserved";
@@ -80,6 +86,7 @@ impl Refused {
             Refused::Login(_) => "login",
             Refused::Tls(reason, _) => reason,
             Refused::Left(_) => LEFT,
+            Refused::Busy(_) => "max-connections",
         }
     }
 }
@@ -101,52 +108,8 @@ impl Admissions {
         socket: &AsyncFd<OwnedFd>,
         peer: Peer,
     ) -> Result<(Peer, SourceGuard), (Peer, Refused)> {
-        let peer = if service.proxy_protocol {
-            if let Peer::Tcp { remote, .. } = &peer {
-                let ip = remote.ip();
-                if !service.proxy_from.is_empty()
-                    && !service.proxy_from.iter().any(|c| c.contains(ip))
-                {
-                    let refused = Refused::ProxyUntrusted;
-                    self.note(service, &peer, &refused);
-                    return Err((peer, refused));
-                }
-            }
-            let limit = service
-                .timeout
-                .map_or(PROXY_HEADER_TIMEOUT, |t| t.min(PROXY_HEADER_TIMEOUT));
-            match proxy::read_header(socket, limit).await {
-                Ok(Header::Proxied {
-                    source,
-                    destination,
-                }) => Peer::Tcp {
-                    remote: source,
-                    local: destination,
-                },
-                Ok(Header::Local) => peer,
-                Err(e) => {
-                    let refused = Refused::ProxyHeader(e.to_string());
-                    self.note(service, &peer, &refused);
-                    return Err((peer, refused));
-                }
-            }
-        } else {
-            peer
-        };
-        let ip: Option<IpAddr> = match &peer {
-            Peer::Tcp { remote, .. } => Some(remote.ip()),
-            Peer::Unix { .. } => None,
-        };
-        // A trusted reverse proxy's client is decided once its request says
-        // who it is (`admit_forwarded`).
-        let scope = match ip {
-            Some(ip) if service.forwarded_from.iter().any(|c| c.contains(ip)) => Scope::Service,
-            _ => Scope::All,
-        };
-        match self
-            .of(service)
-            .admit_in(scope, ip, &service.access, Instant::now())
-        {
+        let peer = self.proxied(service, socket, peer).await?;
+        match self.rules(service, &peer) {
             Ok(guard) => Ok((peer, guard)),
             Err(refusal) => {
                 if let Some(answer) = http_refusal(service, refusal) {
@@ -156,11 +119,87 @@ impl Admissions {
                         tell_and_close(socket, message);
                     }
                 }
-                let refused = Refused::Rule(refusal);
+                Err((peer, Refused::Rule(refusal)))
+            }
+        }
+    }
+
+    /// The client's address: from the PROXY header, when the service
+    /// expects one (from its `proxy_from` peers only); else the peer's. On a
+    /// shared socket this is all of admission that comes before the request
+    /// names its service ([`Admissions::admit_routed`] does the rest).
+    pub async fn proxied(
+        &self,
+        service: &Service,
+        socket: &AsyncFd<OwnedFd>,
+        peer: Peer,
+    ) -> Result<Peer, (Peer, Refused)> {
+        if !service.proxy_protocol {
+            return Ok(peer);
+        }
+        if let Peer::Tcp { remote, .. } = &peer {
+            let ip = remote.ip();
+            if !service.proxy_from.is_empty() && !service.proxy_from.iter().any(|c| c.contains(ip))
+            {
+                let refused = Refused::ProxyUntrusted;
+                self.note(service, &peer, &refused);
+                return Err((peer, refused));
+            }
+        }
+        let limit = service
+            .timeout
+            .map_or(PROXY_HEADER_TIMEOUT, |t| t.min(PROXY_HEADER_TIMEOUT));
+        match proxy::read_header(socket, limit).await {
+            Ok(Header::Proxied {
+                source,
+                destination,
+            }) => Ok(Peer::Tcp {
+                remote: source,
+                local: destination,
+            }),
+            Ok(Header::Local) => Ok(peer),
+            Err(e) => {
+                let refused = Refused::ProxyHeader(e.to_string());
                 self.note(service, &peer, &refused);
                 Err((peer, refused))
             }
         }
+    }
+
+    /// The service's rules (`allow`/`deny`, the limits, the rates) for
+    /// `peer`; a refusal is counted and logged.
+    fn rules(&self, service: &Service, peer: &Peer) -> Result<SourceGuard, Refusal> {
+        let ip: Option<IpAddr> = match peer {
+            Peer::Tcp { remote, .. } => Some(remote.ip()),
+            Peer::Unix { .. } => None,
+        };
+        // A trusted reverse proxy's client is decided once its request says
+        // who it is (`admit_forwarded`).
+        let scope = match ip {
+            Some(ip) if service.forwarded_from.iter().any(|c| c.contains(ip)) => Scope::Service,
+            _ => Scope::All,
+        };
+        let admitted = self
+            .of(service)
+            .admit_in(scope, ip, &service.access, Instant::now());
+        admitted.inspect_err(|refusal| self.note(service, peer, &Refused::Rule(*refusal)))
+    }
+
+    /// A client of a shared socket whose request named `service`: its rules
+    /// applied to it, as admission applies them to the client of a socket
+    /// of its own. Returns the client's place in `max_per_source`, or the
+    /// HTTP status that refuses it, why, and its headers.
+    pub fn admit_routed(&self, service: &Service, peer: &Peer) -> Result<SourceGuard, HttpRefusal> {
+        self.rules(service, peer).map_err(|refusal| {
+            let (status, headers) = refusal_status(refusal);
+            (status, refusal.to_string(), headers)
+        })
+    }
+
+    /// An HTTP client whose service is at `max_connections` (it was told
+    /// 503): counted and logged in episodes.
+    pub fn refused_busy(&self, service: &Service, peer: &Peer, max: usize) {
+        self.note(service, peer, &Refused::Busy(max));
     }
 
     /// The client a trusted reverse proxy names in its request (or the
@@ -239,6 +278,7 @@ impl Admissions {
             Refused::ProxyUntrusted => {
                 "not in proxy_from, so it may not send a PROXY header".into()
             }
+            Refused::Busy(max) => format!("at max_connections ({max}); answered 503"),
         };
         let mut episodes = self.episodes.lock().unwrap_or_else(|e| e.into_inner());
         let episode = episodes
@@ -312,14 +352,20 @@ fn http_refusal(service: &Service, refusal: Refusal) -> Option<Vec<u8>> {
         (_, Some(message)) => message.trim_end().to_owned(),
         (_, None) => refusal.to_string(),
     };
-    let (status, headers): (u16, &[(&str, &str)]) = match refusal {
-        Refusal::Denied => (403, &[]),
-        Refusal::PerSource { .. } => (429, &[]),
-        Refusal::Rate | Refusal::RatePerSource => (429, &[("Retry-After", "1")]),
-    };
+    let (status, headers) = refusal_status(refusal);
     Some(crate::http::request::error_response(
         status, &why, headers, false,
     ))
+}
+
+/// The HTTP status of a refusal and its headers: 403 when denied, 429 at a
+/// limit or a rate (a rate's with `Retry-After`).
+fn refusal_status(refusal: Refusal) -> (u16, &'static [(&'static str, &'static str)]) {
+    match refusal {
+        Refusal::Denied => (403, &[]),
+        Refusal::PerSource { .. } => (429, &[]),
+        Refusal::Rate | Refusal::RatePerSource => (429, &[("Retry-After", "1")]),
+    }
 }
 
 /// Best effort, without waiting: the message if the socket takes it now,

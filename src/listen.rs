@@ -1,9 +1,11 @@
 //! Listening sockets: adopted from systemd (`LISTEN_FDS`) or bound from the config.
 //!
 //! Under socket activation every passed descriptor must be a listening stream
-//! socket (TCP over IPv4/IPv6, or Unix); each is routed to a `[[service]]` by its
-//! `FileDescriptorName=`. Without socket activation the `listen` addresses of
-//! the config are bound here.
+//! socket (TCP over IPv4/IPv6, or Unix); each is routed to the services whose
+//! `socket_name` (else their name) is its `FileDescriptorName=`. Without socket
+//! activation the `listen` addresses of the config are bound here, each once,
+//! for the services that name it. A socket of several services is a
+//! [`Site`], whose requests are routed by path.
 
 use std::fmt;
 use std::os::fd::{OwnedFd, RawFd};
@@ -14,25 +16,30 @@ use nix::sys::socket::{
     SockFlag, SockType, SockaddrLike, SockaddrStorage, UnixAddr,
 };
 
-use std::sync::Arc;
-
-use crate::config::{Config, ListenAddr, Service};
+use crate::config::sites::{self, Site};
+use crate::config::{Config, ListenAddr};
 use crate::peer::Family;
 use crate::sys;
 
-/// A listening socket and the service it feeds.
+/// A listening socket and the services it feeds.
 #[derive(Debug)]
 pub struct Listener {
     pub fd: OwnedFd,
     pub family: Family,
-    /// The name that routes it: systemd's FileDescriptorName= for a passed
-    /// socket, the service's name for one bound from the config.
-    pub name: String,
-    pub inherited: bool,
+    pub key: Key,
     /// For logs: `fd 3 "web" 0.0.0.0:9009` or `127.0.0.1:9009`.
     pub label: String,
     /// A Unix socket file this process created and removes at exit.
     pub owned_path: Option<PathBuf>,
+}
+
+/// What routes a listener's connections to its services.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    /// Passed by systemd under this FileDescriptorName=.
+    Passed(String),
+    /// Bound from this `listen` address.
+    Bound(ListenAddr),
 }
 
 /// A socket passed by the service manager, not yet routed to a service.
@@ -146,61 +153,58 @@ pub fn adopt(inherited: Vec<Inherited>, config: &Config) -> Result<Vec<Listener>
         let listener = Listener {
             fd,
             family,
-            name,
-            inherited: true,
+            key: Key::Passed(name),
             label,
             owned_path: None,
         };
-        check_routes(
-            config,
-            [(listener.name.as_str(), true, listener.label.as_str())],
-        )
-        .map_err(config_error)?;
+        check_routes(config, [(&listener.key, listener.label.as_str())]).map_err(config_error)?;
         out.push(listener);
     }
     for s in &config.services {
-        if !out
-            .iter()
-            .any(|l| route(config, &l.name, l.inherited).is_some_and(|r| r.name == s.name))
-        {
+        let serves = |l: &Listener| {
+            route(config, &l.key)
+                .is_some_and(|site| site.services().iter().any(|r| r.name == s.name))
+        };
+        if !out.iter().any(serves) {
             tracing::warn!(service = %s.name, "no socket passed for this service; it serves nothing");
         }
     }
     Ok(out)
 }
 
-/// The service a listener's connections go to under `config`.
-///
-/// With a single service, every passed socket goes to it whatever its name
-/// (systemd names a socket after its unit when FileDescriptorName= is unset);
-/// otherwise the names must match.
-pub fn route<'a>(config: &'a Config, name: &str, inherited: bool) -> Option<&'a Arc<Service>> {
-    if inherited && config.services.len() == 1 {
-        return config.services.first();
+/// The services a listener's connections go to under `config`.
+pub fn route(config: &Config, key: &Key) -> Option<Site> {
+    match key {
+        Key::Passed(name) => sites::of_socket(&config.services, name),
+        Key::Bound(addr) => sites::of_address(&config.services, addr),
     }
-    config.services.iter().find(|s| s.name == name)
 }
 
 /// Proves every listener has a service under `config`: at start, and before a
 /// reloaded config replaces the running one.
 pub fn check_routes<'a>(
     config: &Config,
-    listeners: impl IntoIterator<Item = (&'a str, bool, &'a str)>,
+    listeners: impl IntoIterator<Item = (&'a Key, &'a str)>,
 ) -> Result<(), String> {
-    for (name, inherited, label) in listeners {
-        if route(config, name, inherited).is_some() {
+    for (key, label) in listeners {
+        if route(config, key).is_some() {
             continue;
         }
         let names: Vec<_> = config.services.iter().map(|s| s.name.as_str()).collect();
-        let fix = if inherited {
-            "set FileDescriptorName= in the .socket unit to a service's name"
-        } else {
-            "sockets bound from `listen` change only with a restart"
+        let names = names.join(", ");
+        let (what, fix) = match key {
+            Key::Passed(name) => (
+                format!("is named {name:?} (services: {names}), nor has socket_name = {name:?}"),
+                "set FileDescriptorName= in the .socket unit to a service's name or socket_name",
+            ),
+            Key::Bound(addr) => (
+                format!("listens on {addr} (services: {names})"),
+                "sockets bound from `listen` change only with a restart",
+            ),
         };
         return Err(format!(
-            "{label}: no [[service]] in {} is named {name:?} (services: {}); {fix}",
-            config.origin,
-            names.join(", ")
+            "{label}: no [[service]] in {} {what}; {fix}",
+            config.origin
         ));
     }
     Ok(())
@@ -218,6 +222,13 @@ pub fn bind_all(config: &Config) -> Result<Vec<Listener>, SocketError> {
             )));
         }
         for addr in &s.listen {
+            // Services that name the same address share its socket.
+            if out
+                .iter()
+                .any(|l: &Listener| l.key == Key::Bound(addr.clone()))
+            {
+                continue;
+            }
             let (fd, family, owned_path) = bind_one(addr).map_err(|e| SocketError {
                 message: format!("{}: listen: cannot listen on {addr}: {e}", s.position),
                 config: false,
@@ -226,8 +237,7 @@ pub fn bind_all(config: &Config) -> Result<Vec<Listener>, SocketError> {
             out.push(Listener {
                 fd,
                 family,
-                name: s.name.clone(),
-                inherited: false,
+                key: Key::Bound(addr.clone()),
                 label: local,
                 owned_path,
             });

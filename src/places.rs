@@ -5,6 +5,7 @@
 //! A semaphore would do, but limits change on reload, and a gate whose maximum
 //! can shrink below the number already in use is simpler to get right by hand.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -71,6 +72,10 @@ impl Gate {
         }
     }
 
+    pub fn max(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).max
+    }
+
     pub fn active(&self) -> usize {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).active
     }
@@ -79,6 +84,22 @@ impl Gate {
     pub fn set_max(&self, max: usize) {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).max = max;
         self.freed.notify_waiters();
+    }
+}
+
+/// The gates of the services, by name, kept across reloads.
+#[derive(Debug, Default)]
+pub struct Gates(Mutex<HashMap<String, Arc<Gate>>>);
+
+impl Gates {
+    /// The gate of the service `name`, made with `max` places if new.
+    pub fn of(&self, name: &str, max: usize) -> Arc<Gate> {
+        let mut gates = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            gates
+                .entry(name.to_owned())
+                .or_insert_with(|| Gate::new(max)),
+        )
     }
 }
 
@@ -102,6 +123,34 @@ impl ServicePlace {
         if let ServicePlace::Handshaking { gate, .. } = self {
             let place = gate.acquire().await;
             *self = ServicePlace::Held(place);
+        }
+    }
+
+    /// As [`ServicePlace::settle`], without waiting: false if the service
+    /// is full (the connection keeps its place in the handshake budget).
+    pub fn try_settle(&mut self) -> bool {
+        if let ServicePlace::Handshaking { gate, .. } = self {
+            let Some(place) = gate.try_acquire() else {
+                return false;
+            };
+            *self = ServicePlace::Held(place);
+        }
+        true
+    }
+
+    /// The place to settle in is `gate`'s: a request on a shared socket
+    /// has named its service.
+    pub fn reroute(&mut self, to: Arc<Gate>) {
+        if let ServicePlace::Handshaking { gate, .. } = self {
+            *gate = to;
+        }
+    }
+
+    /// The service's limit, for a client told it is full.
+    pub fn max(&self) -> usize {
+        match self {
+            ServicePlace::Held(place) => place.0.max(),
+            ServicePlace::Handshaking { gate, .. } => gate.max(),
         }
     }
 }

@@ -244,6 +244,11 @@ impl Record {
         self.tls = how;
     }
 
+    /// The service a request on a shared socket named.
+    pub fn routed(&mut self, service: &str) {
+        self.service = service.into();
+    }
+
     /// Who the client is (from the socket, or from its PROXY header).
     pub fn peer(&mut self, peer: &Peer) {
         self.peer = peer.to_string();

@@ -1,7 +1,6 @@
 //! The running daemon: one accept loop per listener, connection limits,
 //! reload on SIGHUP, live status and watchdog for systemd, and the stop.
 
-use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,13 +17,14 @@ use crate::admit::Admissions;
 use crate::admit::QUIET;
 use crate::cgroup::{Offer, Tree};
 use crate::command;
+use crate::config::sites::Site;
 use crate::config::{self, Config};
 use crate::connection::{Context, Handler, Places, Starved};
 use crate::episode::Counted;
 use crate::fdio::{self, Class};
 use crate::listen::{self, Listener};
 use crate::peer::{Family, Peer};
-use crate::places::{handshake_budget, Gate, ServicePlace};
+use crate::places::{handshake_budget, Gate, Gates, ServicePlace};
 use crate::record::{Record, Stats};
 use crate::shared::Commands;
 use crate::shutdown::{Phase, Shutdown, Watch};
@@ -38,9 +38,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 struct Shared {
     config: RwLock<Arc<Config>>,
-    gates: Mutex<HashMap<String, Arc<Gate>>>,
-    /// Each handshaking service's budget of handshakes at once.
-    handshakes: Mutex<HashMap<String, Arc<Gate>>>,
+    /// Each handshaking socket's budget of handshakes at once, by the name
+    /// of its first service.
+    handshakes: Gates,
     global: Arc<Gate>,
     stats: Arc<Stats>,
     /// What each connection gets.
@@ -67,8 +67,7 @@ impl Shared {
         Arc::new(Shared {
             global: Gate::new(config.max_connections),
             config: RwLock::new(Arc::new(config)),
-            gates: Mutex::new(HashMap::new()),
-            handshakes: Mutex::new(HashMap::new()),
+            handshakes: Gates::default(),
             stats: Arc::clone(&stats),
             context: Arc::new(Context {
                 base_env,
@@ -78,6 +77,7 @@ impl Shared {
                 cgroups,
                 starved: Starved::default(),
                 shared: Arc::new(commands),
+                gates: Gates::default(),
             }),
             next_id,
             reload_error: Mutex::new(None),
@@ -90,22 +90,14 @@ impl Shared {
     }
 
     fn gate(&self, service: &config::Service) -> Arc<Gate> {
-        let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(
-            gates
-                .entry(service.name.clone())
-                .or_insert_with(|| Gate::new(service.max_connections)),
-        )
+        let gates = &self.context.gates;
+        gates.of(&service.name, service.max_connections)
     }
 
-    /// The service's handshake budget (see [`ServicePlace`]).
-    fn handshakes(&self, service: &config::Service) -> Arc<Gate> {
-        let mut gates = self.handshakes.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(
-            gates
-                .entry(service.name.clone())
-                .or_insert_with(|| Gate::new(handshake_budget(service.max_connections))),
-        )
+    /// The socket's handshake budget (see [`ServicePlace`]).
+    fn handshakes(&self, site: &Site) -> Arc<Gate> {
+        let budget = site_budget(site);
+        self.handshakes.of(&site.front().name, budget)
     }
 
     fn status(&self) -> String {
@@ -197,21 +189,25 @@ impl Server {
     }
 }
 
-/// What routes a listener's connections to a service, kept for reloads.
+/// What routes a listener's connections to its services, kept for reloads.
 struct Route {
-    name: String,
-    inherited: bool,
+    key: listen::Key,
     label: String,
 }
 
 impl Route {
     fn of(l: &Listener) -> Route {
         Route {
-            name: l.name.clone(),
-            inherited: l.inherited,
+            key: l.key.clone(),
             label: l.label.clone(),
         }
     }
+}
+
+/// Handshakes a socket may have going at once: its services' budgets.
+fn site_budget(site: &Site) -> usize {
+    let places = site.services().iter().map(|s| s.max_connections).sum();
+    handshake_budget(places)
 }
 
 /// A listener registered with the event loop, ready for its accept loop.
@@ -223,8 +219,11 @@ struct Accepting {
 
 fn register(shared: &Shared, l: Listener) -> Result<Accepting, String> {
     let route = Route::of(&l);
-    let service = listen::route(&shared.config(), &l.name, l.inherited)
-        .map(|s| s.name.clone())
+    let service = listen::route(&shared.config(), &l.key)
+        .map(|site| {
+            let names: Vec<_> = site.services().iter().map(|s| s.name.as_str()).collect();
+            names.join(", ")
+        })
         .unwrap_or_default();
     tracing::info!(service, listener = %l.label, "listening");
     let fd = fdio::register(l.fd, Interest::READABLE)
@@ -284,8 +283,8 @@ async fn accept_loop(shared: Arc<Shared>, listener: Accepting) -> Result<(), Str
     loop {
         // Resolved again after accept: a reload while this loop waits in
         // accept must apply to the connection that wakes it.
-        let service = || listen::route(&shared.config(), &route.name, route.inherited).cloned();
-        let Some(first) = service() else {
+        let site = || listen::route(&shared.config(), &route.key);
+        let Some(first) = site() else {
             return Err(format!("{label}: no service for this socket"));
         };
 
@@ -337,19 +336,22 @@ async fn accept_loop(shared: Arc<Shared>, listener: Accepting) -> Result<(), Str
                 episode.count(), episode.span().as_secs_f64()
             );
         }
-        serve(&shared, service().unwrap_or(first), socket, family, places);
+        serve(&shared, site().unwrap_or(first), socket, family, places);
     }
 }
 
 /// Starts the task of one accepted connection, with its record.
 fn serve(
     shared: &Arc<Shared>,
-    service: Arc<config::Service>,
+    site: Site,
     socket: std::os::fd::OwnedFd,
     family: Family,
     places: Places,
 ) {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    // Until a request names another, a shared socket's connection is its
+    // first service's.
+    let service = Arc::clone(site.front());
     let mut record = Record::open(id, service.name.as_str().into(), Arc::clone(&shared.stats));
     let peer = match Peer::of(&socket, family) {
         Ok(p) => p,
@@ -367,7 +369,7 @@ fn serve(
     record.peer(&peer);
     tracing::debug!(conn = id, service = %service.name, peer = %peer, "accepted");
     let handler = Handler {
-        service,
+        site,
         socket,
         peer,
         record,
@@ -392,16 +394,18 @@ fn serve(
 /// logs twice, not once per client or per wave of them.
 async fn take_places(
     shared: &Shared,
-    service: &config::Service,
+    site: &Site,
     label: &str,
     at_limit: &mut Option<Counted>,
 ) -> Places {
+    let service = site.front();
     let service_gate = shared.gate(service);
     // A client with a handshake to do takes a place in the handshake
-    // budget; the service's place comes after (see `ServicePlace`).
+    // budget; the service's place comes after (see `ServicePlace`). On a
+    // shared socket, that of the service its request names.
     let handshaking = service.has_handshake();
     let gate = if handshaking {
-        shared.handshakes(service)
+        shared.handshakes(site)
     } else {
         Arc::clone(&service_gate)
     };
@@ -429,20 +433,16 @@ async fn take_places(
         }
     }
     if at_limit.get_or_insert_with(|| Counted::new(now)).add(now) {
-        let (which, max) =
-            if handshaking && gate.active() >= handshake_budget(service.max_connections) {
-                (
-                    "the service's handshakes at once",
-                    handshake_budget(service.max_connections),
-                )
-            } else if !handshaking && gate.active() >= service.max_connections {
-                ("the service's max_connections", service.max_connections)
-            } else {
-                (
-                    "the global max_connections",
-                    shared.config().max_connections,
-                )
-            };
+        let (which, max) = if handshaking && gate.active() >= gate.max() {
+            ("the socket's handshakes at once", gate.max())
+        } else if !handshaking && gate.active() >= service.max_connections {
+            ("the service's max_connections", service.max_connections)
+        } else {
+            (
+                "the global max_connections",
+                shared.config().max_connections,
+            )
+        };
         tracing::warn!(service = %service.name, listener = %label, max, "at {which} ({max}); not accepting until a connection ends");
     }
     Places {
@@ -472,12 +472,7 @@ fn reload_config(
         if let Some(tree) = &shared.context.cgroups {
             tree.enable(&c.controllers()).map_err(|e| e.to_string())?;
         }
-        listen::check_routes(
-            &c,
-            routes
-                .iter()
-                .map(|r| (r.name.as_str(), r.inherited, r.label.as_str())),
-        )?;
+        listen::check_routes(&c, routes.iter().map(|r| (&r.key, r.label.as_str())))?;
         Ok(c)
     });
     let outcome = match loaded {
@@ -485,9 +480,11 @@ fn reload_config(
             shared.global.set_max(new.max_connections);
             for s in &new.services {
                 shared.gate(s).set_max(s.max_connections);
-                shared
-                    .handshakes(s)
-                    .set_max(handshake_budget(s.max_connections));
+            }
+            for r in routes {
+                if let Some(site) = listen::route(&new, &r.key) {
+                    shared.handshakes(&site).set_max(site_budget(&site));
+                }
             }
             level.set(&new.log_level);
             shared.context.shared.reload(&new.services);

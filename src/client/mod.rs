@@ -21,6 +21,7 @@
 mod direct;
 pub mod opening;
 mod raw;
+pub mod route;
 mod transport;
 
 use std::os::fd::OwnedFd;

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use super::route::Read;
 use super::{Opening, Transport};
 use crate::access::SourceGuard;
 use crate::admit::Admissions;
@@ -50,12 +51,13 @@ impl Asked<'_> {
     }
 }
 
-/// The opening of `service`'s protocol on `transport`, within `limit`.
+/// The opening of `service`'s protocol on `transport`, within `limit`;
+/// `read` is the request if it was read already (to route it).
 pub async fn open<'a>(
     service: &'a Service,
     admissions: &Admissions,
-    transport: &Transport,
-    limit: Duration,
+    (transport, limit): (&Transport, Duration),
+    read: Option<Read>,
     peer: &Peer,
     record: &mut Record,
 ) -> Result<Opened<'a>, Unopened> {
@@ -64,14 +66,24 @@ pub async fn open<'a>(
         admissions.refused_handshake(service, peer, why);
         Unopened::Refused
     };
-    let mut asked = match &service.protocol {
-        Protocol::Raw => return Ok((Opening::Raw, Vec::new(), None)),
-        Protocol::WebSocket(ws) => websocket::read(plain, ws, (tls, limit))
+    let mut asked = match (&service.protocol, read) {
+        (Protocol::Raw, _) => return Ok((Opening::Raw, Vec::new(), None)),
+        (Protocol::WebSocket(ws), None) => websocket::read(plain, ws, (tls, limit))
             .await
             .map(|asked| Asked::WebSocket(ws, asked)),
-        Protocol::Http(settings) => http::read(plain, settings, (tls, limit))
+        (Protocol::WebSocket(ws), Some((request, rest))) => {
+            websocket::check(plain, ws, request, rest)
+                .await
+                .map(|asked| Asked::WebSocket(ws, asked))
+        }
+        (Protocol::Http(settings), None) => http::read(plain, settings, (tls, limit))
             .await
             .map(|asked| Asked::Http(settings, asked)),
+        (Protocol::Http(settings), Some((request, rest))) => {
+            http::check(plain, settings, request, rest)
+                .await
+                .map(|asked| Asked::Http(settings, asked))
+        }
     }
     .map_err(|no| unopened(no, &refused))?;
     let Vetted { forwarded, login } =

@@ -12,11 +12,13 @@ use super::keywords::{
     ClientAuth as RawClientAuth, Containment as RawContainment, Protocol as RawProtocol,
 };
 use super::locate::Locator;
+use super::protocol::protocol;
 use super::raw::{RawConfig, RawService};
+use super::sites;
 use super::values::SharedKey;
 use super::{
-    defaults, login, tls, ClientAuth, Config, ConfigError, Containment, Http, Messages, Protocol,
-    Service, SharedCommand, StdinMode, Tls, Transfer, WebSocket,
+    defaults, login, tls, ClientAuth, Config, ConfigError, Containment, Messages, Protocol,
+    Service, SharedCommand, StdinMode, Tls, Transfer,
 };
 use crate::access::Rules;
 use crate::cgroup::{Offer, Resources};
@@ -61,6 +63,7 @@ pub fn config(raw: RawConfig, loc: &Locator<'_>) -> Result<Config, ConfigError> 
         ));
     }
     let services = watchers(built, &|i, message| loc.error(Some(i), "shared", message))?;
+    sites::check(&services).map_err(|(i, key, message)| loc.error(Some(i), key, message))?;
     Ok(Config {
         origin: loc.origin.to_owned(),
         log_level: raw
@@ -167,6 +170,7 @@ fn service(s: RawService, cgroups: &Offer, err: KeyError<'_>) -> Result<Service,
 
     Ok(Service {
         position: String::new(),
+        socket_name: s.socket_name.map_or_else(|| s.name.0.clone(), |n| n.0),
         name: s.name.0,
         listen: s.listen.0,
         program,
@@ -415,105 +419,6 @@ fn encryption(s: &RawService) -> Result<Option<Arc<Tls>>, (&'static str, String)
         client_auth,
     };
     tls::load(&sources).map(|t| Some(Arc::new(t)))
-}
-
-/// Raw bytes, WebSocket or HTTP, with their settings; each protocol's keys
-/// apply to it only.
-fn protocol(s: &RawService, transfer: Transfer) -> Result<Protocol, (&'static str, String)> {
-    let websocket_only = [
-        ("messages", s.messages.is_some()),
-        ("allowed_origins", s.allowed_origins.is_some()),
-        ("max_message_size", s.max_message_size.is_some()),
-    ];
-    let http_only = [
-        ("content_type", s.content_type.is_some()),
-        ("max_body_size", s.max_body_size.is_some()),
-        ("cgi_headers", s.cgi_headers.is_some()),
-    ];
-    let either = [
-        ("paths", s.paths.is_some()),
-        ("ping_interval", s.ping_interval.is_some()),
-        ("console", s.console.is_some()),
-        ("forwarded_from", s.forwarded_from.is_some()),
-        ("htpasswd", s.htpasswd.is_some()),
-        ("bearer_tokens", s.bearer_tokens.is_some()),
-    ];
-    let given =
-        |keys: &[(&'static str, bool)]| keys.iter().find(|(_, given)| *given).map(|(k, _)| *k);
-    let protocol = s.protocol.unwrap_or(defaults::PROTOCOL);
-    let misplaced = match protocol {
-        RawProtocol::Raw => given(&websocket_only)
-            .map(|k| (k, r#"applies only with protocol = "websocket""#))
-            .or(given(&http_only).map(|k| (k, r#"applies only with protocol = "http""#)))
-            .or(given(&either)
-                .map(|k| (k, r#"applies only with protocol = "websocket" or "http""#))),
-        RawProtocol::WebSocket => {
-            given(&http_only).map(|k| (k, r#"applies only with protocol = "http""#))
-        }
-        RawProtocol::Http => {
-            given(&websocket_only).map(|k| (k, r#"applies only with protocol = "websocket""#))
-        }
-    };
-    if let Some((key, why)) = misplaced {
-        return Err((key, why.into()));
-    }
-    let name = match protocol {
-        RawProtocol::Raw => return Ok(Protocol::Raw),
-        RawProtocol::WebSocket => "websocket",
-        RawProtocol::Http => "http",
-    };
-    if transfer == Transfer::Direct {
-        return Err((
-            "transfer",
-            format!(
-                r#""direct" does not apply with protocol = "{name}": the daemon frames the command's output"#
-            ),
-        ));
-    }
-    if s.banner.is_some() {
-        let first = if name == "http" {
-            "the response's head"
-        } else {
-            "the handshake's answer"
-        };
-        return Err((
-            "banner",
-            format!(r#"does not apply with protocol = "{name}": nothing may come before {first}"#),
-        ));
-    }
-    let paths = s.paths.as_ref().map(|p| p.0.clone()).unwrap_or_default();
-    let ping_interval = s
-        .ping_interval
-        .as_ref()
-        .map_or(defaults::PING_INTERVAL, |p| p.0);
-    if protocol == RawProtocol::Http {
-        return Ok(Protocol::Http(Http {
-            paths,
-            content_type: s
-                .content_type
-                .as_ref()
-                .map_or_else(|| defaults::CONTENT_TYPE.into(), |c| c.0.clone()),
-            ping_interval,
-            max_body_size: s.max_body_size.unwrap_or(defaults::MAX_BODY_SIZE),
-            console: s.console.unwrap_or(defaults::CONSOLE),
-            cgi_headers: s.cgi_headers.unwrap_or(false),
-        }));
-    }
-    Ok(Protocol::WebSocket(WebSocket {
-        messages: s.messages.unwrap_or(defaults::MESSAGES),
-        allowed_origins: s
-            .allowed_origins
-            .as_ref()
-            .map(|o| o.0.clone())
-            .unwrap_or_default(),
-        paths,
-        ping_interval,
-        max_message_size: s
-            .max_message_size
-            .as_ref()
-            .map_or(defaults::MAX_MESSAGE_SIZE, |m| m.0),
-        console: s.console.unwrap_or(defaults::CONSOLE),
-    }))
 }
 
 /// A process group or a cgroup: what the service asks for, what its limits

@@ -15,7 +15,9 @@ mod keywords;
 mod locate;
 pub mod login;
 mod origin;
+mod protocol;
 mod raw;
+pub mod sites;
 #[cfg(test)]
 mod tests;
 mod tls;
@@ -61,6 +63,9 @@ pub struct Config {
 pub struct Service {
     pub name: String,
     pub listen: Vec<ListenAddr>,
+    /// The systemd socket it serves (`FileDescriptorName=`): `socket_name`,
+    /// else its name. Services that give the same one share that socket.
+    pub socket_name: String,
     /// The program to execute, resolved to an absolute path at check time.
     pub program: PathBuf,
     /// The command as written; `argv[0]` is passed to the program unchanged.

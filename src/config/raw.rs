@@ -30,6 +30,7 @@ pub struct RawService {
     pub name: Name,
     #[serde(default)]
     pub listen: Listen,
+    pub socket_name: Option<Name>,
     /// Required, except with `shared = "NAME"` (the command is NAME's).
     pub command: Option<Command>,
     #[serde(default)]

@@ -30,6 +30,9 @@ pub enum ClientAuth {
 pub struct Tls {
     pub config: Arc<ServerConfig>,
     pub client_auth: ClientAuth,
+    /// The keys as written, so that services sharing a socket can be
+    /// checked to give it the same certificate.
+    pub written: String,
 }
 
 impl fmt::Debug for Tls {
@@ -128,6 +131,10 @@ pub fn load(sources: &Sources<'_>) -> Result<Tls, KeyProblem> {
     Ok(Tls {
         config: Arc::new(config),
         client_auth: sources.client_auth,
+        written: format!(
+            "tls_certificate = {:?}, tls_key = {:?}, tls_client_ca = {:?}, tls_client_auth = {:?}",
+            sources.certificate, sources.key, sources.client_ca, sources.client_auth
+        ),
     })
 }
 

@@ -81,6 +81,17 @@ pub async fn read(
     (tls, limit): (bool, Duration),
 ) -> Result<Asked, NoResponse> {
     let (request, leftover) = request::read(socket, tls, limit).await?;
+    check(socket, http, request, leftover).await
+}
+
+/// Checks a request already read (on a shared socket, to route it) as
+/// [`read`] checks it.
+pub async fn check(
+    socket: &AsyncFd<OwnedFd>,
+    http: &Http,
+    request: Request,
+    leftover: Vec<u8>,
+) -> Result<Asked, NoResponse> {
     match decide(&request, http) {
         Ok((body, response)) => Ok(Asked {
             request,

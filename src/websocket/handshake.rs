@@ -41,6 +41,17 @@ pub async fn read(
     (tls, limit): (bool, Duration),
 ) -> Result<Asked, NoResponse> {
     let (request, leftover) = request::read(socket, tls, limit).await?;
+    check(socket, ws, request, leftover).await
+}
+
+/// Checks an upgrade already read (on a shared socket, to route it) as
+/// [`read`] checks it.
+pub async fn check(
+    socket: &AsyncFd<OwnedFd>,
+    ws: &WebSocket,
+    request: Request,
+    leftover: Vec<u8>,
+) -> Result<Asked, NoResponse> {
     match decide(&request, ws) {
         Decision::Refuse {
             status,

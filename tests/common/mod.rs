@@ -12,6 +12,7 @@
 //! - [`cgroup`]: cgroups delegated to the daemon under test, as systemd
 //!   delegates one with `Delegate=yes`;
 //! - [`certs`]: certificates for the TLS tests, made with openssl;
+//! - [`curl`]: curl as the HTTP tests' client;
 //! - [`ws`]: WebSocket clients: Python's and node's, and one that writes
 //!   frames by hand.
 //!
@@ -24,6 +25,7 @@
 
 pub mod certs;
 pub mod cgroup;
+pub mod curl;
 pub mod daemon;
 pub mod hold;
 pub mod net;
@@ -36,6 +38,7 @@ use std::time::{Duration, Instant};
 
 pub use certs::*;
 pub use cgroup::*;
+pub use curl::*;
 pub use daemon::*;
 pub use hold::*;
 pub use net::*;

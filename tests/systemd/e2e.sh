@@ -264,7 +264,31 @@ $want" ] || fail "POST answered: $got (want $want)" || return 1
     got=$(sr_in curl -fsS -H 'Accept: text/event-stream' http://127.0.0.1:9009/) || return $(fail "curl events")
     [[ $got == *"data: method=GET"* && $got == *"event: end"* ]] || fail "events: $got" || return 1
     eventually '"BYTES_RECEIVED":"3000000"' \
-        sr_in journalctl -u splice-relay SERVICE=web REASON=output-ended -o json --no-pager
+        sr_in journalctl -u splice-relay SERVICE=web REASON=output-ended -o json --no-pager || return 1
+    # Two services on the packaged socket, chosen by path. Without
+    # FileDescriptorName= systemd names the socket after its unit.
+    reconfigure <<'EOF' || return $(fail "reload to a shared socket")
+[[service]]
+name = "logs"
+socket_name = "splice-relay.socket"
+protocol = "http"
+paths = ["/logs"]
+command = ["sh", "-c", "echo logs $PATH_INFO"]
+
+[[service]]
+name = "time"
+socket_name = "splice-relay.socket"
+protocol = "http"
+paths = ["/time"]
+command = ["echo", "time"]
+EOF
+    got=$(sr_in curl -fsS http://127.0.0.1:9009/logs/today) || return $(fail "curl /logs/today")
+    [ "$got" = "logs /today" ] || fail "/logs/today answered: $got" || return 1
+    got=$(sr_in curl -fsS http://127.0.0.1:9009/time) || return $(fail "curl /time")
+    [ "$got" = "time" ] || fail "/time answered: $got" || return 1
+    got=$(sr_in curl -sS -o /dev/null -w '%{http_code}' http://127.0.0.1:9009/other)
+    [ "$got" = "404" ] || fail "/other answered $got, not 404" || return 1
+    eventually 'SERVICE=time' sr_in journalctl -u splice-relay REASON=output-ended -o verbose --no-pager
 }
 
 # --- TLS: the key as a systemd credential, as docs/tls.md's drop-in gives it --------

@@ -1,6 +1,7 @@
-//! One connection, as a pipeline: admit → secure (TLS) → open (the
-//! protocol's opening: an HTTP request or a WebSocket upgrade, read, vetted
-//! and answered) → banner → spawn → supervise the
+//! One connection, as a pipeline: admit → secure (TLS) → route (on a
+//! socket several services share: the request read, and its path naming the
+//! service) → open (the protocol's opening: an HTTP request or a WebSocket
+//! upgrade, read, vetted and answered) → banner → spawn → supervise the
 //! transfer → end, by the one end policy → one record. `pipeline` reads
 //! top to bottom in that order; each step is a call into the module that
 //! owns it, and none knows which transport or protocol the client has: the
@@ -20,17 +21,20 @@ use nix::sys::socket::{setsockopt, sockopt};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
+use crate::access::SourceGuard;
 use crate::admit::Admissions;
 use crate::cgroup::Tree;
 use crate::client::opening::{self, Opened, Unopened};
+use crate::client::route::{self, Read, Routed, Routing};
 use crate::client::{Client, Opening, Transport};
 use crate::command::{Command, Ended, Input, SpawnError, Streams, Tag};
+use crate::config::sites::Site;
 use crate::config::{Messages, Service, Transfer};
 use crate::end::{End, Ending};
 use crate::fdio;
 use crate::http;
 use crate::peer::Peer;
-use crate::places::{Place, ServicePlace};
+use crate::places::{Gates, Place, ServicePlace};
 use crate::record::{Record, Stats};
 use crate::shared::{Commands, Watcher};
 use crate::shutdown::Watch;
@@ -55,11 +59,14 @@ pub struct Context {
     pub starved: Starved,
     /// The running shared commands (`shared = true`).
     pub shared: Arc<Commands>,
+    /// Each service's places in its `max_connections`.
+    pub gates: Gates,
 }
 
 /// An accepted connection, ready to be served.
 pub struct Handler {
-    pub service: Arc<Service>,
+    /// The services of the socket it came to.
+    pub site: Site,
     pub socket: OwnedFd,
     pub peer: Peer,
     pub record: Record,
@@ -90,18 +97,17 @@ enum Early {
 impl Handler {
     pub async fn run(self) {
         let Handler {
-            service,
+            site,
             socket,
             peer,
             mut record,
             mut places,
             context,
         } = self;
-        let conn = Conn {
-            service: &service,
-            context: &context,
-        };
-        let served = pipeline(&conn, socket, peer, &mut record, &mut places.service).await;
+        // The site's first service, until a request names another.
+        let mut service = Arc::clone(site.front());
+        let at = (&site, &mut service, &*context);
+        let served = pipeline(at, socket, peer, &mut record, &mut places.service).await;
         // The connection's descriptors are closed: its place is free.
         drop(places.service);
         context.starved.freed();
@@ -126,30 +132,50 @@ impl Handler {
     }
 }
 
+/// Where a connection is: the socket's services, the one it is for (its
+/// site's first until a request names another), and the daemon's context.
+type At<'a> = (&'a Site, &'a mut Arc<Service>, &'a Context);
+
 /// The pipeline, step by step. Each step either hands the next what it
 /// needs or ends the connection (`Err`). Returns how the connection's
 /// command ended (None: it watched a shared one) and why it ended.
 async fn pipeline(
-    conn: &Conn<'_>,
+    (site, service, context): At<'_>,
     socket: OwnedFd,
     peer: Peer,
     record: &mut Record,
     place: &mut ServicePlace,
 ) -> Result<(Option<Ended>, End), Early> {
-    let socket = conn.register(socket, &peer)?;
-    let (peer, _source) = conn.admit(&socket, peer).await?;
+    let front = Conn {
+        service: site.front(),
+        context,
+    };
+    let socket = front.register(socket, &peer)?;
+    let (peer, _source) = front.admit(&socket, peer, site.is_shared()).await?;
     record.peer(&peer);
-    let bounds = conn.bounds(record);
-    let (mut transport, tls_env) = conn.secure(socket, &peer, &bounds, record).await?;
-    let exchanged = exchange(
-        conn,
-        &mut transport,
-        (&peer, tls_env),
-        &bounds,
-        record,
-        place,
-    )
-    .await;
+    let mut bounds = front.bounds(record);
+    let (mut transport, tls_env) = front.secure(socket, &peer, &bounds, record).await?;
+    let exchanged = match front
+        .route(site, &transport, &bounds, &peer, record, place)
+        .await
+    {
+        Ok(Routed {
+            service: routed,
+            request,
+            source: _source,
+        }) => {
+            let conn = Conn {
+                service: &routed,
+                context,
+            };
+            bounds = conn.bounds(record);
+            let how = (&peer, tls_env, request);
+            let exchanged = exchange(&conn, &mut transport, how, &bounds, record, place).await;
+            *service = routed;
+            exchanged
+        }
+        Err(early) => Err(early),
+    };
     // An answer that ended the exchange early (a page, an HTTP error, a
     // close frame) still gets through the TLS layer; a client that stops
     // taking the rest ends as a bound says.
@@ -165,12 +191,13 @@ async fn pipeline(
 async fn exchange(
     conn: &Conn<'_>,
     transport: &mut Transport,
-    (peer, tls_env): (&Peer, Vec<(String, String)>),
+    (peer, tls_env, read): (&Peer, Vec<(String, String)>, Option<Read>),
     bounds: &Bounds,
     record: &mut Record,
     place: &mut ServicePlace,
 ) -> Result<(Option<Ended>, End, bool), Early> {
-    let (opening, request_env, forwarded) = conn.open(transport, bounds, peer, record).await?;
+    let (opening, request_env, forwarded) =
+        conn.open(transport, bounds, read, peer, record).await?;
     // Behind a trusted reverse proxy: the client it names, and that
     // client's place in max_per_source (held until the connection ends).
     let peer = match &forwarded {
@@ -180,7 +207,14 @@ async fn exchange(
         }
         None => peer,
     };
-    // The handshakes are done: the connection's place in max_connections.
+    // The handshakes are done: the connection's place in max_connections;
+    // an HTTP client told at once if there is none.
+    if let Opening::Http(..) = opening {
+        if !place.try_settle() {
+            conn.busy(transport, peer, place.max());
+            return Err(Early::Refused);
+        }
+    }
     let settling = async {
         place.settle().await;
         Ok(())
@@ -303,19 +337,63 @@ impl Conn<'_> {
             .map_err(|e| Early::Ended(End::Error(unregistered(&e))))
     }
 
-    /// Admission: the PROXY header, the rules, the limits. Returns the peer
-    /// to use and the client's place in `max_per_source`, held until the
-    /// connection ends.
+    /// Admission: the PROXY header, the rules, the limits (on a shared
+    /// socket, the header alone: the rules are those of the service the
+    /// request names). Returns the peer to use and the client's place in
+    /// `max_per_source`, held until the connection ends.
     async fn admit(
         &self,
         socket: &AsyncFd<OwnedFd>,
         peer: Peer,
-    ) -> Result<(Peer, crate::access::SourceGuard), Early> {
+        shared: bool,
+    ) -> Result<(Peer, Option<SourceGuard>), Early> {
         let admissions = &self.context.admissions;
+        if shared {
+            let proxied = admissions.proxied(self.service, socket, peer).await;
+            return proxied.map(|peer| (peer, None)).map_err(|_| Early::Refused);
+        }
         admissions
             .admit(self.service, socket, peer)
             .await
+            .map(|(peer, source)| (peer, Some(source)))
             .map_err(|_| Early::Refused)
+    }
+
+    /// On a socket several services share, the request names the service
+    /// (`client::route`); on any other, the socket's one service.
+    async fn route(
+        &self,
+        site: &Site,
+        transport: &Transport,
+        bounds: &Bounds,
+        peer: &Peer,
+        record: &mut Record,
+        place: &mut ServicePlace,
+    ) -> Result<Routed, Early> {
+        let routing = Routing {
+            admissions: &self.context.admissions,
+            gates: &self.context.gates,
+        };
+        let limit = bounds.within(self.service.handshake_timeout);
+        let routed = route::route(site, routing, (transport, limit), peer, record, place);
+        // Boxed: a connection of a socket of its own needs no room for it.
+        Box::pin(routed).await.map_err(|unopened| match unopened {
+            Unopened::Refused => Early::Refused,
+            Unopened::Ended(end) => Early::Ended(end),
+        })
+    }
+
+    /// An HTTP client whose service is at its `max_connections`: 503, and
+    /// counted as a refusal.
+    fn busy(&self, transport: &Transport, peer: &Peer, max: usize) {
+        let why = format!("at max_connections ({max})");
+        let response = http::request::error_response(503, &why, &[("Retry-After", "1")], false);
+        // Best effort, without waiting, as every early answer.
+        let _ = nix::unistd::write(transport.plain().get_ref(), &response);
+        http::request::close_gently(transport.plain());
+        self.context
+            .admissions
+            .refused_busy(self.service, peer, max);
     }
 
     /// The connection's bounds in time, from its acceptance.
@@ -377,12 +455,14 @@ impl Conn<'_> {
         &self,
         transport: &Transport,
         bounds: &Bounds,
+        read: Option<Read>,
         peer: &Peer,
         record: &mut Record,
     ) -> Result<Opened<'_>, Early> {
         let limit = bounds.within(self.service.handshake_timeout);
         let admissions = &self.context.admissions;
-        let opening = opening::open(self.service, admissions, transport, limit, peer, record);
+        let on = (transport, limit);
+        let opening = opening::open(self.service, admissions, on, read, peer, record);
         // Boxed: a raw connection's future needs no room for the request.
         Box::pin(opening).await.map_err(|unopened| match unopened {
             Unopened::Refused => Early::Refused,
@@ -516,93 +596,4 @@ fn unregistered(e: &std::io::Error) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::io::Write;
-    use std::sync::atomic::AtomicU64;
-    use std::sync::Mutex;
-
-    use super::*;
-    use crate::places::Gate;
-    use crate::shutdown::Shutdown;
-
-    /// Log lines, captured for the test that writes them.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// A descriptor the event loop refuses (epoll takes no regular file)
-    /// still ends in the connection's one record.
-    #[tokio::test]
-    async fn a_socket_the_event_loop_refuses_still_gets_its_record() {
-        let log = Captured::default();
-        let sink = log.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || sink.clone())
-            .with_ansi(false)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
-
-        let config = crate::config::load_str(
-            "t.toml",
-            "[[service]]\nname = \"s\"\ncommand = [\"true\"]\n",
-        )
-        .unwrap();
-        let service = Arc::clone(&config.services[0]);
-        let (_stop, watch) = Shutdown::new();
-        let stats = Arc::new(Stats::default());
-        let ids = Arc::new(AtomicU64::new(1));
-        let shared = Commands::new(Arc::from(Vec::new()), None, watch.clone(), ids);
-        let context = Arc::new(Context {
-            base_env: Arc::from(Vec::new()),
-            shutdown: watch,
-            shared: Arc::new(shared),
-            admissions: Admissions::default(),
-            stats: Arc::clone(&stats),
-            cgroups: None,
-            starved: Starved::default(),
-        });
-        let file = tempfile::tempfile().unwrap();
-        let (service_gate, daemon_gate) = (Gate::new(1), Gate::new(1));
-        let handler = Handler {
-            record: Record::open(7, "s".into(), Arc::clone(&stats)),
-            service,
-            socket: OwnedFd::from(file),
-            peer: Peer::Unix {
-                pid: 1,
-                uid: 0,
-                gid: 0,
-            },
-            places: Places {
-                service: ServicePlace::Held(service_gate.try_acquire().unwrap()),
-                daemon: daemon_gate.try_acquire().unwrap(),
-            },
-            context,
-        };
-        handler.run().await;
-
-        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
-        let records: Vec<&str> = text
-            .lines()
-            .filter(|l| l.contains("connection ended"))
-            .collect();
-        assert_eq!(records.len(), 1, "{text}");
-        assert!(
-            records[0].contains("reason=\"error\"")
-                && records[0].contains("cannot register the connection with the event loop")
-                && records[0].contains("conn=7"),
-            "{text}"
-        );
-        assert_eq!(stats.served.load(std::sync::atomic::Ordering::Relaxed), 1);
-        assert_eq!(stats.active.load(std::sync::atomic::Ordering::Relaxed), 0);
-        assert_eq!(service_gate.active() + daemon_gate.active(), 0);
-    }
-}
+mod tests;
