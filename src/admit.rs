@@ -68,6 +68,9 @@ pub enum Refused {
     /// An HTTP client whose service was at its `max_connections` (it got
     /// 503).
     Busy(usize),
+    /// A login that waited too long for its password to be checked (it got
+    /// 503): why.
+    LoginBusy(String),
 }
 
 /// An HTTP refusal: the status, why, and the headers to send with it.
@@ -87,6 +90,7 @@ impl Refused {
             Refused::Tls(reason, _) => reason,
             Refused::Left(_) => LEFT,
             Refused::Busy(_) => "max-connections",
+            Refused::LoginBusy(_) => "login-busy",
         }
     }
 }
@@ -227,6 +231,12 @@ impl Admissions {
         self.note(service, peer, &Refused::Login(why));
     }
 
+    /// A login whose password could not be checked in time, for the
+    /// others being checked: counted and logged in episodes of its own.
+    pub fn refused_busy_login(&self, service: &Service, peer: &Peer, why: String) {
+        self.note(service, peer, &Refused::LoginBusy(why));
+    }
+
     /// A wrong login spends a token of the client's `rate_per_source`, so
     /// that guessing is slowed as connecting is.
     pub fn failed_login(&self, service: &Service, peer: &Peer) {
@@ -274,6 +284,7 @@ impl Admissions {
             | Refused::Handshake(e)
             | Refused::Login(e)
             | Refused::Tls(_, e)
+            | Refused::LoginBusy(e)
             | Refused::Left(e) => e.clone(),
             Refused::ProxyUntrusted => {
                 "not in proxy_from, so it may not send a PROXY header".into()

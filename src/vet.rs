@@ -18,11 +18,12 @@ pub struct Vetted {
     pub login: Option<LoggedIn>,
 }
 
-/// A request turned away: the status, why, and a login's challenge.
+/// A request turned away: the status, why, and a header to send with it
+/// (a login's challenge, or when to come back).
 pub struct Turned {
     pub status: u16,
     pub why: String,
-    pub challenge: Option<String>,
+    pub header: Option<(&'static str, String)>,
 }
 
 impl Turned {
@@ -30,7 +31,7 @@ impl Turned {
         Turned {
             status,
             why,
-            challenge: None,
+            header: None,
         }
     }
 }
@@ -65,9 +66,19 @@ pub async fn vet(
             forwarded,
             login: Some(logged_in),
         }),
+        Err(Failed::Busy) => {
+            let why = format!(
+                "more logins than CPUs to check them; this one waited {} ms",
+                login::HASH_WAIT.as_millis()
+            );
+            admissions.refused_busy_login(service, client, why.clone());
+            let mut turned = Turned::new(503, why);
+            turned.header = Some(("Retry-After", "1".into()));
+            Err(turned)
+        }
         Err(failed) => {
             let why = match failed {
-                Failed::Missing => "no login".to_string(),
+                Failed::Busy | Failed::Missing => "no login".to_string(),
                 Failed::Wrong(why) => {
                     admissions.failed_login(service, client);
                     why
@@ -75,7 +86,8 @@ pub async fn vet(
             };
             admissions.refused_login(service, client, why.clone());
             let mut turned = Turned::new(401, why);
-            turned.challenge = Some(login::challenge(logins, &service.name));
+            let challenge = login::challenge(logins, &service.name);
+            turned.header = Some(("WWW-Authenticate", challenge));
             Err(turned)
         }
     }

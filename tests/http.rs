@@ -680,6 +680,54 @@ fn a_flood_of_wrong_logins_is_slowed_by_rate_per_source() {
 }
 
 #[test]
+fn a_flood_of_logins_gets_503_past_what_the_cpus_can_check() {
+    // bcrypt at cost 13 takes about half a second of CPU a check.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("htpasswd");
+    let made = Command::new("htpasswd")
+        .args(["-c", "-b", "-B", "-C", "13"])
+        .arg(&file)
+        .args(["alice", "secret"])
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let extra = format!("htpasswd = \"{}\"", file.display());
+    let (d, addr) = http_serve(&sh("echo in"), &extra);
+    // More at once than a machine of 16 CPUs checks in a second.
+    let flood: Vec<_> = (0..48)
+        .map(|_| {
+            Command::new("curl")
+                .args([
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code} %header{retry-after}",
+                ])
+                .args(["-u", "alice:guess", &url(addr, "/")])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let answers: Vec<String> = flood
+        .into_iter()
+        .map(|c| String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap())
+        .collect();
+    let busy = answers.iter().filter(|a| *a == "503 1").count();
+    let wrong = answers.iter().filter(|a| a.starts_with("401")).count();
+    assert!(busy > 0, "{answers:?}");
+    assert_eq!(busy + wrong, answers.len(), "{answers:?}");
+    d.wait_log(&[
+        "more logins than CPUs to check them",
+        "reason=\"login-busy\"",
+    ]);
+    // The flood over, the right password gets in.
+    let got = curl(&url(addr, "/"), &["-u", "alice:secret"]);
+    assert_eq!((got.status(), got.text().as_str()), (200, "in\n"));
+}
+
+#[test]
 fn a_browser_s_websocket_logs_in_with_a_token_in_the_query() {
     let logins = Logins::new();
     let (passed, addr) = pass_tcp("test");

@@ -92,11 +92,11 @@ pub async fn open<'a>(
             Err(Turned {
                 status,
                 why,
-                challenge,
+                header,
             }) => {
-                let headers: Vec<(&str, &str)> = challenge
-                    .as_deref()
-                    .map(|c| ("WWW-Authenticate", c))
+                let headers: Vec<(&str, &str)> = header
+                    .as_ref()
+                    .map(|(name, value)| (*name, value.as_str()))
                     .into_iter()
                     .collect();
                 let _ = http::request::answer(plain, status, why, &headers).await;

@@ -6,9 +6,13 @@
 //! a hash even for a user who does not exist, so that how long an answer
 //! takes does not tell which names or tokens exist. A
 //! password hash is checked on a blocking thread: bcrypt takes milliseconds
-//! of CPU by design, which the event loop must not spend.
+//! of CPU by design, which the event loop must not spend. As many are
+//! checked at once as there are CPUs; a login that waits longer than
+//! [`HASH_WAIT`] for its turn (a flood of them) is told to come back (503),
+//! so that guessing cannot take every CPU or queue without end.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use data_encoding::BASE64;
 use sha_crypt::{PasswordVerifier, ShaCrypt};
@@ -25,11 +29,26 @@ pub struct LoggedIn {
     pub scheme: &'static str,
 }
 
-/// Why a login failed: none was offered, or a wrong one (why, for the log).
+/// Why a login failed: none was offered, or a wrong one (why, for the log),
+/// or its password could not be checked in time for the others being
+/// checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failed {
     Missing,
     Wrong(String),
+    Busy,
+}
+
+/// How long a password waits for its turn to be checked.
+pub const HASH_WAIT: Duration = Duration::from_secs(1);
+
+/// The password checks at once: one a CPU.
+fn hashing() -> &'static tokio::sync::Semaphore {
+    static HASHING: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+    HASHING.get_or_init(|| {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::sync::Semaphore::new(cpus)
+    })
 }
 
 /// Checks the request's login.
@@ -66,9 +85,13 @@ pub async fn check(login: &Arc<Login>, request: &Request) -> Result<LoggedIn, Fa
             "a password, and the service takes bearer tokens only".into(),
         ));
     };
+    let Ok(Ok(turn)) = tokio::time::timeout(HASH_WAIT, hashing().acquire()).await else {
+        return Err(Failed::Busy);
+    };
     let verified = tokio::task::spawn_blocking(move || verify(&hash, &password))
         .await
         .unwrap_or(false);
+    drop(turn);
     match (found, verified) {
         (Some(_), true) => Ok(LoggedIn {
             user: Some(user),
