@@ -34,6 +34,18 @@ pub struct Routed {
     pub source: Option<SourceGuard>,
 }
 
+impl Routed {
+    /// The connection of a socket of one service: its opening reads the
+    /// request, and admission has applied its rules.
+    pub fn alone(service: &Arc<Service>) -> Routed {
+        Routed {
+            service: Arc::clone(service),
+            request: None,
+            source: None,
+        }
+    }
+}
+
 /// What routing needs from the daemon.
 pub struct Routing<'a> {
     pub admissions: &'a Admissions,
@@ -53,11 +65,7 @@ pub async fn route(
 ) -> Result<Routed, Unopened> {
     let front = site.front();
     if !site.is_shared() {
-        return Ok(Routed {
-            service: Arc::clone(front),
-            request: None,
-            source: None,
-        });
+        return Ok(Routed::alone(front));
     }
     let Routing { admissions, gates } = routing;
     let plain = transport.plain();

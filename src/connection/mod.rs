@@ -370,6 +370,9 @@ impl Conn<'_> {
         record: &mut Record,
         place: &mut ServicePlace,
     ) -> Result<Routed, Early> {
+        if !site.is_shared() {
+            return Ok(Routed::alone(site.front()));
+        }
         let routing = Routing {
             admissions: &self.context.admissions,
             gates: &self.context.gates,
@@ -386,14 +389,9 @@ impl Conn<'_> {
     /// An HTTP client whose service is at its `max_connections`: 503, and
     /// counted as a refusal.
     fn busy(&self, transport: &Transport, peer: &Peer, max: usize) {
-        let why = format!("at max_connections ({max})");
-        let response = http::request::error_response(503, &why, &[("Retry-After", "1")], false);
-        // Best effort, without waiting, as every early answer.
-        let _ = nix::unistd::write(transport.plain().get_ref(), &response);
-        http::request::close_gently(transport.plain());
-        self.context
-            .admissions
-            .refused_busy(self.service, peer, max);
+        http::fail_busy(transport.plain(), max);
+        let admissions = &self.context.admissions;
+        admissions.refused_busy(self.service, peer, max);
     }
 
     /// The connection's bounds in time, from its acceptance.

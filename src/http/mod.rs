@@ -36,3 +36,15 @@ pub fn fail_unserved(socket: &tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>, wh
     );
     request::close_gently(socket);
 }
+
+/// When the service is at its `max_connections`: 503 with `Retry-After`,
+/// best effort, without waiting, and the connection closed.
+pub fn fail_busy(socket: &tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>, max: usize) {
+    let why = format!("at max_connections ({max})");
+    let headers = [("Retry-After", "1")];
+    let _ = nix::unistd::write(
+        socket.get_ref(),
+        &request::error_response(503, &why, &headers, false),
+    );
+    request::close_gently(socket);
+}
