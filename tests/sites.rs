@@ -267,3 +267,25 @@ fn services_that_cannot_share_a_socket_are_config_errors_with_their_position() {
         assert!(said.contains(&format!("{}:", path.display())), "{said}");
     }
 }
+
+#[test]
+fn services_sharing_a_tls_socket_are_routed_after_the_handshake() {
+    let pki = Pki::new();
+    let (a, b) = (paths(&["/a"]), paths(&["/b"]));
+    let tls = pki.tls_lines();
+    let config = site(&[
+        ("a", "http", &a, &sh("echo a $HTTPS"), &tls),
+        ("b", "websocket", &b, &sh("echo b $HTTPS"), &tls),
+    ]);
+    let (d, addr) = start(&config);
+    let resolve = format!("localhost:{}:127.0.0.1", addr.port());
+    let ca = pki.file("ca.pem");
+    let https = |path: &str| format!("https://localhost:{}{path}", addr.port());
+    let got = curl(&https("/a"), &["--cacert", &ca, "--resolve", &resolve]);
+    assert_eq!((got.code, got.status()), (0, 200), "{}", got.stderr);
+    assert_eq!(got.text(), "a on\n");
+    let missing = curl(&https("/c"), &["--cacert", &ca, "--resolve", &resolve]);
+    assert_eq!(missing.status(), 404, "{}", missing.stderr);
+    let record = d.wait_record_where(|r| r.service == "a");
+    assert!(record.tls.starts_with("TLSv1.3"), "{record}");
+}
