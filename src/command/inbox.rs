@@ -50,6 +50,12 @@ impl Inbox {
         }
     }
 
+    /// Where bytes for the command may be appended (decoded straight into
+    /// the inbox): None if it takes none.
+    pub fn sink(&mut self) -> Option<&mut Vec<u8>> {
+        self.feeding.then_some(&mut self.bytes)
+    }
+
     /// Where `input` takes what waits: None while nothing does.
     pub fn stdin<'a>(
         &self,

@@ -403,9 +403,9 @@ impl<'a> Session<'a> {
         }
         // Without a stdin that takes it (`stdin` is not "client", or the
         // command closed it), the body is read and dropped.
-        let mut body = Vec::new();
-        let decoded = self.body.decode(bytes, &mut body, &mut self.body_left);
-        self.inbox.push(&body);
+        let mut dropped = Vec::new();
+        let into = self.inbox.sink().unwrap_or(&mut dropped);
+        let decoded = self.body.decode(bytes, into, &mut self.body_left);
         decoded
             .map(|_| ())
             .map_err(|why| match why.contains("max_body_size") {
