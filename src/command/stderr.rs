@@ -383,6 +383,21 @@ mod tests {
         assert_eq!((0..1000).filter(|_| b.take(1024)).count(), 64);
     }
 
+    /// A line longer than `MAX_LINE` is cut at `MAX_LINE` bytes, counting
+    /// those that came in an earlier read.
+    #[test]
+    fn an_overlong_line_in_pieces_is_cut_at_max_line() {
+        let mut l = lines();
+        l.take(&[b'a'; 100]);
+        assert_eq!(taken(&l), 0.0, "no line ended yet");
+        let mut rest = vec![b'a'; MAX_LINE];
+        rest.push(b'\n');
+        l.take(&rest);
+        // MAX_LINE bytes (100 of them pending), then the last 100.
+        assert_eq!(taken(&l), 2.0);
+        assert!(l.pending.is_empty());
+    }
+
     /// A pipe whose read end is registered, non-blocking, and its write end.
     fn pipe() -> (AsyncFd<OwnedFd>, std::fs::File) {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
