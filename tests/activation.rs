@@ -13,12 +13,7 @@ fn check(config: &str) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");
     std::fs::write(&path, config).unwrap();
-    let out = Command::new(BIN)
-        .arg("--check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check_config(&path);
     let stderr = String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "C");
     (
         out.status.code().unwrap(),

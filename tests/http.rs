@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
@@ -23,33 +23,9 @@ fn check(extra: &str) -> (Option<i32>, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("relay.toml");
     std::fs::write(&path, one_service(&sh("echo"), extra)).unwrap();
-    let out = Command::new(BIN)
-        .arg("--check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check_config(&path);
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     (out.status.code(), said, path.display().to_string())
-}
-
-/// curl streaming `url` (`-N`), once it has printed its first line.
-fn streaming(
-    url: &str,
-) -> (
-    std::process::Child,
-    BufReader<std::process::ChildStdout>,
-    String,
-) {
-    let mut child = Command::new("curl")
-        .args(["-sS", "-N", "--max-time", "60", url])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    (child, out, line)
 }
 
 // --- Streaming ---

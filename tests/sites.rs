@@ -7,9 +7,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 
 use common::*;
 
@@ -154,14 +152,7 @@ fn each_service_on_a_shared_socket_keeps_its_own_rules_and_limits() {
 
 /// curl streaming `url`, once the command's first line ("held") is out.
 fn held(url: &str) -> std::process::Child {
-    let mut child = Command::new("curl")
-        .args(["-sS", "-N", "--max-time", "60", url])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let (child, mut out, line) = streaming(url);
     assert_eq!(line, "held\n");
     // The rest is read to its end, so curl never meets a closed pipe.
     std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
@@ -254,12 +245,7 @@ fn services_that_cannot_share_a_socket_are_config_errors_with_their_position() {
     for (config, expected) in cases {
         let path = dir.path().join("relay.toml");
         std::fs::write(&path, &config).unwrap();
-        let out = Command::new(BIN)
-            .arg("--check")
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .unwrap();
+        let out = check_config(&path);
         let said = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(78), "{said}");
         assert!(said.contains(expected), "expected {expected:?} in: {said}");

@@ -1,8 +1,9 @@
 //! curl, Debian's, as the HTTP tests' client: what it got (the status, the
 //! head, the body), with the head in a file of its own.
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 
 /// What curl got: its exit code, the response's head and its body.
 pub struct Got {
@@ -57,4 +58,18 @@ pub fn curl(url: &str, args: &[&str]) -> Got {
 
 pub fn url(addr: SocketAddr, path: &str) -> String {
     format!("http://{addr}{path}")
+}
+
+/// curl streaming `url` (`-N`), once it has printed its first line: the
+/// child, the rest of its output, and that line.
+pub fn streaming(url: &str) -> (Child, BufReader<ChildStdout>, String) {
+    let mut child = Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "60", url])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    (child, out, line)
 }

@@ -71,6 +71,16 @@ pub fn one_service(command: &str, extra: &str) -> String {
     format!("[[service]]\nname = \"test\"\ncommand = {command}\nkill_grace = \"300ms\"\n{extra}\n")
 }
 
+/// `splice-relay --check --config PATH`, run to its end.
+pub fn check_config(path: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .arg("--check")
+        .arg("--config")
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 /// The TOML array that runs `script` with `sh -c` (no double quotes in it).
 pub fn sh(script: &str) -> String {
     assert!(!script.contains('"'), "{script}");
