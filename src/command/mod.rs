@@ -426,3 +426,43 @@ async fn abandon_when_drained(output: &AsyncFd<OwnedFd>, grace: Duration) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A command whose connection's task ends before it is finished (a
+    /// panic, the runtime shutting down) is killed and reaped when dropped:
+    /// no process is left, not even a zombie.
+    #[tokio::test]
+    async fn a_command_dropped_unfinished_is_killed_and_reaped() {
+        let text = "[[service]]\nname = \"s\"\ncommand = [\"sleep\", \"60\"]\n";
+        let config = crate::config::load_str("t.toml", text).unwrap();
+        let (socket, _client) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer = Peer::Unix {
+            pid: 1,
+            uid: 0,
+            gid: 0,
+        };
+        let tag = Tag {
+            conn: 1,
+            service: "s".into(),
+        };
+        let base_env = Arc::from(Vec::new());
+        let (command, _streams) = Command::spawn(
+            &config.services[0],
+            &base_env,
+            &peer,
+            Vec::new(),
+            &OwnedFd::from(socket),
+            None,
+            tag,
+        )
+        .await
+        .unwrap();
+        let pid = Pid::from_raw(command.pid());
+        assert_eq!(nix::sys::signal::kill(pid, None), Ok(()), "it runs");
+        drop(command);
+        assert_eq!(nix::sys::signal::kill(pid, None), Err(Errno::ESRCH));
+    }
+}
