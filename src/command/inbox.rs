@@ -120,6 +120,29 @@ pub async fn writable(
 mod tests {
     use super::*;
 
+    /// A large buffer is given back once the command has taken all of it,
+    /// so that a session that once received much holds little when idle.
+    #[tokio::test]
+    async fn a_large_buffer_is_freed_once_drained() {
+        let (out_r, _out_w) = nix::unistd::pipe().unwrap();
+        let output = fdio::register(out_r, tokio::io::Interest::READABLE).unwrap();
+        let (_in_r, in_w) = nix::unistd::pipe().unwrap();
+        fdio::set_nonblocking(&in_w, true).unwrap();
+        let input = Input::Pipe(fdio::register(in_w, tokio::io::Interest::WRITABLE).unwrap());
+        let mut inbox = Inbox::new(&input);
+        inbox.push(&[b'x'; 2 * KEEP]);
+        while !inbox.is_empty() {
+            let fd = inbox.stdin(&input, &output).unwrap();
+            assert_eq!(inbox.feed(fd.writable().await), Ok(true));
+        }
+        assert_eq!(inbox.bytes.capacity(), 0);
+        // A small one is kept for the next bytes.
+        inbox.push(b"small");
+        let fd = inbox.stdin(&input, &output).unwrap();
+        assert_eq!(inbox.feed(fd.writable().await), Ok(true));
+        assert!(inbox.is_empty() && inbox.bytes.capacity() > 0);
+    }
+
     #[tokio::test]
     async fn what_waits_is_written_and_dropped_once_stdin_is_closed() {
         let register = |fd, interest| fdio::register(fd, interest).unwrap();
