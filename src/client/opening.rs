@@ -66,24 +66,24 @@ pub async fn open<'a>(
         admissions.refused_handshake(service, peer, why);
         Unopened::Refused
     };
-    let mut asked = match (&service.protocol, read) {
-        (Protocol::Raw, _) => return Ok((Opening::Raw, Vec::new(), None)),
-        (Protocol::WebSocket(ws), None) => websocket::read(plain, ws, (tls, limit))
+    if service.protocol == Protocol::Raw {
+        return Ok((Opening::Raw, Vec::new(), None));
+    }
+    // On a shared socket the request was read to route it.
+    let (request, rest) = match read {
+        Some(read) => read,
+        None => http::request::read(plain, tls, limit)
+            .await
+            .map_err(|no| unopened(no.into(), &refused))?,
+    };
+    let mut asked = match &service.protocol {
+        Protocol::WebSocket(ws) => websocket::check(plain, ws, request, rest)
             .await
             .map(|asked| Asked::WebSocket(ws, asked)),
-        (Protocol::WebSocket(ws), Some((request, rest))) => {
-            websocket::check(plain, ws, request, rest)
-                .await
-                .map(|asked| Asked::WebSocket(ws, asked))
-        }
-        (Protocol::Http(settings), None) => http::read(plain, settings, (tls, limit))
+        Protocol::Http(settings) => http::check(plain, settings, request, rest)
             .await
             .map(|asked| Asked::Http(settings, asked)),
-        (Protocol::Http(settings), Some((request, rest))) => {
-            http::check(plain, settings, request, rest)
-                .await
-                .map(|asked| Asked::Http(settings, asked))
-        }
+        Protocol::Raw => return Ok((Opening::Raw, Vec::new(), None)),
     }
     .map_err(|no| unopened(no, &refused))?;
     let Vetted { forwarded, login } =

@@ -24,7 +24,7 @@ mod opening;
 pub mod request;
 mod session;
 
-pub use opening::{accept, check, read, Asked, NoResponse, Opened};
+pub use opening::{accept, check, Asked, NoResponse, Opened};
 pub use session::Session;
 
 /// When the command cannot start: 500, best effort, without waiting, and

@@ -4,7 +4,6 @@
 //! answered with the headers alone, and no command.
 
 use std::os::fd::OwnedFd;
-use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 
@@ -73,19 +72,8 @@ pub struct Asked {
     response: Response,
 }
 
-/// Reads the client's request and checks it; one that cannot be served is
-/// answered now. `tls` says whether the client came over TLS.
-pub async fn read(
-    socket: &AsyncFd<OwnedFd>,
-    http: &Http,
-    (tls, limit): (bool, Duration),
-) -> Result<Asked, NoResponse> {
-    let (request, leftover) = request::read(socket, tls, limit).await?;
-    check(socket, http, request, leftover).await
-}
-
-/// Checks a request already read (on a shared socket, to route it) as
-/// [`read`] checks it.
+/// Checks a request read by `request::read` (which knows whether it came
+/// over TLS); one that cannot be served is answered now.
 pub async fn check(
     socket: &AsyncFd<OwnedFd>,
     http: &Http,
@@ -289,7 +277,7 @@ mod tests {
         Http {
             paths: paths.iter().map(|p| p.to_string()).collect(),
             content_type: "text/plain; charset=utf-8".into(),
-            ping_interval: Duration::from_secs(30),
+            ping_interval: std::time::Duration::from_secs(30),
             max_body_size: 100,
             console: false,
             cgi_headers: false,

@@ -4,7 +4,6 @@
 //! one. The accepted request becomes the command's CGI-style environment.
 
 use std::os::fd::OwnedFd;
-use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 
@@ -12,7 +11,7 @@ use super::Browser;
 use crate::config::WebSocket;
 use crate::fdio;
 use crate::http::console::{self, Console};
-use crate::http::request::{self, answer, Request};
+use crate::http::request::{answer, Request};
 use crate::http::NoResponse;
 
 /// A request that upgraded.
@@ -32,20 +31,8 @@ pub struct Asked {
     decision: Decision,
 }
 
-/// Reads the client's upgrade request and checks it; one that is not a
-/// valid upgrade is answered now. `tls` says whether the client came over
-/// TLS (for the origin's default port and `HTTPS`).
-pub async fn read(
-    socket: &AsyncFd<OwnedFd>,
-    ws: &WebSocket,
-    (tls, limit): (bool, Duration),
-) -> Result<Asked, NoResponse> {
-    let (request, leftover) = request::read(socket, tls, limit).await?;
-    check(socket, ws, request, leftover).await
-}
-
-/// Checks an upgrade already read (on a shared socket, to route it) as
-/// [`read`] checks it.
+/// Checks an upgrade request read by `request::read`; one that is not a
+/// valid upgrade is answered now.
 pub async fn check(
     socket: &AsyncFd<OwnedFd>,
     ws: &WebSocket,
@@ -198,14 +185,14 @@ mod tests {
             messages: Messages::Text,
             allowed_origins: origins.iter().map(|o| o.parse().unwrap()).collect(),
             paths: paths.iter().map(|p| p.to_string()).collect(),
-            ping_interval: Duration::from_secs(30),
+            ping_interval: std::time::Duration::from_secs(30),
             max_message_size: 1 << 20,
             console,
         }
     }
 
     fn request(text: &str) -> Request {
-        let mut headers = [httparse::EMPTY_HEADER; request::MAX_HEADERS];
+        let mut headers = [httparse::EMPTY_HEADER; crate::http::request::MAX_HEADERS];
         let mut r = httparse::Request::new(&mut headers);
         r.parse(text.as_bytes()).unwrap();
         Request::of(&r, false)

@@ -20,7 +20,7 @@ mod session;
 
 use crate::config::{split_host_port, Origin};
 
-pub use handshake::{accept, check, read, Asked, Upgraded};
+pub use handshake::{accept, check, Asked, Upgraded};
 pub use session::Session;
 
 /// After the upgrade, when no session can follow (the command did not
