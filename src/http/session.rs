@@ -151,7 +151,14 @@ impl<'a> Session<'a> {
             let stdin = self.inbox.stdin(&input, output);
             let step = tokio::select! {
                 r = socket.writable(), if writing || self.full => self.send(r),
-                r = output.readable(), if producing => self.produce(r),
+                r = output.readable(), if producing => {
+                    let step = self.produce(r);
+                    if self.at < self.out.len() {
+                        // Output is on its way: the stream is not quiet.
+                        keep_alive.reset();
+                    }
+                    step
+                }
                 r = socket.readable(), if receiving => self.receive(r),
                 r = writable(stdin) => self.inbox.feed(r).map(|taken| {
                     if !taken {
