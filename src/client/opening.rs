@@ -20,11 +20,12 @@ use crate::websocket;
 
 /// What the opening gives the rest: the opening, the request's variables
 /// (CGI's, and the login's), and the client a trusted reverse proxy named,
-/// with its place in `max_per_source`.
+/// with its place in `max_per_source` (boxed: a connection's future keeps
+/// it for the connection's life, and most have none).
 pub type Opened<'a> = (
     Opening<'a>,
     Vec<(String, String)>,
-    Option<(Peer, SourceGuard)>,
+    Option<Box<(Peer, SourceGuard)>>,
 );
 
 /// Why no command runs.
@@ -131,7 +132,7 @@ pub async fn open<'a>(
         }
     };
     let (opening, env) = opened.map_err(|no| unopened(no, &refused))?;
-    Ok((opening, [env, login_env].concat(), forwarded))
+    Ok((opening, [env, login_env].concat(), forwarded.map(Box::new)))
 }
 
 /// What an opening that ends the connection means for it.

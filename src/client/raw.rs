@@ -47,8 +47,10 @@ impl Raw<'_> {
                 |n| traffic.sent(n),
             );
             let input = feed(socket, output, &mut stdin, self.mode, self.chunk, traffic);
-            // After the client's end, what tells that it left for good.
-            let departed = fdio::departed(socket);
+            // After the client's end, what tells that it left for good;
+            // boxed when it starts, so that only a connection whose client
+            // has half-closed makes room for it.
+            let departed = async { Box::pin(fdio::departed(socket)).await };
             tokio::pin!(out, input, departed);
             let mut input_open = true;
             loop {

@@ -28,7 +28,9 @@ pub struct Routed {
     pub service: Arc<Service>,
     /// The request, read to route it, and what the client sent after its
     /// head; None on a socket of one service, whose opening reads it.
-    pub request: Option<Read>,
+    /// Boxed: it is handed on once, and a connection's future should not
+    /// keep room for it while the connection lives.
+    pub request: Option<Box<Read>>,
     /// The client's place in its service's `max_per_source`, held until
     /// the connection ends.
     pub source: Option<SourceGuard>,
@@ -96,7 +98,7 @@ pub async fn route(
     place.reroute(gates.of(&service.name, service.max_connections));
     Ok(Routed {
         service: Arc::clone(service),
-        request: Some((request, leftover)),
+        request: Some(Box::new((request, leftover))),
         source: Some(source),
     })
 }

@@ -91,11 +91,13 @@ impl Transport {
         let Some(bridge) = &self.bridge else {
             return std::future::pending().await;
         };
-        let mut outcome = bridge.outcome.clone();
-        let failed = outcome
-            .wait_for(|o| matches!(o, Some(o) if *o != Outcome::Closed))
-            .await
-            .map(|o| lost_end(o.as_ref()));
+        // Boxed: only a connection with a TLS layer makes room for the wait.
+        let failed = Box::pin(async {
+            let mut outcome = bridge.outcome.clone();
+            let seen = outcome.wait_for(|o| matches!(o, Some(o) if *o != Outcome::Closed));
+            seen.await.map(|o| lost_end(o.as_ref()))
+        })
+        .await;
         match failed {
             Ok(Some(end)) => end,
             Ok(None) => End::Error("the TLS layer ended".into()),

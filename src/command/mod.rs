@@ -270,6 +270,13 @@ impl Command {
     /// that left the group may hold the output open.
     async fn end_leftovers(&self) {
         self.exited().await;
+        // Boxed: a connection's future keeps room for its longest wait, and
+        // this one only comes once the command has exited.
+        Box::pin(self.end_the_rest()).await;
+    }
+
+    /// [`Command::end_leftovers`] after the exit.
+    async fn end_the_rest(&self) {
         match &self.cgroup {
             Some(cgroup) => {
                 if cgroup.populated() {

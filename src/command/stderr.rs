@@ -126,9 +126,11 @@ impl Lines {
             let read = fdio::read_with(fd, |fd| self.read_once(fd));
             let outcome = match due {
                 None => Some(read.await),
+                // The timer boxed: only a flood needs it, and the task's
+                // future is held by every connection while it lives.
                 Some(at) => tokio::select! {
                     r = read => Some(r),
-                    () = tokio::time::sleep_until(at) => None,
+                    () = Box::pin(tokio::time::sleep_until(at)) => None,
                 },
             };
             match outcome {

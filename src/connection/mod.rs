@@ -95,7 +95,10 @@ enum Early {
 }
 
 impl Handler {
-    pub async fn run(self) {
+    /// The connection, served to its end. (Taken apart before the async
+    /// block, so that its future holds each part once, not the handler and
+    /// its parts: it lives as long as the connection.)
+    pub fn run(self) -> impl std::future::Future<Output = ()> + Send {
         let Handler {
             site,
             socket,
@@ -104,31 +107,42 @@ impl Handler {
             mut places,
             context,
         } = self;
-        // The site's first service, until a request names another.
-        let mut service = Arc::clone(site.front());
-        let at = (&site, &mut service, &*context);
-        let served = pipeline(at, socket, peer, &mut record, &mut places.service).await;
-        // The connection's descriptors are closed: its place is free.
-        drop(places.service);
-        context.starved.freed();
-        match served {
-            Err(Early::Refused) => record.refused(),
-            Err(Early::Ended(end)) if end.is_departure() => {
-                let peer = record.peer_name();
-                context
-                    .admissions
-                    .left_unserved(&service, &peer, end.to_string());
-                record.refused();
-            }
-            Err(Early::Ended(end)) => record.close(None, end),
-            Ok((None, end)) => record.close(None, end),
-            Ok((Some(ended), end)) => {
-                record.close(Some(&ended), end);
+        async move {
+            // The site's first service, until a request names another.
+            let mut service = Arc::clone(site.front());
+            let at = (&site, &mut service, &*context);
+            let served = pipeline(at, socket, peer, &mut record, &mut places.service).await;
+            // The connection's descriptors are closed: its place is free.
+            drop(places.service);
+            context.starved.freed();
+            let ended = match served {
+                Err(Early::Refused) => {
+                    record.refused();
+                    None
+                }
+                Err(Early::Ended(end)) if end.is_departure() => {
+                    let peer = record.peer_name();
+                    context
+                        .admissions
+                        .left_unserved(&service, &peer, end.to_string());
+                    record.refused();
+                    None
+                }
+                Err(Early::Ended(end)) | Ok((None, end)) => {
+                    record.close(None, end);
+                    None
+                }
+                Ok((Some(ended), end)) => {
+                    record.close(Some(&ended), end);
+                    Some(ended)
+                }
+            };
+            if let Some(ended) = ended {
                 // Off the client's path: the record is out, the client gone.
                 ended.remove_cgroup().await;
             }
+            drop(places.daemon);
         }
-        drop(places.daemon);
     }
 }
 
@@ -139,51 +153,64 @@ type At<'a> = (&'a Site, &'a mut Arc<Service>, &'a Context);
 /// The pipeline, step by step. Each step either hands the next what it
 /// needs or ends the connection (`Err`). Returns how the connection's
 /// command ended (None: it watched a shared one) and why it ended.
-async fn pipeline(
-    (site, service, context): At<'_>,
+///
+/// (A plain function around an async block: an async fn's arguments taken
+/// by value are held twice in its future, and this one lives as long as the
+/// connection.)
+#[allow(clippy::manual_async_fn)]
+fn pipeline<'a>(
+    (site, service, context): At<'a>,
     socket: OwnedFd,
     peer: Peer,
-    record: &mut Record,
-    place: &mut ServicePlace,
-) -> Result<(Option<Ended>, End), Early> {
-    let front = Conn {
-        service: site.front(),
-        context,
-    };
-    let socket = front.register(socket, &peer)?;
-    let (peer, _source) = front.admit(&socket, peer, site.is_shared()).await?;
-    record.peer(&peer);
-    let mut bounds = front.bounds(record);
-    let (mut transport, tls_env) = front.secure(socket, &peer, &bounds, record).await?;
-    let exchanged = match front
-        .route(site, &transport, &bounds, &peer, record, place)
-        .await
-    {
-        Ok(Routed {
-            service: routed,
-            request,
-            source: _source,
-        }) => {
-            let conn = Conn {
-                service: &routed,
-                context,
-            };
-            bounds = conn.bounds(record);
-            let how = (&peer, tls_env, request);
-            let exchanged = exchange(&conn, &mut transport, how, &bounds, record, place).await;
-            *service = routed;
-            exchanged
-        }
-        Err(early) => Err(early),
-    };
-    // An answer that ended the exchange early (a page, an HTTP error, a
-    // close frame) still gets through the TLS layer; a client that stops
-    // taking the rest ends as a bound says.
-    let clean = exchanged.as_ref().map_or(true, |(_, _, clean)| *clean);
-    let idle = Idle::Traffic(record.traffic());
-    let cut = transport.close(clean, &bounds, idle).await;
-    exchanged.map(|(ended, end, _)| (ended, cut.unwrap_or(end)))
+    record: &'a mut Record,
+    place: &'a mut ServicePlace,
+) -> impl std::future::Future<Output = Result<(Option<Ended>, End), Early>> + Send + 'a {
+    async move {
+        let front = Conn {
+            service: site.front(),
+            context,
+        };
+        let socket = front.register(socket, &peer)?;
+        let (peer, _source) = front.admit(&socket, peer, site.is_shared()).await?;
+        record.peer(&peer);
+        let mut bounds = front.bounds(record);
+        // Boxed, as the steps in `exchange` are.
+        let (mut transport, tls_env) =
+            Box::pin(front.secure(socket, &peer, &bounds, record)).await?;
+        let exchanged = match front
+            .route(site, &transport, &bounds, &peer, record, place)
+            .await
+        {
+            Ok(Routed {
+                service: routed,
+                request,
+                source: _source,
+            }) => {
+                let conn = Conn {
+                    service: &routed,
+                    context,
+                };
+                bounds = conn.bounds(record);
+                let how = (&peer, tls_env, request);
+                let exchanged = exchange(&conn, &mut transport, how, &bounds, record, place).await;
+                *service = routed;
+                exchanged
+            }
+            Err(early) => Err(early),
+        };
+        // An answer that ended the exchange early (a page, an HTTP error, a
+        // close frame) still gets through the TLS layer; a client that stops
+        // taking the rest ends as a bound says.
+        let clean = exchanged.as_ref().map_or(true, |(_, _, clean)| *clean);
+        let idle = Idle::Traffic(record.traffic());
+        let cut = transport.close(clean, &bounds, idle).await;
+        exchanged.map(|(ended, end, _)| (ended, cut.unwrap_or(end)))
+    }
 }
+
+/// Who the client is, the TLS layer's variables, and the request if a
+/// shared socket's routing read it.
+type How<'a> = (&'a Peer, Vec<(String, String)>, Option<Box<Read>>);
 
 /// The rest of the pipeline, on the client's transport: open → banner →
 /// spawn (or join the shared command) → supervise the transfer → end. Also
@@ -191,16 +218,17 @@ async fn pipeline(
 async fn exchange(
     conn: &Conn<'_>,
     transport: &mut Transport,
-    (peer, tls_env, read): (&Peer, Vec<(String, String)>, Option<Read>),
+    (peer, tls_env, read): How<'_>,
     bounds: &Bounds,
     record: &mut Record,
     place: &mut ServicePlace,
 ) -> Result<(Option<Ended>, End, bool), Early> {
-    let (opening, request_env, forwarded) =
-        conn.open(transport, bounds, read, peer, record).await?;
+    let (opening, request_env, forwarded) = conn
+        .open(transport, bounds, read.map(|r| *r), peer, record)
+        .await?;
     // Behind a trusted reverse proxy: the client it names, and that
     // client's place in max_per_source (held until the connection ends).
-    let peer = match &forwarded {
+    let peer = match forwarded.as_deref() {
         Some((client, _place)) => {
             record.peer(client);
             client
@@ -223,19 +251,16 @@ async fn exchange(
         .watch(settling, Idle::Traffic(record.traffic()))
         .await
         .map_err(Early::Ended)?;
-    conn.banner(transport, bounds, record).await?;
+    // The steps before the transfer and after it are boxed, each while it
+    // runs: a connection's future is as large as its largest step, and is
+    // held for the connection's whole life, which is mostly the transfer.
+    Box::pin(conn.banner(transport, bounds, record)).await?;
     if let Some(owner) = conn.service.shared_command() {
-        return watch(conn, owner, transport, opening, bounds, record).await;
+        return Box::pin(watch(conn, owner, transport, opening, bounds, record)).await;
     }
     let env = [tls_env, request_env].concat();
-    let (command, streams) = conn
-        .spawn(transport, peer, env, &opening, bounds, record)
-        .await?;
-
-    let (output, input) = match streams {
-        Some(Streams { output, input }) => (Some(output), input),
-        None => (None, Input::Null),
-    };
+    let spawned = Box::pin(conn.spawn(transport, peer, env, &opening, bounds, record));
+    let (command, output, input) = streams_of(spawned.await?);
     let (service, traffic) = (conn.service, record.traffic());
     let transport = &*transport;
     let mut client = Client::new(
@@ -264,10 +289,21 @@ async fn exchange(
         supervise(bounds, idle, pump, lost, pin!(command_side)).await
     };
     let end = transport.explain(end);
-    let (ended, clean) = finish(client, command, &end, service.kill_grace).await;
+    let (ended, clean) = Box::pin(finish(client, command, &end, service.kill_grace)).await;
     // The command has ended: its output may close now without a SIGPIPE.
     drop(output);
     Ok((Some(ended), end, clean))
+}
+
+/// The command and its output and input (none with `transfer = "direct"`:
+/// the command has the client's socket).
+fn streams_of(
+    (command, streams): (Command, Option<Streams>),
+) -> (Command, Option<AsyncFd<OwnedFd>>, Input) {
+    match streams {
+        Some(Streams { output, input }) => (command, Some(output), input),
+        None => (command, None, Input::Null),
+    }
 }
 
 /// A shared service's client: it joins the shared command (or starts it)

@@ -40,17 +40,20 @@ pub(super) async fn copy_loop(
     let (reading, writing) = (Failed::at(Side::Source), Failed::at(Side::Destination));
     let mut room = Room::of(dst.get_ref());
     let mut bulk: Option<Pages> = None;
-    let timer = tokio::time::sleep(STALL);
-    tokio::pin!(timer);
     let mut stall = Stall {
         last: Instant::now(),
-        timer,
+        timer: None,
     };
     // Bytes read that the destination has not taken yet, off the buffers.
     let mut held: Vec<u8> = Vec::new();
     loop {
         if !held.is_empty() {
-            write_all(dst, &held, budget).await.map_err(&writing)?;
+            // The waits for a full destination are boxed (here and below):
+            // the loop's future is held by every connection for its whole
+            // life, and only a connection that meets a full client needs them.
+            Box::pin(write_all(dst, &held, budget))
+                .await
+                .map_err(&writing)?;
             held = Vec::new();
         }
         if budget.left == 0 {
@@ -61,7 +64,7 @@ pub(super) async fn copy_loop(
         let space = room.for_read(dst.get_ref(), want);
         if space == 0 {
             // The destination is full: wait for it, not for more input.
-            wait_for_room(dst, (&mut room, want), &mut bulk, &mut stall)
+            Box::pin(wait_for_room(dst, (&mut room, want), &mut bulk, &mut stall))
                 .await
                 .map_err(&writing)?;
             continue;
@@ -113,7 +116,7 @@ pub(super) async fn copy_loop(
         }
         if sent < n {
             room.full();
-            let stalled = finish(dst, &buf[sent..n], budget, &mut stall)
+            let stalled = Box::pin(finish(dst, &buf[sent..n], budget, &mut stall))
                 .await
                 .map_err(&writing)?;
             if let Some(at) = stalled {
@@ -172,13 +175,22 @@ const STALL: Duration = Duration::from_millis(50);
 /// When the destination last took bytes, and the timer that looks at it.
 /// The timer is set again when it fires (at most once per `STALL`), not at
 /// every wait: setting a timer that comes due before the others wakes the
-/// thread that keeps them.
-struct Stall<'t> {
+/// thread that keeps them. It is made (boxed) at the first wait for a full
+/// destination: a connection that never meets one keeps no room for it.
+struct Stall {
     last: Instant,
-    timer: Pin<&'t mut Sleep>,
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
-impl Stall<'_> {
+impl Stall {
+    /// The timer, due `STALL` after the destination last took bytes.
+    fn timer(&mut self) -> Pin<&mut Sleep> {
+        let due = self.last + STALL;
+        self.timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)))
+            .as_mut()
+    }
+
     /// The destination took bytes.
     fn progress(&mut self) {
         self.last = Instant::now();
@@ -191,7 +203,7 @@ impl Stall<'_> {
         if Instant::now() >= due {
             return true;
         }
-        self.timer.as_mut().reset(due);
+        self.timer().reset(due);
         false
     }
 }
@@ -202,12 +214,12 @@ async fn wait_for_room(
     dst: &AsyncFd<OwnedFd>,
     (room, want): (&mut Room, usize),
     bulk: &mut Option<Pages>,
-    stall: &mut Stall<'_>,
+    stall: &mut Stall,
 ) -> Result<(), Errno> {
     while bulk.is_some() {
         tokio::select! {
             waited = room.wait(dst, want) => return waited.map(drop),
-            () = stall.timer.as_mut() => if stall.fired() {
+            () = stall.timer() => if stall.fired() {
                 *bulk = None;
             },
         }
@@ -221,7 +233,7 @@ async fn finish(
     dst: &AsyncFd<OwnedFd>,
     bytes: &[u8],
     budget: &mut Budget<impl FnMut(usize)>,
-    stall: &mut Stall<'_>,
+    stall: &mut Stall,
 ) -> Result<Option<usize>, Errno> {
     let mut at = 0;
     while at < bytes.len() {
@@ -235,7 +247,7 @@ async fn finish(
                 budget.spend(n);
                 stall.progress();
             }
-            () = stall.timer.as_mut() => if stall.fired() {
+            () = stall.timer() => if stall.fired() {
                 return Ok(Some(at));
             },
         }
