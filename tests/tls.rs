@@ -768,7 +768,9 @@ print(n)"#,
     let r = d.wait_record_where(|r| r.reason == "max-bytes");
     assert_eq!(r.bytes, 100_000, "{r}");
 
-    let (d, addr) = tls_serve(&pki, &sh("echo hi; exec sleep 60"), "timeout = \"300ms\"");
+    // Long enough for the handshake, the spawn and the line on a loaded
+    // machine.
+    let (d, addr) = tls_serve(&pki, &sh("echo hi; exec sleep 60"), "timeout = \"1s\"");
     let started = std::time::Instant::now();
     let out = python_tls(
         addr,
