@@ -184,15 +184,22 @@ fn the_watchdog_is_fed_from_the_event_loop() {
     d.wait_note("WATCHDOG=1");
 
     let pid = d.pid();
-    let all = threads(pid);
-    let workers: Vec<Task> = all
-        .iter()
-        // tokio's default name for its threads (tokio-runtime-w in older versions).
-        .filter(|t| ["tokio-rt-worker", "tokio-runtime-w"].contains(&t.comm.as_str()))
-        .take(WORKERS)
-        .cloned()
-        .collect();
-    assert_eq!(workers.len(), WORKERS, "the runtime's workers in {all:?}");
+    // tokio's default name for its threads (tokio-runtime-w in older
+    // versions), which each worker gives itself once it runs: on a loaded
+    // machine a worker may not have yet.
+    let named = |all: &[Task]| -> Vec<Task> {
+        all.iter()
+            .filter(|t| ["tokio-rt-worker", "tokio-runtime-w"].contains(&t.comm.as_str()))
+            .take(WORKERS)
+            .cloned()
+            .collect()
+    };
+    let (all, workers) = poll(PATIENCE, || {
+        let all = threads(pid);
+        let workers = named(&all);
+        (workers.len() == WORKERS).then_some((all, workers))
+    })
+    .unwrap_or_else(|| panic!("the runtime's workers in {:?}", threads(pid)));
     let main = all.iter().find(|t| t.tid == pid).unwrap().clone();
     let event_loop: Vec<Task> = std::iter::once(main).chain(workers).collect();
     let others: Vec<&Task> = all.iter().filter(|t| !event_loop.contains(t)).collect();

@@ -630,10 +630,21 @@ impl Daemon {
     /// Waits for the daemon to exit; fails after PATIENCE.
     pub fn wait_exit(&mut self) -> ExitStatus {
         let child = &mut self.child;
-        match super::poll(PATIENCE, || child.try_wait().unwrap()) {
+        let status = match super::poll(PATIENCE, || child.try_wait().unwrap()) {
             Some(status) => status,
             None => panic!("daemon did not exit; log:\n{}", self.log_text()),
+        };
+        // What it logged is all read before the caller looks at the log:
+        // the reader thread may still be behind the exit.
+        let deadline = Instant::now() + PATIENCE;
+        let mut state = self.log.state.lock().unwrap();
+        while !state.closed {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            state = self.log.grew.wait_timeout(state, left).unwrap().0;
         }
+        status
     }
 
     /// Processes whose parent is the daemon (commands, running or zombie).
