@@ -174,9 +174,7 @@ fn pipeline<'a>(
         let (peer, _source) = front.admit(&socket, peer, site.is_shared()).await?;
         record.peer(&peer);
         let mut bounds = front.bounds(record);
-        // Boxed, as the steps in `exchange` are.
-        let (mut transport, tls_env) =
-            Box::pin(front.secure(socket, &peer, &bounds, record)).await?;
+        let (mut transport, tls_env) = front.secure(socket, &peer, &bounds, record).await?;
         let exchanged = match front
             .route(site, &transport, &bounds, &peer, record, place)
             .await
@@ -252,9 +250,10 @@ async fn exchange(
         .await
         .map_err(Early::Ended)?;
     // The steps before the transfer and after it are boxed, each while it
-    // runs: a connection's future is as large as its largest step, and is
+    // runs (the banner and the TLS handshake inside, only where there is
+    // one): a connection's future is as large as its largest step, and is
     // held for the connection's whole life, which is mostly the transfer.
-    Box::pin(conn.banner(transport, bounds, record)).await?;
+    conn.banner(transport, bounds, record).await?;
     if let Some(owner) = conn.service.shared_command() {
         return Box::pin(watch(conn, owner, transport, opening, bounds, record)).await;
     }
@@ -457,7 +456,10 @@ impl Conn<'_> {
             return Ok((Transport::socket(socket), Vec::new()));
         };
         let limit = bounds.within(service.handshake_timeout);
-        let accepted = tls::accept(&socket, tls, limit).await.map_err(|refused| {
+        // Boxed, as the steps in `exchange` are, and only where there is a
+        // handshake: a plain connection allocates nothing for it.
+        let accepted = Box::pin(tls::accept(&socket, tls, limit));
+        let accepted = accepted.await.map_err(|refused| {
             let admissions = &self.context.admissions;
             admissions.refused_tls(service, peer, &refused);
             Early::Refused
@@ -520,8 +522,7 @@ impl Conn<'_> {
                 .await
                 .map_err(|e| End::client_error(e, "sending the banner"))
         };
-        bounds
-            .watch(send, Idle::Traffic(traffic))
+        Box::pin(bounds.watch(send, Idle::Traffic(traffic)))
             .await
             .map_err(Early::Ended)
     }
