@@ -223,7 +223,7 @@ impl Record {
         self.started
     }
 
-    pub fn traffic(&self) -> &Traffic {
+    pub fn traffic(&self) -> &Arc<Traffic> {
         &self.traffic
     }
 

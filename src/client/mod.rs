@@ -25,6 +25,7 @@ pub mod route;
 mod transport;
 
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::io::unix::AsyncFd;
@@ -67,7 +68,7 @@ impl<'a> Client<'a> {
         transport: &'a Transport,
         (output, input): (Option<&'a AsyncFd<OwnedFd>>, Input),
         service: &'a Service,
-        traffic: &'a Traffic,
+        traffic: &'a Arc<Traffic>,
     ) -> Client<'a> {
         let socket = transport.plain();
         let mode = match service.transfer {
@@ -154,9 +155,8 @@ impl<'a> Client<'a> {
                 kernel: Some(socket),
                 ..
             }) => Idle::Kernel { socket, started },
-            Client::Raw(Raw { traffic, .. }) | Client::Direct(Direct { traffic, .. }) => {
-                Idle::Traffic(traffic)
-            }
+            Client::Raw(Raw { traffic, .. }) => Idle::Traffic(traffic),
+            Client::Direct(Direct { traffic, .. }) => Idle::Traffic(traffic),
             Client::WebSocket(session) => Idle::Traffic(session.traffic()),
             Client::Http(session) => Idle::Traffic(session.traffic()),
         }

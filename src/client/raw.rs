@@ -3,6 +3,7 @@
 //! relay's loops; the client's half-close is the command's end-of-file.
 
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -27,7 +28,8 @@ pub struct Raw<'a> {
     pub chunk: usize,
     /// What `max_bytes` leaves of the output.
     pub budget: Option<u64>,
-    pub traffic: &'a Traffic,
+    /// Shared: a bulk stream counts its bytes from a thread of its own.
+    pub traffic: &'a Arc<Traffic>,
 }
 
 impl Raw<'_> {
@@ -44,7 +46,7 @@ impl Raw<'_> {
                 self.mode,
                 self.chunk,
                 (self.budget, Count::Writes),
-                |n| traffic.sent(n),
+                sent_to(traffic),
             );
             let input = feed(socket, output, &mut stdin, self.mode, self.chunk, traffic);
             // After the client's end, what tells that it left for good;
@@ -90,6 +92,12 @@ impl Raw<'_> {
     }
 }
 
+/// Counts the bytes that went to the client.
+fn sent_to(traffic: &Arc<Traffic>) -> impl FnMut(usize) + Clone + Send + 'static {
+    let traffic = Arc::clone(traffic);
+    move |n| traffic.sent(n)
+}
+
 /// The client's bytes to the command's stdin, until the client half-closes
 /// (the command's end-of-file); then, or when the command takes no more, or
 /// without a stdin, they are read and dropped, so a reset is seen at once.
@@ -100,7 +108,7 @@ async fn feed(
     input: &mut Input,
     mode: Mode,
     chunk: usize,
-    traffic: &Traffic,
+    traffic: &Arc<Traffic>,
 ) -> Result<(), Errno> {
     if let Some(to) = input.fd(output) {
         // Into a socket pair splice cannot go; into a pipe it can.
@@ -112,10 +120,9 @@ async fn feed(
         let counted = (None, Count::Reads);
         // Boxed: only a connection whose command reads the client makes
         // room for this pump, not every raw connection's future.
-        let fed = Box::pin(relay::pump(socket, to, mode, chunk, counted, |n| {
-            traffic.received(n)
-        }))
-        .await;
+        let traffic = Arc::clone(traffic);
+        let received = move |n| traffic.received(n);
+        let fed = Box::pin(relay::pump(socket, to, mode, chunk, counted, received)).await;
         match fed {
             Ok(_) => {
                 input.close(output);

@@ -8,6 +8,7 @@ use nix::errno::Errno;
 use tokio::io::unix::AsyncFd;
 use tokio::time::{Instant, Sleep};
 
+use super::bulk::{self, Marked, Offload};
 use super::{Budget, Failed, Pumped, Side};
 use crate::fdio::{self, Room};
 use crate::sys::Pages;
@@ -35,11 +36,17 @@ use crate::sys::Pages;
 pub(super) async fn copy_loop(
     src: &AsyncFd<OwnedFd>,
     dst: &AsyncFd<OwnedFd>,
-    budget: &mut Budget<impl FnMut(usize)>,
+    budget: &mut Budget<impl FnMut(usize) + Clone + Send + 'static>,
 ) -> Result<Pumped, Failed> {
     let (reading, writing) = (Failed::at(Side::Source), Failed::at(Side::Destination));
     let mut room = Room::of(dst.get_ref());
     let mut bulk: Option<Pages> = None;
+    // Reads in a row that brought no more than a trickle into it; the
+    // bytes through it and the reads since it was made (or the stream came
+    // back from a thread); whether it is counted among the bulk streams.
+    let mut trickles: u8 = 0;
+    let (mut through, mut reads) = (0u64, 0u64);
+    let mut marked = Marked::default();
     let mut stall = Stall {
         last: Instant::now(),
         timer: None,
@@ -128,7 +135,30 @@ pub(super) async fn copy_loop(
         if n < ask {
             ready.clear_ready();
         }
-        resize(&mut bulk, n, ask);
+        resize(&mut bulk, &mut trickles, n, ask);
+        marked.set(bulk.is_some());
+        (through, reads) = match bulk {
+            Some(_) => (through + n as u64, reads + 1),
+            None => (0, 0),
+        };
+        if bulk::worth_a_thread(through, reads) {
+            (through, reads) = (0, 0);
+            if let Some(buf) = bulk.take() {
+                // Counted among the threads' streams while there.
+                marked.set(false);
+                // Boxed: only a bulk stream waits for its thread.
+                match Box::pin(bulk::offload(src, dst, buf, budget)).await? {
+                    Offload::Stayed(buf) => bulk = Some(buf),
+                    Offload::Done(pumped) => return Ok(pumped),
+                    Offload::Back { buf, held: rest } => {
+                        (bulk, held) = (buf, rest);
+                        room.full();
+                        stall.progress();
+                    }
+                }
+                marked.set(bulk.is_some());
+            }
+        }
     }
 }
 
@@ -152,25 +182,41 @@ fn read_ready(
 }
 
 /// After a read of `n` into the bulk buffer (of `ask` asked for), emptied
-/// since: a read that filled it makes it grow (up to `COPY_MAX`), one that
-/// brought no more than a trickle frees it.
-fn resize(bulk: &mut Option<Pages>, n: usize, ask: usize) {
+/// since: a read that filled it makes it grow (up to `COPY_MAX`);
+/// `TRICKLES` reads in a row that brought no more than a trickle free it.
+///
+/// One such read is not enough: a producer that writes in small pieces
+/// (`head -c` writes 8 KiB at a time) leaves a short read now and then in
+/// the middle of bulk, and a buffer freed and made again there costs its
+/// mapping and a page fault for each of its pages.
+fn resize(bulk: &mut Option<Pages>, trickles: &mut u8, n: usize, ask: usize) {
     let Some(buf) = bulk.as_mut() else {
         return;
     };
+    if n < ask && n < COPY_SMALL {
+        *trickles += 1;
+        if *trickles >= TRICKLES {
+            *bulk = None;
+            *trickles = 0;
+        }
+        return;
+    }
+    *trickles = 0;
     if n == buf.len() && buf.len() < COPY_MAX {
         // Empty now: a larger one replaces it.
         if let Ok(larger) = Pages::new(buf.len() * 4) {
             *buf = larger;
         }
-    } else if n < ask && n < COPY_SMALL {
-        *bulk = None;
     }
 }
 
+/// Reads in a row that bring no more than a trickle before the bulk buffer
+/// is freed.
+pub(super) const TRICKLES: u8 = 16;
+
 /// How long a destination may stay full before the bulk buffer is freed.
 /// Bulk to a client that reads waits far less between writes.
-const STALL: Duration = Duration::from_millis(50);
+pub(super) const STALL: Duration = Duration::from_millis(50);
 
 /// When the destination last took bytes, and the timer that looks at it.
 /// The timer is set again when it fires (at most once per `STALL`), not at
@@ -271,7 +317,7 @@ fn write_now(dst: &OwnedFd, bytes: &[u8]) -> (usize, Option<Errno>) {
 }
 
 /// The stack buffer of a trickle.
-const COPY_SMALL: usize = 16 * 1024;
+pub(super) const COPY_SMALL: usize = 16 * 1024;
 /// The heap buffer's first size, and its largest.
 const COPY_BULK: usize = 64 * 1024;
 const COPY_MAX: usize = 1 << 20;

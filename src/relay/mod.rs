@@ -10,6 +10,7 @@
 //! - `copy`: read(2)/write(2) through a buffer sized to the flow (the
 //!   default, through a socket pair: fewer wake-ups than splice for bulk).
 
+mod bulk;
 mod copy;
 mod splice;
 
@@ -84,7 +85,7 @@ pub async fn pump(
     mode: Mode,
     chunk: usize,
     (max, count): (Option<u64>, Count),
-    moved: impl FnMut(usize),
+    moved: impl FnMut(usize) + Clone + Send + 'static,
 ) -> Result<Pumped, Failed> {
     let mut budget = Budget {
         left: max.unwrap_or(u64::MAX),
@@ -102,7 +103,9 @@ pub async fn pump(
     copy_loop(src, dst, &mut budget).await
 }
 
-/// What may still move, and who is told of what did.
+/// What may still move, and who is told of what did (from a bulk thread
+/// too: a copy of it goes there).
+#[derive(Clone)]
 struct Budget<F> {
     left: u64,
     count: Count,
@@ -142,6 +145,8 @@ mod tests {
     use std::io::Read;
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
 
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -151,6 +156,14 @@ mod tests {
     use crate::{fdio, sys};
 
     const MIB: usize = 1 << 20;
+
+    /// A count of the bytes a pump says it moved.
+    fn counter(total: &Arc<AtomicUsize>) -> impl FnMut(usize) + Clone + Send + 'static {
+        let total = Arc::clone(total);
+        move |n| {
+            total.fetch_add(n, Ordering::Relaxed);
+        }
+    }
 
     /// A pipe holding `bytes` (a pattern), registered for reading, its
     /// write end closed (end-of-file after the bytes).
@@ -172,9 +185,9 @@ mod tests {
             let (ours, client) = UnixStream::pair().unwrap();
             ours.set_nonblocking(true).unwrap();
             let dst = fdio::register(ours.into(), Interest::WRITABLE).unwrap();
-            let sent = std::cell::Cell::new(0);
+            let sent = Arc::new(AtomicUsize::new(0));
             let client = {
-                let count = |n| sent.set(sent.get() + n);
+                let count = counter(&sent);
                 let pumped = pump(&src, &dst, mode, MIB, (None, Count::Writes), count);
                 tokio::pin!(pumped);
                 let stalled = tokio::time::timeout(Duration::from_millis(300), &mut pumped).await;
@@ -196,7 +209,7 @@ mod tests {
             };
             drop(dst);
             let got = client.join().unwrap();
-            let sent = sent.get();
+            let sent = sent.load(Ordering::Relaxed);
             assert_eq!(sent, MIB);
             assert!(got.len() == MIB && got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
         }
@@ -220,18 +233,12 @@ mod tests {
             }
         });
         let max = 300_001;
-        let mut sent = 0;
-        let pumped = pump(
-            &src,
-            &dst,
-            Mode::Copy,
-            MIB,
-            (Some(max), Count::Writes),
-            |n| sent += n,
-        );
+        let sent = Arc::new(AtomicUsize::new(0));
+        let counted = (Some(max), Count::Writes);
+        let pumped = pump(&src, &dst, Mode::Copy, MIB, counted, counter(&sent));
         assert_eq!(pumped.await, Ok(Pumped::Limit));
         drop(dst);
         assert_eq!(reader.join().unwrap(), max as usize);
-        assert_eq!(sent, max as usize);
+        assert_eq!(sent.load(Ordering::Relaxed), max as usize);
     }
 }
