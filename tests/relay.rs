@@ -261,6 +261,29 @@ fn a_command_writing_100_mib_with_plain_writes_never_sees_eagain() {
 }
 
 #[test]
+fn a_burst_then_lines_gives_the_bulk_buffer_back_at_the_first_line() {
+    // 8 MiB in large writes, a pause, then a line now and then: the bulk
+    // buffer made for the burst is kept through the pause and freed at the
+    // first line, not held through the next 16.
+    let script = "dd if=/dev/zero bs=1M count=8 status=none; sleep 0.5; echo x; exec sleep 60";
+    let (d, addr) = serve(&sh(script), "");
+    let mut conn = connect(addr);
+    let mut burst = vec![0u8; 8 << 20];
+    conn.read_exact(&mut burst).unwrap();
+    let held = rss_kib(d.pid());
+    assert_eq!(read_line(&mut conn), "x\n");
+    let freed = poll(Duration::from_secs(2), || {
+        let freed = held.saturating_sub(rss_kib(d.pid()));
+        (freed >= 192).then_some(freed)
+    });
+    assert!(
+        freed.is_some(),
+        "the daemon kept its bulk buffer: {held} KiB, then {} KiB",
+        rss_kib(d.pid())
+    );
+}
+
+#[test]
 fn a_slow_producers_lines_arrive_promptly() {
     // Each line carries the producer's clock when it was printed; the client
     // compares with its own clock when the line arrives.

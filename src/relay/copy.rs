@@ -41,10 +41,14 @@ pub(super) async fn copy_loop(
     let (reading, writing) = (Failed::at(Side::Source), Failed::at(Side::Destination));
     let mut room = Room::of(dst.get_ref());
     let mut bulk: Option<Pages> = None;
-    // Reads in a row that brought no more than a trickle into it; the
-    // bytes through it and the reads since it was made (or the stream came
-    // back from a thread); whether it is counted among the bulk streams.
-    let mut trickles: u8 = 0;
+    // Reads in a row that brought no more than a trickle into it, and when
+    // one last brought more; the bytes through it and the reads since it
+    // was made (or the stream came back from a thread); whether it is
+    // counted among the bulk streams.
+    let mut trickles = Trickles {
+        count: 0,
+        since: Instant::now(),
+    };
     let (mut through, mut reads) = (0u64, 0u64);
     let mut marked = Marked::default();
     let mut stall = Stall {
@@ -100,6 +104,7 @@ pub(super) async fn copy_loop(
                         // (Without the memory for it, trickles go on.)
                         bulk = Pages::new(COPY_BULK).ok();
                         stall.progress();
+                        trickles.since = Instant::now();
                     }
                 }
             }
@@ -181,27 +186,39 @@ fn read_ready(
     }
 }
 
+/// The reads that brought no more than a trickle since one brought more.
+struct Trickles {
+    count: u8,
+    /// When a read last brought more than a trickle.
+    since: Instant,
+}
+
 /// After a read of `n` into the bulk buffer (of `ask` asked for), emptied
-/// since: a read that filled it makes it grow (up to `COPY_MAX`);
-/// `TRICKLES` reads in a row that brought no more than a trickle free it.
+/// since: a read that filled it makes it grow (up to `COPY_MAX`); a read
+/// that brought no more than a trickle frees it once bulk has stopped:
+/// `TRICKLES` such reads in a row, or one that comes `STALL` after the
+/// last larger read (a burst, then lines).
 ///
-/// One such read is not enough: a producer that writes in small pieces
-/// (`head -c` writes 8 KiB at a time) leaves a short read now and then in
-/// the middle of bulk, and a buffer freed and made again there costs its
-/// mapping and a page fault for each of its pages.
-fn resize(bulk: &mut Option<Pages>, trickles: &mut u8, n: usize, ask: usize) {
+/// One such read amid bulk is not enough: a producer that writes in small
+/// pieces (`head -c` writes 8 KiB at a time) leaves a short read now and
+/// then in the middle of its bulk, and a buffer freed and made again there
+/// costs its mapping and a page fault for each of its pages.
+fn resize(bulk: &mut Option<Pages>, trickles: &mut Trickles, n: usize, ask: usize) {
     let Some(buf) = bulk.as_mut() else {
         return;
     };
     if n < ask && n < COPY_SMALL {
-        *trickles += 1;
-        if *trickles >= TRICKLES {
+        trickles.count += 1;
+        if trickles.count >= TRICKLES || trickles.since.elapsed() >= STALL {
             *bulk = None;
-            *trickles = 0;
+            trickles.count = 0;
         }
         return;
     }
-    *trickles = 0;
+    *trickles = Trickles {
+        count: 0,
+        since: Instant::now(),
+    };
     if n == buf.len() && buf.len() < COPY_MAX {
         // Empty now: a larger one replaces it.
         if let Ok(larger) = Pages::new(buf.len() * 4) {
@@ -210,8 +227,8 @@ fn resize(bulk: &mut Option<Pages>, trickles: &mut u8, n: usize, ask: usize) {
     }
 }
 
-/// Reads in a row that bring no more than a trickle before the bulk buffer
-/// is freed.
+/// Reads in a row that bring no more than a trickle, amid bulk, before the
+/// bulk buffer is freed.
 pub(super) const TRICKLES: u8 = 16;
 
 /// How long a destination may stay full before the bulk buffer is freed.
