@@ -127,9 +127,13 @@ impl Drop for Marked {
 /// (`bench/results/bulk-threads.md`); several share its workers, and each
 /// moves faster on a thread of its own.
 pub(super) fn worth_a_thread(through: u64, reads: u64) -> bool {
-    through >= HANDOFF
-        && through / reads.max(1) >= LARGE_READS
-        && ON_LOOP.load(Ordering::Acquire) + RUNNING.load(Ordering::Acquire) >= 2
+    let bulk = ON_LOOP.load(Ordering::Acquire) + RUNNING.load(Ordering::Acquire);
+    worth(through, reads, bulk)
+}
+
+/// [`worth_a_thread`], given how many streams are bulk now (this one too).
+fn worth(through: u64, reads: u64, bulk: usize) -> bool {
+    through >= HANDOFF && through / reads.max(1) >= LARGE_READS && bulk >= 2
 }
 
 /// What an [`offload`] came back with.
@@ -348,5 +352,24 @@ impl<F: FnMut(usize)> Job<F> {
                 Err(_) => return Wait::Ready,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 4 MiB in reads of 64 KiB on average, beside another bulk stream:
+    /// each of the three conditions is needed.
+    #[test]
+    fn a_stream_moves_after_4_mib_in_large_reads_beside_another() {
+        assert!(worth(HANDOFF, HANDOFF / LARGE_READS, 2));
+        assert!(worth(HANDOFF * 2, 1, 5));
+        // Not yet 4 MiB.
+        assert!(!worth(HANDOFF - 1, 1, 2));
+        // Reads a little under 64 KiB on average.
+        assert!(!worth(HANDOFF, HANDOFF / LARGE_READS + 1, 2));
+        // Alone.
+        assert!(!worth(HANDOFF, 1, 1));
     }
 }
