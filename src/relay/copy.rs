@@ -40,21 +40,8 @@ pub(super) async fn copy_loop(
 ) -> Result<Pumped, Failed> {
     let (reading, writing) = (Failed::at(Side::Source), Failed::at(Side::Destination));
     let mut room = Room::of(dst.get_ref());
-    let mut bulk: Option<Pages> = None;
-    // Reads in a row that brought no more than a trickle into it, and when
-    // one last brought more; the bytes through it and the reads since it
-    // was made (or the stream came back from a thread); whether it is
-    // counted among the bulk streams.
-    let mut trickles = Trickles {
-        count: 0,
-        since: Instant::now(),
-    };
-    let (mut through, mut reads) = (0u64, 0u64);
-    let mut marked = Marked::default();
-    let mut stall = Stall {
-        last: Instant::now(),
-        timer: None,
-    };
+    let mut bulk = Bulk::default();
+    let mut stall = Stall::new();
     // Bytes read that the destination has not taken yet, off the buffers.
     let mut held: Vec<u8> = Vec::new();
     loop {
@@ -62,49 +49,41 @@ pub(super) async fn copy_loop(
             // The waits for a full destination are boxed (here and below):
             // the loop's future is held by every connection for its whole
             // life, and only a connection that meets a full client needs them.
-            Box::pin(write_all(dst, &held, budget))
-                .await
-                .map_err(&writing)?;
+            Box::pin(write_all(dst, &held, budget)).await?;
             held = Vec::new();
         }
         if budget.left == 0 {
             return Ok(Pumped::Limit);
         }
         let mut ready = src.readable().await.map_err(|e| reading(fdio::errno(&e)))?;
-        let want = budget.ask(bulk.as_ref().map_or(COPY_SMALL, |b| b.len()));
+        let want = budget.ask(bulk.buf.as_ref().map_or(COPY_SMALL, |b| b.len()));
         let space = room.for_read(dst.get_ref(), want);
         if space == 0 {
             // The destination is full: wait for it, not for more input.
-            Box::pin(wait_for_room(dst, (&mut room, want), &mut bulk, &mut stall))
-                .await
-                .map_err(&writing)?;
+            Box::pin(wait_for_room(
+                dst,
+                (&mut room, want),
+                &mut bulk.buf,
+                &mut stall,
+            ))
+            .await
+            .map_err(&writing)?;
             continue;
         }
         let ask = want.min(space);
-        let Some(buf) = bulk.as_mut() else {
-            match copy_small(src.get_ref(), dst.get_ref(), ask)? {
+        let Some(buf) = bulk.buf.as_mut() else {
+            match copy_small((src.get_ref(), dst.get_ref()), ask, budget, &mut room)? {
                 Small::EndOfFile => return Ok(Pumped::EndOfFile),
                 Small::Dry => ready.clear_ready(),
-                Small::Copied { read, rest, failed } => {
-                    budget.read(read);
-                    budget.spend(read - rest.len());
-                    room.took(read - rest.len());
-                    if let Some(errno) = failed {
-                        return Err(writing(errno));
-                    }
+                Small::Copied { read, rest } => {
                     held = rest;
-                    if !held.is_empty() {
-                        room.full();
-                    }
                     if read < ask {
                         // A short read: the source is dry for now. (A newer
                         // readiness event survives the clear: tokio checks.)
                         ready.clear_ready();
                     } else if ask == COPY_SMALL {
-                        // (Without the memory for it, trickles go on.)
-                        bulk = Pages::new(COPY_BULK).ok();
+                        bulk.make();
                         stall.progress();
-                        trickles.since = Instant::now();
                     }
                 }
             }
@@ -128,40 +107,27 @@ pub(super) async fn copy_loop(
         }
         if sent < n {
             room.full();
-            let stalled = Box::pin(finish(dst, &buf[sent..n], budget, &mut stall))
-                .await
-                .map_err(&writing)?;
-            if let Some(at) = stalled {
+            let stalled = Box::pin(finish(dst, &buf[sent..n], budget, &mut stall));
+            if let Some(at) = stalled.await? {
                 held = buf[sent + at..n].to_vec();
-                bulk = None;
+                bulk.buf = None;
                 continue;
             }
         }
         if n < ask {
             ready.clear_ready();
         }
-        resize(&mut bulk, &mut trickles, n, ask);
-        marked.set(bulk.is_some());
-        (through, reads) = match bulk {
-            Some(_) => (through + n as u64, reads + 1),
-            None => (0, 0),
-        };
-        if bulk::worth_a_thread(through, reads) {
-            (through, reads) = (0, 0);
-            if let Some(buf) = bulk.take() {
-                // Counted among the threads' streams while there.
-                marked.set(false);
-                // Boxed: only a bulk stream waits for its thread.
-                match Box::pin(bulk::offload(src, dst, buf, budget)).await? {
-                    Offload::Stayed(buf) => bulk = Some(buf),
-                    Offload::Done(pumped) => return Ok(pumped),
-                    Offload::Back { buf, held: rest } => {
-                        (bulk, held) = (buf, rest);
-                        room.full();
-                        stall.progress();
-                    }
+        if let Some(buf) = bulk.after_read(n, ask) {
+            // Boxed: only a bulk stream waits for its thread.
+            match Box::pin(bulk::offload(src, dst, buf, budget)).await? {
+                Offload::Stayed(buf) => bulk.put_back(Some(buf)),
+                Offload::Done(pumped) => return Ok(pumped),
+                Offload::Back { buf, held: rest } => {
+                    bulk.put_back(buf);
+                    held = rest;
+                    room.full();
+                    stall.progress();
                 }
-                marked.set(bulk.is_some());
             }
         }
     }
@@ -186,44 +152,89 @@ fn read_ready(
     }
 }
 
-/// The reads that brought no more than a trickle since one brought more.
-struct Trickles {
-    count: u8,
-    /// When a read last brought more than a trickle.
+/// The bulk buffer, and what decides its life: it grows while reads fill
+/// it; it is freed once bulk has stopped; its stream moves to a thread of
+/// its own once that is worth it ([`bulk::worth_a_thread`]).
+struct Bulk {
+    buf: Option<Pages>,
+    /// Reads in a row that brought no more than a trickle into it, and
+    /// when one last brought more.
+    trickles: u8,
     since: Instant,
+    /// Bytes through it, and reads, since it was made (or came back).
+    through: u64,
+    reads: u64,
+    /// Counted among the bulk streams while it has a buffer.
+    marked: Marked,
 }
 
-/// After a read of `n` into the bulk buffer (of `ask` asked for), emptied
-/// since: a read that filled it makes it grow (up to `COPY_MAX`); a read
-/// that brought no more than a trickle frees it once bulk has stopped:
-/// `TRICKLES` such reads in a row, or one that comes `STALL` after the
-/// last larger read (a burst, then lines).
-///
-/// One such read amid bulk is not enough: a producer that writes in small
-/// pieces (`head -c` writes 8 KiB at a time) leaves a short read now and
-/// then in the middle of its bulk, and a buffer freed and made again there
-/// costs its mapping and a page fault for each of its pages.
-fn resize(bulk: &mut Option<Pages>, trickles: &mut Trickles, n: usize, ask: usize) {
-    let Some(buf) = bulk.as_mut() else {
-        return;
-    };
-    if n < ask && n < COPY_SMALL {
-        trickles.count += 1;
-        if trickles.count >= TRICKLES || trickles.since.elapsed() >= STALL {
-            *bulk = None;
-            trickles.count = 0;
+impl Default for Bulk {
+    fn default() -> Bulk {
+        Bulk {
+            buf: None,
+            trickles: 0,
+            since: Instant::now(),
+            through: 0,
+            reads: 0,
+            marked: Marked::default(),
         }
-        return;
     }
-    *trickles = Trickles {
-        count: 0,
-        since: Instant::now(),
-    };
-    if n == buf.len() && buf.len() < COPY_MAX {
-        // Empty now: a larger one replaces it.
-        if let Ok(larger) = Pages::new(buf.len() * 4) {
-            *buf = larger;
+}
+
+impl Bulk {
+    /// A read filled the small buffer: bulk begins (without the memory
+    /// for it, trickles go on).
+    fn make(&mut self) {
+        self.buf = Pages::new(COPY_BULK).ok();
+        self.since = Instant::now();
+    }
+
+    /// After a read of `n` into the buffer (of `ask` asked for), written
+    /// since: a read that filled it makes it grow (up to `COPY_MAX`); a
+    /// read that brought no more than a trickle frees it once bulk has
+    /// stopped: `TRICKLES` such reads in a row, or one that comes `STALL`
+    /// after the last larger read (a burst, then lines). When the stream
+    /// should move to a thread now: the buffer, taken for it (its stream is
+    /// counted there, not here).
+    ///
+    /// One such read amid bulk is not enough: a producer that writes in
+    /// small pieces (`head -c` writes 8 KiB at a time) leaves a short read
+    /// now and then in the middle of its bulk, and a buffer freed and made
+    /// again there costs its mapping and a page fault for each of its pages.
+    fn after_read(&mut self, n: usize, ask: usize) -> Option<Pages> {
+        let Some(buf) = self.buf.as_mut() else {
+            // Freed since (the destination stalled).
+            self.marked.set(false);
+            return None;
+        };
+        if n < ask && n < COPY_SMALL {
+            self.trickles += 1;
+            if self.trickles >= TRICKLES || self.since.elapsed() >= STALL {
+                *self = Bulk::default();
+                return None;
+            }
+        } else {
+            (self.trickles, self.since) = (0, Instant::now());
+            if n == buf.len() && buf.len() < COPY_MAX {
+                // Empty now: a larger one replaces it.
+                if let Ok(larger) = Pages::new(buf.len() * 4) {
+                    *buf = larger;
+                }
+            }
         }
+        self.marked.set(true);
+        (self.through, self.reads) = (self.through + n as u64, self.reads + 1);
+        if !bulk::worth_a_thread(self.through, self.reads) {
+            return None;
+        }
+        self.marked.set(false);
+        self.buf.take()
+    }
+
+    /// Back from a thread, or not gone: counting starts again.
+    fn put_back(&mut self, buf: Option<Pages>) {
+        self.marked.set(buf.is_some());
+        (self.buf, self.through, self.reads) = (buf, 0, 0);
     }
 }
 
@@ -246,6 +257,13 @@ struct Stall {
 }
 
 impl Stall {
+    fn new() -> Stall {
+        Stall {
+            last: Instant::now(),
+            timer: None,
+        }
+    }
+
     /// The timer, due `STALL` after the destination last took bytes.
     fn timer(&mut self) -> Pin<&mut Sleep> {
         let due = self.last + STALL;
@@ -297,7 +315,8 @@ async fn finish(
     bytes: &[u8],
     budget: &mut Budget<impl FnMut(usize)>,
     stall: &mut Stall,
-) -> Result<Option<usize>, Errno> {
+) -> Result<Option<usize>, Failed> {
+    let writing = Failed::at(Side::Destination);
     let mut at = 0;
     while at < bytes.len() {
         let rest = &bytes[at..];
@@ -305,7 +324,7 @@ async fn finish(
         // after it wrote.
         tokio::select! {
             n = fdio::write_with(dst, |fd| nix::unistd::write(fd, rest)) => {
-                let n = n?;
+                let n = n.map_err(&writing)?;
                 at += n;
                 budget.spend(n);
                 stall.progress();
@@ -343,18 +362,23 @@ enum Small {
     EndOfFile,
     /// Nothing to read (EAGAIN).
     Dry,
-    /// `read` bytes were read; `rest` of them could not be written yet,
-    /// or at all (`failed`: the destination's error, once they are counted).
+    /// `read` bytes were read, and counted with those written; `rest` of
+    /// them could not be written yet.
     Copied {
         read: usize,
         rest: Vec<u8>,
-        failed: Option<Errno>,
     },
 }
 
 /// One read into a buffer on the stack of a plain function (not of the
-/// future, which every idle connection would carry), written at once.
-fn copy_small(src: &OwnedFd, dst: &OwnedFd, ask: usize) -> Result<Small, Failed> {
+/// future, which every idle connection would carry), written at once, and
+/// counted; an error writing comes once what moved is counted.
+fn copy_small(
+    (src, dst): (&OwnedFd, &OwnedFd),
+    ask: usize,
+    budget: &mut Budget<impl FnMut(usize)>,
+    room: &mut Room,
+) -> Result<Small, Failed> {
     let mut buf = [0u8; COPY_SMALL];
     let read = loop {
         match fdio::read(src, &mut buf[..ask]) {
@@ -366,11 +390,17 @@ fn copy_small(src: &OwnedFd, dst: &OwnedFd, ask: usize) -> Result<Small, Failed>
         }
     };
     let (written, failed) = write_now(dst, &buf[..read]);
-    Ok(Small::Copied {
-        read,
-        rest: buf[written..read].to_vec(),
-        failed,
-    })
+    budget.read(read);
+    budget.spend(written);
+    room.took(written);
+    if let Some(errno) = failed {
+        return Err(Failed::at(Side::Destination)(errno));
+    }
+    if written < read {
+        room.full();
+    }
+    let rest = buf[written..read].to_vec();
+    Ok(Small::Copied { read, rest })
 }
 
 /// Writes all of `bytes` to `dst` as it takes them, counting each write.
@@ -378,6 +408,9 @@ async fn write_all(
     dst: &AsyncFd<OwnedFd>,
     bytes: &[u8],
     budget: &mut Budget<impl FnMut(usize)>,
-) -> Result<(), Errno> {
-    fdio::write_all(dst, bytes, |n| budget.spend(n)).await
+) -> Result<(), Failed> {
+    let writing = Failed::at(Side::Destination);
+    fdio::write_all(dst, bytes, |n| budget.spend(n))
+        .await
+        .map_err(writing)
 }
