@@ -284,6 +284,24 @@ fn a_burst_then_lines_gives_the_bulk_buffer_back_at_the_first_line() {
 }
 
 #[test]
+fn a_producer_of_small_writes_does_not_make_the_bulk_buffer_again_and_again() {
+    // head -c writes 8 KiB at a time: read faster than it writes, its
+    // stream brings a short read now and then amid bulk. A buffer freed at
+    // each and made again would fault its pages in again each time
+    // (about 2,000 faults for 64 MiB); kept, it faults them in once.
+    let (d, addr) = serve(r#"["head", "-c", "67108864", "/dev/zero"]"#, "");
+    let before = stat(d.pid()).unwrap().minflt;
+    let (bytes, _) = received_sha256(connect(addr));
+    assert_eq!(bytes, 64 << 20);
+    let faults = stat(d.pid()).unwrap().minflt - before;
+    // About 200 here; freed at each short read, about 2,000.
+    assert!(
+        faults < 1000,
+        "{faults} page faults in the daemon for 64 MiB"
+    );
+}
+
+#[test]
 fn a_slow_producers_lines_arrive_promptly() {
     // Each line carries the producer's clock when it was printed; the client
     // compares with its own clock when the line arrives.

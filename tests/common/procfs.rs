@@ -18,6 +18,8 @@ pub struct Stat {
     pub pgrp: i32,
     /// Field 6: the session.
     pub session: i32,
+    /// Field 10: page faults that needed no I/O (a page mapped anew, say).
+    pub minflt: u64,
     /// Fields 14 and 15, in clock ticks.
     pub utime: u64,
     pub stime: u64,
@@ -37,6 +39,7 @@ impl Stat {
             ppid: f.get(1)?.parse().ok()?,
             pgrp: f.get(2)?.parse().ok()?,
             session: f.get(3)?.parse().ok()?,
+            minflt: f.get(7)?.parse().ok()?,
             utime: f.get(11)?.parse().ok()?,
             stime: f.get(12)?.parse().ok()?,
         })
