@@ -223,14 +223,10 @@ impl Record {
         self.started
     }
 
+    /// The counts, shared: a part of the connection that outlives a borrow
+    /// of the record (the TLS layer, a bulk thread) holds a clone.
     pub fn traffic(&self) -> &Arc<Traffic> {
         &self.traffic
-    }
-
-    /// The traffic, for a part of the connection that outlives a borrow of
-    /// the record (the TLS layer).
-    pub fn shared_traffic(&self) -> Arc<Traffic> {
-        Arc::clone(&self.traffic)
     }
 
     /// The client came over TLS: `how` is the version, the cipher and who

@@ -199,6 +199,24 @@ fn a_bulk_stream_that_turns_to_lines_comes_back_to_the_event_loop() {
 }
 
 #[test]
+fn a_stalled_stream_is_not_counted_as_bulk() {
+    // A client that took some bulk and then stopped reading: its stream
+    // has given its buffer back and is no longer bulk, so a stream alone
+    // beside it stays on the event loop.
+    let (d, addr) = serve(r#"["cat", "/dev/zero"]"#, "");
+    let mut stalled = connect(addr);
+    let mut buf = vec![0u8; 8 * MIB];
+    stalled.read_exact(&mut buf).unwrap();
+    // Long past the 50 ms after which a full client's buffer is freed.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut alone = connect(addr);
+    let (got, seen) = read_counting_threads(&mut alone, 32 * MIB, d.pid());
+    assert_eq!(got.len(), 32 * MIB);
+    assert_eq!(seen, 0, "a bulk thread beside a stalled stream");
+    drop(stalled);
+}
+
+#[test]
 fn one_bulk_stream_alone_stays_on_the_event_loop() {
     let (d, addr) = serve(r#"["cat", "/dev/zero"]"#, "max_bytes = 50331648");
     let mut conn = connect(addr);

@@ -148,7 +148,7 @@ impl Conn<'_> {
             HandOff::Declined(conn) => {
                 record.tls(format!("{summary} userspace"));
                 // A command given the layer's pair writes to it itself: the layer counts.
-                let layer = Layer::new(*conn, record.shared_traffic(), direct);
+                let layer = Layer::new(*conn, Arc::clone(record.traffic()), direct);
                 Transport::encrypted(socket, layer, service.kill_grace)
                     .map_err(|e| Early::Ended(End::Error(unregistered(&e))))?
             }

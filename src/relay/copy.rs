@@ -60,14 +60,9 @@ pub(super) async fn copy_loop(
         let space = room.for_read(dst.get_ref(), want);
         if space == 0 {
             // The destination is full: wait for it, not for more input.
-            Box::pin(wait_for_room(
-                dst,
-                (&mut room, want),
-                &mut bulk.buf,
-                &mut stall,
-            ))
-            .await
-            .map_err(&writing)?;
+            Box::pin(wait_for_room(dst, (&mut room, want), &mut bulk, &mut stall))
+                .await
+                .map_err(&writing)?;
             continue;
         }
         let ask = want.min(space);
@@ -110,7 +105,7 @@ pub(super) async fn copy_loop(
             let stalled = Box::pin(finish(dst, &buf[sent..n], budget, &mut stall));
             if let Some(at) = stalled.await? {
                 held = buf[sent + at..n].to_vec();
-                bulk.buf = None;
+                bulk.free();
                 continue;
             }
         }
@@ -202,15 +197,11 @@ impl Bulk {
     /// now and then in the middle of its bulk, and a buffer freed and made
     /// again there costs its mapping and a page fault for each of its pages.
     fn after_read(&mut self, n: usize, ask: usize) -> Option<Pages> {
-        let Some(buf) = self.buf.as_mut() else {
-            // Freed since (the destination stalled).
-            self.marked.set(false);
-            return None;
-        };
+        let buf = self.buf.as_mut()?;
         if n < ask && n < COPY_SMALL {
             self.trickles += 1;
             if self.trickles >= TRICKLES || self.since.elapsed() >= STALL {
-                *self = Bulk::default();
+                self.free();
                 return None;
             }
         } else {
@@ -229,6 +220,12 @@ impl Bulk {
         }
         self.marked.set(false);
         self.buf.take()
+    }
+
+    /// Bulk has stopped (or its destination stalled): the buffer is given
+    /// back, and the stream is no longer counted among the bulk streams.
+    fn free(&mut self) {
+        *self = Bulk::default();
     }
 
     /// Back from a thread, or not gone: counting starts again.
@@ -294,14 +291,14 @@ impl Stall {
 async fn wait_for_room(
     dst: &AsyncFd<OwnedFd>,
     (room, want): (&mut Room, usize),
-    bulk: &mut Option<Pages>,
+    bulk: &mut Bulk,
     stall: &mut Stall,
 ) -> Result<(), Errno> {
-    while bulk.is_some() {
+    while bulk.buf.is_some() {
         tokio::select! {
             waited = room.wait(dst, want) => return waited.map(drop),
             () = stall.timer() => if stall.fired() {
-                *bulk = None;
+                bulk.free();
             },
         }
     }
