@@ -271,6 +271,10 @@ async fn drain(
     }
     // Every client has gone: the shared commands end, and write their records.
     shared.context.shared.stop().await;
+    // Every command has ended: the ready cgroups go.
+    if let Some(tree) = &shared.context.cgroups {
+        tree.close();
+    }
 }
 
 /// Accepts connections on one listener until the daemon stops.
@@ -489,6 +493,9 @@ fn reload_config(
                 }
             }
             level.set(&new.log_level);
+            if let Some(tree) = &shared.context.cgroups {
+                tree.retire_ready();
+            }
             shared.context.shared.reload(&new.services);
             tracing::info!(config = %new.origin, services = new.services.len(), "configuration reloaded; new connections use it");
             *shared.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);

@@ -69,8 +69,9 @@ enum Leaves {
 
 /// Each kind of escaper, `n` times, with clients that close, reset and wait
 /// for the end: when each record is written, no process with the
-/// connection's marker is alive; then its cgroup is removed, and at the
-/// end the daemon's descriptors are back where they were.
+/// connection's marker is alive; then its cgroup is emptied, and at the
+/// end (after a reload, which removes the ready cgroups) the daemon's
+/// descriptors are back where they were.
 fn escapers(n: usize) {
     require_root();
     let cgroup = TestCgroup::delegated();
@@ -92,7 +93,7 @@ fn escapers(n: usize) {
          while [ ! -e /tmp/$MARK ]; do sleep 0.01; done; rm /tmp/$MARK\\necho started\\n\
          if [ $STAY = 1 ]; then while :; do sleep 0.1; echo .; done; fi\"]\n"
     );
-    let (d, addr) = start_in(&cgroup, &config);
+    let (mut d, addr) = start_in(&cgroup, &config);
     let baseline = d.fd_baseline();
     let ways = [Leaves::Closes, Leaves::Resets, Leaves::WaitsForTheEnd];
     let jobs = n * ESCAPERS.len();
@@ -147,7 +148,16 @@ fn escapers(n: usize) {
         assert!(record.cpu_usec.is_some_and(|c| c > 0), "{record}");
         left.elapsed()
     });
-    cgroup.wait_no_connections();
+    cgroup.wait_all_empty();
+    // The ready cgroups keep their descriptors open; a reload removes them.
+    assert!(!cgroup.slots().is_empty(), "cgroups kept for reuse");
+    d.signal(Signal::SIGHUP);
+    d.wait_note("READY=1");
+    assert_eq!(
+        cgroup.slots(),
+        Vec::<String>::new(),
+        "a reload removes the ready cgroups"
+    );
     d.assert_fds_back(baseline);
     let worst = took.iter().max().unwrap();
     eprintln!(
@@ -184,10 +194,162 @@ fn the_daemon_lives_in_a_leaf_and_says_which_containment_it_uses() {
     let leaf = cgroup.path.file_name().unwrap().to_string_lossy();
     assert!(own.contains(&format!("/{leaf}/daemon\n")), "{own}");
     let seen = fetch_text(addr);
-    assert!(seen.contains(&format!("/{leaf}/conn-1\n")), "{seen}");
+    assert!(seen.contains(&format!("/{leaf}/slot-1\n")), "{seen}");
     let record = d.wait_record(1);
     assert!(record.cpu_usec.is_some(), "{record}");
-    cgroup.wait_no_connections();
+    cgroup.wait_all_empty();
+}
+
+/// A command's cgroup is reused: the next connection's command starts in
+/// the same one (no cgroup is made or removed on its path), and its record
+/// counts only what its own command used, not the CPU the one before burned.
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
+fn a_cgroup_serves_command_after_command_and_each_record_counts_its_own() {
+    require_root();
+    let cgroup = TestCgroup::delegated();
+    let ticks = clock_ticks_per_second();
+    // `burn`: the shell burns half a second of CPU (by its own account, as
+    // in cpu_in_the_record); anything else, nothing.
+    let (d, addr) = start_in(
+        &cgroup,
+        &one_service(
+            &sh(&format!(
+                "read W; cat /proc/self/cgroup; t=0; while [ $W = burn ] && [ $t -lt {} ]; do \
+                 i=0; while [ $i -lt 1000 ]; do i=$((i+1)); done; \
+                 read -r s < /proc/$$/stat; set -- $s; t=$((${{14}}+${{15}})); done",
+                ticks / 2
+            )),
+            "stdin = \"client\"",
+        ),
+    );
+    let leaf = cgroup.path.file_name().unwrap().to_string_lossy();
+    let mut cpu = Vec::new();
+    for (conn, word) in [(1, "burn"), (2, "idle"), (3, "idle")] {
+        let mut s = connect(addr);
+        s.write_all(format!("{word}\n").as_bytes()).unwrap();
+        let (out, _) = read_until_end(&mut s);
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.contains(&format!("/{leaf}/slot-1\n")),
+            "connection {conn}: {out}"
+        );
+        let record = d.wait_record(conn);
+        cpu.push(record.cpu_usec.expect("cpu_usec"));
+        // Back in the pool before the next connection takes it.
+        let back = poll(PATIENCE, || {
+            (cgroup.populated_slots().is_empty()).then_some(())
+        });
+        assert!(back.is_some(), "{:?}", cgroup.populated_slots());
+    }
+    eprintln!("cpu of three commands in one cgroup, µs: {cpu:?}");
+    assert!(cpu[0] >= 400_000, "the burn: {cpu:?}");
+    assert!(
+        cpu[1] < cpu[0] / 2 && cpu[2] < cpu[0] / 2,
+        "each record counts its own command: {cpu:?}"
+    );
+    assert_eq!(cgroup.slots(), vec!["slot-1"]);
+}
+
+/// A ready cgroup is kept for the next command, at most `READY_MAX` (64) of
+/// them; a reload removes them (the next command gets a new one, with the
+/// limits the configuration now gives), and so does the stop.
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
+fn ready_cgroups_are_bounded_and_go_at_a_reload_and_at_the_stop() {
+    require_root();
+    let cgroup = TestCgroup::delegated();
+    let config = format!(
+        "max_connections = 100\n{}",
+        one_service(
+            &sh("echo started; read W; cat /proc/self/cgroup"),
+            "stdin = \"client\"\nmax_connections = 100\nmax_per_source = 100"
+        )
+    );
+    let (mut d, addr) = start_in(&cgroup, &config);
+    // 70 commands at once: 70 cgroups.
+    let clients: Vec<_> = (0..70)
+        .map(|_| {
+            let mut s = connect(addr);
+            assert_eq!(read_line(&mut s), "started\n");
+            s
+        })
+        .collect();
+    assert_eq!(cgroup.populated_slots().len(), 70);
+    for mut s in clients {
+        s.write_all(b"go\n").unwrap();
+        read_until_end(&mut s);
+    }
+    d.wait_records(70);
+    cgroup.wait_all_empty();
+    let kept = poll(PATIENCE, || (cgroup.slots().len() == 64).then_some(()));
+    assert!(kept.is_some(), "64 kept: {:?}", cgroup.slots());
+
+    d.signal(Signal::SIGHUP);
+    d.wait_note("READY=1");
+    assert_eq!(
+        cgroup.slots(),
+        Vec::<String>::new(),
+        "a reload removes them"
+    );
+    let mut s = connect(addr);
+    assert_eq!(read_line(&mut s), "started\n");
+    s.write_all(b"go\n").unwrap();
+    let (out, _) = read_until_end(&mut s);
+    let leaf = cgroup.path.file_name().unwrap().to_string_lossy();
+    assert!(
+        String::from_utf8_lossy(&out).contains(&format!("/{leaf}/slot-71\n")),
+        "a new cgroup after the reload: {}",
+        String::from_utf8_lossy(&out)
+    );
+    d.wait_record(71);
+    let kept = poll(PATIENCE, || (cgroup.slots() == ["slot-71"]).then_some(()));
+    assert!(kept.is_some(), "{:?}", cgroup.slots());
+
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit().code(), Some(0));
+    assert_eq!(
+        cgroup.slots(),
+        Vec::<String>::new(),
+        "the stop removes them"
+    );
+    assert_eq!(cgroup.procs(), Vec::<i32>::new());
+}
+
+/// With the memory controller, each record's `memory_peak` is its own
+/// command's: one that held 24 MiB is followed by one that held little,
+/// whether the second got a fresh cgroup (a kernel that cannot reset
+/// `memory.peak`, before Linux 6.12) or the first one's, its peak reset.
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
+fn each_record_has_its_own_commands_memory_peak() {
+    require_root();
+    let cgroup = TestCgroup::delegated();
+    if !cgroup.offers("memory", "each_record_has_its_own_commands_memory_peak") {
+        return;
+    }
+    let (d, addr) = start_in(
+        &cgroup,
+        &one_service(
+            &sh(
+                "read W; if [ $W = big ]; then x=$(head -c 24M /dev/zero | tr '\\\\0' a); fi; \
+                 echo done; cat /proc/self/cgroup",
+            ),
+            "stdin = \"client\"\nmemory_max = \"256M\"",
+        ),
+    );
+    let mut peaks = Vec::new();
+    for (conn, word) in [(1, "big"), (2, "small")] {
+        let mut s = connect(addr);
+        s.write_all(format!("{word}\n").as_bytes()).unwrap();
+        let (out, _) = read_until_end(&mut s);
+        eprintln!("{word}: {}", String::from_utf8_lossy(&out));
+        peaks.push(d.wait_record(conn).memory_peak.expect("memory_peak"));
+        cgroup.wait_all_empty();
+    }
+    eprintln!("memory_peak of a big command, then a small one: {peaks:?}");
+    assert!(peaks[0] >= 24 << 20, "{peaks:?}");
+    assert!(peaks[1] < 12 << 20, "{peaks:?}");
 }
 
 /// A daemon started again in a subtree that was ended with cgroup.kill (as
@@ -208,7 +370,7 @@ fn a_second_run_after_a_cgroup_kill_serves_its_commands() {
     let (d, addr) = start_in(&cgroup, &config);
     assert_eq!(fetch_text(addr), "served\n");
     d.wait_record(1).assert_ended("output-ended", "0");
-    cgroup.wait_no_connections();
+    cgroup.wait_all_empty();
 }
 
 #[test]
@@ -336,7 +498,7 @@ fn a_command_that_forks_in_a_loop_is_ended() {
     let record = d.wait_record(1);
     assert_eq!(record.reason, "client-gone", "{record}");
     assert_eq!(processes_with(&mark), Vec::<i32>::new(), "{record}");
-    cgroup.wait_no_connections();
+    cgroup.wait_all_empty();
 }
 
 /// The record's CPU time is the cgroup's: here the command is a shell
@@ -463,7 +625,7 @@ fn a_command_the_oom_killer_kills_is_recorded_oom_killed() {
     let (out, _) = read_until_end(&mut next);
     assert_eq!(String::from_utf8_lossy(&out), "waiting\nserved later\n");
     d.wait_records(3);
-    cgroup.wait_no_connections();
+    cgroup.wait_all_empty();
 }
 
 /// `tasks_max` stops a fork loop: the shell's fork fails once its cgroup
@@ -505,7 +667,7 @@ fn tasks_max_stops_a_fork_loop() {
     let said = d.wait_log(&["Cannot fork", "stream=\"stderr\""]);
     assert!(said.contains(" conn=1 "), "{said}");
     assert_eq!(record.exit, "2", "the loop's fork failed: {record}");
-    cgroup.wait_no_connections();
+    cgroup.wait_all_empty();
 }
 
 /// `cpu_quota` bounds a command that would use a whole CPU: a busy loop
@@ -541,7 +703,7 @@ fn cpu_quota_bounds_a_busy_command() {
         (0.10..=0.30).contains(&share),
         "a share of {share:.3} of one CPU: {record}"
     );
-    cgroup.wait_no_connections();
+    cgroup.wait_all_empty();
 }
 
 /// SIGHUP and SIGTERM while commands that escaped their sessions run: the
@@ -572,7 +734,7 @@ fn stop_and_reload_while_escapers_run_leave_nothing() {
             s
         })
         .collect();
-    assert_eq!(cgroup.connections().len(), 20);
+    assert_eq!(cgroup.populated_slots().len(), 20);
     // "started" comes once the escaper is forked, maybe before its setsid.
     let escaped = poll(PATIENCE, || {
         (session_leaders_with(&mark).len() == 20).then_some(())
@@ -589,7 +751,11 @@ fn stop_and_reload_while_escapers_run_leave_nothing() {
     assert_eq!(d.wait_exit().code(), Some(0));
     assert_eq!(processes_with(&mark), Vec::<i32>::new());
     assert_eq!(d.records().len(), 20);
-    assert_eq!(cgroup.connections(), Vec::<String>::new());
+    assert_eq!(
+        cgroup.slots(),
+        Vec::<String>::new(),
+        "the stop removes every cgroup"
+    );
     for mut s in clients {
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest);
@@ -619,7 +785,7 @@ fn direct_transfer_commands_are_contained_too() {
     assert_eq!(record.reason, "command-exited", "{record}");
     assert_eq!(processes_with(&mark), Vec::<i32>::new(), "{record}");
     assert!(started.elapsed() < Duration::from_secs(5));
-    cgroup.wait_no_connections();
+    cgroup.wait_all_empty();
 }
 
 /// Named by `delegated_cgroup`, a cgroup is used whatever the daemon's own
@@ -641,9 +807,9 @@ fn delegated_cgroup_names_the_subtree_for_a_run_by_hand() {
         "named by delegated_cgroup",
     ]);
     let leaf = cgroup.path.file_name().unwrap().to_string_lossy();
-    assert!(fetch_text(addr).contains(&format!("/{leaf}/conn-1\n")));
+    assert!(fetch_text(addr).contains(&format!("/{leaf}/slot-1\n")));
     d.wait_record(1);
-    cgroup.wait_no_connections();
+    cgroup.wait_all_empty();
 }
 
 /// With process groups, what the command wrote before it exited still

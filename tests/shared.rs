@@ -610,7 +610,8 @@ fn raise_nofile(n: u64) {
 
 /// With a delegated cgroup, the shared command runs in a cgroup of its own
 /// (whatever its clients do, nothing it starts outlives it), and its record
-/// says what it used; the cgroup is gone after `linger`.
+/// says what it used; the cgroup is emptied after `linger` (and goes back to
+/// the daemon's pool of ready ones).
 #[test]
 #[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
 fn a_shared_command_runs_in_a_cgroup_of_its_own() {
@@ -634,7 +635,7 @@ fn a_shared_command_runs_in_a_cgroup_of_its_own() {
     let pid: i32 = read_line(&mut a).trim().parse().unwrap();
     let mut b = connect(addr);
     assert_eq!(read_line(&mut b), ".\n");
-    let own = cgroup.connections();
+    let own = cgroup.populated_slots();
     assert_eq!(own.len(), 1, "one cgroup for the one command: {own:?}");
     let procs = std::fs::read_to_string(cgroup.path.join(&own[0]).join("cgroup.procs")).unwrap();
     assert!(procs.lines().any(|p| p == pid.to_string()), "{procs}");
@@ -645,7 +646,7 @@ fn a_shared_command_runs_in_a_cgroup_of_its_own() {
     drop((a, b));
     let ended = d.wait_log(&["shared command ended: lingered"]);
     assert!(ended.contains("cpu_usec="), "{ended}");
-    cgroup.wait_no_connections();
+    cgroup.wait_all_empty();
     assert_eq!(
         processes_with(&mark),
         Vec::<i32>::new(),

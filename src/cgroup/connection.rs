@@ -1,10 +1,12 @@
 //! One connection's cgroup: where its command starts, signalling and
 //! killing what is in it, waiting until it is empty, what it used, removal.
 
-use std::fs;
-use std::io;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::fcntl::{open, OFlag};
 use nix::sys::signal::{kill, Signal};
@@ -34,8 +36,13 @@ pub(super) fn remove_when_empty(dir: &Path) -> io::Result<()> {
     fs::remove_dir(dir)
 }
 
-/// One connection's cgroup, removed by [`Cgroup::remove`] once empty (or,
-/// dropped without it, killed and removed by a thread of its own).
+/// One connection's cgroup. Made by the daemon's pool (see `pool`), which
+/// takes it back once it is empty and its usage is read; dropped instead
+/// (a connection's task that ended early), it is killed and removed by a
+/// thread of its own.
+///
+/// The files it is read and signalled through stay open for its whole life,
+/// so a command's start and end open none.
 #[derive(Debug)]
 pub struct Cgroup {
     path: PathBuf,
@@ -43,7 +50,74 @@ pub struct Cgroup {
     dir: OwnedFd,
     /// Its `cgroup.procs`, for a child that joins by itself.
     procs: OwnedFd,
+    /// `cgroup.events`, read in place for `populated`.
+    events: File,
+    counters: Counters,
+    /// `cgroup.kill` was written: the cgroup is not reused, for Linux (seen
+    /// on 6.18) then SIGKILLs each process cloned into it from outside.
+    killed: AtomicBool,
 }
+
+/// The peaks a cgroup's usage is read from, open for its life (None: the
+/// kernel or the enabled controllers do not have them), and where its
+/// other counters stood when it was last taken back, so that a command's
+/// usage is its own.
+#[derive(Debug)]
+struct Counters {
+    memory_peak: Option<Peak>,
+    tasks_peak: Option<Peak>,
+    /// `cpu.stat` usage_usec and `memory.events` oom_kill at the last renewal.
+    base_cpu_usec: u64,
+    base_oom_kills: u64,
+}
+
+/// A `*.peak` file. Written to, it starts again from the current value for
+/// reads through the same open file (`memory.peak` since Linux 6.12): a
+/// cgroup whose peaks cannot be reset is never reused.
+#[derive(Debug)]
+struct Peak {
+    file: File,
+    resettable: bool,
+}
+
+impl Peak {
+    fn open(path: &Path) -> Option<Peak> {
+        if let Ok(file) = OpenOptions::new().read(true).write(true).open(path) {
+            // A write is the reset; where it is refused, the peak is for life.
+            let resettable = (&file).write_all(b"reset").is_ok();
+            return Some(Peak { file, resettable });
+        }
+        let file = File::open(path).ok()?;
+        Some(Peak {
+            file,
+            resettable: false,
+        })
+    }
+}
+
+/// The whole text of a cgroup file open for its life, read from its start.
+fn read_text(file: &File) -> Option<String> {
+    let mut buf = [0u8; 1024];
+    let n = file.read_at(&mut buf, 0).ok()?;
+    std::str::from_utf8(&buf[..n]).ok().map(str::to_owned)
+}
+
+fn number(text: Option<String>) -> Option<u64> {
+    text?.trim().parse().ok()
+}
+
+/// The value of `key` in a flat keyed file (`cpu.stat`, `memory.events`).
+fn keyed(text: Option<String>, key: &str) -> Option<u64> {
+    text?.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// Most memory a cgroup taken back may still hold (kernel objects and page
+/// cache its command left), for it to be reused: above it, the next command
+/// would start with another's charges against its `memory_max`.
+const REUSE_MEMORY_MAX: u64 = 1 << 20;
 
 /// What a connection's processes used, from its cgroup; None where the
 /// kernel or the delegated controllers do not tell.
@@ -75,7 +149,23 @@ impl Cgroup {
             Mode::empty(),
         )
         .map_err(|e| describe(e.into(), "cannot open", &procs_path))?;
-        Ok(Cgroup { path, dir, procs })
+        let events_path = path.join("cgroup.events");
+        let events =
+            File::open(&events_path).map_err(|e| describe(e, "cannot open", &events_path))?;
+        let counters = Counters {
+            memory_peak: Peak::open(&path.join("memory.peak")),
+            tasks_peak: Peak::open(&path.join("pids.peak")),
+            base_cpu_usec: 0,
+            base_oom_kills: 0,
+        };
+        Ok(Cgroup {
+            path,
+            dir,
+            procs,
+            events,
+            counters,
+            killed: AtomicBool::new(false),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -127,6 +217,7 @@ impl Cgroup {
     /// SIGKILL to every process in the cgroup, forks in flight included
     /// (`cgroup.kill`, Linux 5.14).
     pub fn kill(&self) {
+        self.killed.store(true, Ordering::Relaxed);
         if let Err(e) = fs::write(self.path.join("cgroup.kill"), "1") {
             tracing::warn!(cgroup = %self.path.display(), error = %e, "cannot write cgroup.kill; killing its processes one by one");
             self.signal_all(Signal::SIGKILL);
@@ -136,22 +227,21 @@ impl Cgroup {
     /// Whether any live process is in it (`populated` in `cgroup.events`).
     /// A zombie does not count, so the command need not be reaped first.
     pub fn populated(&self) -> bool {
-        fs::read_to_string(self.path.join("cgroup.events"))
-            .map(|t| t.lines().any(|l| l == "populated 1"))
-            .unwrap_or(false)
+        read_text(&self.events).is_some_and(|t| t.lines().any(|l| l == "populated 1"))
     }
 
     /// Resolves once no live process is left in the cgroup. The kernel
     /// signals a change of `cgroup.events` as a priority event on it (at
     /// most 100 a second), so this waits without polling.
     pub async fn emptied(&self) {
-        let path = self.path.join("cgroup.events");
-        let events = fs::File::open(&path)
+        let events = self
+            .events
+            .try_clone()
             .and_then(|f| crate::fdio::register(OwnedFd::from(f), Interest::PRIORITY));
         let events = match events {
             Ok(e) => e,
             Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "cannot watch; checking every 100 ms instead");
+                tracing::warn!(cgroup = %self.path.display(), error = %e, "cannot watch cgroup.events; checking every 100 ms instead");
                 while self.populated() {
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
@@ -167,21 +257,54 @@ impl Cgroup {
         }
     }
 
-    /// What the connection's processes used.
+    /// What the connection's processes used: since the cgroup was made, or
+    /// since the pool last took it back.
     pub fn usage(&self) -> Usage {
-        let read = |file: &str| fs::read_to_string(self.path.join(file)).ok();
-        let keyed = |text: Option<String>, key: &str| {
-            text?.lines().find_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                (k == key).then(|| v.trim().parse().ok()).flatten()
-            })
-        };
+        let c = &self.counters;
+        let peak = |p: &Option<Peak>| number(read_text(&p.as_ref()?.file));
         Usage {
-            cpu_usec: keyed(read("cpu.stat"), "usage_usec"),
-            memory_peak: read("memory.peak").and_then(|t| t.trim().parse().ok()),
-            tasks_peak: read("pids.peak").and_then(|t| t.trim().parse().ok()),
-            oom_kills: keyed(read("memory.events"), "oom_kill"),
+            cpu_usec: keyed(self.read("cpu.stat"), "usage_usec")
+                .map(|v| v.saturating_sub(c.base_cpu_usec)),
+            memory_peak: peak(&c.memory_peak),
+            tasks_peak: peak(&c.tasks_peak),
+            oom_kills: keyed(self.read("memory.events"), "oom_kill")
+                .map(|v| v.saturating_sub(c.base_oom_kills)),
         }
+    }
+
+    fn read(&self, file: &str) -> Option<String> {
+        fs::read_to_string(self.path.join(file)).ok()
+    }
+
+    /// Makes an empty cgroup ready for another command: its peaks start
+    /// again and its counters count from here. False where that cannot be
+    /// done so that the next record says only what its own command used (a
+    /// peak the kernel cannot reset), where what the last command left
+    /// would weigh on the next (more than [`REUSE_MEMORY_MAX`] still
+    /// charged), or where its processes were ended by `cgroup.kill` (see
+    /// `killed`): such a cgroup is removed instead.
+    pub(super) fn renew(&mut self) -> bool {
+        if self.killed.load(Ordering::Relaxed) || self.populated() {
+            return false;
+        }
+        let peaks = [&self.counters.memory_peak, &self.counters.tasks_peak];
+        if peaks
+            .iter()
+            .any(|p| p.as_ref().is_some_and(|p| !p.resettable))
+        {
+            return false;
+        }
+        if number(self.read("memory.current")).is_some_and(|m| m > REUSE_MEMORY_MAX) {
+            return false;
+        }
+        for peak in peaks.into_iter().flatten() {
+            if (&peak.file).write_all(b"reset").is_err() {
+                return false;
+            }
+        }
+        self.counters.base_cpu_usec = keyed(self.read("cpu.stat"), "usage_usec").unwrap_or(0);
+        self.counters.base_oom_kills = keyed(self.read("memory.events"), "oom_kill").unwrap_or(0);
+        true
     }
 
     /// The directory, for tests and messages.
@@ -191,21 +314,18 @@ impl Cgroup {
 }
 
 impl Cgroup {
-    /// Removes the cgroup, ending what is still in it first.
-    pub async fn remove(mut self) {
-        if self.populated() {
-            self.kill();
-            self.emptied().await;
-        }
-        let path = std::mem::take(&mut self.path);
-        if let Err(e) = fs::remove_dir(&path) {
-            tracing::warn!(cgroup = %path.display(), error = %e, "cannot remove a connection's cgroup");
+    /// Removes the cgroup, empty by now. Should anything still be in it,
+    /// the drop kills it and a thread of its own removes the cgroup.
+    pub(super) fn remove(mut self) {
+        if fs::remove_dir(&self.path).is_ok() {
+            self.path = PathBuf::new();
         }
     }
 }
 
 impl Drop for Cgroup {
-    /// Only when `remove` did not run (a connection's task that ended early).
+    /// When the pool did not take it back (a connection's task that ended
+    /// early), or `remove` could not remove it.
     fn drop(&mut self) {
         if self.path.as_os_str().is_empty() {
             return;

@@ -7,27 +7,32 @@
 //! a cgroup nobody delegated: run by hand from the root cgroup, it uses
 //! process groups. In its subtree it lives in a leaf of its own, `daemon/`
 //! (cgroup v2 lets a cgroup with processes have no controllers enabled for
-//! its children), and makes `conn-N/` beside it for connection N. systemd
-//! runs `ExecReload=` in `.control/`, which the daemon leaves alone.
+//! its children), and makes `slot-N/` cgroups beside it for the commands.
+//! systemd runs `ExecReload=` in `.control/`, which the daemon leaves alone.
 //!
-//! A connection's cgroup is made before its command starts, with the
-//! service's limits written in; the command starts in it (see `sys::spawn`);
-//! it is emptied by SIGTERM to every process, then `cgroup.kill`; its usage
-//! is read for the record, and it is removed.
+//! A command's cgroup is taken from a pool of ready ones (made with the
+//! service's limits written in, the first time they are needed); the command
+//! starts in it (see `sys::spawn`); it is emptied by SIGTERM to every
+//! process, then `cgroup.kill`; its usage is read for the record, and it goes
+//! back to the pool for the next command with the same limits (or is
+//! removed, where the next record could not tell its command's usage apart).
 //!
 //! The parts:
 //! - `offer`: [`Offer`], the subtree found at start, or why there is none.
 //! - `tree`: [`Tree`], the daemon's leaf, the controllers, stale cgroups, and
-//!   making a connection's cgroup.
-//! - `connection`: [`Cgroup`], one connection's cgroup, and its [`Usage`].
+//!   taking a command's cgroup.
+//! - `pool`: the ready cgroups, and [`Slot`], one taken for a command.
+//! - `connection`: [`Cgroup`], one command's cgroup, and its [`Usage`].
 //! - `resources`: [`Resources`], what a service sets in each connection's cgroup.
 
 mod connection;
 mod offer;
+mod pool;
 mod resources;
 mod tree;
 
 pub use connection::{Cgroup, Usage};
 pub use offer::Offer;
+pub use pool::{Slot, READY_MAX};
 pub use resources::Resources;
 pub use tree::{set_up, SetupError, Tree, DAEMON_LEAF};

@@ -2,7 +2,7 @@
 //! values written there, and the controllers they need.
 
 /// A service's limits for each connection's cgroup, as systemd names them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Resources {
     /// `memory.max`, bytes (None: no limit).
     pub memory_max: Option<u64>,

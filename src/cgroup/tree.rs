@@ -6,16 +6,19 @@ use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use super::connection::{describe, remove_when_empty, Cgroup};
+use super::connection::remove_when_empty;
 use super::offer::Offer;
+use super::pool::{Pool, Slot, SLOT};
 use super::resources::Resources;
 
 /// The daemon's own leaf in its subtree.
 pub const DAEMON_LEAF: &str = "daemon";
 /// Where systemd runs a delegated unit's control processes (`ExecReload=`).
 const CONTROL: &str = ".control";
-/// The prefix of connections' cgroups.
+/// The prefix of connections' cgroups before they were pooled (`conn-N`):
+/// an earlier version's leftovers are removed too.
 const CONNECTION: &str = "conn-";
 
 /// Sets up what the configuration asks for: with a delegated subtree
@@ -46,10 +49,11 @@ pub fn set_up(
     Ok((Some(tree), line))
 }
 
-/// The daemon's subtree, once it lives in its leaf.
+/// The daemon's subtree, once it lives in its leaf, and its ready cgroups.
 #[derive(Debug, Clone)]
 pub struct Tree {
     root: PathBuf,
+    pool: Arc<Pool>,
 }
 
 /// Why the subtree could not be set up; it names the file and the errno.
@@ -87,6 +91,7 @@ impl Tree {
             .map_err(|e| failed("cannot move the daemon into", &procs, e))?;
         let tree = Tree {
             root: root.to_owned(),
+            pool: Arc::default(),
         };
         tree.remove_stale();
         Ok(tree)
@@ -125,7 +130,10 @@ impl Tree {
         };
         for entry in entries.flatten() {
             let name = entry.file_name();
-            if !name.as_bytes().starts_with(CONNECTION.as_bytes()) || name == CONTROL {
+            let ours = [CONNECTION, SLOT]
+                .iter()
+                .any(|p| name.as_bytes().starts_with(p.as_bytes()));
+            if !ours || name == CONTROL {
                 continue;
             }
             let dir = entry.path();
@@ -141,16 +149,27 @@ impl Tree {
         }
     }
 
-    /// Makes connection `conn`'s cgroup with `limits` written in.
-    pub fn create(&self, conn: u64, limits: &Resources) -> io::Result<Cgroup> {
-        let path = self.root.join(format!("{CONNECTION}{conn}"));
-        fs::create_dir(&path).map_err(|e| describe(e, "cannot create", &path))?;
-        let cgroup = Cgroup::open(path)?;
-        for (_, file, value) in limits.files() {
-            let at = cgroup.path().join(file);
-            fs::write(&at, &value)
-                .map_err(|e| describe(e, &format!("cannot write {value:?} to"), &at))?;
-        }
-        Ok(cgroup)
+    /// A cgroup with `limits` written in, for one command: a ready one, or
+    /// one made now (see `pool`).
+    pub fn take(&self, limits: &Resources) -> io::Result<Slot> {
+        self.pool.take(&self.root, limits)
+    }
+
+    /// After a reload: the ready cgroups are removed, and those in use are
+    /// when their commands end, so that each new command's cgroup has the
+    /// limits and controllers the configuration now gives.
+    pub fn retire_ready(&self) {
+        self.pool.retire();
+    }
+
+    /// At the stop, once every command has ended: removes the ready
+    /// cgroups, and keeps none from now on.
+    pub fn close(&self) {
+        self.pool.close();
+    }
+
+    /// How many ready cgroups there are.
+    pub fn ready(&self) -> usize {
+        self.pool.ready()
     }
 }

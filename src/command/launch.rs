@@ -19,7 +19,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use nix::unistd::Pid;
 use tokio::sync::oneshot;
 
-use crate::cgroup::{Cgroup, Tree};
+use crate::cgroup::{Slot, Tree};
 use crate::config::{Containment, Service};
 use crate::peer::Peer;
 use crate::runas::Rlimit;
@@ -37,14 +37,13 @@ pub struct Launch {
     pub child: [OwnedFd; 3],
     /// The daemon's subtree, for a service contained by cgroups.
     pub cgroups: Option<Tree>,
-    pub conn: u64,
 }
 
 /// A command that started: its pid, a pidfd, and its cgroup.
 pub struct Started {
     pub pid: Pid,
     pub pidfd: OwnedFd,
-    pub cgroup: Option<Cgroup>,
+    pub cgroup: Option<Slot>,
 }
 
 type Job = Box<dyn FnOnce(Option<&Slots>) + Send>;
@@ -110,12 +109,11 @@ fn spawn(job: Launch, slots: Option<&Slots>) -> io::Result<Started> {
         request_env,
         child,
         cgroups,
-        conn,
     } = job;
     let cgroup =
         match (&service.containment, &cgroups) {
             (Containment::ProcessGroup, _) => None,
-            (Containment::Cgroup(limits), Some(tree)) => Some(tree.create(conn, limits)?),
+            (Containment::Cgroup(limits), Some(tree)) => Some(tree.take(limits)?),
             (Containment::Cgroup(_), None) => return Err(io::Error::other(
                 "the service's commands need a cgroup, and the daemon has no cgroup subtree set up",
             )),
@@ -127,7 +125,7 @@ fn spawn(job: Launch, slots: Option<&Slots>) -> io::Result<Started> {
         &service.working_directory,
         &service.run_as,
     )?;
-    let place = cgroup.as_ref().map_or(Place::Here, Cgroup::place);
+    let place = cgroup.as_ref().map_or(Place::Here, |c| c.place());
     let [stdin, stdout, stderr] = &child;
     let started = sys::spawn(
         &exec,

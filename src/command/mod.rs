@@ -25,7 +25,8 @@
 //! 4. once nothing is left (`populated 0`, or the command has exited), it is
 //!    reaped and what it used read;
 //! 5. its stderr logger logs what is already written, and stops;
-//! 6. after the record, its cgroup is removed.
+//! 6. after the record, its cgroup goes back to the daemon's pool of ready
+//!    ones (see `cgroup`).
 //!
 //! While the output is relayed, [`Command::held`] does steps 2 and
 //! 3 early when the command exits first, so a background process holding
@@ -52,7 +53,7 @@ use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use crate::cgroup::{Cgroup, Tree, Usage};
+use crate::cgroup::{Slot, Tree, Usage};
 use crate::config::Service;
 pub use crate::end::Exit;
 use crate::fdio;
@@ -137,23 +138,23 @@ pub struct Command {
     grace: Duration,
     stderr: Option<StderrLog>,
     /// The connection's cgroup (None: its process group contains it).
-    cgroup: Option<Cgroup>,
+    cgroup: Option<Slot>,
     reaped: bool,
 }
 
-/// A command that has ended: how, what it used, and its cgroup, to remove
-/// once the record is written.
+/// A command that has ended: how, what it used, and its cgroup, to give
+/// back once the record is written.
 pub struct Ended {
     pub exit: Exit,
     pub usage: Usage,
-    cgroup: Option<Cgroup>,
+    cgroup: Option<Slot>,
 }
 
 impl Ended {
-    /// Removes the connection's cgroup (empty by now).
-    pub async fn remove_cgroup(self) {
+    /// Gives the command's cgroup (empty by now) back to the daemon's pool.
+    pub async fn release_cgroup(self) {
         if let Some(cgroup) = self.cgroup {
-            cgroup.remove().await;
+            cgroup.release().await;
         }
     }
 }
@@ -188,7 +189,6 @@ impl Command {
             request_env,
             child: opened.child,
             cgroups: cgroups.cloned(),
-            conn: tag.conn,
         };
         let command = Command::start(launch, opened.stderr, tag).await?;
         Ok((command, opened.streams))
@@ -196,8 +196,8 @@ impl Command {
 
     /// Spawns a shared service's one command (see `shared`): its stdin is
     /// /dev/null, its stdout a pipe (returned, the daemon's end), and no
-    /// client's variables are in its environment. `tag.conn` names its
-    /// cgroup, as a connection's number does.
+    /// client's variables are in its environment. `tag.conn` is its
+    /// number, from the connections' numbering.
     pub async fn spawn_shared(
         service: &Arc<Service>,
         base_env: &Arc<[(OsString, OsString)]>,
@@ -212,7 +212,6 @@ impl Command {
             request_env: Vec::new(),
             child: opened.child,
             cgroups: cgroups.cloned(),
-            conn: tag.conn,
         };
         let command = Command::start(launch, opened.stderr, tag).await?;
         Ok((command, output))
@@ -304,7 +303,7 @@ impl Command {
     /// stderr logged.
     pub async fn finish(mut self, patience: Duration) -> Ended {
         let exited = tokio::time::timeout(patience, self.exited()).await.is_ok();
-        let leftovers = self.cgroup.as_ref().is_some_and(Cgroup::populated);
+        let leftovers = self.cgroup.as_ref().is_some_and(|c| c.populated());
         if !exited || leftovers {
             self.signal_all(Signal::SIGTERM);
             if tokio::time::timeout(self.grace, self.emptied())

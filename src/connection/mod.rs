@@ -134,7 +134,7 @@ impl Handler {
             };
             if let Some(ended) = ended {
                 // Off the client's path: the record is out, the client gone.
-                ended.remove_cgroup().await;
+                ended.release_cgroup().await;
             }
             drop(places.daemon);
         }

@@ -30,7 +30,7 @@ use crate::shutdown::{Phase, Watch};
 pub struct Hub {
     pub service: Arc<Service>,
     settings: SharedCommand,
-    /// Its number (from the connections' numbering: it names its cgroup).
+    /// Its number (from the connections' numbering).
     pub instance: u64,
     pub pid: i32,
     state: Mutex<State>,
@@ -375,7 +375,7 @@ async fn run(hub: Arc<Hub>, command: Command, fanout: Fanout, shutdown: Watch) {
     };
     let ended = command.finish(patience).await;
     record(&hub, &why, &ended, started.elapsed());
-    ended.remove_cgroup().await;
+    ended.release_cgroup().await;
     hub.done.raise();
 }
 

@@ -72,25 +72,41 @@ impl TestCgroup {
         false
     }
 
-    /// The connections' cgroups in it now (`conn-N`).
-    pub fn connections(&self) -> Vec<String> {
+    /// The commands' cgroups in it now (`slot-N`), in use or ready.
+    pub fn slots(&self) -> Vec<String> {
         let mut out: Vec<String> = std::fs::read_dir(&self.path)
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("conn-"))
+            .filter(|n| n.starts_with("slot-"))
             .collect();
-        out.sort();
+        out.sort_by_key(|n| n[5..].parse::<u64>().unwrap_or(u64::MAX));
         out
     }
 
-    /// Waits until no connection's cgroup is left (they are removed just
-    /// after their record).
-    pub fn wait_no_connections(&self) {
-        let left = poll(Duration::from_secs(5), || {
-            self.connections().is_empty().then_some(())
+    /// The commands' cgroups with a live process in them.
+    pub fn populated_slots(&self) -> Vec<String> {
+        self.slots()
+            .into_iter()
+            .filter(|n| {
+                std::fs::read_to_string(self.path.join(n).join("cgroup.events"))
+                    .is_ok_and(|t| t.lines().any(|l| l == "populated 1"))
+            })
+            .collect()
+    }
+
+    /// Waits until no command's cgroup holds a process: once its record is
+    /// written, a connection's cgroup is emptied and goes back to the
+    /// daemon's pool of ready ones.
+    pub fn wait_all_empty(&self) {
+        let empty = poll(Duration::from_secs(5), || {
+            self.populated_slots().is_empty().then_some(())
         });
-        assert!(left.is_some(), "cgroups left: {:?}", self.connections());
+        assert!(
+            empty.is_some(),
+            "cgroups in use: {:?}",
+            self.populated_slots()
+        );
     }
 
     /// The processes in its subtree, the daemon's included.

@@ -61,6 +61,21 @@ eventually() {
     fail "never saw '$want' in: $out"
 }
 
+# Succeeds once "$@" prints nothing (within 10 s).
+eventually_none() {
+    local i
+    for i in $(seq 1 100); do
+        [ -z "$("$@" 2>/dev/null)" ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# The commands' cgroups under $1 that hold a live process.
+busy_slots() {
+    sr_in sh -c "grep -l '^populated 1' $1/slot-*/cgroup.events 2>/dev/null"
+}
+
 # --- 0. install ----------------------------------------------------------------
 t_install() {
     # Container images (this machine's among them) carry a policy-rc.d that
@@ -167,8 +182,8 @@ EOF
     local rec; rec=$(sr_in journalctl -u splice-relay SERVICE=escape REASON=output-ended -o json --no-pager | tail -n1)
     [[ $rec =~ \"CPU_USEC\":\"[0-9]+\" ]] || fail "no CPU_USEC in $rec" || return 1
     eventually "daemon" sr_in ls "$unit" || return 1
-    local left; left=$(sr_in sh -c "ls -d $unit/conn-* 2>/dev/null")
-    [ -z "$left" ] || fail "a connection's cgroup is left: $left" || return 1
+    # The connection's cgroup is emptied (and kept, ready for the next command).
+    eventually_none busy_slots "$unit" || fail "a connection's cgroup still holds a process: $(busy_slots "$unit")" || return 1
     # No memory controller in this container: the limit is refused, with its place.
     printf '[[service]]\nname = "capped"\ncommand = ["true"]\nmemory_max = "64M"\n' | config
     if sr_in systemctl reload splice-relay 2>/dev/null; then fail "memory_max without the controller was accepted"; return 1; fi
@@ -190,7 +205,7 @@ EOF
     eventually "2 client(s)" show StatusText splice-relay || return 1
     local pid; pid=$(show StatusText splice-relay | sed -n 's/.*shared: feed (pid \([0-9]*\),.*/\1/p')
     local cg; cg=$(sr_in grep '^0::' "/proc/$pid/cgroup") || fail "no shared command running" || return 1
-    [[ $cg == "0::$(show ControlGroup splice-relay)"/conn-* ]] || fail "not in a cgroup of its own: $cg" || return 1
+    [[ $cg == "0::$(show ControlGroup splice-relay)"/slot-* ]] || fail "not in a cgroup of its own: $cg" || return 1
     eventually '"REASON":"lingered"' sr_in journalctl -u splice-relay SERVICE=feed -o json --no-pager || return 1
     local rec; rec=$(sr_in journalctl -u splice-relay SERVICE=feed REASON=lingered -o json --no-pager | tail -n1)
     [[ $rec == *'"CLIENTS":"2"'* && $rec == *'"CLIENTS_MAX":"2"'* && $rec == *'"EXIT":"SIGTERM"'* ]] \
@@ -204,8 +219,7 @@ EOF
     for c in a b; do
         sr_in grep -q tick "/tmp/shared-$c" || fail "client $c saw nothing" || return 1
     done
-    local left; left=$(sr_in sh -c "ls -d $unit/conn-* 2>/dev/null")
-    [ -z "$left" ] || fail "a cgroup is left: $left" || return 1
+    eventually_none busy_slots "$unit" || fail "a cgroup still holds a process: $(busy_slots "$unit")" || return 1
 }
 
 # --- WebSocket: a browser's protocol on the same socket, contained the same -----------
@@ -228,12 +242,13 @@ async def main():
         print(first, await ws.recv(), flush=True)
         # The session is open: its command is in a cgroup of its own.
         ls = await asyncio.create_subprocess_exec(
-            "sh", "-c", "ls -d " + sys.argv[1] + "/conn-*", stdout=asyncio.subprocess.PIPE)
+            "sh", "-c", "grep -l \"^populated 1\" " + sys.argv[1] + "/slot-*/cgroup.events",
+            stdout=asyncio.subprocess.PIPE)
         print((await ls.communicate())[0].decode().strip())
     print(ws.close_code)
 asyncio.run(main())' "$unit") || return $(fail "the Python client failed: $out")
     [ "$(echo "$out" | sed -n 1p)" = "hi got:x" ] || fail "messages: $out" || return 1
-    [[ $(echo "$out" | sed -n 2p) == "$unit"/conn-* ]] || fail "no cgroup during the session: $out" || return 1
+    [[ $(echo "$out" | sed -n 2p) == "$unit"/slot-*/cgroup.events ]] || fail "no cgroup during the session: $out" || return 1
     [ "$(echo "$out" | sed -n 3p)" = 1000 ] || fail "close code: $out" || return 1
     eventually '"MESSAGES_RECEIVED":"1"' \
         sr_in journalctl -u splice-relay SERVICE=ws REASON=client-closed -o json --no-pager || return 1
