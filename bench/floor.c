@@ -9,6 +9,9 @@
  *   floor shared PORT CMD [ARG...]  one command for every client (started
  *       with the first), its stdout a pipe; per line one read(2), then one
  *       write(2) to each client
+ *   floor spawn PORT CMD [ARG...]   the least a server that starts a command
+ *       per connection does: accept(2), posix_spawn(3) of the command with
+ *       the socket as its stdout (inetd-style: nothing relayed), close(2)
  *
  * Client sockets are blocking: a line always fits in a loopback socket's
  * buffer, so a write never waits in the measured scenarios.
@@ -20,6 +23,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
+#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +65,26 @@ static void spawn(int out, int close_too) {
     }
 }
 
+extern char **environ;
+
+/* spawn: accept, posix_spawn with the socket as stdout, close; forever. */
+static _Noreturn void spawn_loop(int listener) {
+    posix_spawn_file_actions_t fa;
+    for (;;) {
+        int c = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+        if (c < 0)
+            continue;
+        posix_spawn_file_actions_init(&fa);
+        posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+        posix_spawn_file_actions_adddup2(&fa, c, 1);
+        pid_t pid;
+        if (posix_spawnp(&pid, command[0], &fa, NULL, command, environ) != 0)
+            perror("posix_spawn");
+        posix_spawn_file_actions_destroy(&fa);
+        close(c);
+    }
+}
+
 static void watch(int ep, int fd) {
     struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
     if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0)
@@ -86,8 +110,8 @@ static void drop_client(int ep, int fd, int shared) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 4 || (strcmp(argv[1], "relay") && strcmp(argv[1], "shared"))) {
-        fprintf(stderr, "usage: floor relay|shared PORT CMD [ARG...]\n");
+    if (argc < 4 || (strcmp(argv[1], "relay") && strcmp(argv[1], "shared") && strcmp(argv[1], "spawn"))) {
+        fprintf(stderr, "usage: floor relay|shared|spawn PORT CMD [ARG...]\n");
         return 2;
     }
     int shared = !strcmp(argv[1], "shared");
@@ -103,6 +127,8 @@ int main(int argc, char **argv) {
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     if (bind(listener, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(listener, 4096) < 0)
         die("listen");
+    if (!strcmp(argv[1], "spawn"))
+        spawn_loop(listener);
     int ep = epoll_create1(EPOLL_CLOEXEC);
     watch(ep, listener);
 

@@ -140,7 +140,7 @@ class SpliceRelay(Contender):
 
     def start(self, port, command, tmp):
         # Its own cgroup, marked as systemd marks a delegated one: the daemon
-        # moves into daemon/ there and makes conn-N per connection.
+        # moves into daemon/ there and runs each command in a slot-N cgroup.
         self.cgroup.mkdir(parents=True, exist_ok=True)
         if self.cgroups:
             os.setxattr(self.cgroup, "user.delegate", b"1")
@@ -160,12 +160,13 @@ class SpliceRelay(Contender):
 class Floor(Contender):
     """The floor (bench/floor.c): one thread, epoll, one read(2) a line
     and one write(2) per client; a command per connection on a socket pair
-    ("relay"), or one command for every client ("shared")."""
+    ("relay"), or one command for every client ("shared"); or, for the
+    connection rate, accept(2) and posix_spawn(3) alone ("spawn")."""
 
     def __init__(self, mode):
         super().__init__(f"floor {mode} (C)", "relay")
         self.mode = mode
-        self.scenarios = {"relay": {"slow"}, "shared": {"shared-slow"}}[mode]
+        self.scenarios = {"relay": {"slow"}, "shared": {"shared-slow"}, "spawn": {"rate1", "rate32"}}[mode]
 
     def argv(self, port, command, tmp):
         return [str(FLOOR), self.mode, str(port), *command], None
@@ -674,7 +675,7 @@ def contenders(names, scenario):
             SpliceRelayTls(), SpliceRelayTls("direct"), Stunnel(), SocatTls(), SocatTls(1 << 20),
             SpliceRelayShared(), SpliceRelayShared("copy"),
             SpliceRelayShared(lagging="wait"), SpliceRelayShared("copy", lagging="wait"),
-            SpliceRelayWsShared(), Floor("relay"), Floor("shared"),
+            SpliceRelayWsShared(), Floor("relay"), Floor("shared"), Floor("spawn"),
             SpliceRelayHttp(), Lighttpd(), NginxFcgiwrap(), Webhook()]
     # The Rust broadcasters, where installed (ensure_tools installs them).
     all_ += [c for c, exe in ((WebsocatBroadcast(), "websocat"), (Wsbroad(), "wsbroad")) if shutil.which(exe)]

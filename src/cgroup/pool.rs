@@ -104,11 +104,6 @@ impl Pool {
         self.lock().closed = true;
         self.retire();
     }
-
-    /// How many ready cgroups there are, for every set of limits.
-    pub(super) fn ready(&self) -> usize {
-        self.lock().ready.values().map(Vec::len).sum()
-    }
 }
 
 /// Makes a cgroup at `path` with `limits` written in.

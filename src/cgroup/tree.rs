@@ -167,9 +167,4 @@ impl Tree {
     pub fn close(&self) {
         self.pool.close();
     }
-
-    /// How many ready cgroups there are.
-    pub fn ready(&self) -> usize {
-        self.pool.ready()
-    }
 }
