@@ -253,7 +253,8 @@ fn a_cgroup_serves_command_after_command_and_each_record_counts_its_own() {
 
 /// A ready cgroup is kept for the next command, at most `READY_MAX` (64) of
 /// them; a reload removes them (the next command gets a new one, with the
-/// limits the configuration now gives), and so does the stop.
+/// limits the configuration now gives), and the cgroup of a command that
+/// ran across it once that command ends; the stop removes them all.
 #[test]
 #[cfg_attr(not(as_root), ignore = "needs root: makes cgroups")]
 fn ready_cgroups_are_bounded_and_go_at_a_reload_and_at_the_stop() {
@@ -285,13 +286,25 @@ fn ready_cgroups_are_bounded_and_go_at_a_reload_and_at_the_stop() {
     let kept = poll(PATIENCE, || (cgroup.slots().len() == 64).then_some(()));
     assert!(kept.is_some(), "64 kept: {:?}", cgroup.slots());
 
+    // One command runs across the reload, in a cgroup from the pool.
+    let mut held = connect(addr);
+    assert_eq!(read_line(&mut held), "started\n");
+    let in_use = cgroup.populated_slots();
+    assert_eq!(in_use.len(), 1);
+
     d.signal(Signal::SIGHUP);
     d.wait_note("READY=1");
-    assert_eq!(
-        cgroup.slots(),
-        Vec::<String>::new(),
-        "a reload removes them"
+    assert_eq!(cgroup.slots(), in_use, "a reload removes the ready ones");
+    held.write_all(b"go\n").unwrap();
+    read_until_end(&mut held);
+    d.wait_record(71);
+    let gone = poll(PATIENCE, || cgroup.slots().is_empty().then_some(()));
+    assert!(
+        gone.is_some(),
+        "one made before the reload is not kept: {:?}",
+        cgroup.slots()
     );
+
     let mut s = connect(addr);
     assert_eq!(read_line(&mut s), "started\n");
     s.write_all(b"go\n").unwrap();
@@ -302,7 +315,7 @@ fn ready_cgroups_are_bounded_and_go_at_a_reload_and_at_the_stop() {
         "a new cgroup after the reload: {}",
         String::from_utf8_lossy(&out)
     );
-    d.wait_record(71);
+    d.wait_record(72);
     let kept = poll(PATIENCE, || (cgroup.slots() == ["slot-71"]).then_some(()));
     assert!(kept.is_some(), "{:?}", cgroup.slots());
 

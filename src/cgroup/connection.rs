@@ -313,31 +313,20 @@ impl Cgroup {
     }
 }
 
-impl Cgroup {
-    /// Removes the cgroup, empty by now. Should anything still be in it,
-    /// the drop kills it and a thread of its own removes the cgroup.
-    pub(super) fn remove(mut self) {
-        if fs::remove_dir(&self.path).is_ok() {
-            self.path = PathBuf::new();
-        }
-    }
-}
-
 impl Drop for Cgroup {
-    /// When the pool did not take it back (a connection's task that ended
-    /// early), or `remove` could not remove it.
+    /// Removes the cgroup: at once where it is empty (the pool did not keep
+    /// it); else (a connection's task that ended early) its processes are
+    /// killed and a thread of its own removes it once they are gone.
     fn drop(&mut self) {
-        if self.path.as_os_str().is_empty() {
+        if fs::remove_dir(&self.path).is_ok() {
             return;
         }
         self.kill();
         let path = std::mem::take(&mut self.path);
-        if fs::remove_dir(&path).is_err() {
-            std::thread::spawn(move || {
-                if let Err(e) = remove_when_empty(&path) {
-                    tracing::warn!(cgroup = %path.display(), error = %e, "cannot remove a connection's cgroup");
-                }
-            });
-        }
+        std::thread::spawn(move || {
+            if let Err(e) = remove_when_empty(&path) {
+                tracing::warn!(cgroup = %path.display(), error = %e, "cannot remove a connection's cgroup");
+            }
+        });
     }
 }

@@ -82,10 +82,9 @@ impl Pool {
             let mut state = self.lock();
             if room(&state) {
                 state.ready.entry(limits).or_default().push(cgroup);
-                return;
             }
         }
-        cgroup.remove();
+        // Dropped unless kept: removed.
     }
 
     /// Removes every ready cgroup; those in use are removed when they come
@@ -96,7 +95,8 @@ impl Pool {
             state.generation += 1;
             std::mem::take(&mut state.ready)
         };
-        ready.into_values().flatten().for_each(Cgroup::remove);
+        // Dropped: removed.
+        drop(ready);
     }
 
     /// At the stop: removes every ready cgroup, and keeps none from now on.
