@@ -93,7 +93,7 @@ fn main() -> ExitCode {
     }
 
     // The launchers reserve their descriptors while the table is small.
-    splice_relay::command::start_launchers();
+    splice_relay::command::start_threads();
 
     // 5. Listeners: adopted or bound (they join the event loop in Server::run).
     let listeners = if inherited.is_empty() {

@@ -60,7 +60,15 @@ use crate::fdio;
 use crate::peer::Peer;
 use crate::sys;
 pub use inbox::{writable, Inbox};
-pub use launch::{base_env, start as start_launchers};
+pub use launch::base_env;
+
+/// Starts the threads that serve every command (call once, early in
+/// start-up): the launchers, which reserve their descriptors while the
+/// table is small, and the stderr reader.
+pub fn start_threads() {
+    launch::start();
+    stderr::start();
+}
 use launch::{Launch, Started};
 use stderr::StderrLog;
 pub use stdio::{client_pipe, Input, Streams};
@@ -218,12 +226,9 @@ impl Command {
     }
 
     /// Starts `launch` on a launcher thread, and watches what it started.
-    async fn start(
-        launch: Launch,
-        stderr: AsyncFd<OwnedFd>,
-        tag: Tag,
-    ) -> Result<Command, SpawnError> {
+    async fn start(launch: Launch, stderr: OwnedFd, tag: Tag) -> Result<Command, SpawnError> {
         let grace = launch.service.kill_grace;
+        let stderr = StderrLog::watch(stderr, tag).map_err(SpawnError::Unwatched)?;
         let started = launch::launch(launch).await.map_err(SpawnError::Start)?;
         let Started { pid, pidfd, cgroup } = started;
         // Until it is watched, an early return must not leave the command
@@ -231,11 +236,12 @@ impl Command {
         let unwatched = Unwatched(pid);
         let pidfd = fdio::register(pidfd, Interest::READABLE).map_err(SpawnError::Unwatched)?;
         unwatched.disarm();
+        stderr.started(pid.as_raw());
         Ok(Command {
             pid,
             pidfd,
             grace,
-            stderr: Some(StderrLog::start(stderr, tag, pid.as_raw())),
+            stderr: Some(stderr),
             cgroup,
             reaped: false,
         })
@@ -327,7 +333,7 @@ impl Command {
             },
         };
         if let Some(stderr) = self.stderr.take() {
-            stderr.finish().await;
+            stderr.finish();
         }
         Ended {
             exit,

@@ -73,7 +73,7 @@ impl Input {
 /// `transfer = "direct"`: the command has the client's socket).
 pub(super) struct Opened {
     pub child: [OwnedFd; 3],
-    pub stderr: AsyncFd<OwnedFd>,
+    pub stderr: OwnedFd,
     pub streams: Option<Streams>,
 }
 
@@ -83,8 +83,7 @@ pub(super) struct Opened {
 /// description, shared with the daemon's copy, which is only polled).
 pub(super) fn open(service: &Service, socket: &OwnedFd) -> Result<Opened, SpawnError> {
     let start = SpawnError::Start;
-    let (err_r, err_w) = pipe().map_err(start)?;
-    let stderr = registered(err_r, Interest::READABLE)?;
+    let (stderr, err_w) = pipe().map_err(start)?;
     let (stdin, stdout, streams) = match service.transfer {
         Transfer::Direct => {
             fdio::set_nonblocking(socket, false).map_err(|e| start(e.into()))?;
@@ -134,8 +133,7 @@ pub(super) fn open(service: &Service, socket: &OwnedFd) -> Result<Opened, SpawnE
 /// `pipe_size` whose reading end (the daemon's, returned) fans out.
 pub(super) fn open_shared(service: &Service) -> Result<(Opened, AsyncFd<OwnedFd>), SpawnError> {
     let start = SpawnError::Start;
-    let (err_r, err_w) = pipe().map_err(start)?;
-    let stderr = registered(err_r, Interest::READABLE)?;
+    let (stderr, err_w) = pipe().map_err(start)?;
     let (out_r, out_w) = pipe().map_err(start)?;
     set_pipe_size(&out_w, service.pipe_size);
     let output = registered(out_r, Interest::READABLE)?;

@@ -1,166 +1,87 @@
-//! The command's stderr, logged line by line with the connection's fields
-//! (`CONN`, `SERVICE`, `PID`, `STREAM=stderr`), by a task of its own, so a
-//! command that writes a lot to stderr never blocks on it.
-//!
-//! # Bounds
-//!
-//! Whatever a command writes, what its stderr may log is bounded, per
-//! connection:
-//!
-//! - a line longer than [`MAX_LINE`] (4 KiB) is cut into pieces of that
-//!   size, each logged as a line of its own;
-//! - at most [`LINES_PER_SECOND`] (100) lines and [`BYTES_PER_SECOND`]
-//!   (64 KiB) a second are logged, after a burst of up to [`LINES_BURST`]
-//!   (200) lines and [`BYTES_BURST`] (128 KiB): two token buckets, a line
-//!   needing one token of the first and its length in the second.
-//!
-//! What is over the bound is read all the same (the command never waits on
-//! its stderr) and dropped, counted in lines and bytes. One warning,
-//! `stderr lines dropped: …` (fields `DROPPED_LINES`, `DROPPED_BYTES`),
-//! reports each episode: [`REPORT_EVERY`] (1 s) after its first dropped
-//! line, so once a second while a flood lasts and within a second of its
-//! end; what is still unreported when the connection ends is reported then.
-//!
-//! # Sharing the event loop
-//!
-//! Each read waits on the pipe's readiness, an await that counts against
-//! tokio's cooperative budget, takes at most [`READ_SIZE`] bytes, and the
-//! task yields to the scheduler every [`YIELD_EVERY`] reads besides: a pipe
-//! that is always full cannot keep a runtime worker, or the timers, from
-//! the other connections. The lines go to the log's queue, which never
-//! blocks (see `crate::log`); the `stream` field marks them as a command's
-//! lines there, the first dropped when the log cannot keep up.
+//! The rules a command's stderr is logged by: cut into lines, bounded by
+//! two token buckets, what is over the bound counted and reported.
+//! `Lines` reads from a non-blocking pipe; who calls it (the reader thread,
+//! or `finish` at the end) is the parent module's.
 
 use std::os::fd::OwnedFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use tokio::io::unix::AsyncFd;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
-use super::Tag;
-use crate::fdio;
+use super::super::Tag;
 
 /// Longest stderr line logged as one record; longer lines are cut into
 /// pieces of this size, each logged as a line.
-const MAX_LINE: usize = 4096;
+pub(super) const MAX_LINE: usize = 4096;
 
 /// Lines a connection's stderr may log each second, once its burst is spent.
-const LINES_PER_SECOND: u32 = 100;
+pub(super) const LINES_PER_SECOND: u32 = 100;
 
 /// Lines a connection's stderr may log at once.
-const LINES_BURST: u32 = 200;
+pub(super) const LINES_BURST: u32 = 200;
 
 /// Bytes a connection's stderr may log each second, once its burst is spent.
-const BYTES_PER_SECOND: u32 = 64 * 1024;
+pub(super) const BYTES_PER_SECOND: u32 = 64 * 1024;
 
 /// Bytes a connection's stderr may log at once.
-const BYTES_BURST: u32 = 128 * 1024;
+pub(super) const BYTES_BURST: u32 = 128 * 1024;
 
 /// How long after its first dropped line an episode of drops is reported.
-const REPORT_EVERY: Duration = Duration::from_secs(1);
+pub(super) const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// The most one read takes from the pipe.
-const READ_SIZE: usize = 64 * 1024;
+pub(super) const READ_SIZE: usize = 64 * 1024;
 
-/// Reads between two yields to the scheduler.
-const YIELD_EVERY: u32 = 8;
-
-/// The command's stderr, logged line by line with the connection's fields,
-/// by a task of its own until end-of-file or until told to finish.
-pub struct StderrLog {
-    finish: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-}
-
-impl StderrLog {
-    pub fn start(fd: AsyncFd<OwnedFd>, tag: Tag, pid: i32) -> StderrLog {
-        let (finish, finished) = oneshot::channel();
-        let task = tokio::spawn(async move {
-            let mut lines = Lines {
-                pending: Vec::new(),
-                tag,
-                pid,
-                budget: Budget::full(Instant::now()),
-                dropped: Dropped::default(),
-            };
-            let told = tokio::select! {
-                () = lines.until_end(&fd) => false,
-                _ = finished => true,
-            };
-            if told {
-                lines.what_is_written(&fd);
-            }
-            lines.rest();
-        });
-        StderrLog { finish, task }
-    }
-
-    /// Logs what is already written and waits until the last line is out.
-    /// Bounded: a process outside the command's group may still be writing.
-    pub async fn finish(self) {
-        let _ = self.finish.send(());
-        let _ = self.task.await;
-    }
-}
-
-struct Lines {
+/// One command's stderr as it is logged: the start of a line not ended
+/// yet, who it belongs to, and its bounds.
+pub(super) struct Lines {
     /// The start of a line whose end has not been read yet.
     pending: Vec<u8>,
     tag: Tag,
-    pid: i32,
+    /// The command's pid, once it started (0 before).
+    pub(super) pid: i32,
     budget: Budget,
     dropped: Dropped,
 }
 
 impl Lines {
-    /// Logs lines until the command (and everything sharing its stderr)
-    /// closes it; reports an episode of drops when it is due, even while
-    /// the pipe is quiet.
-    async fn until_end(&mut self, fd: &AsyncFd<OwnedFd>) {
-        let mut reads: u32 = 0;
-        loop {
-            let due = self.dropped.due();
-            let read = fdio::read_with(fd, |fd| self.read_once(fd));
-            let outcome = match due {
-                None => Some(read.await),
-                // The timer boxed: only a flood needs it, and the task's
-                // future is held by every connection while it lives.
-                Some(at) => tokio::select! {
-                    r = read => Some(r),
-                    () = Box::pin(tokio::time::sleep_until(at)) => None,
-                },
-            };
-            match outcome {
-                Some(Ok(true)) | None => {}
-                Some(Ok(false) | Err(_)) => return,
-            }
-            // While a flood lasts the read never waits: the report is due here.
-            if self.dropped.due().is_some_and(|at| Instant::now() >= at) {
-                self.report();
-            }
-            reads = reads.wrapping_add(1);
-            if reads % YIELD_EVERY == 0 {
-                tokio::task::yield_now().await;
-            }
+    pub(super) fn new(tag: Tag) -> Lines {
+        Lines {
+            pending: Vec::new(),
+            tag,
+            pid: 0,
+            budget: Budget::full(Instant::now()),
+            dropped: Dropped::default(),
         }
+    }
+
+    /// Lines logged so far (the refills between reads add a fraction), and
+    /// lines dropped and not reported yet: for the tests.
+    #[cfg(test)]
+    pub(super) fn counts(&self) -> (u64, u64) {
+        let logged = (f64::from(LINES_BURST) - self.budget.lines).round() as u64;
+        (logged, self.dropped.lines)
+    }
+
+    /// When the report of the drops counted so far is due (None: none).
+    pub(super) fn report_due(&self) -> Option<Instant> {
+        self.dropped.due()
     }
 
     /// Logs what is already written, without waiting for more (at most 16
     /// reads).
-    fn what_is_written(&mut self, fd: &AsyncFd<OwnedFd>) {
+    pub(super) fn what_is_written(&mut self, fd: &OwnedFd) {
         for _ in 0..16 {
-            if self.read_once(fd.get_ref()) != Ok(true) {
+            if self.read_once(fd) != Ok(true) {
                 break;
             }
         }
     }
 
     /// Reads once and takes each complete line (or each `MAX_LINE` bytes of
-    /// an overlong one); `Ok(false)` at end-of-file.
-    fn read_once(&mut self, fd: &OwnedFd) -> Result<bool, Errno> {
+    /// an overlong one); `Ok(false)` at end-of-file, `EAGAIN` when nothing
+    /// is there.
+    pub(super) fn read_once(&mut self, fd: &OwnedFd) -> Result<bool, Errno> {
         let mut buf = [0u8; READ_SIZE];
         let n = loop {
             match nix::unistd::read(fd, &mut buf) {
@@ -220,7 +141,7 @@ impl Lines {
 
     /// At the end: the last line, if it had no newline, and the drops not
     /// reported yet.
-    fn rest(&mut self) {
+    pub(super) fn rest(&mut self) {
         if !self.pending.is_empty() {
             self.budget.refill(Instant::now());
             let rest = std::mem::take(&mut self.pending);
@@ -243,7 +164,7 @@ impl Lines {
 
     /// Reports the episode of drops counted so far, if any, and starts
     /// counting anew.
-    fn report(&mut self) {
+    pub(super) fn report(&mut self) {
         let Some(first) = self.dropped.first else {
             return;
         };
@@ -400,55 +321,23 @@ mod tests {
         assert!(l.pending.is_empty());
     }
 
-    /// A pipe whose read end is registered, non-blocking, and its write end.
-    fn pipe() -> (AsyncFd<OwnedFd>, std::fs::File) {
-        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
-        let r = fdio::register(r, tokio::io::Interest::READABLE).unwrap();
-        // Room for what the tests write before anything reads.
-        let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
-        (r, std::fs::File::from(w))
-    }
-
     /// Lines logged so far (the refills between reads add a fraction).
     fn taken(l: &Lines) -> f64 {
         (f64::from(LINES_BURST) - l.budget.lines).round()
     }
 
-    #[tokio::test]
-    async fn until_end_takes_every_line_then_returns_at_the_end_of_file() {
-        use std::io::Write;
-        let (r, mut w) = pipe();
-        w.write_all(b"one\ntwo\nthr").unwrap();
-        drop(w);
-        let mut l = lines();
-        tokio::time::timeout(Duration::from_secs(10), l.until_end(&r))
-            .await
-            .expect("until_end returns at the end of file");
-        assert_eq!(taken(&l), 2.0);
-        assert_eq!(l.pending, b"thr");
-        l.rest();
-        assert_eq!(taken(&l), 3.0);
-    }
-
-    /// A flood's drops are reported once a second, not at every read: a
-    /// flood read at once is still counted when the pipe ends.
-    #[tokio::test]
-    async fn drops_are_reported_when_due_not_before() {
-        use std::io::Write;
-        let (r, mut w) = pipe();
-        w.write_all(&b"x\n".repeat(300)).unwrap();
-        drop(w);
-        let mut l = lines();
-        tokio::time::timeout(Duration::from_secs(10), l.until_end(&r))
-            .await
-            .unwrap();
-        assert_eq!(l.dropped.lines, 100, "reported before it was due");
+    /// A pipe whose read end is non-blocking, and its write end.
+    fn pipe() -> (OwnedFd, std::fs::File) {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+        // Room for what the tests write before anything reads.
+        let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+        (r, std::fs::File::from(w))
     }
 
     /// What is already written is taken without waiting for more, however
     /// many reads it needs, while the writer stays open.
-    #[tokio::test]
-    async fn what_is_written_takes_it_all_and_does_not_wait() {
+    #[test]
+    fn what_is_written_takes_it_all_and_does_not_wait() {
         use std::io::Write;
         let (r, mut w) = pipe();
         // 1,000 lines of 200 bytes: four reads.
@@ -461,24 +350,22 @@ mod tests {
         drop(w);
     }
 
-    /// finish() ends the log even while something still holds the pipe
-    /// open (a process that left the command's group): the daemon's end
-    /// of it is closed once finish() returns.
-    #[tokio::test]
-    async fn finish_ends_the_log_while_the_pipe_is_held_open() {
+    /// At the end of the file, read_once says so, and the last line
+    /// without a newline waits for rest().
+    #[test]
+    fn read_once_takes_lines_and_sees_the_end() {
         use std::io::Write;
         let (r, mut w) = pipe();
-        w.write_all(b"last words\n").unwrap();
-        let tag = Tag {
-            conn: 1,
-            service: "t".into(),
-        };
-        let log = StderrLog::start(r, tag, 1);
-        tokio::time::timeout(Duration::from_secs(10), log.finish())
-            .await
-            .expect("finish() is bounded");
-        let after = w.write(b"more\n").map_err(|e| e.raw_os_error());
-        assert_eq!(after, Err(Some(libc::EPIPE)), "the log still reads");
+        w.write_all(b"one\ntwo\nthr").unwrap();
+        let mut l = lines();
+        assert_eq!(l.read_once(&r), Ok(true));
+        assert_eq!(l.read_once(&r), Err(Errno::EAGAIN), "nothing more yet");
+        drop(w);
+        assert_eq!(l.read_once(&r), Ok(false));
+        assert_eq!(l.budget.lines, f64::from(LINES_BURST) - 2.0);
+        assert_eq!(l.pending, b"thr");
+        l.rest();
+        assert!((f64::from(LINES_BURST) - l.budget.lines - 3.0).abs() < 0.01);
     }
 
     #[test]
