@@ -734,12 +734,15 @@ fn stop_and_reload_while_escapers_run_leave_nothing() {
             "shutdown_timeout = \"300ms\"\n{}",
             one_service(
                 &sh(&format!(
-                    "setsid sh -c 'trap : TERM; while :; do sleep 1; done' {mark} & echo started; exec sleep 60"
+                    "setsid sh -c 'trap : TERM; while :; do sleep 1; done' {mark} & echo started; exec sleep 3600"
                 )),
                 ""
             )
         ),
     );
+    // The commands outlast the test (`sleep 3600`): on an emulated CPU
+    // under load, a minute's sleep ended the first connection before the
+    // reload, and its escaper with it.
     let clients: Vec<_> = (0..20)
         .map(|_| {
             let mut s = connect(addr);
