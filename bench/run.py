@@ -900,7 +900,8 @@ def main():
         ("burst", f"5. {slow_clients} streams ticking while {2 * slow_clients} more connect at once", "direct",
          ("ticks", 1000, 40 if not smoke else 10),
          lambda c: scenario_burst(c, smoke, slow_clients, 2 * slow_clients, window),
-         ("direct", "splice-relay", "splice-relay splice", "splice-relay direct", "tcpserver")),
+         ("direct", "splice-relay", "splice-relay splice", "splice-relay direct", "tcpserver",
+          "splice-relay baseline")),
         # WebSocket: websocketd and splice-relay's WebSocket services; the
         # binary bulk rows against splice-relay's own raw splice path.
         ("ws-rate1", "6. WebSocket: connection rate, concurrency 1 (one line)", "websocketd", ("hello",),

@@ -87,6 +87,57 @@ fn key_error(key: &'static str, message: impl Into<String>) -> KeyError {
     }
 }
 
+/// How much lower the launchers' priority is than the event loop's, where
+/// it may be (see [`lowered_launchers`]).
+pub const LAUNCHER_NICE_STEP: i32 = 10;
+
+/// The launchers' priority, lowered below the event loop's, and what the
+/// commands they start get back before their exec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lowered {
+    /// The launcher threads' nice value.
+    pub launchers: i32,
+    /// The daemon's own nice value: a command's, unless its service sets one.
+    pub own: i32,
+    /// The daemon's RLIMIT_NICE (soft): what lets a command get `own` back.
+    rlimit_nice: u64,
+}
+
+impl Lowered {
+    /// A command's nice value, and the RLIMIT_NICE it gets where the
+    /// daemon's would let it raise its priority above that value (so that,
+    /// as before, a command cannot go above the priority it started with).
+    pub fn command(&self, service_nice: Option<i32>) -> (i32, Option<u64>) {
+        let nice = service_nice.unwrap_or(self.own);
+        let limit = (20 - nice).max(0) as u64;
+        (nice, (limit < self.rlimit_nice).then_some(limit))
+    }
+}
+
+/// Where the launchers may run below the event loop: a command they start
+/// must get the daemon's own priority back before its exec, which needs
+/// CAP_SYS_NICE or an RLIMIT_NICE that allows it (`LimitNICE=+0` in the
+/// shipped unit). None where it cannot, or the daemon is at nice 19 already.
+pub fn lowered_launchers() -> Option<Lowered> {
+    let own = current_nice();
+    let launchers = (own + LAUNCHER_NICE_STEP).min(19);
+    let (soft, _) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NICE).ok()?;
+    let lowered = Lowered {
+        launchers,
+        own,
+        rlimit_nice: soft,
+    };
+    (launchers > own && (has_capability(CAP_SYS_NICE) || may_lower_to(own, soft)))
+        .then_some(lowered)
+}
+
+/// RLIMIT_NICE's rule: a process may lower its nice value to 20 − the soft
+/// limit, and no further.
+fn may_lower_to(nice: i32, rlimit_nice: u64) -> bool {
+    20 - rlimit_nice.min(40) as i32 <= nice
+}
+
 /// Capabilities checked here, by bit number in /proc/self/status's CapEff.
 const CAP_SETGID: u32 = 6;
 const CAP_SETUID: u32 = 7;
@@ -284,6 +335,43 @@ fn may_switch(uid: Uid, label: &str) -> Result<(), KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rlimit_nice_lets_a_process_lower_its_nice_to_20_minus_the_limit() {
+        assert!(!may_lower_to(0, 0), "the default: never lower");
+        assert!(may_lower_to(0, 20), "LimitNICE=+0");
+        assert!(!may_lower_to(-5, 20));
+        assert!(may_lower_to(5, 15));
+        assert!(may_lower_to(-20, 40));
+    }
+
+    #[test]
+    fn a_command_of_lowered_launchers_gets_its_priority_and_no_more() {
+        let lowered = Lowered {
+            launchers: 10,
+            own: 0,
+            rlimit_nice: 20,
+        };
+        assert_eq!(
+            lowered.command(None),
+            (0, None),
+            "the daemon's own; the limit as it was"
+        );
+        assert_eq!(
+            lowered.command(Some(5)),
+            (5, Some(15)),
+            "its service's nice, and no way back above it"
+        );
+        let privileged = Lowered {
+            rlimit_nice: 0,
+            ..lowered
+        };
+        assert_eq!(
+            privileged.command(Some(5)),
+            (5, None),
+            "a lower limit is kept"
+        );
+    }
 
     #[test]
     fn own_identity_needs_no_change() {

@@ -351,6 +351,51 @@ fn command_runs_as_another_user_with_limits_and_nice() {
     );
 }
 
+/// The launcher threads run at nice 10, below the event loop, so that a
+/// burst of spawns yields the CPU to running streams; the commands they
+/// start get their own priority back (the daemon's, or their service's
+/// `nice`) before their exec. Root has CAP_SYS_NICE, which allows it.
+#[test]
+#[cfg_attr(not(as_root), ignore = "needs root: CAP_SYS_NICE")]
+fn launchers_run_below_the_event_loop_and_commands_at_their_own_priority() {
+    require_root();
+    let nice_of = |stat: &str| -> i64 {
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split(' ').nth(16).unwrap().parse().unwrap()
+    };
+    let (d, addr) = serve(&sh("cut -d' ' -f19 /proc/self/stat"), "");
+    assert_eq!(fetch_text(addr), "0\n", "the command's nice");
+    let line = d.wait_log(&["launchers: "]);
+    assert!(line.contains("at nice 10"), "{line}");
+    let mut seen = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", d.pid())).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap();
+        let Ok(stat) = std::fs::read_to_string(task.join("stat")) else {
+            continue;
+        };
+        seen.push((comm.trim().to_owned(), nice_of(&stat)));
+    }
+    let launchers: Vec<_> = seen
+        .iter()
+        .filter(|(c, _)| c.starts_with("launcher-"))
+        .collect();
+    assert!(!launchers.is_empty(), "{seen:?}");
+    assert!(launchers.iter().all(|(_, n)| *n == 10), "{seen:?}");
+    assert!(
+        seen.iter()
+            .filter(|(c, _)| c.starts_with("tokio"))
+            .all(|(_, n)| *n == 0),
+        "the event loop stays at 0: {seen:?}"
+    );
+    let (_d, addr) = serve(&sh("cut -d' ' -f19 /proc/self/stat; awk '/Max nice priority/ {print $4}' /proc/self/limits"), "nice = 5");
+    assert_eq!(
+        fetch_text(addr),
+        "5\n0\n",
+        "the service's nice; RLIMIT_NICE as it was"
+    );
+}
+
 #[test]
 #[cfg_attr(
     not(as_root),

@@ -1,5 +1,5 @@
 //! Where commands are started: a few threads of their own, not the event
-//! loop's.
+//! loop's, and at a lower priority where they may be.
 //!
 //! A vfork-style spawn suspends the thread that calls it until the child has
 //! exec'd, and building the command's environment, making its cgroup and
@@ -7,7 +7,14 @@
 //! threads, a burst of new connections would stall every running stream on
 //! them for as long as the burst lasts; here those threads go on relaying
 //! while the launchers start commands. There are as many launchers as CPUs,
-//! so a burst still starts commands as fast as the machine can.
+//! so a burst still starts commands as fast as the machine can; and they run
+//! at nice 10 (the daemon's own plus [`LAUNCHER_NICE_STEP`](crate::runas::LAUNCHER_NICE_STEP)), so that on a
+//! busy machine the event loop, which relays the running streams, wins the
+//! CPU from them. A command is started at the daemon's own priority (or its
+//! service's `nice`) all the same: its child sets it before the exec, which
+//! needs CAP_SYS_NICE or an RLIMIT_NICE that allows it (`LimitNICE=+0` in the
+//! shipped unit); where neither is there, the launchers keep the daemon's
+//! priority, and the start-up log says so.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -22,7 +29,7 @@ use tokio::sync::oneshot;
 use crate::cgroup::{Slot, Tree};
 use crate::config::{Containment, Service};
 use crate::peer::Peer;
-use crate::runas::Rlimit;
+use crate::runas::{Lowered, Rlimit};
 use crate::sys::{self, Place, Slots, Stage};
 
 /// What a launcher needs to start one command.
@@ -55,6 +62,16 @@ static QUEUE: LazyLock<Mutex<Sender<Job>>> = LazyLock::new(|| {
     let (tx, rx) = channel::<Job>();
     let rx = Arc::new(Mutex::new(rx));
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
+    match &*LOWERED {
+        Some(l) => tracing::info!(
+            "launchers: {threads} threads at nice {} (the event loop's {}: a burst of new connections yields the CPU to running streams); commands start at their own priority",
+            l.launchers,
+            l.own
+        ),
+        None => tracing::info!(
+            "launchers: {threads} threads at the event loop's priority (a lower one needs CAP_SYS_NICE or LimitNICE=+0, for commands to get their priority back)"
+        ),
+    }
     for i in 0..threads {
         let rx = Arc::clone(&rx);
         let slots = Slots::reserve()
@@ -70,12 +87,20 @@ static QUEUE: LazyLock<Mutex<Sender<Job>>> = LazyLock::new(|| {
     Mutex::new(tx)
 });
 
+/// Whether the launchers run below the event loop (see the module's text).
+static LOWERED: LazyLock<Option<Lowered>> = LazyLock::new(crate::runas::lowered_launchers);
+
 /// Starts the launchers (call once, early in start-up).
 pub fn start() {
     LazyLock::force(&QUEUE);
 }
 
 fn serve(jobs: &Mutex<Receiver<Job>>, slots: Option<&Slots>) {
+    if let Some(lowered) = &*LOWERED {
+        if let Err(e) = sys::set_thread_nice(lowered.launchers) {
+            tracing::warn!(error = %e, "a launcher cannot lower its priority; it starts commands at the event loop's");
+        }
+    }
     loop {
         let job = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv();
         match job {
@@ -124,6 +149,7 @@ fn spawn(job: Launch, slots: Option<&Slots>) -> io::Result<Started> {
         &environment(&base_env, &request_env, &service.env, peer.as_ref()),
         &service.working_directory,
         &service.run_as,
+        LOWERED.as_ref(),
     )?;
     let place = cgroup.as_ref().map_or(Place::Here, |c| c.place());
     let [stdin, stdout, stderr] = &child;

@@ -129,6 +129,19 @@ EOF
     client hold 127.0.0.1:9009 4 >/dev/null &
     local holder=$!
     eventually 'Status: "1 active' sr_in systemctl status --no-pager splice-relay || return 1
+    # LimitNICE=+0: the launchers run below the event loop, the command at 0.
+    # Where the service manager cannot raise RLIMIT_NICE (a container whose
+    # host withholds CAP_SYS_RESOURCE), the launchers keep the event loop's
+    # priority and say so; the command is at 0 either way.
+    local main; main=$(show MainPID splice-relay)
+    if sr_in grep -q '^Max nice priority  *20 ' "/proc/$main/limits"; then
+        eventually "threads at nice 10" sr_in journalctl -u splice-relay --no-pager || return 1
+    else
+        echo "    (RLIMIT_NICE stays 0 here: $(sr_in grep '^Max nice' "/proc/$main/limits"))"
+        eventually "threads at the event loop's priority" sr_in journalctl -u splice-relay --no-pager || return 1
+    fi
+    local cmd; cmd=$(sr_in pgrep -f "seq 1 1000; sleep 0.1" | head -n1)
+    [ "$(sr_in ps -o ni= -p "$cmd" | tr -d ' ')" = 0 ] || fail "the command's nice: $(sr_in ps -o ni= -p "$cmd")" || return 1
     local text
     text=$(show StatusText splice-relay)
     [[ $text == "1 active, "*" served, "*" sent" ]] || fail "StatusText '$text'" || return 1

@@ -41,13 +41,16 @@ pub fn commands_get_nofile(soft: u64) {
 }
 
 impl Exec {
-    /// `args` includes argv[0]; `env` is final (later duplicates are not removed here).
+    /// `args` includes argv[0]; `env` is final (later duplicates are not
+    /// removed here). `lowered`: the launchers run below the event loop, and
+    /// the command gets its own priority back before its exec.
     pub fn new(
         program: &std::path::Path,
         args: &[String],
         env: &[(std::ffi::OsString, std::ffi::OsString)],
         cwd: &std::path::Path,
         run_as: &crate::runas::RunAs,
+        lowered: Option<&crate::runas::Lowered>,
     ) -> io::Result<Exec> {
         use std::ffi::CString;
         use std::os::unix::ffi::OsStrExt;
@@ -75,7 +78,22 @@ impl Exec {
                 .chain(std::iter::once(std::ptr::null()))
                 .collect::<Vec<_>>()
         };
-        let rlimits = rlimits(run_as);
+        let mut rlimits = rlimits(run_as);
+        let mut nice = run_as.nice;
+        if let Some(lowered) = lowered {
+            let (own, limit) = lowered.command(run_as.nice);
+            nice = Some(own);
+            if let Some(limit) = limit {
+                let limit = limit as libc::rlim_t;
+                rlimits.push((
+                    libc::RLIMIT_NICE,
+                    libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    },
+                ));
+            }
+        }
         Ok(Exec {
             program: c(program.as_os_str().as_bytes())?,
             argv: nul_terminated(&args),
@@ -84,7 +102,7 @@ impl Exec {
             _env: env,
             cwd: c(cwd.as_os_str().as_bytes())?,
             rlimits,
-            nice: run_as.nice,
+            nice,
             ids: run_as.credentials.as_ref().map(|c| {
                 (
                     c.uid.as_raw(),
