@@ -64,6 +64,8 @@ pub struct Cgroup {
 /// usage is its own.
 #[derive(Debug)]
 struct Counters {
+    /// The memory controller is enabled for it (`memory.current` is there).
+    memory: bool,
     memory_peak: Option<Peak>,
     tasks_peak: Option<Peak>,
     /// `cpu.stat` usage_usec and `memory.events` oom_kill at the last renewal.
@@ -153,6 +155,7 @@ impl Cgroup {
         let events =
             File::open(&events_path).map_err(|e| describe(e, "cannot open", &events_path))?;
         let counters = Counters {
+            memory: path.join("memory.current").exists(),
             memory_peak: Peak::open(&path.join("memory.peak")),
             tasks_peak: Peak::open(&path.join("pids.peak")),
             base_cpu_usec: 0,
@@ -261,12 +264,17 @@ impl Cgroup {
     /// since the pool last took it back.
     pub fn usage(&self) -> Usage {
         let c = &self.counters;
-        let peak = |p: &Option<Peak>| number(read_text(&p.as_ref()?.file));
+        // A peak made after the cgroup (a reload enabled its controller) is
+        // read where it is.
+        let peak = |p: &Option<Peak>, file: &str| match p {
+            Some(p) => number(read_text(&p.file)),
+            None => number(self.read(file)),
+        };
         Usage {
             cpu_usec: keyed(self.read("cpu.stat"), "usage_usec")
                 .map(|v| v.saturating_sub(c.base_cpu_usec)),
-            memory_peak: peak(&c.memory_peak),
-            tasks_peak: peak(&c.tasks_peak),
+            memory_peak: peak(&c.memory_peak, "memory.peak"),
+            tasks_peak: peak(&c.tasks_peak, "pids.peak"),
             oom_kills: keyed(self.read("memory.events"), "oom_kill")
                 .map(|v| v.saturating_sub(c.base_oom_kills)),
         }
@@ -276,25 +284,30 @@ impl Cgroup {
         fs::read_to_string(self.path.join(file)).ok()
     }
 
-    /// Makes an empty cgroup ready for another command: its peaks start
-    /// again and its counters count from here. False where that cannot be
-    /// done so that the next record says only what its own command used (a
-    /// peak the kernel cannot reset), where what the last command left
-    /// would weigh on the next (more than [`REUSE_MEMORY_MAX`] still
-    /// charged), or where its processes were ended by `cgroup.kill` (see
-    /// `killed`): such a cgroup is removed instead.
-    pub(super) fn renew(&mut self) -> bool {
-        if self.killed.load(Ordering::Relaxed) || self.populated() {
+    /// Makes an empty cgroup ready for another command, once its last
+    /// command's usage (`used`, from [`Cgroup::usage`]) is read: its peaks
+    /// start again, and its counters count from where `used` leaves them.
+    /// False where that cannot be done so that the next record says only
+    /// what its own command used (a peak the kernel cannot reset), where
+    /// what the last command left would weigh on the next (more than
+    /// [`REUSE_MEMORY_MAX`] still charged), or where its processes were ended
+    /// by `cgroup.kill` (see `killed`): such a cgroup is removed instead.
+    pub(super) fn renew(&mut self, used: &Usage) -> bool {
+        if self.killed.load(Ordering::Relaxed) {
             return false;
         }
-        let peaks = [&self.counters.memory_peak, &self.counters.tasks_peak];
+        let c = &mut self.counters;
+        let peaks = [&c.memory_peak, &c.tasks_peak];
         if peaks
             .iter()
             .any(|p| p.as_ref().is_some_and(|p| !p.resettable))
         {
             return false;
         }
-        if number(self.read("memory.current")).is_some_and(|m| m > REUSE_MEMORY_MAX) {
+        if c.memory
+            && number(fs::read_to_string(self.path.join("memory.current")).ok())
+                .is_some_and(|m| m > REUSE_MEMORY_MAX)
+        {
             return false;
         }
         for peak in peaks.into_iter().flatten() {
@@ -302,8 +315,9 @@ impl Cgroup {
                 return false;
             }
         }
-        self.counters.base_cpu_usec = keyed(self.read("cpu.stat"), "usage_usec").unwrap_or(0);
-        self.counters.base_oom_kills = keyed(self.read("memory.events"), "oom_kill").unwrap_or(0);
+        // Empty since `used` was read: the counters stand where it says.
+        c.base_cpu_usec += used.cpu_usec.unwrap_or(0);
+        c.base_oom_kills += used.oom_kills.unwrap_or(0);
         true
     }
 

@@ -33,6 +33,6 @@ mod tree;
 
 pub use connection::{Cgroup, Usage};
 pub use offer::Offer;
-pub use pool::{Slot, READY_MAX};
+pub use pool::Slot;
 pub use resources::Resources;
 pub use tree::{set_up, SetupError, Tree, DAEMON_LEAF};

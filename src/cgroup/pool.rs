@@ -15,7 +15,7 @@ use std::ops::Deref;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::connection::{describe, Cgroup};
+use super::connection::{describe, Cgroup, Usage};
 use super::resources::Resources;
 
 /// The prefix of the cgroups' names (`slot-1`, `slot-2`, ...).
@@ -24,7 +24,7 @@ pub(super) const SLOT: &str = "slot-";
 /// Most ready cgroups kept for one set of limits. Beyond it, cgroups are
 /// made on a connection's path, as when the pool is empty, and removed once
 /// their command has ended.
-pub const READY_MAX: usize = 64;
+const READY_MAX: usize = 64;
 
 #[derive(Debug, Default)]
 pub(super) struct Pool {
@@ -72,13 +72,13 @@ impl Pool {
 
     /// Keeps an empty cgroup for the next command with the same limits, or
     /// removes it.
-    fn give_back(&self, mut cgroup: Cgroup, limits: Resources, generation: u64) {
+    fn give_back(&self, mut cgroup: Cgroup, used: &Usage, limits: Resources, generation: u64) {
         let room = |state: &State| {
             !state.closed
                 && state.generation == generation
                 && state.ready.get(&limits).map_or(0, Vec::len) < READY_MAX
         };
-        if room(&self.lock()) && cgroup.renew() {
+        if room(&self.lock()) && cgroup.renew(used) {
             let mut state = self.lock();
             if room(&state) {
                 state.ready.entry(limits).or_default().push(cgroup);
@@ -138,8 +138,9 @@ impl Deref for Slot {
 
 impl Slot {
     /// Gives the cgroup back to the pool once it is empty (what is still in
-    /// it is killed first). Call after its usage is read.
-    pub async fn release(self) {
+    /// it is killed first), with what its command used (its record's
+    /// [`Usage`], read once it was empty).
+    pub async fn release(self, used: &Usage) {
         let Slot {
             cgroup,
             pool,
@@ -150,6 +151,6 @@ impl Slot {
             cgroup.kill();
             cgroup.emptied().await;
         }
-        pool.give_back(cgroup, limits, generation);
+        pool.give_back(cgroup, used, limits, generation);
     }
 }

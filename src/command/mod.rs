@@ -162,7 +162,7 @@ impl Ended {
     /// Gives the command's cgroup (empty by now) back to the daemon's pool.
     pub async fn release_cgroup(self) {
         if let Some(cgroup) = self.cgroup {
-            cgroup.release().await;
+            cgroup.release(&self.usage).await;
         }
     }
 }
